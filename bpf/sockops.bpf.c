@@ -1,0 +1,112 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * sockops, attached to each tagged cgroup next to the connect hooks.
+ * Contract: at TCP_CONNECT_CB — the local port is bound and no SYN has left yet, so before the
+ * daemon can accept — the identity the connect hook left on the socket is published under the
+ * socket's 4-tuple (+ netns) in ag_conns; when the socket reaches TCP_CLOSE the entry is deleted
+ * and a close event emitted. With the fast path on, the established agent socket joins the
+ * sockhash so sk_msg can hand its sends straight to the daemon's socket.
+ */
+#include "lib/common.h"
+
+static __always_inline void ag_local_key(struct bpf_sock_ops *skops, struct ag_conn_key *key)
+{
+	key->netns_cookie = bpf_get_netns_cookie(skops);
+	if (AG_CTX(skops->family) == AF_INET)
+		ag_v4mapped(key->addr, AG_CTX(skops->local_ip4));
+	else
+		ag_copy_ip6(key->addr, AG_CTX(skops->local_ip6[0]), AG_CTX(skops->local_ip6[1]),
+			    AG_CTX(skops->local_ip6[2]), AG_CTX(skops->local_ip6[3]));
+	key->port = (__u16)AG_CTX(skops->local_port);
+}
+
+static __always_inline void ag_sock_key_of(struct bpf_sock_ops *skops, struct ag_sock_key *k)
+{
+	if (AG_CTX(skops->family) == AF_INET) {
+		ag_v4mapped(k->local, AG_CTX(skops->local_ip4));
+		ag_v4mapped(k->remote, AG_CTX(skops->remote_ip4));
+	} else {
+		ag_copy_ip6(k->local, AG_CTX(skops->local_ip6[0]), AG_CTX(skops->local_ip6[1]),
+			    AG_CTX(skops->local_ip6[2]), AG_CTX(skops->local_ip6[3]));
+		ag_copy_ip6(k->remote, AG_CTX(skops->remote_ip6[0]), AG_CTX(skops->remote_ip6[1]),
+			    AG_CTX(skops->remote_ip6[2]), AG_CTX(skops->remote_ip6[3]));
+	}
+	k->lport = (__u16)AG_CTX(skops->local_port);
+	k->rport = (__u16)bpf_ntohl(AG_CTX(skops->remote_port));
+}
+
+static __always_inline struct ag_conn_info *ag_identity_of(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+
+	if (!sk)
+		return NULL;
+	return bpf_sk_storage_get(&ag_identity, sk, 0, 0);
+}
+
+static __always_inline void ag_link(struct bpf_sock_ops *skops)
+{
+	struct ag_conn_info *info = ag_identity_of(skops);
+	struct ag_conn_key key = {};
+
+	if (!info)
+		return; /* not redirected (e.g. the daemon's own socket) */
+	ag_local_key(skops, &key);
+	if (bpf_map_update_elem(&ag_conns, &key, info, BPF_ANY) == 0)
+		ag_stat_inc(AG_STAT_CONNS_LINKED);
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	ag_emit(AG_EV_CONNECT, 0, info, &key);
+}
+
+static __always_inline void ag_unlink(struct bpf_sock_ops *skops)
+{
+	struct ag_conn_info *info = ag_identity_of(skops);
+	struct ag_conn_key key = {};
+	struct ag_sock_key sk = {}, peer = {};
+
+	if (!info)
+		return;
+	ag_local_key(skops, &key);
+	if (bpf_map_delete_elem(&ag_conns, &key) == 0)
+		ag_stat_inc(AG_STAT_CONNS_UNLINKED);
+	ag_sock_key_of(skops, &sk);
+	__builtin_memcpy(peer.local, sk.remote, 16);
+	__builtin_memcpy(peer.remote, sk.local, 16);
+	peer.lport = sk.rport;
+	peer.rport = sk.lport;
+	bpf_map_delete_elem(&ag_fpstate, &sk);
+	bpf_map_delete_elem(&ag_fpstate, &peer);
+	ag_emit(AG_EV_CLOSE, 0, info, &key);
+}
+
+static __always_inline void ag_fastpath_join(struct bpf_sock_ops *skops)
+{
+	struct ag_sock_key k = {};
+	__u32 zero = 0;
+	struct ag_config *cfg = bpf_map_lookup_elem(&ag_config, &zero);
+
+	if (!cfg || !cfg->fastpath || !ag_identity_of(skops))
+		return;
+	ag_sock_key_of(skops, &k);
+	bpf_sock_hash_update(skops, &ag_sockhash, &k, BPF_NOEXIST);
+}
+
+SEC("sockops")
+int ag_sockops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		ag_link(skops);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		ag_fastpath_join(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			ag_unlink(skops);
+		break;
+	default:
+		break;
+	}
+	return 1;
+}

@@ -1,0 +1,698 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * agctl prog: what agentgate left in the kernel, read from its pins under the bpffs, so that it
+ * works while the daemon is down (enforcement outlives the daemon: that is when an operator
+ * most needs to see it, and to remove it). `show` lists the pinned links with their programs
+ * and cgroups, the pinned programs (sk_msg), the pinned maps and the per-CPU counters summed;
+ * `detach` removes enforcement, through the daemon if it runs, else straight from the pins.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <linux/types.h>
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
+#include "agentgate.h"
+#include "cgroup.h"
+#include "main.h"
+#include "pins.h"
+
+enum obj_type { OBJ_UNKNOWN = 0, OBJ_PROG, OBJ_MAP, OBJ_LINK };
+
+struct link_row {
+	char pin[PATH_MAX];
+	char hook[16];
+	uint32_t id;
+	uint32_t prog_id;
+	uint32_t attach_type;
+	uint64_t cgroup_id;
+	char prog_name[BPF_OBJ_NAME_LEN];
+	char cgroup[PATH_MAX]; /* "" when the cgroup is gone or unknown */
+};
+
+struct prog_row {
+	char pin[PATH_MAX];
+	char name[BPF_OBJ_NAME_LEN];
+	uint32_t id;
+	uint32_t type;
+	int attached; /* sk_msg: 1 attached to ag_sockhash, 0 not, -1 unknown */
+};
+
+struct map_row {
+	char pin[PATH_MAX];
+	char name[BPF_OBJ_NAME_LEN];
+	uint32_t id;
+	uint32_t type;
+	uint32_t max_entries;
+};
+
+struct inventory {
+	char root[PATH_MAX];
+	bool from_daemon; /* root as reported by a running agentgated */
+	uint32_t daemon_pid;
+	struct link_row *links;
+	size_t nlinks;
+	struct prog_row *progs;
+	size_t nprogs;
+	struct map_row *maps;
+	size_t nmaps;
+	uint64_t stats[AG_STAT_MAX];
+	bool have_stats;
+};
+
+static const char *const stat_names[AG_STAT_MAX] = {
+	[AG_STAT_REDIRECTED] = "redirected",
+	[AG_STAT_DENIED] = "denied",
+	[AG_STAT_EVENTS_DROPPED] = "events_dropped",
+	[AG_STAT_CONNS_LINKED] = "conns_linked",
+	[AG_STAT_CONNS_UNLINKED] = "conns_unlinked",
+	[AG_STAT_FASTPATH_REDIRECTS] = "fastpath_redirects",
+	[AG_STAT_FASTPATH_FALLBACKS] = "fastpath_fallbacks",
+};
+
+/* What kind of BPF object an fd is, from its anon inode's name (as bpftool does). */
+static enum obj_type fd_type(int fd)
+{
+	char path[64], buf[64];
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	n = readlink(path, buf, sizeof(buf) - 1);
+	if (n < 0)
+		return OBJ_UNKNOWN;
+	buf[n] = '\0';
+	if (strstr(buf, "bpf-prog"))
+		return OBJ_PROG;
+	if (strstr(buf, "bpf-map"))
+		return OBJ_MAP;
+	if (strstr(buf, "bpf-link"))
+		return OBJ_LINK;
+	return OBJ_UNKNOWN;
+}
+
+static int prog_info_by_id(uint32_t id, struct bpf_prog_info *info)
+{
+	__u32 len = sizeof(*info);
+	int fd, err;
+
+	fd = bpf_prog_get_fd_by_id(id);
+	if (fd < 0)
+		return -errno;
+	memset(info, 0, sizeof(*info));
+	err = bpf_obj_get_info_by_fd(fd, info, &len);
+	if (err)
+		err = -errno;
+	close(fd);
+	return err;
+}
+
+static int cmp_link(const void *a, const void *b)
+{
+	return strcmp(((const struct link_row *)a)->pin, ((const struct link_row *)b)->pin);
+}
+
+static int cmp_map(const void *a, const void *b)
+{
+	return strcmp(((const struct map_row *)a)->name, ((const struct map_row *)b)->name);
+}
+
+static int collect_links(struct inventory *inv)
+{
+	struct ag_pinned_link *pl = NULL;
+	char cgroot[PATH_MAX];
+	bool have_cgroot;
+	size_t i, n = 0;
+	int err;
+
+	err = ag_pins_links(inv->root, &pl, &n);
+	if (err) {
+		p_err("reading the links pinned under %s: %s", inv->root, strerror(-err));
+		return err;
+	}
+	if (!n) {
+		free(pl);
+		return 0;
+	}
+	inv->links = calloc(n, sizeof(*inv->links));
+	if (!inv->links) {
+		free(pl);
+		p_err("out of memory");
+		return -ENOMEM;
+	}
+	have_cgroot = !ag_cgroup2_root(cgroot, sizeof(cgroot));
+	for (i = 0; i < n; i++) {
+		struct link_row *l = &inv->links[i];
+		struct bpf_link_info li = {};
+		struct bpf_prog_info pi;
+		__u32 len = sizeof(li);
+		int fd;
+
+		snprintf(l->pin, sizeof(l->pin), "%s", pl[i].pin);
+		snprintf(l->hook, sizeof(l->hook), "%s", pl[i].hook);
+		l->id = pl[i].link_id;
+		l->prog_id = pl[i].prog_id;
+		l->attach_type = pl[i].attach_type;
+		l->cgroup_id = pl[i].cgroup_id;
+		/* The kernel's view of the pinned link wins over what its name says. */
+		fd = bpf_obj_get(l->pin);
+		if (fd >= 0) {
+			if (fd_type(fd) == OBJ_LINK && !bpf_obj_get_info_by_fd(fd, &li, &len)) {
+				l->id = li.id;
+				l->prog_id = li.prog_id;
+				if (li.type == BPF_LINK_TYPE_CGROUP) {
+					l->attach_type = li.cgroup.attach_type;
+					l->cgroup_id = li.cgroup.cgroup_id;
+				}
+			}
+			close(fd);
+		} else {
+			p_debug("%s: %s", l->pin, strerror(errno));
+		}
+		if (l->prog_id && !prog_info_by_id(l->prog_id, &pi))
+			snprintf(l->prog_name, sizeof(l->prog_name), "%s", pi.name);
+		if (have_cgroot && l->cgroup_id &&
+		    ag_cgroup_path_of_id(cgroot, l->cgroup_id, l->cgroup, sizeof(l->cgroup)))
+			l->cgroup[0] = '\0';
+	}
+	inv->nlinks = n;
+	free(pl);
+	qsort(inv->links, inv->nlinks, sizeof(*inv->links), cmp_link);
+	return 0;
+}
+
+/* Does the prog sit on map fd's attach point (sk_msg on the sockhash)? 1, 0, or -1 unknown. */
+static int prog_attached_to(int map_fd, enum bpf_attach_type type, uint32_t prog_id)
+{
+	__u32 ids[16], cnt = ARRAY_SIZE(ids), i;
+
+	if (bpf_prog_query(map_fd, type, 0, NULL, ids, &cnt))
+		return -1;
+	for (i = 0; i < cnt; i++) {
+		if (ids[i] == prog_id)
+			return 1;
+	}
+	return 0;
+}
+
+static int collect_progs(struct inventory *inv)
+{
+	char dir[PATH_MAX + 8], path[PATH_MAX * 2], sockhash[PATH_MAX + 16];
+	struct dirent *de;
+	int map_fd;
+	DIR *d;
+
+	snprintf(dir, sizeof(dir), "%s/progs", inv->root);
+	d = opendir(dir);
+	if (!d)
+		return errno == ENOENT ? 0 : -errno;
+	snprintf(sockhash, sizeof(sockhash), "%s/ag_sockhash", inv->root);
+	map_fd = bpf_obj_get(sockhash);
+	while ((de = readdir(d))) {
+		struct bpf_prog_info info = {};
+		__u32 len = sizeof(info);
+		struct prog_row *p, *np;
+		int fd;
+
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
+		fd = bpf_obj_get(path);
+		if (fd < 0)
+			continue;
+		if (fd_type(fd) != OBJ_PROG || bpf_obj_get_info_by_fd(fd, &info, &len)) {
+			close(fd);
+			continue;
+		}
+		close(fd);
+		np = realloc(inv->progs, (inv->nprogs + 1) * sizeof(*np));
+		if (!np)
+			break;
+		inv->progs = np;
+		p = &inv->progs[inv->nprogs++];
+		memset(p, 0, sizeof(*p));
+		snprintf(p->pin, sizeof(p->pin), "%s", path);
+		snprintf(p->name, sizeof(p->name), "%s", info.name);
+		p->id = info.id;
+		p->type = info.type;
+		p->attached = -1;
+		if (info.type == BPF_PROG_TYPE_SK_MSG && map_fd >= 0)
+			p->attached = prog_attached_to(map_fd, BPF_SK_MSG_VERDICT, info.id);
+	}
+	if (map_fd >= 0)
+		close(map_fd);
+	closedir(d);
+	return 0;
+}
+
+static int collect_maps(struct inventory *inv)
+{
+	char path[PATH_MAX * 2];
+	struct dirent *de;
+	struct stat st;
+	DIR *d;
+
+	d = opendir(inv->root);
+	if (!d)
+		return errno == ENOENT ? 0 : -errno;
+	while ((de = readdir(d))) {
+		struct bpf_map_info info = {};
+		__u32 len = sizeof(info);
+		struct map_row *m, *nm;
+		int fd;
+
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", inv->root, de->d_name);
+		if (stat(path, &st) || !S_ISREG(st.st_mode))
+			continue;
+		fd = bpf_obj_get(path);
+		if (fd < 0)
+			continue;
+		if (fd_type(fd) != OBJ_MAP || bpf_obj_get_info_by_fd(fd, &info, &len)) {
+			close(fd);
+			continue;
+		}
+		close(fd);
+		nm = realloc(inv->maps, (inv->nmaps + 1) * sizeof(*nm));
+		if (!nm)
+			break;
+		inv->maps = nm;
+		m = &inv->maps[inv->nmaps++];
+		memset(m, 0, sizeof(*m));
+		snprintf(m->pin, sizeof(m->pin), "%s", path);
+		/* The kernel keeps 15 characters of a map's name; the pin has it whole. */
+		snprintf(m->name, sizeof(m->name), "%s", info.name[0] ? info.name : de->d_name);
+		m->id = info.id;
+		m->type = info.type;
+		m->max_entries = info.max_entries;
+	}
+	closedir(d);
+	qsort(inv->maps, inv->nmaps, sizeof(*inv->maps), cmp_map);
+	return 0;
+}
+
+/* The pin root: -B if given, else the running daemon's, else the default. */
+static void resolve_root(struct inventory *inv)
+{
+	ag_ctl_response *resp;
+	char err[256];
+
+	snprintf(inv->root, sizeof(inv->root), "%s", pin_root);
+	resp = ctl_request_quiet(AGENTGATE__CTL__REQUEST__CMD_STATUS, 2000, err, sizeof(err));
+	if (!resp) {
+		p_debug("%s; reading pins under %s", err, inv->root);
+		return;
+	}
+	if (resp->status && !(resp->error && resp->error[0])) {
+		inv->daemon_pid = resp->status->pid;
+		if (!pin_root_given && resp->status->pin_root && resp->status->pin_root[0]) {
+			snprintf(inv->root, sizeof(inv->root), "%s", resp->status->pin_root);
+			inv->from_daemon = true;
+		}
+	}
+	ag_ctl_response_free(resp);
+}
+
+static int collect(struct inventory *inv)
+{
+	int err;
+
+	err = collect_links(inv);
+	if (err)
+		return err;
+	err = collect_progs(inv);
+	if (!err)
+		err = collect_maps(inv);
+	if (err) {
+		p_err("reading the pins under %s: %s", inv->root, strerror(-err));
+		return err;
+	}
+	inv->have_stats = !ag_pins_stats(inv->root, inv->stats, AG_STAT_MAX);
+	return 0;
+}
+
+static void inventory_free(struct inventory *inv)
+{
+	free(inv->links);
+	free(inv->progs);
+	free(inv->maps);
+}
+
+static bool inventory_empty(const struct inventory *inv)
+{
+	return !inv->nlinks && !inv->nprogs && !inv->nmaps;
+}
+
+static const char *str_or(const char *s, const char *def)
+{
+	return s ? s : def;
+}
+
+static const char *base_name(const char *path)
+{
+	const char *s = strrchr(path, '/');
+
+	return s ? s + 1 : path;
+}
+
+static void show_json(const struct inventory *inv)
+{
+	size_t i;
+
+	jsonw_start_object(json_wtr);
+	jsonw_string_field(json_wtr, "pin_root", inv->root);
+	jsonw_bool_field(json_wtr, "daemon", inv->daemon_pid != 0);
+	if (inv->daemon_pid)
+		jsonw_uint_field(json_wtr, "daemon_pid", inv->daemon_pid);
+	jsonw_bool_field(json_wtr, "attached", !inventory_empty(inv));
+
+	jsonw_name(json_wtr, "links");
+	jsonw_start_array(json_wtr);
+	for (i = 0; i < inv->nlinks; i++) {
+		const struct link_row *l = &inv->links[i];
+
+		jsonw_start_object(json_wtr);
+		jsonw_uint_field(json_wtr, "id", l->id);
+		jsonw_string_field(json_wtr, "hook", l->hook);
+		jsonw_string_field(json_wtr, "attach_type",
+				   str_or(libbpf_bpf_attach_type_str(l->attach_type), "unknown"));
+		jsonw_uint_field(json_wtr, "prog_id", l->prog_id);
+		jsonw_string_field(json_wtr, "prog_name", l->prog_name);
+		jsonw_uint_field(json_wtr, "cgroup_id", l->cgroup_id);
+		if (l->cgroup[0])
+			jsonw_string_field(json_wtr, "cgroup", l->cgroup);
+		else
+			jsonw_null_field(json_wtr, "cgroup");
+		jsonw_string_field(json_wtr, "pin", l->pin);
+		jsonw_end_object(json_wtr);
+	}
+	jsonw_end_array(json_wtr);
+
+	jsonw_name(json_wtr, "progs");
+	jsonw_start_array(json_wtr);
+	for (i = 0; i < inv->nprogs; i++) {
+		const struct prog_row *p = &inv->progs[i];
+
+		jsonw_start_object(json_wtr);
+		jsonw_uint_field(json_wtr, "id", p->id);
+		jsonw_string_field(json_wtr, "name", p->name);
+		jsonw_string_field(json_wtr, "type",
+				   str_or(libbpf_bpf_prog_type_str(p->type), "unknown"));
+		if (p->attached >= 0)
+			jsonw_bool_field(json_wtr, "attached", p->attached);
+		else
+			jsonw_null_field(json_wtr, "attached");
+		jsonw_string_field(json_wtr, "pin", p->pin);
+		jsonw_end_object(json_wtr);
+	}
+	jsonw_end_array(json_wtr);
+
+	jsonw_name(json_wtr, "maps");
+	jsonw_start_array(json_wtr);
+	for (i = 0; i < inv->nmaps; i++) {
+		const struct map_row *m = &inv->maps[i];
+
+		jsonw_start_object(json_wtr);
+		jsonw_uint_field(json_wtr, "id", m->id);
+		jsonw_string_field(json_wtr, "name", m->name);
+		jsonw_string_field(json_wtr, "type",
+				   str_or(libbpf_bpf_map_type_str(m->type), "unknown"));
+		jsonw_uint_field(json_wtr, "max_entries", m->max_entries);
+		jsonw_string_field(json_wtr, "pin", m->pin);
+		jsonw_end_object(json_wtr);
+	}
+	jsonw_end_array(json_wtr);
+
+	jsonw_name(json_wtr, "stats");
+	if (inv->have_stats) {
+		jsonw_start_object(json_wtr);
+		for (i = 0; i < AG_STAT_MAX; i++)
+			jsonw_uint_field(json_wtr, stat_names[i], inv->stats[i]);
+		jsonw_end_object(json_wtr);
+	} else {
+		jsonw_null(json_wtr);
+	}
+	jsonw_end_object(json_wtr);
+}
+
+static void show_plain(const struct inventory *inv)
+{
+	static const char *const link_hdr[] = { "LINK",	    "HOOK",	 "ATTACH_TYPE",
+						"PROG",	    "PROG_NAME", "CGROUP_ID",
+						"CGROUP" };
+	static const char *const prog_hdr[] = { "PROG", "TYPE", "NAME", "ATTACHED", "PIN" };
+	static const char *const map_hdr[] = { "MAP", "NAME", "TYPE", "MAX_ENTRIES" };
+	struct table *t;
+	char a[24], b[24], c[24];
+	size_t i;
+
+	if (inv->daemon_pid)
+		printf("pin root %s (agentgated running, pid %u)\n", inv->root, inv->daemon_pid);
+	else
+		printf("pin root %s (agentgated not running)\n", inv->root);
+
+	if (inv->nlinks) {
+		putchar('\n');
+		t = table_new(link_hdr, ARRAY_SIZE(link_hdr));
+		for (i = 0; i < inv->nlinks; i++) {
+			const struct link_row *l = &inv->links[i];
+
+			snprintf(a, sizeof(a), "%u", l->id);
+			snprintf(b, sizeof(b), "%u", l->prog_id);
+			snprintf(c, sizeof(c), "%" PRIu64, l->cgroup_id);
+			table_add(t, a, l->hook,
+				  str_or(libbpf_bpf_attach_type_str(l->attach_type), "unknown"), b,
+				  l->prog_name, c, l->cgroup[0] ? l->cgroup : "(gone)");
+		}
+		table_print(t, stdout);
+		table_free(t);
+	}
+	if (inv->nprogs) {
+		putchar('\n');
+		t = table_new(prog_hdr, ARRAY_SIZE(prog_hdr));
+		for (i = 0; i < inv->nprogs; i++) {
+			const struct prog_row *p = &inv->progs[i];
+
+			snprintf(a, sizeof(a), "%u", p->id);
+			table_add(t, a, str_or(libbpf_bpf_prog_type_str(p->type), "unknown"), p->name,
+				  p->attached > 0 ? "ag_sockhash" : p->attached == 0 ? "no" : "-",
+				  p->pin);
+		}
+		table_print(t, stdout);
+		table_free(t);
+	}
+	if (inv->nmaps) {
+		putchar('\n');
+		t = table_new(map_hdr, ARRAY_SIZE(map_hdr));
+		for (i = 0; i < inv->nmaps; i++) {
+			const struct map_row *m = &inv->maps[i];
+
+			snprintf(a, sizeof(a), "%u", m->id);
+			snprintf(b, sizeof(b), "%u", m->max_entries);
+			table_add(t, a, m->name, str_or(libbpf_bpf_map_type_str(m->type), "unknown"),
+				  b);
+		}
+		table_print(t, stdout);
+		table_free(t);
+	}
+	if (inv->have_stats) {
+		printf("\ncounters\n");
+		for (i = 0; i < AG_STAT_MAX; i++)
+			printf("  %-20s %" PRIu64 "\n", stat_names[i], inv->stats[i]);
+	}
+}
+
+static int do_show(int argc, char **argv)
+{
+	struct inventory inv = {};
+	int ret;
+
+	if (!NO_MORE_ARGS())
+		return -1;
+	resolve_root(&inv);
+	ret = collect(&inv);
+	if (ret)
+		goto out;
+	if (json_output)
+		show_json(&inv);
+	else if (inventory_empty(&inv))
+		printf("no agentgate programs attached (nothing pinned under %s)\n", inv.root);
+	else
+		show_plain(&inv);
+out:
+	inventory_free(&inv);
+	return ret ? -1 : 0;
+}
+
+static bool pin_gone(const char *pin)
+{
+	return access(pin, F_OK) && errno == ENOENT;
+}
+
+/* Without the daemon: remove the pins ourselves and say what went. */
+static int detach_local(void)
+{
+	struct inventory inv = {};
+	char err[512] = "";
+	size_t i;
+	int rc;
+
+	snprintf(inv.root, sizeof(inv.root), "%s", pin_root);
+	if (collect(&inv)) {
+		inventory_free(&inv);
+		return -1;
+	}
+	if (inventory_empty(&inv)) {
+		if (json_output) {
+			jsonw_start_object(json_wtr);
+			jsonw_bool_field(json_wtr, "daemon", false);
+			jsonw_string_field(json_wtr, "pin_root", inv.root);
+			jsonw_name(json_wtr, "removed");
+			jsonw_start_array(json_wtr);
+			jsonw_end_array(json_wtr);
+			jsonw_end_object(json_wtr);
+		} else {
+			printf("nothing to detach (nothing pinned under %s)\n", inv.root);
+		}
+		inventory_free(&inv);
+		return 0;
+	}
+
+	rc = ag_pins_detach_all(inv.root, err, sizeof(err));
+
+	if (json_output) {
+		jsonw_start_object(json_wtr);
+		jsonw_bool_field(json_wtr, "daemon", false);
+		jsonw_string_field(json_wtr, "pin_root", inv.root);
+		jsonw_name(json_wtr, "removed");
+		jsonw_start_array(json_wtr);
+	} else {
+		printf("agentgated is not running: removing the pins under %s\n", inv.root);
+	}
+	for (i = 0; i < inv.nlinks; i++) {
+		const struct link_row *l = &inv.links[i];
+
+		if (!pin_gone(l->pin))
+			continue;
+		if (json_output) {
+			jsonw_start_object(json_wtr);
+			jsonw_string_field(json_wtr, "kind", "link");
+			jsonw_uint_field(json_wtr, "id", l->id);
+			jsonw_string_field(json_wtr, "hook", l->hook);
+			jsonw_uint_field(json_wtr, "cgroup_id", l->cgroup_id);
+			jsonw_string_field(json_wtr, "pin", l->pin);
+			jsonw_end_object(json_wtr);
+		} else {
+			printf("detached link %u (%s on cgroup %s)\n", l->id, l->hook,
+			       l->cgroup[0] ? l->cgroup : "(gone)");
+		}
+	}
+	for (i = 0; i < inv.nprogs; i++) {
+		const struct prog_row *p = &inv.progs[i];
+
+		if (!pin_gone(p->pin))
+			continue;
+		if (json_output) {
+			jsonw_start_object(json_wtr);
+			jsonw_string_field(json_wtr, "kind", "prog");
+			jsonw_uint_field(json_wtr, "id", p->id);
+			jsonw_string_field(json_wtr, "name", p->name);
+			jsonw_string_field(json_wtr, "pin", p->pin);
+			jsonw_end_object(json_wtr);
+		} else {
+			printf("detached prog %u (%s)\n", p->id, base_name(p->pin));
+		}
+	}
+	for (i = 0; i < inv.nmaps; i++) {
+		const struct map_row *m = &inv.maps[i];
+
+		if (!pin_gone(m->pin))
+			continue;
+		if (json_output) {
+			jsonw_start_object(json_wtr);
+			jsonw_string_field(json_wtr, "kind", "map");
+			jsonw_uint_field(json_wtr, "id", m->id);
+			jsonw_string_field(json_wtr, "name", m->name);
+			jsonw_string_field(json_wtr, "pin", m->pin);
+			jsonw_end_object(json_wtr);
+		} else {
+			printf("removed map %s\n", base_name(m->pin));
+		}
+	}
+	if (json_output) {
+		jsonw_end_array(json_wtr);
+		if (rc)
+			jsonw_string_field(json_wtr, "error", err[0] ? err : strerror(-rc));
+		jsonw_end_object(json_wtr);
+	} else if (rc) {
+		p_err("%s", err[0] ? err : strerror(-rc));
+	}
+	inventory_free(&inv);
+	return rc ? -1 : 0;
+}
+
+static int do_detach(int argc, char **argv)
+{
+	ag_ctl_response *resp;
+	const char *msg;
+	char err[512];
+
+	if (!NO_MORE_ARGS())
+		return -1;
+	resp = ctl_request_quiet(AGENTGATE__CTL__REQUEST__CMD_PROG_DETACH, 0, err, sizeof(err));
+	if (!resp) {
+		p_debug("%s", err);
+		return detach_local();
+	}
+	if (resp->error && resp->error[0]) {
+		p_err("%s", resp->error);
+		ag_ctl_response_free(resp);
+		return -1;
+	}
+	msg = resp->message && resp->message[0] ? resp->message : "detached";
+	if (json_output) {
+		jsonw_start_object(json_wtr);
+		jsonw_bool_field(json_wtr, "daemon", true);
+		jsonw_string_field(json_wtr, "message", msg);
+		jsonw_end_object(json_wtr);
+	} else {
+		printf("%s\n", msg);
+	}
+	ag_ctl_response_free(resp);
+	return 0;
+}
+
+static int do_help(int argc, char **argv)
+{
+	if (json_output) {
+		jsonw_null(json_wtr);
+		return 0;
+	}
+	fprintf(help_out,
+		"Usage: %1$s %2$s { show | list }\n"
+		"       %1$s %2$s detach\n"
+		"       %1$s %2$s help\n"
+		"\n"
+		"       " HELP_SPEC_OPTIONS " }\n",
+		bin_name, "prog");
+	return 0;
+}
+
+static const struct cmd cmds[] = {
+	{ "show", do_show },
+	{ "list", do_show },
+	{ "detach", do_detach },
+	{ "help", do_help },
+	{ 0 }
+};
+
+int do_prog(int argc, char **argv)
+{
+	return cmd_select(cmds, argc, argv, do_help);
+}

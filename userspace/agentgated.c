@@ -1,0 +1,441 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * agentgated: loads the policy, the BPF programs and the workers, attaches to the tagged
+ * cgroups, and runs the main loop (signals, control socket, kernel events) until SIGTERM.
+ * Every startup failure is one clear line and exit status 1.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "agentgate.h"
+#include "bpf_loader.h"
+#include "cgroup.h"
+#include "ctl.h"
+#include "daemon.h"
+#include "log.h"
+#include "pins.h"
+
+#define DRAIN_TIMEOUT_MS 10000
+
+static struct ag_daemon daemon_ctx;
+static uint64_t drain_deadline;
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"Usage: agentgated [--config FILE] [--state-dir DIR] [--socket PATH] [--foreground]\n"
+		"                  [--log-level error|warn|info|debug] [--bpffs DIR] [--port PORT]\n"
+		"                  [--mark MARK] [--fastpath on|off] [--workers N] [--version]\n"
+		"\n"
+		"  --config FILE     policy file (default %s)\n"
+		"  --state-dir DIR   state: sessions.log, tags, ... (default %s)\n"
+		"  --socket PATH     control socket for agctl (default %s)\n"
+		"  --bpffs DIR       where programs, links and maps are pinned (default %s)\n"
+		"  --port PORT       gateway listener on 127.0.0.1 and ::1 (default %d)\n"
+		"  --mark MARK       SO_MARK of the gateway's upstream sockets (default 0x%x)\n"
+		"  --fastpath on|off sk_msg fast path on the agent-gateway leg (default: policy's\n"
+		"                    gateway.fastpath, else off)\n"
+		"  --workers N       worker threads (default: one per CPU)\n",
+		AG_DEFAULT_CONFIG, AG_DEFAULT_STATE_DIR, AG_DEFAULT_SOCKET, AG_DEFAULT_PIN_ROOT,
+		AG_DEFAULT_PORT, AG_DEFAULT_MARK);
+}
+
+static int64_t now_unix_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static uint64_t mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000ULL + ts.tv_nsec / 1000000;
+}
+
+static int mkdir_p(const char *path, mode_t mode)
+{
+	char buf[PATH_MAX];
+
+	snprintf(buf, sizeof(buf), "%s", path);
+	for (char *p = buf + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = '\0';
+		if (mkdir(buf, 0755) && errno != EEXIST)
+			return -errno;
+		*p = '/';
+	}
+	if (mkdir(buf, mode) && errno != EEXIST)
+		return -errno;
+	return 0;
+}
+
+static const char *deny_reason(__u32 r)
+{
+	switch (r) {
+	case AG_DENY_NO_DAEMON:
+		return "gateway not listening: connect refused in the kernel (fail closed)";
+	case AG_DENY_PROTO:
+		return "stream socket that is not TCP: refused in the kernel";
+	case AG_DENY_NO_STORAGE:
+		return "could not record the caller's identity: refused in the kernel";
+	default:
+		return "refused in the kernel";
+	}
+}
+
+static int on_kernel_event(void *ctx, const struct ag_event *ev)
+{
+	struct ag_daemon *d = ctx;
+
+	d->events_received++;
+	if (ev->kind == AG_EV_DENY) {
+		char ip[INET6_ADDRSTRLEN], dst[INET6_ADDRSTRLEN + 16];
+		const struct ag_endpoint *e = &ev->info.orig_dst;
+
+		if (e->family == AF_INET) {
+			inet_ntop(AF_INET, e->addr + 12, ip, sizeof(ip));
+			snprintf(dst, sizeof(dst), "%s:%u", ip, e->port);
+		} else {
+			inet_ntop(AF_INET6, e->addr, ip, sizeof(ip));
+			snprintf(dst, sizeof(dst), "[%s]:%u", ip, e->port);
+		}
+		pr_info("kernel refused %s (pid %u, %.16s) → %s: %s", "connect", ev->info.tgid,
+			ev->info.comm, dst, deny_reason(ev->reason));
+		ag_slog_kernel_deny(d, ev, deny_reason(ev->reason),
+				    ev->info.boot_ns ? ag_boot_to_unix_ns(ev->info.boot_ns) :
+						       now_unix_ns(),
+				    dst);
+	}
+	return 0;
+}
+
+static void on_events(struct ag_io *io, uint32_t events)
+{
+	struct ag_daemon *d = io->data;
+
+	ag_bpf_events_consume(d->bpf);
+}
+
+static void begin_drain(struct ag_daemon *d)
+{
+	if (d->draining)
+		return;
+	d->draining = true;
+	pr_info("stopping: no new sessions; draining %zu live session(s) (up to %d s); "
+		"links stay pinned: tagged connects now fail until agentgated is back",
+		d->nsessions, DRAIN_TIMEOUT_MS / 1000);
+	ag_workers_close_listeners(d);
+	drain_deadline = mono_ms() + DRAIN_TIMEOUT_MS;
+}
+
+static void on_signal(struct ag_io *io, uint32_t events)
+{
+	struct ag_daemon *d = io->data;
+	struct signalfd_siginfo si;
+
+	while (read(io->fd, &si, sizeof(si)) == sizeof(si)) {
+		char err[512];
+
+		switch (si.ssi_signo) {
+		case SIGHUP:
+			ag_daemon_reload(d, err, sizeof(err));
+			break;
+		case SIGTERM:
+		case SIGINT:
+			if (d->draining) {
+				ag_loop_stop(d->loop);
+				break;
+			}
+			begin_drain(d);
+			break;
+		default:
+			break;
+		}
+	}
+}
+
+static void main_tick(void *arg)
+{
+	struct ag_daemon *d = arg;
+
+	ag_bpf_events_consume(d->bpf);
+	if (d->draining) {
+		size_t n;
+
+		pthread_mutex_lock(&d->sess_lock);
+		n = d->nsessions;
+		pthread_mutex_unlock(&d->sess_lock);
+		if (!n || mono_ms() > drain_deadline)
+			ag_loop_stop(d->loop);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "config", required_argument, NULL, 'c' },
+		{ "state-dir", required_argument, NULL, 's' },
+		{ "socket", required_argument, NULL, 'S' },
+		{ "foreground", no_argument, NULL, 'f' },
+		{ "log-level", required_argument, NULL, 'l' },
+		{ "bpffs", required_argument, NULL, 'B' },
+		{ "port", required_argument, NULL, 'P' },
+		{ "mark", required_argument, NULL, 'm' },
+		{ "fastpath", required_argument, NULL, 'F' },
+		{ "workers", required_argument, NULL, 'w' },
+		{ "version", no_argument, NULL, 'V' },
+		{ "help", no_argument, NULL, 'h' },
+		{},
+	};
+	struct ag_daemon *d = &daemon_ctx;
+	char err[1024] = "";
+	struct ag_policy *pol;
+	sigset_t mask;
+	int opt, sfd, rc, ret = 1;
+
+	d->opts.config = AG_DEFAULT_CONFIG;
+	d->opts.state_dir = AG_DEFAULT_STATE_DIR;
+	d->opts.socket = AG_DEFAULT_SOCKET;
+	d->opts.pin_root = AG_DEFAULT_PIN_ROOT;
+	d->opts.port = AG_DEFAULT_PORT;
+	d->opts.mark = AG_DEFAULT_MARK;
+	d->opts.fastpath = -1;
+	d->slog_fd = -1;
+	d->ctl_io.fd = -1;
+
+	while ((opt = getopt_long(argc, argv, "c:s:S:fl:B:P:m:F:w:Vh", longopts, NULL)) != -1) {
+		char *end;
+		unsigned long v;
+		enum ag_log_level lvl;
+
+		switch (opt) {
+		case 'c':
+			d->opts.config = optarg;
+			break;
+		case 's':
+			d->opts.state_dir = optarg;
+			break;
+		case 'S':
+			d->opts.socket = optarg;
+			break;
+		case 'f':
+			d->opts.foreground = true;
+			break;
+		case 'l':
+			if (ag_log_parse_level(optarg, &lvl)) {
+				pr_err("--log-level: '%s' is not one of error, warn, info, debug",
+				       optarg);
+				return 1;
+			}
+			ag_log_set_level(lvl);
+			break;
+		case 'B':
+			d->opts.pin_root = optarg;
+			break;
+		case 'P':
+			v = strtoul(optarg, &end, 10);
+			if (*end || !v || v > 65535) {
+				pr_err("--port: '%s' is not a port (1-65535)", optarg);
+				return 1;
+			}
+			d->opts.port = v;
+			break;
+		case 'm':
+			v = strtoul(optarg, &end, 0);
+			if (*end || !v || v > UINT32_MAX) {
+				pr_err("--mark: '%s' is not a non-zero 32-bit mark", optarg);
+				return 1;
+			}
+			d->opts.mark = v;
+			break;
+		case 'F':
+			if (!strcmp(optarg, "on"))
+				d->opts.fastpath = 1;
+			else if (!strcmp(optarg, "off"))
+				d->opts.fastpath = 0;
+			else {
+				pr_err("--fastpath: '%s' is not on or off", optarg);
+				return 1;
+			}
+			break;
+		case 'w':
+			v = strtoul(optarg, &end, 10);
+			if (*end || !v || v > 64) {
+				pr_err("--workers: '%s' is not 1-64", optarg);
+				return 1;
+			}
+			d->opts.workers = v;
+			break;
+		case 'V':
+			printf("agentgated %s\n", AG_VERSION);
+			return 0;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 1;
+		}
+	}
+	if (optind < argc) {
+		pr_err("unexpected argument '%s' (see --help)", argv[optind]);
+		return 1;
+	}
+	if (geteuid() != 0) {
+		pr_err("must run as root (loads BPF programs and attaches them to cgroups)");
+		return 1;
+	}
+
+	ag_d = d;
+	d->started_ns = now_unix_ns();
+	pthread_mutex_init(&d->pol_lock, NULL);
+	pthread_mutex_init(&d->sess_lock, NULL);
+	pthread_rwlock_init(&d->tag_lock, NULL);
+
+	pol = ag_policy_load(d->opts.config, err, sizeof(err));
+	if (!pol) {
+		pr_err("%s", err);
+		return 1;
+	}
+	if (ag_cgroup2_root(d->cg_root, sizeof(d->cg_root))) {
+		pr_err("no cgroup2 filesystem mounted (none in /proc/mounts): agentgate needs "
+		       "cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup/unified)");
+		goto out_policy;
+	}
+	if (ag_cgroup_of_pid(0, d->self_cgroup, sizeof(d->self_cgroup)))
+		snprintf(d->self_cgroup, sizeof(d->self_cgroup), "/");
+	rc = mkdir_p(d->opts.state_dir, 0700);
+	if (rc) {
+		pr_err("state dir %s: %s", d->opts.state_dir, strerror(-rc));
+		goto out_policy;
+	}
+	if (d->opts.fastpath >= 0)
+		d->fastpath = d->opts.fastpath;
+	else
+		d->fastpath = pol->fastpath_set && pol->fastpath;
+
+	if (!d->opts.foreground) {
+		if (daemon(0, 0)) {
+			pr_err("daemon(): %s", strerror(errno));
+			goto out_policy;
+		}
+	}
+
+	ag_log_libbpf();
+	{
+		struct rlimit rl = { RLIM_INFINITY, RLIM_INFINITY };
+
+		setrlimit(RLIMIT_MEMLOCK, &rl);
+	}
+	signal(SIGPIPE, SIG_IGN);
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGHUP);
+	sigaddset(&mask, SIGTERM);
+	sigaddset(&mask, SIGINT);
+	/* Blocked before the workers start, so only the main loop's signalfd sees them. */
+	pthread_sigmask(SIG_BLOCK, &mask, NULL);
+
+	d->loop = ag_loop_new();
+	if (!d->loop) {
+		pr_err("epoll: %s", strerror(errno));
+		goto out_policy;
+	}
+	{
+		struct ag_bpf_opts bo = {
+			.pin_root = d->opts.pin_root,
+			.port = d->opts.port,
+			.mark = d->opts.mark,
+			.fastpath = d->fastpath,
+		};
+
+		d->bpf = ag_bpf_load(&bo, on_kernel_event, d, err, sizeof(err));
+		if (!d->bpf) {
+			pr_err("%s", err);
+			goto out_loop;
+		}
+	}
+	if (ag_slog_open(d, err, sizeof(err))) {
+		pr_err("%s", err);
+		goto out_bpf;
+	}
+	/* The control socket first: its probe refuses to run beside a live daemon. */
+	if (ag_ctl_server_start(d, err, sizeof(err))) {
+		pr_err("%s", err);
+		goto out_slog;
+	}
+	/* Listeners before the links: a tagged connect must find the gateway once attached. */
+	if (ag_workers_start(d, err, sizeof(err))) {
+		pr_err("%s", err);
+		goto out_workers;
+	}
+	if (ag_daemon_set_policy(d, pol, err, sizeof(err))) {
+		pol = NULL; /* owned by the daemon now */
+		pr_err("%s", err);
+		goto out_workers;
+	}
+	pol = NULL;
+
+	sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (sfd < 0 || ag_loop_add(d->loop, &d->sig_io, sfd, EPOLLIN, on_signal)) {
+		pr_err("signalfd: %s", strerror(errno));
+		goto out_workers;
+	}
+	d->sig_io.data = d;
+	if (!ag_loop_add(d->loop, &d->ev_io, ag_bpf_events_fd(d->bpf), EPOLLIN, on_events))
+		d->ev_io.data = d;
+	/* Events queued while no daemon ran (connects refused in the kernel). */
+	ag_bpf_events_consume(d->bpf);
+
+	{
+		struct ag_policy_ref *r = ag_policy_get(d);
+
+		pr_info("agentgated %s: listening on 127.0.0.1:%u and [::1]:%u, %zu tagged "
+			"cgroup(s), policy %s, fast path %s, control %s",
+			AG_VERSION, d->opts.port, d->opts.port, d->ntags, r->p->path,
+			d->fastpath ? "on" : "off", d->opts.socket);
+		ag_policy_put(r);
+	}
+	rc = ag_loop_run(d->loop, 200, main_tick, d);
+	if (rc)
+		pr_err("main loop: %s", strerror(-rc));
+	ret = rc ? 1 : 0;
+	pr_info("stopped; %llu session(s) served", (unsigned long long)d->sessions_total);
+
+out_workers:
+	ag_workers_stop(d);
+	if (d->sig_io.loop) {
+		ag_loop_del(&d->sig_io);
+		close(d->sig_io.fd);
+	}
+	if (d->ev_io.loop)
+		ag_loop_del(&d->ev_io);
+	ag_ctl_server_stop(d);
+out_slog:
+	ag_slog_close(d);
+out_bpf:
+	ag_bpf_free(d->bpf);
+out_loop:
+	ag_loop_free(d->loop);
+out_policy:
+	ag_policy_free(pol);
+	if (d->pol)
+		ag_policy_put(d->pol);
+	free(d->tags);
+	return ret;
+}

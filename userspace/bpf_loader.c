@@ -1,0 +1,328 @@
+// SPDX-License-Identifier: GPL-2.0
+/* The daemon's BPF loader; see bpf_loader.h. */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
+#include "agentgate.skel.h"
+#include "bpf_loader.h"
+#include "cgroup.h"
+#include "log.h"
+#include "pins.h"
+
+struct ag_bpf {
+	struct agentgate_bpf *skel;
+	struct ring_buffer *rb;
+	ag_bpf_event_fn fn;
+	void *fn_ctx;
+	char pin_root[PATH_MAX];
+};
+
+static const struct {
+	const char *hook;
+	enum bpf_attach_type type;
+} hooks[] = {
+	{ "connect4", BPF_CGROUP_INET4_CONNECT },
+	{ "connect6", BPF_CGROUP_INET6_CONNECT },
+	{ "sockops", BPF_CGROUP_SOCK_OPS },
+};
+#define NHOOKS (sizeof(hooks) / sizeof(hooks[0]))
+
+static int hook_prog_fd(struct ag_bpf *b, size_t i)
+{
+	switch (i) {
+	case 0:
+		return bpf_program__fd(b->skel->progs.ag_connect4);
+	case 1:
+		return bpf_program__fd(b->skel->progs.ag_connect6);
+	default:
+		return bpf_program__fd(b->skel->progs.ag_sockops);
+	}
+}
+
+static int on_event(void *ctx, void *data, size_t len)
+{
+	struct ag_bpf *b = ctx;
+
+	if (len < sizeof(struct ag_event))
+		return 0;
+	return b->fn ? b->fn(b->fn_ctx, data) : 0;
+}
+
+struct ag_bpf *ag_bpf_load(const struct ag_bpf_opts *opts, ag_bpf_event_fn fn, void *ctx,
+			   char *err, size_t errlen)
+{
+	LIBBPF_OPTS(bpf_object_open_opts, oopts);
+	char path[PATH_MAX];
+	struct ag_bpf *b;
+	int rc, pfd, mfd;
+
+	if (access("/sys/kernel/btf/vmlinux", R_OK)) {
+		snprintf(err, errlen, "kernel BTF (/sys/kernel/btf/vmlinux) not available: "
+				      "agentgate needs a kernel built with CONFIG_DEBUG_INFO_BTF=y");
+		return NULL;
+	}
+	b = calloc(1, sizeof(*b));
+	if (!b) {
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	b->fn = fn;
+	b->fn_ctx = ctx;
+	snprintf(b->pin_root, sizeof(b->pin_root), "%s", opts->pin_root);
+	rc = ag_pins_prepare(b->pin_root, err, errlen);
+	if (rc)
+		goto fail;
+
+	oopts.pin_root_path = b->pin_root;
+	b->skel = agentgate_bpf__open_opts(&oopts);
+	if (!b->skel) {
+		snprintf(err, errlen, "opening the BPF object: %s", strerror(errno));
+		goto fail;
+	}
+	b->skel->rodata->gw_port = opts->port;
+	b->skel->rodata->daemon_mark = opts->mark;
+	rc = agentgate_bpf__load(b->skel);
+	if (rc) {
+		snprintf(err, errlen,
+			 "loading the BPF programs: %s (the verifier's log is above; pins of an "
+			 "incompatible version under %s are removed by 'agctl prog detach')",
+			 strerror(-rc), b->pin_root);
+		goto fail;
+	}
+
+	/* sk_msg verdict on the sockhash; re-attaching replaces a previous daemon's program. */
+	pfd = bpf_program__fd(b->skel->progs.ag_sk_msg);
+	mfd = bpf_map__fd(b->skel->maps.ag_sockhash);
+	if (bpf_prog_attach(pfd, mfd, BPF_SK_MSG_VERDICT, 0)) {
+		snprintf(err, errlen, "attaching sk_msg to the sockhash: %s", strerror(errno));
+		goto fail;
+	}
+	snprintf(path, sizeof(path), "%s/progs/sk_msg", b->pin_root);
+	unlink(path);
+	if (bpf_obj_pin(pfd, path))
+		pr_warn("pinning %s: %s", path, strerror(errno));
+
+	if (ag_bpf_set_fastpath(b, opts->fastpath)) {
+		snprintf(err, errlen, "writing the config map: %s", strerror(errno));
+		goto fail;
+	}
+	b->rb = ring_buffer__new(bpf_map__fd(b->skel->maps.ag_events), on_event, b, NULL);
+	if (!b->rb) {
+		snprintf(err, errlen, "opening the event ring buffer: %s", strerror(errno));
+		goto fail;
+	}
+	return b;
+fail:
+	ag_bpf_free(b);
+	return NULL;
+}
+
+void ag_bpf_free(struct ag_bpf *b)
+{
+	if (!b)
+		return;
+	ring_buffer__free(b->rb);
+	agentgate_bpf__destroy(b->skel);
+	free(b);
+}
+
+static void link_pin_path(struct ag_bpf *b, uint64_t cgid, size_t hook, char *out, size_t len)
+{
+	snprintf(out, len, "%s/links/%llu_%s", b->pin_root, (unsigned long long)cgid,
+		 hooks[hook].hook);
+}
+
+int ag_bpf_tag(struct ag_bpf *b, const char *cg_root, const char *rel, uint64_t *cgidp, char *err,
+	       size_t errlen)
+{
+	char abs[PATH_MAX], pin[PATH_MAX];
+	uint64_t cgid;
+	__u32 one = 1;
+	int cgfd, rc;
+
+	rc = ag_cgroup_abs(cg_root, rel, abs, sizeof(abs));
+	if (!rc)
+		rc = ag_cgroup_id(cg_root, rel, &cgid);
+	if (rc) {
+		snprintf(err, errlen, "cgroup %s: %s", rel, strerror(-rc));
+		return rc;
+	}
+	cgfd = open(abs, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (cgfd < 0) {
+		rc = -errno;
+		snprintf(err, errlen, "cgroup %s: %s", rel, strerror(errno));
+		return rc;
+	}
+	/* Tag first: a connect that runs the hook must find its agent. */
+	if (bpf_map_update_elem(bpf_map__fd(b->skel->maps.ag_tagged), &cgid, &one, BPF_ANY)) {
+		rc = -errno;
+		snprintf(err, errlen, "tagging cgroup %s: %s", rel, strerror(errno));
+		goto out;
+	}
+	for (size_t i = 0; i < NHOOKS; i++) {
+		int lfd;
+
+		link_pin_path(b, cgid, i, pin, sizeof(pin));
+		lfd = bpf_obj_get(pin);
+		if (lfd >= 0) {
+			/* A link from a previous daemon: point it at our program, no gap. */
+			if (!bpf_link_update(lfd, hook_prog_fd(b, i), NULL)) {
+				close(lfd);
+				continue;
+			}
+			pr_warn("updating %s failed (%s); re-creating it", pin, strerror(errno));
+			bpf_link_detach(lfd);
+			close(lfd);
+			unlink(pin);
+		}
+		lfd = bpf_link_create(hook_prog_fd(b, i), cgfd, hooks[i].type, NULL);
+		if (lfd < 0) {
+			rc = -errno;
+			snprintf(err, errlen, "attaching %s to cgroup %s: %s", hooks[i].hook, rel,
+				 strerror(errno));
+			goto out;
+		}
+		if (bpf_obj_pin(lfd, pin)) {
+			rc = -errno;
+			snprintf(err, errlen, "pinning %s: %s", pin, strerror(errno));
+			bpf_link_detach(lfd);
+			close(lfd);
+			goto out;
+		}
+		close(lfd);
+	}
+	if (cgidp)
+		*cgidp = cgid;
+	pr_info("tagged cgroup %s (id %llu)", rel, (unsigned long long)cgid);
+out:
+	close(cgfd);
+	return rc;
+}
+
+int ag_bpf_untag(struct ag_bpf *b, uint64_t cgid)
+{
+	char pin[PATH_MAX];
+	int ret = 0;
+
+	for (size_t i = 0; i < NHOOKS; i++) {
+		int lfd;
+
+		link_pin_path(b, cgid, i, pin, sizeof(pin));
+		lfd = bpf_obj_get(pin);
+		if (lfd >= 0) {
+			if (bpf_link_detach(lfd) && errno != ENOLINK)
+				ret = -errno;
+			close(lfd);
+		}
+		unlink(pin);
+	}
+	bpf_map_delete_elem(bpf_map__fd(b->skel->maps.ag_tagged), &cgid);
+	return ret;
+}
+
+bool ag_bpf_is_attached(struct ag_bpf *b, uint64_t cgid)
+{
+	char pin[PATH_MAX];
+
+	for (size_t i = 0; i < NHOOKS; i++) {
+		link_pin_path(b, cgid, i, pin, sizeof(pin));
+		if (access(pin, F_OK))
+			return false;
+	}
+	return true;
+}
+
+int ag_bpf_prune(struct ag_bpf *b, const uint64_t *keep, size_t nkeep)
+{
+	struct ag_pinned_link *links;
+	__u64 key, next, *pkey = NULL;
+	int tfd = bpf_map__fd(b->skel->maps.ag_tagged);
+	size_t n;
+	int rc = ag_pins_links(b->pin_root, &links, &n);
+
+	if (rc)
+		return rc;
+	for (size_t i = 0; i < n; i++) {
+		bool kept = false;
+
+		for (size_t j = 0; j < nkeep && !kept; j++)
+			kept = keep[j] == links[i].cgroup_id;
+		if (kept)
+			continue;
+		pr_info("detaching stale %s link of cgroup id %llu", links[i].hook,
+			(unsigned long long)links[i].cgroup_id);
+		ag_bpf_untag(b, links[i].cgroup_id);
+	}
+	free(links);
+	/* Tagged ids nobody keeps (the map is pinned and outlives policies). */
+	while (!bpf_map_get_next_key(tfd, pkey, &next)) {
+		bool kept = false;
+
+		for (size_t j = 0; j < nkeep && !kept; j++)
+			kept = keep[j] == next;
+		key = next;
+		pkey = &key;
+		if (!kept)
+			bpf_map_delete_elem(tfd, &next);
+	}
+	return 0;
+}
+
+int ag_bpf_lookup_conn(struct ag_bpf *b, const struct ag_conn_key *key, struct ag_conn_info *info)
+{
+	if (bpf_map_lookup_elem(bpf_map__fd(b->skel->maps.ag_conns), key, info))
+		return -errno;
+	return 0;
+}
+
+int ag_bpf_set_fastpath(struct ag_bpf *b, bool on)
+{
+	struct ag_config cfg = { .fastpath = on };
+	__u32 zero = 0;
+
+	if (bpf_map_update_elem(bpf_map__fd(b->skel->maps.ag_config), &zero, &cfg, BPF_ANY))
+		return -errno;
+	return 0;
+}
+
+int ag_bpf_sockhash_add(struct ag_bpf *b, int fd, const struct ag_sock_key *key)
+{
+	__u64 v = fd;
+
+	if (bpf_map_update_elem(bpf_map__fd(b->skel->maps.ag_sockhash), key, &v, BPF_NOEXIST))
+		return -errno;
+	return 0;
+}
+
+int ag_bpf_events_fd(struct ag_bpf *b)
+{
+	return ring_buffer__epoll_fd(b->rb);
+}
+
+int ag_bpf_events_consume(struct ag_bpf *b)
+{
+	return ring_buffer__consume(b->rb);
+}
+
+const char *ag_bpf_pin_root(struct ag_bpf *b)
+{
+	return b->pin_root;
+}
+
+int64_t ag_boot_to_unix_ns(uint64_t boot_ns)
+{
+	struct timespec rt, bt;
+
+	clock_gettime(CLOCK_REALTIME, &rt);
+	clock_gettime(CLOCK_BOOTTIME, &bt);
+	return (int64_t)boot_ns + ((int64_t)rt.tv_sec - bt.tv_sec) * 1000000000LL +
+	       (rt.tv_nsec - bt.tv_nsec);
+}

@@ -1,0 +1,470 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * The daemon's half of the control protocol (ctl.proto), on the main loop. The socket is
+ * root-only (mode 0600 and SO_PEERCRED uid 0); each client sends one framed Request and gets one
+ * framed Response. Reads and writes are non-blocking with a per-client buffer, so a stuck client
+ * cannot stall the loop.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "bpf_loader.h"
+#include "buf.h"
+#include "ctl.h"
+#include "daemon.h"
+#include "jsonw.h"
+#include "log.h"
+#include "session.h"
+
+struct ctl_client {
+	struct ag_io io;
+	struct ag_daemon *d;
+	struct ag_buf in, out;
+	bool replied;
+};
+
+static void client_free(struct ctl_client *c)
+{
+	ag_loop_del(&c->io);
+	close(c->io.fd);
+	ag_buf_free(&c->in);
+	ag_buf_free(&c->out);
+	free(c);
+}
+
+static char *xstrdup(const char *s)
+{
+	return strdup(s ? s : "");
+}
+
+static Agentgate__Ctl__Session *session_pb(const struct ag_session *s)
+{
+	Agentgate__Ctl__Session *m = calloc(1, sizeof(*m));
+
+	if (!m)
+		return NULL;
+	agentgate__ctl__session__init(m);
+	m->id = s->id;
+	m->agent = xstrdup(s->agent);
+	m->cgroup = xstrdup(s->cgroup);
+	m->pid = s->info.tgid;
+	m->tid = s->info.tid;
+	m->comm = xstrdup(s->info.comm);
+	m->uid = s->info.uid;
+	m->gid = s->info.gid;
+	m->cgroup_id = s->info.cgroup_id;
+	m->target = xstrdup(s->target_name);
+	m->protocol = xstrdup(s->protocol);
+	m->orig_dst = xstrdup(s->orig_dst);
+	m->upstream = xstrdup(s->upstream);
+	m->state = xstrdup(ag_session_state_name(s->state));
+	m->started_at_ns = s->started_ns;
+	m->bytes_up = s->bytes_up;
+	m->bytes_down = s->bytes_down;
+	m->statements = s->statements;
+	m->blocked = s->blocked;
+	m->masked_values = s->masked_values;
+	m->pending_approvals = s->pending_approvals;
+	m->fastpath = s->fastpath;
+	m->reason = xstrdup(s->reason);
+	return m;
+}
+
+static void session_pb_free(Agentgate__Ctl__Session *m)
+{
+	free(m->agent);
+	free(m->cgroup);
+	free(m->comm);
+	free(m->target);
+	free(m->protocol);
+	free(m->orig_dst);
+	free(m->upstream);
+	free(m->state);
+	free(m->reason);
+	free(m);
+}
+
+static void do_sessions(struct ag_daemon *d, Agentgate__Ctl__Response *r, bool one, uint64_t id)
+{
+	size_t n = 0;
+
+	pthread_mutex_lock(&d->sess_lock);
+	r->sessions = calloc(d->nsessions + 1, sizeof(*r->sessions));
+	for (struct ag_session *s = d->sessions; r->sessions && s; s = s->next) {
+		if (one && s->id != id)
+			continue;
+		if (s->state == AG_SESS_CLOSED)
+			continue;
+		r->sessions[n] = session_pb(s);
+		if (r->sessions[n])
+			n++;
+	}
+	pthread_mutex_unlock(&d->sess_lock);
+	r->n_sessions = n;
+	/* Newest last, like a log. */
+	for (size_t i = 0; i < n / 2; i++) {
+		Agentgate__Ctl__Session *t = r->sessions[i];
+
+		r->sessions[i] = r->sessions[n - 1 - i];
+		r->sessions[n - 1 - i] = t;
+	}
+	if (one && !n) {
+		char buf[64];
+
+		snprintf(buf, sizeof(buf), "no live session %llu", (unsigned long long)id);
+		r->error = strdup(buf);
+	}
+}
+
+static void do_cgroups(struct ag_daemon *d, Agentgate__Ctl__Response *r)
+{
+	pthread_rwlock_rdlock(&d->tag_lock);
+	r->cgroups = calloc(d->ntags + 1, sizeof(*r->cgroups));
+	for (size_t i = 0; r->cgroups && i < d->ntags; i++) {
+		Agentgate__Ctl__CgroupTag *t = calloc(1, sizeof(*t));
+
+		if (!t)
+			break;
+		agentgate__ctl__cgroup_tag__init(t);
+		t->path = xstrdup(d->tags[i].path);
+		t->agent = xstrdup(d->tags[i].agent);
+		t->id = d->tags[i].cgid;
+		t->source = xstrdup(d->tags[i].from_policy ? "policy" : "runtime");
+		t->attached = ag_bpf_is_attached(d->bpf, d->tags[i].cgid);
+		r->cgroups[r->n_cgroups++] = t;
+	}
+	pthread_rwlock_unlock(&d->tag_lock);
+}
+
+static void do_status(struct ag_daemon *d, Agentgate__Ctl__Response *r)
+{
+	Agentgate__Ctl__Status *st = calloc(1, sizeof(*st));
+	struct ag_policy_ref *pol;
+
+	if (!st)
+		return;
+	agentgate__ctl__status__init(st);
+	st->version = xstrdup(AG_VERSION);
+	st->pid = getpid();
+	st->pin_root = xstrdup(ag_bpf_pin_root(d->bpf));
+	st->listen_port = d->opts.port;
+	pol = ag_policy_get(d);
+	st->policy_file = xstrdup(pol ? pol->p->path : d->opts.config);
+	ag_policy_put(pol);
+	st->state_dir = xstrdup(d->opts.state_dir);
+	st->fastpath = d->fastpath;
+	st->sessions_total = d->sessions_total;
+	st->sessions_denied = d->sessions_denied;
+	st->events_received = d->events_received;
+	st->started_at_ns = d->started_ns;
+	st->cgroup_root = xstrdup(d->cg_root);
+	r->status = st;
+}
+
+static void do_policy_show(struct ag_daemon *d, Agentgate__Ctl__Response *r)
+{
+	struct ag_policy_ref *pol = ag_policy_get(d);
+	char *buf = NULL;
+	size_t len = 0;
+	FILE *f;
+
+	if (!pol) {
+		r->error = strdup("no policy loaded");
+		return;
+	}
+	f = open_memstream(&buf, &len);
+	if (f) {
+		struct jsonw *w = jsonw_new(f, false);
+
+		if (w) {
+			ag_policy_to_json(pol->p, w);
+			jsonw_destroy(&w);
+		}
+		fclose(f);
+		if (len && buf[len - 1] == '\n')
+			buf[len - 1] = '\0';
+	}
+	r->policy_json = buf ? buf : strdup("{}");
+	r->policy_source = xstrdup(pol->p->source);
+	ag_policy_put(pol);
+}
+
+static void handle(struct ag_daemon *d, const Agentgate__Ctl__Request *req,
+		   Agentgate__Ctl__Response *r)
+{
+	char err[512] = "", msg[512] = "";
+	int rc;
+
+	switch (req->cmd_case) {
+	case AGENTGATE__CTL__REQUEST__CMD_STATUS:
+		do_status(d, r);
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_SESSION_LIST:
+		do_sessions(d, r, false, 0);
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_SESSION_SHOW:
+		do_sessions(d, r, true, req->session_show);
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_SESSION_KILL:
+		rc = ag_session_kill_by_id(d, req->session_kill);
+		if (rc)
+			snprintf(err, sizeof(err), "no live session %llu",
+				 (unsigned long long)req->session_kill);
+		else
+			snprintf(msg, sizeof(msg), "session %llu killed",
+				 (unsigned long long)req->session_kill);
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_CGROUP_LIST:
+		do_cgroups(d, r);
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_CGROUP_TAG:
+		if (!ag_daemon_tag(d, req->cgroup_tag->path, req->cgroup_tag->agent, err,
+				   sizeof(err)))
+			snprintf(msg, sizeof(msg), "cgroup %s tagged for agent %s",
+				 req->cgroup_tag->path, req->cgroup_tag->agent);
+		else if (!err[0])
+			snprintf(err, sizeof(err), "tagging %s failed", req->cgroup_tag->path);
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_CGROUP_UNTAG:
+		if (!ag_daemon_untag(d, req->cgroup_untag, err, sizeof(err)))
+			snprintf(msg, sizeof(msg), "cgroup %s untagged", req->cgroup_untag);
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_POLICY_SHOW:
+		do_policy_show(d, r);
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_POLICY_RELOAD:
+		if (!ag_daemon_reload(d, err, sizeof(err)))
+			snprintf(msg, sizeof(msg), "policy %s reloaded", d->opts.config);
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_PROG_DETACH:
+		if (!ag_daemon_detach_all(d, err, sizeof(err)))
+			snprintf(msg, sizeof(msg), "all links detached from tagged cgroups");
+		break;
+	default:
+		snprintf(err, sizeof(err), "unknown request (agctl newer than agentgated?)");
+		break;
+	}
+	if (err[0])
+		r->error = strdup(err);
+	if (msg[0])
+		r->message = strdup(msg);
+}
+
+static void response_free(Agentgate__Ctl__Response *r)
+{
+	for (size_t i = 0; i < r->n_sessions; i++)
+		session_pb_free(r->sessions[i]);
+	free(r->sessions);
+	for (size_t i = 0; i < r->n_cgroups; i++) {
+		free(r->cgroups[i]->path);
+		free(r->cgroups[i]->agent);
+		free(r->cgroups[i]->source);
+		free(r->cgroups[i]);
+	}
+	free(r->cgroups);
+	if (r->status) {
+		free(r->status->version);
+		free(r->status->pin_root);
+		free(r->status->policy_file);
+		free(r->status->state_dir);
+		free(r->status->cgroup_root);
+		free(r->status);
+	}
+	if (r->error != protobuf_c_empty_string)
+		free(r->error);
+	if (r->message != protobuf_c_empty_string)
+		free(r->message);
+	if (r->policy_json != protobuf_c_empty_string)
+		free(r->policy_json);
+	if (r->policy_source != protobuf_c_empty_string)
+		free(r->policy_source);
+}
+
+static void reply(struct ctl_client *c, Agentgate__Ctl__Response *r)
+{
+	size_t len = agentgate__ctl__response__get_packed_size(r);
+	uint8_t hdr[4] = { len >> 24, len >> 16, len >> 8, len };
+	uint8_t *p;
+
+	ag_buf_append(&c->out, hdr, 4);
+	p = ag_buf_reserve(&c->out, len);
+	if (p) {
+		agentgate__ctl__response__pack(r, p);
+		ag_buf_commit(&c->out, len);
+	}
+	c->replied = true;
+}
+
+/* A full frame in c->in? Returns its payload length, or -1. */
+static long frame_ready(struct ctl_client *c)
+{
+	const uint8_t *h = ag_buf_head(&c->in);
+	size_t len;
+
+	if (ag_buf_len(&c->in) < 4)
+		return -1;
+	len = (size_t)h[0] << 24 | h[1] << 16 | h[2] << 8 | h[3];
+	if (len > AG_CTL_MAX_FRAME)
+		return -2;
+	return ag_buf_len(&c->in) >= 4 + len ? (long)len : -1;
+}
+
+static void client_io(struct ag_io *io, uint32_t events)
+{
+	struct ctl_client *c = io->data;
+
+	if (!c->replied) {
+		Agentgate__Ctl__Response r = AGENTGATE__CTL__RESPONSE__INIT;
+		Agentgate__Ctl__Request *req;
+		long len = -1;
+
+		for (;;) {
+			uint8_t *p = ag_buf_reserve(&c->in, 65536);
+			ssize_t n;
+
+			if (!p) {
+				client_free(c);
+				return;
+			}
+			n = read(io->fd, p, 65536);
+			if (n < 0 && (errno == EAGAIN || errno == EINTR))
+				break;
+			if (n <= 0) {
+				client_free(c);
+				return;
+			}
+			ag_buf_commit(&c->in, n);
+			len = frame_ready(c);
+			if (len != -1)
+				break;
+		}
+		if (len == -2) {
+			pr_warn("control client sent an oversized frame: dropped");
+			client_free(c);
+			return;
+		}
+		if (len < 0)
+			return;
+		req = agentgate__ctl__request__unpack(NULL, len, ag_buf_head(&c->in) + 4);
+		if (!req) {
+			r.error = strdup("malformed request");
+		} else {
+			handle(c->d, req, &r);
+			agentgate__ctl__request__free_unpacked(req, NULL);
+		}
+		reply(c, &r);
+		response_free(&r);
+		ag_loop_mod(io, EPOLLOUT);
+	}
+	while (ag_buf_len(&c->out)) {
+		ssize_t n = send(io->fd, ag_buf_head(&c->out), ag_buf_len(&c->out),
+				 MSG_NOSIGNAL | MSG_DONTWAIT);
+
+		if (n < 0 && errno == EAGAIN)
+			return;
+		if (n <= 0)
+			break;
+		ag_buf_consume(&c->out, n);
+	}
+	client_free(c);
+}
+
+static void on_accept(struct ag_io *io, uint32_t events)
+{
+	struct ag_daemon *d = io->data;
+
+	for (;;) {
+		struct ucred cred;
+		socklen_t cl = sizeof(cred);
+		struct ctl_client *c;
+		int fd = accept4(io->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+
+		if (fd < 0)
+			return;
+		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) || cred.uid != 0) {
+			pr_warn("control socket: refused a client with uid %u (root only)",
+				cred.uid);
+			close(fd);
+			continue;
+		}
+		c = calloc(1, sizeof(*c));
+		if (!c) {
+			close(fd);
+			continue;
+		}
+		c->d = d;
+		if (ag_loop_add(d->loop, &c->io, fd, EPOLLIN, client_io)) {
+			close(fd);
+			free(c);
+			continue;
+		}
+		c->io.data = c;
+	}
+}
+
+int ag_ctl_server_start(struct ag_daemon *d, char *err, size_t errlen)
+{
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	char dir[PATH_MAX], *slash;
+	int fd;
+
+	if (strlen(d->opts.socket) >= sizeof(sun.sun_path)) {
+		snprintf(err, errlen, "socket path too long: %s", d->opts.socket);
+		return -ENAMETOOLONG;
+	}
+	snprintf(dir, sizeof(dir), "%s", d->opts.socket);
+	slash = strrchr(dir, '/');
+	if (slash && slash != dir) {
+		*slash = '\0';
+		if (mkdir(dir, 0755) && errno != EEXIST) {
+			snprintf(err, errlen, "mkdir %s: %s", dir, strerror(errno));
+			return -errno;
+		}
+	}
+	strcpy(sun.sun_path, d->opts.socket);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		snprintf(err, errlen, "socket: %s", strerror(errno));
+		return -errno;
+	}
+	/* A live daemon answers on it: refuse to steal its socket. */
+	{
+		int probe = ag_ctl_connect(d->opts.socket);
+
+		if (probe >= 0) {
+			close(probe);
+			close(fd);
+			snprintf(err, errlen, "another agentgated is running on %s", d->opts.socket);
+			return -EADDRINUSE;
+		}
+	}
+	unlink(d->opts.socket);
+	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) || chmod(d->opts.socket, 0600) ||
+	    listen(fd, 64)) {
+		snprintf(err, errlen, "control socket %s: %s", d->opts.socket, strerror(errno));
+		close(fd);
+		return -errno;
+	}
+	if (ag_loop_add(d->loop, &d->ctl_io, fd, EPOLLIN, on_accept)) {
+		close(fd);
+		return -errno;
+	}
+	d->ctl_io.data = d;
+	return 0;
+}
+
+void ag_ctl_server_stop(struct ag_daemon *d)
+{
+	if (d->ctl_io.fd <= 0)
+		return;
+	ag_loop_del(&d->ctl_io);
+	close(d->ctl_io.fd);
+	d->ctl_io.fd = -1;
+	unlink(d->opts.socket);
+}

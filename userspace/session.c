@@ -1,0 +1,928 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Workers and the relay. Each worker thread runs its own epoll loop with its own pair of
+ * SO_REUSEPORT listeners (127.0.0.1 and ::1 on the gateway port), so accepts spread over the
+ * cores with no shared lock on the data path. A session's bytes go agent → handler → upstream
+ * and back; reads stop while the destination's queue is over the high watermark (backpressure),
+ * FINs are passed on once queued bytes are out (half-close), and an upstream refusal or reset
+ * becomes an RST to the agent.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bpf_loader.h"
+#include "cgroup.h"
+#include "daemon.h"
+#include "log.h"
+#include "session.h"
+
+#define AG_READ_CHUNK (64 * 1024)
+#define AG_HIGH_WM (256 * 1024)
+#define AG_CONNECT_TIMEOUT_MS 10000
+
+#ifndef SO_NETNS_COOKIE
+#define SO_NETNS_COOKIE 71
+#endif
+
+struct ag_worker {
+	struct ag_daemon *d;
+	int idx;
+	pthread_t thread;
+	struct ag_loop *loop;
+	struct ag_io lis[2];
+	uint8_t *scratch;
+	struct ag_session *mine; /* this worker's sessions (for the tick), via wnext */
+};
+
+static uint64_t mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000ULL + ts.tv_nsec / 1000000;
+}
+
+static int64_t unix_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+const char *ag_session_state_name(int state)
+{
+	static const char *const names[] = { "connecting", "active", "closing", "closed",
+					     "denied" };
+
+	return state >= 0 && state <= AG_SESS_DENIED ? names[state] : "unknown";
+}
+
+static void format_endpoint(const uint8_t addr[16], uint16_t port, int family, char *out,
+			    size_t len)
+{
+	char ip[INET6_ADDRSTRLEN];
+
+	if (family == AF_INET) {
+		inet_ntop(AF_INET, addr + 12, ip, sizeof(ip));
+		snprintf(out, len, "%s:%u", ip, port);
+	} else {
+		inet_ntop(AF_INET6, addr, ip, sizeof(ip));
+		snprintf(out, len, "[%s]:%u", ip, port);
+	}
+}
+
+/* --- the daemon's session table ------------------------------------------------------------ */
+
+static void table_add(struct ag_daemon *d, struct ag_session *s)
+{
+	pthread_mutex_lock(&d->sess_lock);
+	s->id = ++d->next_session_id;
+	s->next = d->sessions;
+	if (d->sessions)
+		d->sessions->prev = s;
+	d->sessions = s;
+	d->nsessions++;
+	d->sessions_total++;
+	pthread_mutex_unlock(&d->sess_lock);
+}
+
+static void table_del(struct ag_daemon *d, struct ag_session *s)
+{
+	pthread_mutex_lock(&d->sess_lock);
+	if (s->prev)
+		s->prev->next = s->next;
+	else if (d->sessions == s)
+		d->sessions = s->next;
+	if (s->next)
+		s->next->prev = s->prev;
+	s->next = s->prev = NULL;
+	d->nsessions--;
+	pthread_mutex_unlock(&d->sess_lock);
+}
+
+/* --- relay ----------------------------------------------------------------------------------- */
+
+static void side_update_events(struct ag_session *s, enum ag_side i);
+static void session_end(struct ag_session *s, bool reset);
+static void pump_input(struct ag_session *s, enum ag_side from, const uint8_t *data, size_t len);
+
+static inline enum ag_side other(enum ag_side i)
+{
+	return i == AG_SIDE_AGENT ? AG_SIDE_UPSTREAM : AG_SIDE_AGENT;
+}
+
+static bool side_open(const struct ag_side_conn *c)
+{
+	return c->io.fd >= 0;
+}
+
+static bool upstream_ready(const struct ag_session *s)
+{
+	return s->state == AG_SESS_ACTIVE || s->state == AG_SESS_CLOSING;
+}
+
+/* Writes what is queued for side i; returns 0, or -errno on a write error. */
+static int flush_side(struct ag_session *s, enum ag_side i)
+{
+	struct ag_side_conn *c = &s->side[i];
+
+	if (i == AG_SIDE_UPSTREAM && !upstream_ready(s))
+		return 0;
+	while (ag_buf_len(&c->out)) {
+		ssize_t n = send(c->io.fd, ag_buf_head(&c->out), ag_buf_len(&c->out),
+				 MSG_NOSIGNAL | MSG_DONTWAIT);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN)
+				break;
+			return -errno;
+		}
+		if (i == AG_SIDE_UPSTREAM)
+			s->bytes_up += n;
+		else
+			s->bytes_down += n;
+		ag_buf_consume(&c->out, n);
+	}
+	if (!ag_buf_len(&c->out) && c->shut_pending && !c->wr_shut) {
+		shutdown(c->io.fd, SHUT_WR);
+		c->wr_shut = true;
+	}
+	return 0;
+}
+
+int ag_session_send(struct ag_session *s, enum ag_side to, const void *data, size_t len)
+{
+	struct ag_side_conn *c = &s->side[to];
+	size_t off = 0;
+
+	if (!side_open(c) || c->wr_shut)
+		return -EPIPE;
+	if (!ag_buf_len(&c->out) && (to == AG_SIDE_AGENT || upstream_ready(s))) {
+		while (off < len) {
+			ssize_t n = send(c->io.fd, (const uint8_t *)data + off, len - off,
+					 MSG_NOSIGNAL | MSG_DONTWAIT);
+
+			if (n < 0) {
+				if (errno == EINTR)
+					continue;
+				if (errno == EAGAIN)
+					break;
+				return -errno;
+			}
+			off += n;
+		}
+		if (to == AG_SIDE_UPSTREAM)
+			s->bytes_up += off;
+		else
+			s->bytes_down += off;
+	}
+	if (off < len && ag_buf_append(&c->out, (const uint8_t *)data + off, len - off))
+		return -ENOMEM;
+	side_update_events(s, to);
+	side_update_events(s, other(to));
+	return 0;
+}
+
+void ag_session_shutdown(struct ag_session *s, enum ag_side to)
+{
+	struct ag_side_conn *c = &s->side[to];
+
+	if (!side_open(c) || c->wr_shut)
+		return;
+	c->shut_pending = true;
+	if (to == AG_SIDE_UPSTREAM && !upstream_ready(s))
+		return;
+	if (!ag_buf_len(&c->out)) {
+		shutdown(c->io.fd, SHUT_WR);
+		c->wr_shut = true;
+	}
+}
+
+void ag_session_fail(struct ag_session *s, bool reset, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(s->reason, sizeof(s->reason), fmt, ap);
+	va_end(ap);
+	session_end(s, reset);
+}
+
+/* EPOLLIN on side i unless it is done or its destination is over the watermark. */
+static void side_update_events(struct ag_session *s, enum ag_side i)
+{
+	struct ag_side_conn *c = &s->side[i], *o = &s->side[other(i)];
+	uint32_t ev = 0;
+
+	if (!side_open(c) || !c->io.loop)
+		return;
+	if (i == AG_SIDE_UPSTREAM && s->state == AG_SESS_CONNECTING) {
+		ag_loop_mod(&c->io, EPOLLOUT);
+		return;
+	}
+	c->paused = ag_buf_len(&o->out) >= AG_HIGH_WM || ag_buf_len(&c->in) >= AG_HIGH_WM;
+	if (!c->rd_eof && !c->paused)
+		ev |= EPOLLIN | EPOLLRDHUP;
+	if (ag_buf_len(&c->out))
+		ev |= EPOLLOUT;
+	ag_loop_mod(&c->io, ev);
+}
+
+static bool session_done(const struct ag_session *s)
+{
+	const struct ag_side_conn *a = &s->side[AG_SIDE_AGENT], *u = &s->side[AG_SIDE_UPSTREAM];
+
+	return a->rd_eof && u->rd_eof && !ag_buf_len(&a->out) && !ag_buf_len(&u->out);
+}
+
+static void pump_input(struct ag_session *s, enum ag_side from, const uint8_t *data, size_t len)
+{
+	struct ag_side_conn *c = &s->side[from];
+	long used;
+
+	if (ag_buf_len(&c->in)) {
+		if (ag_buf_append(&c->in, data, len)) {
+			ag_session_fail(s, true, "out of memory");
+			return;
+		}
+		used = s->proto->input(s, from, ag_buf_head(&c->in), ag_buf_len(&c->in));
+		if (used < 0 || s->state == AG_SESS_CLOSED)
+			return;
+		ag_buf_consume(&c->in, used);
+		return;
+	}
+	used = s->proto->input(s, from, data, len);
+	if (used < 0 || s->state == AG_SESS_CLOSED)
+		return;
+	if ((size_t)used < len && ag_buf_append(&c->in, data + used, len - used))
+		ag_session_fail(s, true, "out of memory");
+}
+
+static void on_side_eof(struct ag_session *s, enum ag_side from)
+{
+	s->side[from].rd_eof = true;
+	if (s->proto->eof)
+		s->proto->eof(s, from);
+	else
+		ag_session_shutdown(s, other(from));
+}
+
+static void side_readable(struct ag_session *s, enum ag_side i)
+{
+	struct ag_side_conn *c = &s->side[i];
+	int budget = 16; /* one session cannot hog the loop */
+
+	while (budget-- > 0 && !c->rd_eof && s->state != AG_SESS_CLOSED) {
+		ssize_t n = recv(c->io.fd, s->w->scratch, AG_READ_CHUNK, MSG_DONTWAIT);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN)
+				break;
+			ag_session_fail(s, true, "%s: %s",
+					i == AG_SIDE_AGENT ? "agent" : "upstream",
+					errno == ECONNRESET ? "connection reset" : strerror(errno));
+			return;
+		}
+		if (n == 0) {
+			on_side_eof(s, i);
+			break;
+		}
+		pump_input(s, i, s->w->scratch, n);
+		if (s->state == AG_SESS_CLOSED)
+			return;
+		side_update_events(s, i);
+		if (c->paused)
+			break;
+	}
+	if (s->state == AG_SESS_CLOSED)
+		return;
+	if (session_done(s)) {
+		session_end(s, false);
+		return;
+	}
+	side_update_events(s, AG_SIDE_AGENT);
+	side_update_events(s, AG_SIDE_UPSTREAM);
+}
+
+static void upstream_connected(struct ag_session *s)
+{
+	struct ag_side_conn *u = &s->side[AG_SIDE_UPSTREAM];
+	int soerr = 0;
+	socklen_t sl = sizeof(soerr);
+
+	if (getsockopt(u->io.fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) || soerr) {
+		ag_session_fail(s, true, "upstream %s: %s", s->upstream,
+				strerror(soerr ? soerr : errno));
+		return;
+	}
+	s->state = AG_SESS_ACTIVE;
+	ag_slog_session(s->w->d, "start", s);
+	pr_debug("session %llu: upstream %s connected", (unsigned long long)s->id, s->upstream);
+	/* Bytes the agent sent while we connected, and a FIN it may already have sent. */
+	if (ag_buf_len(&s->side[AG_SIDE_AGENT].in)) {
+		struct ag_side_conn *a = &s->side[AG_SIDE_AGENT];
+		long used = s->proto->input(s, AG_SIDE_AGENT, ag_buf_head(&a->in), ag_buf_len(&a->in));
+
+		if (used < 0 || s->state == AG_SESS_CLOSED)
+			return;
+		ag_buf_consume(&a->in, used);
+	}
+	if (flush_side(s, AG_SIDE_UPSTREAM)) {
+		ag_session_fail(s, true, "upstream %s: %s", s->upstream, strerror(errno));
+		return;
+	}
+	side_update_events(s, AG_SIDE_AGENT);
+	side_update_events(s, AG_SIDE_UPSTREAM);
+}
+
+static void on_io(struct ag_session *s, enum ag_side i, uint32_t events)
+{
+	struct ag_side_conn *c = &s->side[i];
+
+	if (i == AG_SIDE_UPSTREAM && s->state == AG_SESS_CONNECTING) {
+		if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))
+			upstream_connected(s);
+		return;
+	}
+	if (events & EPOLLOUT) {
+		if (flush_side(s, i)) {
+			ag_session_fail(s, true, "%s: %s", i == AG_SIDE_AGENT ? "agent" : "upstream",
+					strerror(errno));
+			return;
+		}
+		if (session_done(s)) {
+			session_end(s, false);
+			return;
+		}
+		side_update_events(s, i);
+		side_update_events(s, other(i));
+	}
+	if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+		if (!c->rd_eof && !c->paused)
+			side_readable(s, i);
+		else if (events & EPOLLERR)
+			ag_session_fail(s, true, "%s: socket error",
+					i == AG_SIDE_AGENT ? "agent" : "upstream");
+	}
+}
+
+static void on_agent_io(struct ag_io *io, uint32_t events)
+{
+	struct ag_session *s = (void *)((char *)io - offsetof(struct ag_session, side[0].io));
+
+	on_io(s, AG_SIDE_AGENT, events);
+}
+
+static void on_upstream_io(struct ag_io *io, uint32_t events)
+{
+	struct ag_session *s = (void *)((char *)io - offsetof(struct ag_session, side[1].io));
+
+	on_io(s, AG_SIDE_UPSTREAM, events);
+}
+
+static void session_free(void *arg)
+{
+	struct ag_session *s = arg;
+
+	for (int i = 0; i < 2; i++) {
+		ag_buf_free(&s->side[i].in);
+		ag_buf_free(&s->side[i].out);
+	}
+	ag_policy_put(s->pol);
+	free(s);
+}
+
+static void close_side(struct ag_session *s, enum ag_side i, bool reset)
+{
+	struct ag_side_conn *c = &s->side[i];
+
+	if (!side_open(c))
+		return;
+	ag_loop_del(&c->io);
+	if (reset) {
+		struct linger lg = { .l_onoff = 1, .l_linger = 0 };
+
+		setsockopt(c->io.fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	}
+	close(c->io.fd);
+	c->io.fd = -1;
+}
+
+static void session_end(struct ag_session *s, bool reset)
+{
+	bool was_denied = s->state == AG_SESS_DENIED;
+	bool started = s->state != AG_SESS_CONNECTING && !was_denied;
+
+	if (s->state == AG_SESS_CLOSED)
+		return;
+	if (!started && !was_denied && !s->reason[0])
+		snprintf(s->reason, sizeof(s->reason), "closed before the upstream connected");
+	/* Best effort: whatever is still queued for the agent (an error message, say). */
+	if (!reset)
+		flush_side(s, AG_SIDE_AGENT);
+	if (s->proto && s->proto->fini)
+		s->proto->fini(s);
+	close_side(s, AG_SIDE_AGENT, reset);
+	close_side(s, AG_SIDE_UPSTREAM, reset);
+	s->ended_ns = unix_ns();
+	if (!started && !was_denied)
+		ag_slog_session(s->w->d, "start", s);
+	if (!was_denied)
+		s->state = AG_SESS_CLOSED;
+	ag_slog_session(s->w->d, was_denied ? "deny" : "end", s);
+	s->state = AG_SESS_CLOSED;
+	if (s->reason[0])
+		pr_info("session %llu (%s pid %u %s → %s): %s", (unsigned long long)s->id, s->agent,
+			s->info.tgid, s->info.comm, s->orig_dst, s->reason);
+	table_del(s->w->d, s);
+	/* Freed after this loop iteration: other events for it may still be in the batch. */
+	ag_loop_call(s->w->loop, session_free, s);
+}
+
+/* --- accept ---------------------------------------------------------------------------------- */
+
+static void to_mapped(const struct sockaddr_storage *ss, uint8_t addr[16], uint16_t *port)
+{
+	if (ss->ss_family == AF_INET) {
+		const struct sockaddr_in *in = (const void *)ss;
+
+		memset(addr, 0, 10);
+		addr[10] = addr[11] = 0xff;
+		memcpy(addr + 12, &in->sin_addr, 4);
+		*port = ntohs(in->sin_port);
+	} else {
+		const struct sockaddr_in6 *in6 = (const void *)ss;
+
+		memcpy(addr, &in6->sin6_addr, 16);
+		*port = ntohs(in6->sin6_port);
+	}
+}
+
+static int upstream_connect(struct ag_session *s)
+{
+	struct ag_daemon *d = s->w->d;
+	struct ag_endpoint *dst = &s->info.orig_dst;
+	struct sockaddr_storage ss = {};
+	socklen_t sl;
+	int fd, one = 1;
+	bool v4 = dst->family == AF_INET;
+
+	if (v4) {
+		struct sockaddr_in *in = (void *)&ss;
+
+		in->sin_family = AF_INET;
+		memcpy(&in->sin_addr, dst->addr + 12, 4);
+		in->sin_port = htons(dst->port);
+		sl = sizeof(*in);
+	} else {
+		struct sockaddr_in6 *in6 = (void *)&ss;
+
+		in6->sin6_family = AF_INET6;
+		memcpy(&in6->sin6_addr, dst->addr, 16);
+		in6->sin6_port = htons(dst->port);
+		sl = sizeof(*in6);
+	}
+	fd = socket(v4 ? AF_INET : AF_INET6, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	/* The mark tells our connect hooks this is the gateway itself, never to be redirected. */
+	if (setsockopt(fd, SOL_SOCKET, SO_MARK, &d->opts.mark, sizeof(d->opts.mark))) {
+		int err = -errno;
+
+		close(fd);
+		return err;
+	}
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (connect(fd, (struct sockaddr *)&ss, sl) && errno != EINPROGRESS) {
+		int err = -errno;
+
+		close(fd);
+		return err;
+	}
+	snprintf(s->upstream, sizeof(s->upstream), "%s", s->orig_dst);
+	s->connect_deadline_ms = mono_ms() + AG_CONNECT_TIMEOUT_MS;
+	if (ag_loop_add(s->w->loop, &s->side[AG_SIDE_UPSTREAM].io, fd, EPOLLOUT, on_upstream_io)) {
+		int err = -errno;
+
+		close(fd);
+		return err;
+	}
+	return 0;
+}
+
+static void fastpath_join(struct ag_session *s, int fd, const struct sockaddr_storage *local,
+			  const struct sockaddr_storage *peer)
+{
+	struct ag_sock_key k = {};
+	int rc;
+
+	to_mapped(local, k.local, &k.lport);
+	to_mapped(peer, k.remote, &k.rport);
+	rc = ag_bpf_sockhash_add(s->w->d->bpf, fd, &k);
+	if (rc)
+		pr_debug("session %llu: fast path unavailable: %s", (unsigned long long)s->id,
+			 strerror(-rc));
+	else
+		s->fastpath = true;
+}
+
+/* Decides what to do with a new session; false: deny (reason set). */
+static bool session_decide(struct ag_session *s)
+{
+	struct ag_daemon *d = s->w->d;
+	const struct ag_policy *p = s->pol->p;
+	const struct ag_policy_agent *agent;
+	const struct ag_policy_target *t;
+
+	agent = ag_policy_agent_by_name(p, s->agent);
+	s->observe = agent && agent->mode == AG_MODE_OBSERVE;
+	t = ag_policy_target_by_addr(p, s->info.orig_dst.addr, s->info.orig_dst.port);
+	if (!t) {
+		snprintf(s->target_name, sizeof(s->target_name), "-");
+		snprintf(s->protocol, sizeof(s->protocol), "tcp");
+		if (p->default_action == AG_DEFAULT_PASSTHROUGH) {
+			s->proto = &ag_proto_tcp;
+			return true;
+		}
+		snprintf(s->reason, sizeof(s->reason), "%s is not a known target (default: deny)",
+			 s->orig_dst);
+		goto deny;
+	}
+	s->target = t;
+	snprintf(s->target_name, sizeof(s->target_name), "%s", t->name);
+	snprintf(s->protocol, sizeof(s->protocol), "%s", ag_proto_name(t->protocol));
+	s->proto = ag_proto_lookup(t->protocol);
+	if (!s->proto) {
+		/* Never relay a protocol we cannot parse: that would skip its rules. */
+		snprintf(s->reason, sizeof(s->reason),
+			 "no %s handler in this build: refused (fail closed)", s->protocol);
+		s->observe = false;
+		goto deny;
+	}
+	(void)d;
+	return true;
+deny:
+	if (s->observe) {
+		pr_info("session %llu: observe mode, would deny: %s", (unsigned long long)s->id,
+			s->reason);
+		s->reason[0] = '\0';
+		s->proto = &ag_proto_tcp;
+		return true;
+	}
+	return false;
+}
+
+/* Accepts one connection; false when there is none left. */
+static bool accept_one(struct ag_worker *w, int lfd)
+{
+	struct ag_daemon *d = w->d;
+	struct sockaddr_storage peer = {}, local = {};
+	socklen_t pl = sizeof(peer), ll = sizeof(local);
+	struct ag_conn_key key = {};
+	struct ag_session *s;
+	int fd, rc, one = 1;
+
+	fd = accept4(lfd, (struct sockaddr *)&peer, &pl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	if (fd < 0) {
+		if (errno != EAGAIN && errno != EINTR)
+			pr_warn("accept: %s", strerror(errno));
+		return errno == EINTR;
+	}
+	getsockname(fd, (struct sockaddr *)&local, &ll);
+	s = calloc(1, sizeof(*s));
+	if (!s) {
+		close(fd);
+		return true;
+	}
+	s->w = w;
+	s->side[AG_SIDE_AGENT].io.fd = fd;
+	s->side[AG_SIDE_UPSTREAM].io.fd = -1;
+	s->started_ns = unix_ns();
+	s->state = AG_SESS_CONNECTING;
+	s->pol = ag_policy_get(d);
+	table_add(d, s);
+
+	key.netns_cookie = d->netns_cookie;
+	to_mapped(&peer, key.addr, &key.port);
+	rc = ag_bpf_lookup_conn(d->bpf, &key, &s->info);
+	if (rc) {
+		char ep[64];
+
+		format_endpoint(key.addr, key.port, AF_INET6, ep, sizeof(ep));
+		snprintf(s->agent, sizeof(s->agent), "-");
+		snprintf(s->reason, sizeof(s->reason),
+			 "no kernel identity for %s: not a redirected connection", ep);
+		goto deny;
+	}
+	format_endpoint(s->info.orig_dst.addr, s->info.orig_dst.port, s->info.orig_dst.family,
+			s->orig_dst, sizeof(s->orig_dst));
+	if (ag_cgroup_path_of_id(d->cg_root, s->info.cgroup_id, s->cgroup, sizeof(s->cgroup)))
+		snprintf(s->cgroup, sizeof(s->cgroup), "cgroup:%llu",
+			 (unsigned long long)s->info.cgroup_id);
+	if (!ag_daemon_agent_of(d, s->info.tag_cgroup_id, s->cgroup, s->agent, sizeof(s->agent))) {
+		snprintf(s->agent, sizeof(s->agent), "-");
+		snprintf(s->reason, sizeof(s->reason), "cgroup %s belongs to no known agent",
+			 s->cgroup);
+		goto deny;
+	}
+	if (d->draining) {
+		snprintf(s->reason, sizeof(s->reason), "agentgated is shutting down");
+		goto deny;
+	}
+	if (!session_decide(s))
+		goto deny;
+	if (d->fastpath)
+		fastpath_join(s, fd, &local, &peer);
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (s->proto->init && (rc = s->proto->init(s))) {
+		if (!s->reason[0])
+			snprintf(s->reason, sizeof(s->reason), "handler refused: %s", strerror(-rc));
+		goto deny;
+	}
+	if (ag_loop_add(w->loop, &s->side[AG_SIDE_AGENT].io, fd, EPOLLIN | EPOLLRDHUP,
+			on_agent_io)) {
+		snprintf(s->reason, sizeof(s->reason), "epoll: %s", strerror(errno));
+		goto deny;
+	}
+	rc = upstream_connect(s);
+	if (rc) {
+		ag_session_fail(s, true, "upstream %s: %s", s->orig_dst, strerror(-rc));
+		return true;
+	}
+	pr_debug("session %llu: %s pid %u (%s) uid %u cgroup %s → %s (%s)",
+		 (unsigned long long)s->id, s->agent, s->info.tgid, s->info.comm, s->info.uid,
+		 s->cgroup, s->orig_dst, s->target_name);
+	return true;
+deny:
+	__atomic_add_fetch(&d->sessions_denied, 1, __ATOMIC_RELAXED);
+	s->state = AG_SESS_DENIED;
+	/* An RST: the agent's client fails at once instead of waiting on a silent socket. */
+	session_end(s, true);
+	return true;
+}
+
+static void on_listener(struct ag_io *io, uint32_t events)
+{
+	struct ag_worker *w = io->data;
+
+	for (int n = 0; n < 64; n++)
+		if (!accept_one(w, io->fd))
+			break;
+}
+
+static int listen_on(int family, uint16_t port, int *out, char *err, size_t errlen)
+{
+	struct sockaddr_storage ss = {};
+	socklen_t sl;
+	int fd, one = 1;
+
+	fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		snprintf(err, errlen, "socket: %s", strerror(errno));
+		return -errno;
+	}
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+	if (family == AF_INET) {
+		struct sockaddr_in *in = (void *)&ss;
+
+		in->sin_family = AF_INET;
+		in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		in->sin_port = htons(port);
+		sl = sizeof(*in);
+	} else {
+		struct sockaddr_in6 *in6 = (void *)&ss;
+
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+		in6->sin6_family = AF_INET6;
+		in6->sin6_addr = in6addr_loopback;
+		in6->sin6_port = htons(port);
+		sl = sizeof(*in6);
+	}
+	if (bind(fd, (struct sockaddr *)&ss, sl) || listen(fd, 4096)) {
+		int e = errno;
+
+		snprintf(err, errlen, "cannot listen on %s:%u: %s%s",
+			 family == AF_INET ? "127.0.0.1" : "[::1]", port, strerror(e),
+			 e == EADDRINUSE ? " (another agentgated, or choose --port)" : "");
+		close(fd);
+		return -e;
+	}
+	*out = fd;
+	return 0;
+}
+
+/* Connect timeouts: a worker tick scans the daemon table for its own connecting sessions. */
+static void worker_tick(void *arg)
+{
+	struct ag_worker *w = arg;
+	struct ag_daemon *d = w->d;
+	uint64_t now = mono_ms();
+	struct ag_session *expired[64];
+	int n = 0;
+
+	pthread_mutex_lock(&d->sess_lock);
+	for (struct ag_session *s = d->sessions; s && n < 64; s = s->next)
+		if (s->w == w && s->state == AG_SESS_CONNECTING && s->connect_deadline_ms &&
+		    now > s->connect_deadline_ms)
+			expired[n++] = s;
+	pthread_mutex_unlock(&d->sess_lock);
+	for (int i = 0; i < n; i++)
+		ag_session_fail(expired[i], true, "upstream %s: connect timed out",
+				expired[i]->orig_dst);
+}
+
+static void *worker_main(void *arg)
+{
+	struct ag_worker *w = arg;
+	int rc = ag_loop_run(w->loop, 1000, worker_tick, w);
+
+	if (rc)
+		pr_err("worker %d: %s", w->idx, strerror(-rc));
+	return NULL;
+}
+
+int ag_workers_start(struct ag_daemon *d, char *err, size_t errlen)
+{
+	int n = d->opts.workers > 0 ? d->opts.workers : (int)sysconf(_SC_NPROCESSORS_ONLN);
+
+	if (n < 1)
+		n = 1;
+	if (n > 64)
+		n = 64;
+	d->workers = calloc(n, sizeof(*d->workers));
+	if (!d->workers)
+		return -ENOMEM;
+	for (int i = 0; i < n; i++) {
+		struct ag_worker *w = calloc(1, sizeof(*w));
+		int fds[2] = { -1, -1 }, rc;
+
+		if (!w)
+			return -ENOMEM;
+		d->workers[i] = w;
+		d->nworkers = i + 1;
+		w->d = d;
+		w->idx = i;
+		w->lis[0].fd = w->lis[1].fd = -1;
+		w->scratch = malloc(AG_READ_CHUNK);
+		w->loop = ag_loop_new();
+		if (!w->scratch || !w->loop) {
+			snprintf(err, errlen, "worker %d: %s", i, strerror(errno));
+			return -ENOMEM;
+		}
+		rc = listen_on(AF_INET, d->opts.port, &fds[0], err, errlen);
+		if (rc)
+			return rc;
+		rc = listen_on(AF_INET6, d->opts.port, &fds[1], err, errlen);
+		if (rc) {
+			close(fds[0]);
+			return rc;
+		}
+		if (i == 0) {
+			uint64_t cookie = 0;
+			socklen_t cl = sizeof(cookie);
+
+			if (getsockopt(fds[0], SOL_SOCKET, SO_NETNS_COOKIE, &cookie, &cl)) {
+				snprintf(err, errlen, "SO_NETNS_COOKIE: %s (kernel 5.14+ needed)",
+					 strerror(errno));
+				close(fds[0]);
+				close(fds[1]);
+				return -errno;
+			}
+			d->netns_cookie = cookie;
+		}
+		for (int k = 0; k < 2; k++) {
+			if (ag_loop_add(w->loop, &w->lis[k], fds[k], EPOLLIN, on_listener)) {
+				snprintf(err, errlen, "epoll: %s", strerror(errno));
+				return -errno;
+			}
+			w->lis[k].data = w;
+		}
+	}
+	for (int i = 0; i < n; i++) {
+		if (pthread_create(&d->workers[i]->thread, NULL, worker_main, d->workers[i])) {
+			snprintf(err, errlen, "starting worker %d: %s", i, strerror(errno));
+			return -errno;
+		}
+	}
+	return 0;
+}
+
+static void close_listeners_cb(void *arg)
+{
+	struct ag_worker *w = arg;
+
+	for (int k = 0; k < 2; k++) {
+		if (w->lis[k].fd < 0)
+			continue;
+		ag_loop_del(&w->lis[k]);
+		close(w->lis[k].fd);
+		w->lis[k].fd = -1;
+	}
+}
+
+void ag_workers_close_listeners(struct ag_daemon *d)
+{
+	for (int i = 0; i < d->nworkers; i++)
+		if (d->workers[i]->loop)
+			ag_loop_call(d->workers[i]->loop, close_listeners_cb, d->workers[i]);
+}
+
+static void kill_all_cb(void *arg)
+{
+	struct ag_worker *w = arg;
+	struct ag_daemon *d = w->d;
+
+	for (;;) {
+		struct ag_session *victim = NULL;
+
+		pthread_mutex_lock(&d->sess_lock);
+		for (struct ag_session *s = d->sessions; s; s = s->next)
+			if (s->w == w && s->state != AG_SESS_CLOSED) {
+				victim = s;
+				break;
+			}
+		pthread_mutex_unlock(&d->sess_lock);
+		if (!victim)
+			break;
+		ag_session_fail(victim, false, "agentgated stopped");
+	}
+	ag_loop_stop(w->loop);
+}
+
+void ag_workers_stop(struct ag_daemon *d)
+{
+	for (int i = 0; i < d->nworkers; i++) {
+		struct ag_worker *w = d->workers[i];
+
+		if (w->thread) {
+			ag_loop_call(w->loop, kill_all_cb, w);
+			pthread_join(w->thread, NULL);
+		}
+		close_listeners_cb(w);
+		ag_loop_free(w->loop);
+		free(w->scratch);
+		free(w);
+	}
+	free(d->workers);
+	d->workers = NULL;
+	d->nworkers = 0;
+}
+
+struct kill_req {
+	struct ag_daemon *d;
+	uint64_t id;
+};
+
+static void kill_one_cb(void *arg)
+{
+	struct kill_req *k = arg;
+	struct ag_session *victim = NULL;
+
+	pthread_mutex_lock(&k->d->sess_lock);
+	for (struct ag_session *s = k->d->sessions; s; s = s->next)
+		if (s->id == k->id && s->state != AG_SESS_CLOSED)
+			victim = s;
+	pthread_mutex_unlock(&k->d->sess_lock);
+	if (victim)
+		ag_session_fail(victim, true, "killed by agctl");
+	free(k);
+}
+
+int ag_session_kill_by_id(struct ag_daemon *d, uint64_t id)
+{
+	struct ag_worker *w = NULL;
+
+	pthread_mutex_lock(&d->sess_lock);
+	for (struct ag_session *s = d->sessions; s; s = s->next)
+		if (s->id == id)
+			w = s->w;
+	pthread_mutex_unlock(&d->sess_lock);
+	if (!w)
+		return -ENOENT;
+	{
+		struct kill_req *k = malloc(sizeof(*k));
+
+		if (!k)
+			return -ENOMEM;
+		k->d = d;
+		k->id = id;
+		return ag_loop_call(w->loop, kill_one_cb, k);
+	}
+}
