@@ -47,10 +47,12 @@ AGCTL_OBJS := $(patsubst %.c,$(OUTPUT)/obj/%.o,$(AGCTL_SRCS))
 TEST_SRCS := $(sort $(wildcard selftests/*.c selftests/prog_tests/*.c))
 TEST_OBJS := $(patsubst %.c,$(OUTPUT)/obj/%.o,$(TEST_SRCS))
 TEST_DEFS := $(sort $(wildcard selftests/prog_tests/*.c))
+BENCH_SRCS := $(sort $(wildcard scripts/bench/*.c))
+BENCH_OBJS := $(patsubst %.c,$(OUTPUT)/obj/%.o,$(BENCH_SRCS))
 SKEL := $(OUTPUT)/agentgate.skel.h
 GEN_HDRS := $(SKEL) $(PROTO_HDRS) $(OUTPUT)/tests.h
 
-BINS := $(OUTPUT)/agentgated $(OUTPUT)/agctl $(OUTPUT)/test_progs
+BINS := $(OUTPUT)/agentgated $(OUTPUT)/agctl $(OUTPUT)/test_progs $(if $(BENCH_SRCS),$(OUTPUT)/agbench)
 
 .DELETE_ON_ERROR:
 .PHONY: all deps test run demo bench install uninstall clean format
@@ -113,6 +115,10 @@ $(OUTPUT)/agctl: $(AGCTL_OBJS) $(OUTPUT)/libagentgate.a
 	$(Q)$(CC) $(ALL_CFLAGS) $^ $(LDLIBS) -o $@
 
 $(OUTPUT)/test_progs: $(TEST_OBJS) $(OUTPUT)/libagentgate.a
+	$(call msg,LD,$@)
+	$(Q)$(CC) $(ALL_CFLAGS) $^ $(LDLIBS) -o $@
+
+$(OUTPUT)/agbench: $(BENCH_OBJS) $(OUTPUT)/libagentgate.a
 	$(call msg,LD,$@)
 	$(Q)$(CC) $(ALL_CFLAGS) $^ $(LDLIBS) -o $@
 
