@@ -5,9 +5,10 @@
  * daemon can accept — the identity the connect hook left on the socket is published under the
  * socket's 4-tuple (+ netns) in ag_conns; when the socket reaches TCP_CLOSE the entry is deleted
  * and a close event emitted. With the fast path on, the established agent socket joins the
- * sockhash so sk_msg can hand its sends straight to the daemon's socket.
+ * sockhash so sk_msg can hand its sends straight to the daemon's socket — if it is non-blocking
+ * (lib/fastpath.h says why a blocking one must never meet tcp_bpf's receive path).
  */
-#include "lib/common.h"
+#include "lib/fastpath.h"
 
 static __always_inline void ag_local_key(struct bpf_sock_ops *skops, struct ag_conn_key *key)
 {
@@ -74,21 +75,32 @@ static __always_inline void ag_unlink(struct bpf_sock_ops *skops)
 	__builtin_memcpy(peer.remote, sk.local, 16);
 	peer.lport = sk.rport;
 	peer.rport = sk.lport;
-	bpf_map_delete_elem(&ag_fpstate, &sk);
-	bpf_map_delete_elem(&ag_fpstate, &peer);
+	bpf_map_delete_elem(&ag_fastpath, &sk);
+	bpf_map_delete_elem(&ag_fastpath, &peer);
 	ag_emit(AG_EV_CLOSE, 0, info, &key);
 }
 
 static __always_inline void ag_fastpath_join(struct bpf_sock_ops *skops)
 {
+	struct ag_fp_entry e = { .state = AG_FP_NEW };
 	struct ag_sock_key k = {};
+	struct bpf_sock *sk = skops->sk;
+	struct tcp_sock *tp;
 	__u32 zero = 0;
 	struct ag_config *cfg = bpf_map_lookup_elem(&ag_config, &zero);
 
-	if (!cfg || !cfg->fastpath || !ag_identity_of(skops))
+	if (!cfg || !cfg->fastpath || !sk || !ag_identity_of(skops))
 		return;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp || !ag_fp_nonblocking(tp))
+		return; /* a blocking agent keeps plain TCP on both directions */
 	ag_sock_key_of(skops, &k);
-	bpf_sock_hash_update(skops, &ag_sockhash, &k, BPF_NOEXIST);
+	/* Published before the socket can send: the gateway's side checks it (lib/fastpath.h). */
+	e.sk = (__u64)tp;
+	if (bpf_map_update_elem(&ag_fastpath, &k, &e, BPF_ANY))
+		return;
+	if (bpf_sock_hash_update(skops, &ag_sockhash, &k, BPF_NOEXIST))
+		bpf_map_delete_elem(&ag_fastpath, &k);
 }
 
 SEC("sockops")

@@ -5,6 +5,7 @@
  * _exit() so that the atexit cleanup runs only in the test process that registered it.
  */
 #include <arpa/inet.h>
+#include <bpf/bpf.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -22,6 +23,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -160,26 +162,34 @@ static int kill_cgroup_procs(const char *path)
 	return found;
 }
 
-void th_cgroup_cleanup(void)
+int th_cgroup_reap(pid_t owner)
 {
-	char abs[PATH_MAX];
+	char mount[PATH_MAX], rel[64], abs[PATH_MAX];
 	struct stat st;
 	int err;
 
-	if (cg_owner != getpid() || !cg_base[0])
-		return;
-	if (ag_cgroup_abs(cg_mount, cg_base, abs, sizeof(abs)) || stat(abs, &st))
-		goto out;
+	if (ag_cgroup2_root(mount, sizeof(mount)))
+		return -ENOENT;
+	snprintf(rel, sizeof(rel), "/agentgate-test-%d", owner);
+	if (ag_cgroup_abs(mount, rel, abs, sizeof(abs)) || stat(abs, &st))
+		return 0;
 	/* Killed processes leave cgroup.procs only once reaped: bounded retries. */
 	for (int i = 0; i < 200 && kill_cgroup_procs(abs); i++) {
 		while (waitpid(-1, NULL, WNOHANG) > 0)
 			;
 		sleep_ms(10);
 	}
-	err = ag_cgroup_destroy(cg_mount, cg_base);
+	err = ag_cgroup_destroy(mount, rel);
 	if (err)
 		th_log("cannot remove cgroup %s: %s", abs, strerror(-err));
-out:
+	return err;
+}
+
+void th_cgroup_cleanup(void)
+{
+	if (cg_owner != getpid() || !cg_base[0])
+		return;
+	th_cgroup_reap(cg_owner);
 	cg_owner = 0;
 }
 
@@ -388,8 +398,9 @@ int th_run(char *out, size_t len, const char *fmt, ...)
 		return -EINVAL;
 	/* execv() needs a path: look bare names up in the usual places. */
 	if (!strchr(argv[0], '/')) {
-		static const char *const dirs[] = { "/usr/local/sbin", "/usr/local/bin", "/usr/sbin",
-						    "/usr/bin", "/sbin", "/bin" };
+		static const char *const dirs[] = { "/usr/local/sbin", "/usr/local/bin",
+						    "/usr/sbin",       "/usr/bin",
+						    "/sbin",	       "/bin" };
 		bool found = false;
 
 		for (size_t i = 0; i < sizeof(dirs) / sizeof(dirs[0]); i++) {
@@ -1191,6 +1202,13 @@ ssize_t th_recv_all(int fd, void *buf, size_t len, int timeout_ms)
 
 int th_xfer(int fd, uint64_t up_bytes, uint64_t up_seed, int timeout_ms, struct th_xfer *x)
 {
+	return th_xfer_chunked(fd, up_bytes, up_seed, 0, timeout_ms, x);
+}
+
+int th_xfer_chunked(int fd, uint64_t up_bytes, uint64_t up_seed, size_t max_chunk, int timeout_ms,
+		    struct th_xfer *x)
+{
+	struct th_prng sizes;
 	long deadline = now_ms() + timeout_ms;
 	EVP_MD_CTX *in = EVP_MD_CTX_new(), *out = EVP_MD_CTX_new();
 	size_t bufsz = 256 * 1024, olen = 0, ooff = 0;
@@ -1209,6 +1227,7 @@ int th_xfer(int fd, uint64_t up_bytes, uint64_t up_seed, int timeout_ms, struct 
 	EVP_DigestInit_ex(in, EVP_sha256(), NULL);
 	EVP_DigestInit_ex(out, EVP_sha256(), NULL);
 	th_prng_init(&prng, up_seed);
+	th_prng_init(&sizes, up_seed ^ 0x5a5a5a5a);
 	while (!wr_done || !rd_done) {
 		struct pollfd p = { .fd = fd };
 		long tl = deadline - now_ms();
@@ -1250,13 +1269,24 @@ int th_xfer(int fd, uint64_t up_bytes, uint64_t up_seed, int timeout_ms, struct 
 				x->bytes_in += n;
 			} else if (n == 0) {
 				rd_done = true;
+				x->eof_while_sending = !wr_done;
 			} else if (errno != EAGAIN && errno != EINTR) {
 				err = -errno;
 				break;
 			}
 		}
 		if (!wr_done && (p.revents & (POLLOUT | POLLERR))) {
-			ssize_t n = send(fd, obuf + ooff, olen - ooff, MSG_NOSIGNAL | MSG_DONTWAIT);
+			size_t want = olen - ooff;
+			ssize_t n;
+
+			if (max_chunk) {
+				uint32_t r32;
+
+				th_prng_fill(&sizes, &r32, sizeof(r32));
+				if (want > r32 % max_chunk + 1)
+					want = r32 % max_chunk + 1;
+			}
+			n = send(fd, obuf + ooff, want, MSG_NOSIGNAL | MSG_DONTWAIT);
 
 			if (n > 0) {
 				ooff += n;
@@ -1278,6 +1308,243 @@ out:
 	free(obuf);
 	free(ibuf);
 	return err;
+}
+
+/* ---- client jobs ---- */
+
+static int job_conn_exchange(struct th_job *j, int fd, int i, long deadline, struct th_xfer *x)
+{
+	long left = deadline - now_ms();
+	int err;
+
+	if (left <= 0)
+		return -ETIMEDOUT;
+	if (j->up_bytes) {
+		err = th_xfer_chunked(fd, j->up_bytes, j->seed + i, j->max_chunk, (int)left, x);
+		if (err)
+			return err;
+		if (j->expect_echo &&
+		    (x->bytes_in != x->bytes_out || memcmp(x->sha_in, x->sha_out, 32)))
+			return -EBADMSG;
+		return 0;
+	}
+	{
+		char line[64], back[64];
+		size_t n = snprintf(line, sizeof(line), "hello %d/%d\n", getpid(), i);
+		ssize_t r;
+
+		err = th_send_all(fd, line, n, (int)left);
+		if (err)
+			return err;
+		x->bytes_out = n;
+		if (!j->expect_echo)
+			return 0;
+		r = th_recv_all(fd, back, n, (int)(deadline - now_ms()));
+		if (r < 0)
+			return (int)r;
+		x->bytes_in = r;
+		if ((size_t)r != n || memcmp(line, back, n))
+			return -EBADMSG;
+		return 0;
+	}
+}
+
+int th_job_run(void *arg)
+{
+	struct th_job *j = arg;
+	int n = j->nconns > 0 ? j->nconns : 1, *fds, err;
+	long deadline = now_ms() + (j->timeout_ms ? j->timeout_ms : 30000);
+
+	j->pid = getpid();
+	if (j->comm[0])
+		prctl(PR_SET_NAME, j->comm, 0, 0, 0);
+	if (j->gid && setresgid(j->gid, j->gid, j->gid))
+		return 3;
+	if (j->uid && setresuid(j->uid, j->uid, j->uid))
+		return 3;
+	fds = calloc(n, sizeof(*fds));
+	if (!fds)
+		return 4;
+	for (int i = 0; i < n; i++) {
+		long left = deadline - now_ms();
+
+		fds[i] = th_connect(j->family, j->addr, j->port, left > 0 ? (int)left : 1);
+		if (i == 0)
+			j->connect_err = fds[i] < 0 ? fds[i] : 0;
+		if (fds[i] < 0) {
+			if (!j->first_error)
+				j->first_error = -fds[i];
+			j->bad++;
+			continue;
+		}
+		j->nconnected++;
+		if (i == 0) {
+			struct sockaddr_storage ss;
+			socklen_t sl = sizeof(ss);
+
+			if (!getsockname(fds[i], (struct sockaddr *)&ss, &sl))
+				j->local_port =
+					ntohs(ss.ss_family == AF_INET
+						      ? ((struct sockaddr_in *)&ss)->sin_port
+						      : ((struct sockaddr_in6 *)&ss)->sin6_port);
+		}
+	}
+	/* All are open at once; now the exchanges, one after another. */
+	for (int i = 0; i < n; i++) {
+		struct th_xfer x = { 0 };
+
+		if (fds[i] < 0)
+			continue;
+		err = job_conn_exchange(j, fds[i], i, deadline, &x);
+		if (i == 0)
+			j->x = x;
+		if (err) {
+			if (!j->first_error)
+				j->first_error = -err;
+			j->bad++;
+		}
+	}
+	if (j->hold_ms) {
+		long until = now_ms() + j->hold_ms;
+
+		j->ready = 1;
+		while (!j->release && now_ms() < until)
+			sleep_ms(10);
+		for (int i = 0; j->again && i < n; i++) {
+			struct th_xfer x = { 0 };
+
+			if (fds[i] < 0)
+				continue;
+			err = job_conn_exchange(j, fds[i], i, now_ms() + 10000, &x);
+			if (err) {
+				if (!j->first_error)
+					j->first_error = -err;
+				j->bad++;
+			}
+		}
+	}
+	for (int i = 0; i < n; i++)
+		if (fds[i] >= 0)
+			close(fds[i]);
+	free(fds);
+	return j->bad ? 1 : 0;
+}
+
+/* ---- policies and attached programs ---- */
+
+int th_policy_tcp(char *buf, size_t len, const char *cgroup, ...)
+{
+	size_t off = 0;
+	const char *name;
+	va_list ap;
+	int n;
+
+	n = snprintf(buf, len,
+		     "apiVersion: agentgate/v1\n"
+		     "agents:\n"
+		     "  - name: t\n"
+		     "    cgroup: %s\n"
+		     "targets:\n",
+		     cgroup);
+	if (n < 0 || (size_t)n >= len)
+		return -ENOSPC;
+	off = n;
+	va_start(ap, cgroup);
+	while ((name = va_arg(ap, const char *))) {
+		const char *addr = va_arg(ap, const char *);
+
+		n = snprintf(buf + off, len - off,
+			     "  - name: %s\n"
+			     "    protocol: tcp\n"
+			     "    address: \"%s\"\n",
+			     name, addr);
+		if (n < 0 || (size_t)n >= len - off) {
+			va_end(ap);
+			return -ENOSPC;
+		}
+		off += n;
+	}
+	va_end(ap);
+	n = snprintf(buf + off, len - off, "default: deny\n");
+	return n < 0 || (size_t)n >= len - off ? -ENOSPC : 0;
+}
+
+int th_cgroup_progs(const char *rel, struct th_cg_progs *c)
+{
+	static char out[65536];
+	char abs[PATH_MAX];
+	yajl_val v;
+	int rc;
+
+	memset(c, 0, sizeof(*c));
+	rc = th_cgroup_abs(rel, abs, sizeof(abs));
+	if (rc)
+		return rc;
+	rc = th_run(out, sizeof(out), "bpftool -j cgroup show %s", abs);
+	if (rc) {
+		th_log("bpftool cgroup show %s exited with %d", abs, rc);
+		return rc < 0 ? rc : -EIO;
+	}
+	if (!out[strspn(out, " \n")])
+		return 0; /* nothing attached: bpftool prints nothing */
+	v = th_json_parse(out);
+	if (!v || !YAJL_IS_ARRAY(v)) {
+		yajl_tree_free(v);
+		return -EBADMSG;
+	}
+	for (size_t i = 0; i < v->u.array.len; i++) {
+		const char *t = th_json_str(v->u.array.values[i], "attach_type");
+
+		c->total++;
+		if (!t)
+			continue;
+		if (!strcmp(t, "cgroup_inet4_connect") || !strcmp(t, "connect4"))
+			c->connect4++;
+		else if (!strcmp(t, "cgroup_inet6_connect") || !strcmp(t, "connect6"))
+			c->connect6++;
+		else if (!strcmp(t, "cgroup_sock_ops") || !strcmp(t, "sock_ops"))
+			c->sockops++;
+	}
+	yajl_tree_free(v);
+	return 0;
+}
+
+int th_pinned_map_entries(const char *pin_root, const char *name)
+{
+	struct bpf_map_info info = { 0 };
+	__u32 ilen = sizeof(info);
+	char path[PATH_MAX];
+	uint8_t *key = NULL, *next = NULL;
+	int fd, n = 0, err;
+
+	snprintf(path, sizeof(path), "%s/%s", pin_root, name);
+	fd = bpf_obj_get(path);
+	if (fd < 0) {
+		err = -errno;
+		th_log("bpf_obj_get %s: %s", path, strerror(errno));
+		return err;
+	}
+	err = bpf_obj_get_info_by_fd(fd, &info, &ilen);
+	if (err)
+		goto out;
+	key = calloc(1, info.key_size);
+	next = calloc(1, info.key_size);
+	if (!key || !next) {
+		err = -ENOMEM;
+		goto out;
+	}
+	/* Bounded by the map's size: a map changing under us cannot keep this going. */
+	for (err = bpf_map_get_next_key(fd, NULL, next); !err && n <= (int)info.max_entries;
+	     err = bpf_map_get_next_key(fd, key, next)) {
+		n++;
+		memcpy(key, next, info.key_size);
+	}
+	err = err == -ENOENT || errno == ENOENT ? 0 : -errno;
+out:
+	free(key);
+	free(next);
+	close(fd);
+	return err ? err : n;
 }
 
 /* ---- the daemon ---- */
@@ -1307,7 +1574,8 @@ static int write_text(const char *path, const char *text, mode_t mode)
 
 static int free_port(void)
 {
-	struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	struct sockaddr_in sin = { .sin_family = AF_INET,
+				   .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	socklen_t sl = sizeof(sin);
 	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), port = -1;
 
@@ -1320,7 +1588,7 @@ static int free_port(void)
 	return port > 0 ? port : -EADDRNOTAVAIL;
 }
 
-static void rm_rf(const char *path)
+void th_rm_rf(const char *path)
 {
 	struct dirent *de;
 	DIR *d = opendir(path);
@@ -1336,7 +1604,7 @@ static void rm_rf(const char *path)
 			continue;
 		snprintf(sub, sizeof(sub), "%s/%s", path, de->d_name);
 		if (de->d_type == DT_DIR)
-			rm_rf(sub);
+			th_rm_rf(sub);
 		else
 			unlink(sub);
 	}
@@ -1349,7 +1617,7 @@ static int daemon_init(struct th_daemon *d, const char *policy_yaml, const char 
 	int err, port;
 
 	memset(d, 0, sizeof(*d));
-	snprintf(d->dir, sizeof(d->dir), "/tmp/agentgate-test-XXXXXX");
+	snprintf(d->dir, sizeof(d->dir), "/tmp/agentgate-test-%d-XXXXXX", getpid());
 	if (!mkdtemp(d->dir)) {
 		th_log("mkdtemp: %s", strerror(errno));
 		return -errno;
@@ -1623,7 +1891,7 @@ void th_daemon_cleanup(struct th_daemon *d)
 		/* Whatever is still pinned: dropping a link's last reference detaches it. */
 		if (!stat(d->pin_root, &st)) {
 			th_log("removing leftover pins under %s", d->pin_root);
-			rm_rf(d->pin_root);
+			th_rm_rf(d->pin_root);
 		}
 	}
 	if (test__has_failed()) {
@@ -1633,7 +1901,7 @@ void th_daemon_cleanup(struct th_daemon *d)
 		snprintf(path, sizeof(path), "%s/sessions.log", d->state_dir);
 		dump_tail(path, "sessions.log");
 	}
-	rm_rf(d->dir);
+	th_rm_rf(d->dir);
 	d->initialized = false;
 }
 
@@ -1673,8 +1941,8 @@ static bool event_matches(yajl_val v, const char *event, const char *key, long l
 }
 
 /* Calls back on each matching line until cb returns true (then *out keeps it). Count or -errno. */
-static int scan_events(const struct th_daemon *d, const char *event, const char *key,
-		       long long val, int nth, yajl_val *out)
+static int scan_events(const struct th_daemon *d, const char *event, const char *key, long long val,
+		       int nth, yajl_val *out)
 {
 	char path[256], *line = NULL;
 	size_t cap = 0;
@@ -1727,8 +1995,8 @@ yajl_val th_daemon_wait_event(const struct th_daemon *d, const char *event, cons
 		sleep_ms(20);
 	}
 	if (key)
-		th_log("no \"%s\" event #%d with %s=%lld in %s/sessions.log after %d ms", event, nth,
-		       key, val, d->state_dir, timeout_ms);
+		th_log("no \"%s\" event #%d with %s=%lld in %s/sessions.log after %d ms", event,
+		       nth, key, val, d->state_dir, timeout_ms);
 	else
 		th_log("no \"%s\" event #%d in %s/sessions.log after %d ms", event, nth,
 		       d->state_dir, timeout_ms);

@@ -31,6 +31,8 @@ int th_cgroup_abs(const char *rel, char *out, size_t len);
 int th_cgroup_id(const char *rel, uint64_t *id);
 /* Kills what is left in the test cgroups and removes them all. Idempotent. */
 void th_cgroup_cleanup(void);
+/* The same for the per-run cgroup of another process (the runner, after a test was killed). */
+int th_cgroup_reap(pid_t owner);
 
 /* ---- processes ---- */
 
@@ -49,6 +51,8 @@ void th_shared_free(void *p, size_t len);
  * may be NULL), stderr to the test log. Its exit code, or -errno / -ETIMEDOUT (60 s).
  */
 int th_run(char *out, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* rm -r; errors ignored (for temp dirs and bpffs pins). */
+void th_rm_rf(const char *path);
 /* Directory of the running test_progs binary (build/), where agentgated and agctl live. */
 const char *th_build_dir(void);
 
@@ -93,8 +97,7 @@ struct th_server;
 /* family AF_INET or AF_INET6, addr "127.0.0.2" or "::1". NULL (errno set) on failure. */
 struct th_server *th_server_start(enum th_server_kind kind, int family, const char *addr);
 /* A sink that sends send_bytes of the stream of seed on each connection. */
-struct th_server *th_server_sink(int family, const char *addr, uint64_t send_bytes,
-				 uint64_t seed);
+struct th_server *th_server_sink(int family, const char *addr, uint64_t send_bytes, uint64_t seed);
 int th_server_port(const struct th_server *s);
 /* Connections accepted so far. */
 int th_server_accepted(struct th_server *s);
@@ -121,24 +124,61 @@ struct th_xfer {
 	uint8_t sha_out[32];
 	uint64_t bytes_in;
 	uint8_t sha_in[32];
-	int error; /* 0 or errno */
+	bool eof_while_sending; /* the peer's EOF came before all of ours was sent */
+	int error;		/* 0 or errno */
 };
 
 int th_xfer(int fd, uint64_t up_bytes, uint64_t up_seed, int timeout_ms, struct th_xfer *x);
+/* The same, each send() at most a pseudo-random 1..max_chunk bytes (many small writes). */
+int th_xfer_chunked(int fd, uint64_t up_bytes, uint64_t up_seed, size_t max_chunk, int timeout_ms,
+		    struct th_xfer *x);
+
+/*
+ * A client job for th_spawn_in_cgroup(th_job_run, job), with job in th_shared_alloc() memory:
+ * takes the given name and uid, connects, exchanges data, and writes what it saw back into job.
+ */
+struct th_job {
+	/* in */
+	int family;
+	char addr[64];
+	int port;
+	char comm[16];	   /* "" keeps the name */
+	uint32_t uid, gid; /* 0: stays root */
+	int nconns;	   /* connections held open at once (0 means 1) */
+	uint64_t up_bytes; /* per connection; 0: one short line each */
+	uint64_t seed;	   /* of the first connection; the next ones use seed + i */
+	size_t max_chunk;  /* 0: large writes */
+	bool expect_echo;  /* check that what comes back is what was sent */
+	int timeout_ms;	   /* for the whole job (0: 30 s) */
+	int hold_ms;	   /* after a short exchange keep the connections until release */
+	bool again;	   /* after release, one more short exchange on each connection */
+	/* out */
+	int pid;
+	int connect_err; /* first connect's 0 or -errno */
+	int nconnected;
+	int local_port;	    /* of the first connection */
+	int bad;	    /* connections whose exchange failed */
+	int first_error;    /* errno of the first failure */
+	struct th_xfer x;   /* of the first connection */
+	volatile int ready; /* holding */
+	volatile int release;
+};
+
+int th_job_run(void *job);
 
 /* ---- the daemon ---- */
 
 struct th_daemon {
-	char dir[128];	     /* temp dir holding all of the below */
+	char dir[128]; /* temp dir holding all of the below */
 	char config[192];
 	char state_dir[192];
 	char socket[192];
 	char log[192];
-	char pin_root[128];  /* /sys/fs/bpf/agentgate-test-<pid>-<n> */
+	char pin_root[128]; /* /sys/fs/bpf/agentgate-test-<pid>-<n> */
 	char extra[512];
 	int port;
-	pid_t pid;	     /* > 0 while running */
-	int exit_code;	     /* of the last exit: code, 128 + signal, or -1 */
+	pid_t pid;     /* > 0 while running */
+	int exit_code; /* of the last exit: code, 128 + signal, or -1 */
 	bool initialized;
 };
 
@@ -181,6 +221,25 @@ yajl_val th_daemon_wait_event(const struct th_daemon *d, const char *event, cons
 /* Lines with "event" == event (and key == val when key is set), now. -errno on error. */
 int th_daemon_count_events(const struct th_daemon *d, const char *event, const char *key,
 			   long long val);
+
+/*
+ * A policy (YAML) with one agent "t" on cgroup `cgroup` and tcp targets given as name, address
+ * pairs ending with NULL ("echo", "127.0.0.2:4242", "echo6", "[::1]:4243", NULL); default deny.
+ */
+int th_policy_tcp(char *buf, size_t len, const char *cgroup, ...) __attribute__((sentinel));
+
+/*
+ * Programs attached directly to a cgroup (bpftool -j cgroup show), counted by hook: connect4,
+ * connect6, sockops, and all of them. 0 or -errno.
+ */
+struct th_cg_progs {
+	int connect4, connect6, sockops, total;
+};
+
+int th_cgroup_progs(const char *rel, struct th_cg_progs *c);
+
+/* Entries in the pinned map <pin_root>/<name> now (hash-like maps), or -errno. */
+int th_pinned_map_entries(const char *pin_root, const char *name);
 
 /* ---- JSON (yajl tree) ---- */
 

@@ -25,7 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "cgroup.h"
+#include "helpers.h"
 #include "test_progs.h"
 
 #define DEFINE_TEST(name) extern void test_##name(void);
@@ -64,7 +64,7 @@ struct msg {
 	int type;
 	int result;
 	int sub_num;
-	long log_off; /* where the capture file stood when this was sent */
+	long log_off;  /* where the capture file stood when this was sent */
 	bool top_fail; /* MSG_TEST_END: a failure outside any subtest */
 	char name[128];
 	char reason[256];
@@ -75,11 +75,11 @@ static struct {
 	const struct prog_test_def *def;
 	int pipe_fd;
 	bool captured;
-	int sub_num;		/* subtests seen so far (filtered out ones included) */
+	int sub_num; /* subtests seen so far (filtered out ones included) */
 	bool in_sub;
 	bool sub_failed, sub_skipped;
-	bool test_failed;	/* anything failed, in a subtest or not */
-	bool top_failed;	/* failed outside any subtest */
+	bool test_failed; /* anything failed, in a subtest or not */
+	bool top_failed;  /* failed outside any subtest */
 	bool top_skipped;
 	int nsubs_run;
 	char reason[256];
@@ -243,8 +243,8 @@ bool test__has_failed(void)
 	return cur.in_sub ? cur.sub_failed || cur.top_failed : cur.test_failed;
 }
 
-static void __attribute__((noreturn)) run_child(const struct prog_test_def *def, int pipe_fd,
-						int log_fd)
+static void __attribute__((noreturn))
+run_child(const struct prog_test_def *def, int pipe_fd, int log_fd)
 {
 	struct msg m = { .type = MSG_TEST_END };
 	int null_fd;
@@ -328,66 +328,39 @@ static void dump_log(int log_fd, long from, long to)
 	}
 }
 
-static void rm_rf(const char *path)
-{
-	struct dirent *de;
-	DIR *d = opendir(path);
-
-	if (!d) {
-		unlink(path);
-		return;
-	}
-	while ((de = readdir(d))) {
-		char sub[PATH_MAX];
-
-		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
-			continue;
-		snprintf(sub, sizeof(sub), "%s/%s", path, de->d_name);
-		if (de->d_type == DT_DIR)
-			rm_rf(sub);
-		else
-			unlink(sub);
-	}
-	closedir(d);
-	rmdir(path);
-}
-
 /*
  * What a test killed mid-way leaves behind: its bpffs pins (removing the last reference to a
  * bpf_link detaches it) and its per-run cgroup. Names follow helpers.c.
  */
 static void reap_leftovers(pid_t child)
 {
-	char root[PATH_MAX], rel[64], prefix[64];
-	struct dirent *de;
-	DIR *d;
+	static const struct {
+		const char *dir, *fmt;
+	} places[] = {
+		{ "/sys/fs/bpf", "agentgate-test-%d-" },
+		{ "/tmp", "agentgate-test-%d-" },
+	};
 
-	snprintf(prefix, sizeof(prefix), "agentgate-test-%d-", child);
-	d = opendir("/sys/fs/bpf");
-	if (d) {
+	for (size_t i = 0; i < sizeof(places) / sizeof(places[0]); i++) {
+		char prefix[64];
+		struct dirent *de;
+		DIR *d = opendir(places[i].dir);
+
+		if (!d)
+			continue;
+		snprintf(prefix, sizeof(prefix), places[i].fmt, child);
 		while ((de = readdir(d))) {
 			char path[PATH_MAX];
 
 			if (strncmp(de->d_name, prefix, strlen(prefix)))
 				continue;
-			snprintf(path, sizeof(path), "/sys/fs/bpf/%s", de->d_name);
-			printf("runner: removing leftover pins %s\n", path);
-			rm_rf(path);
+			snprintf(path, sizeof(path), "%s/%s", places[i].dir, de->d_name);
+			printf("runner: removing leftover %s\n", path);
+			th_rm_rf(path);
 		}
 		closedir(d);
 	}
-	if (ag_cgroup2_root(root, sizeof(root)))
-		return;
-	snprintf(rel, sizeof(rel), "/agentgate-test-%d", child);
-	{
-		char abs[PATH_MAX];
-		struct stat st;
-
-		if (ag_cgroup_abs(root, rel, abs, sizeof(abs)) || stat(abs, &st))
-			return;
-		printf("runner: removing leftover cgroup %s\n", abs);
-		ag_cgroup_destroy(root, rel);
-	}
+	th_cgroup_reap(child);
 }
 
 static long now_ms(void)
@@ -424,7 +397,7 @@ static void run_one(int num, const struct prog_test_def *def, long timeout_ms, s
 {
 	long sub_start = 0, first_start = 0, last_end = 0, deadline;
 	int pfd[2], log_fd = -1, status = 0, nsubs = 0;
-	bool in_sub = false, got_end = false;
+	bool in_sub = false, got_end = false, reaped = false;
 	struct msg m, sub = { 0 }, end = { 0 };
 	char why[128] = "";
 	pid_t pid;
@@ -432,7 +405,8 @@ static void run_one(int num, const struct prog_test_def *def, long timeout_ms, s
 	if (!verbose) {
 		log_fd = make_log_file();
 		if (log_fd < 0)
-			fprintf(stderr, "runner: cannot create a capture file: %s\n", strerror(errno));
+			fprintf(stderr, "runner: cannot create a capture file: %s\n",
+				strerror(errno));
 	}
 	if (pipe2(pfd, O_CLOEXEC)) {
 		fprintf(stderr, "runner: pipe: %s\n", strerror(errno));
@@ -466,9 +440,20 @@ static void run_one(int num, const struct prog_test_def *def, long timeout_ms, s
 			kill(pid, SIGKILL);
 			break;
 		}
-		r = poll(&p, 1, left > 1000 ? 1000 : (int)left);
-		if (r <= 0)
+		r = poll(&p, 1, left > 200 ? 200 : (int)left);
+		if (r < 0)
 			continue;
+		if (r == 0) {
+			/*
+			 * Processes the test forked may hold the pipe open after it died: once
+			 * it is reaped, read only what is already there.
+			 */
+			if (reaped)
+				break;
+			if (waitpid(pid, &status, WNOHANG) == pid)
+				reaped = true;
+			continue;
+		}
 		n = read(pfd[0], &m, sizeof(m));
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -500,7 +485,7 @@ static void run_one(int num, const struct prog_test_def *def, long timeout_ms, s
 	close(pfd[0]);
 
 	/* After TEST_END the child still runs its atexit cleanup: bounded by the same deadline. */
-	for (;;) {
+	while (!reaped) {
 		pid_t w = waitpid(pid, &status, WNOHANG);
 
 		if (w == pid || (w < 0 && errno != EINTR))

@@ -76,6 +76,11 @@ bool test__has_failed(void);
 		long long ___a = (actual), ___e = (expected);                                  \
 		_CHECK(___a > ___e, (name), "actual %lld > expected %lld", ___a, ___e);        \
 	})
+#define ASSERT_LT(actual, expected, name)                                                      \
+	({                                                                                     \
+		long long ___a = (actual), ___e = (expected);                                  \
+		_CHECK(___a >= ___e, (name), "actual %lld >= expected %lld", ___a, ___e);      \
+	})
 #define ASSERT_GT(actual, expected, name)                                                      \
 	({                                                                                     \
 		long long ___a = (actual), ___e = (expected);                                  \

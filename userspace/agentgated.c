@@ -175,6 +175,7 @@ static void main_tick(void *arg)
 	struct ag_daemon *d = arg;
 
 	ag_bpf_events_consume(d->bpf);
+	ag_daemon_seq_tick(d);
 	if (d->draining) {
 		size_t n;
 
@@ -323,6 +324,11 @@ int main(int argc, char **argv)
 	rc = mkdir_p(d->opts.state_dir, 0700);
 	if (rc) {
 		pr_err("state dir %s: %s", d->opts.state_dir, strerror(-rc));
+		goto out_policy;
+	}
+	rc = ag_daemon_seq_init(d);
+	if (rc) {
+		pr_err("state dir %s is not writable: %s", d->opts.state_dir, strerror(-rc));
 		goto out_policy;
 	}
 	if (d->opts.fastpath >= 0)

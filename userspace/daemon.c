@@ -380,3 +380,57 @@ bool ag_daemon_agent_of(struct ag_daemon *d, uint64_t tag_cgid, const char *cgro
 	pthread_rwlock_unlock(&d->tag_lock);
 	return found;
 }
+
+/*
+ * Session ids stay unique across restarts: ids are handed out from blocks reserved in
+ * <state>/session_seq before use, so even a crash never reuses one.
+ */
+#define AG_SEQ_BLOCK 100000
+
+static int write_seq(struct ag_daemon *d, uint64_t v)
+{
+	char path[PATH_MAX], tmp[PATH_MAX + 8];
+	FILE *f;
+
+	snprintf(path, sizeof(path), "%s/session_seq", d->opts.state_dir);
+	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+	f = fopen(tmp, "we");
+	if (!f)
+		return -errno;
+	fprintf(f, "%llu\n", (unsigned long long)v);
+	if (fflush(f) || fsync(fileno(f))) {
+		fclose(f);
+		return -errno;
+	}
+	fclose(f);
+	return rename(tmp, path) ? -errno : 0;
+}
+
+int ag_daemon_seq_init(struct ag_daemon *d)
+{
+	char path[PATH_MAX];
+	unsigned long long v = 0;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "%s/session_seq", d->opts.state_dir);
+	f = fopen(path, "re");
+	if (f) {
+		if (fscanf(f, "%llu", &v) != 1)
+			v = 0;
+		fclose(f);
+	}
+	d->next_session_id = v;
+	d->seq_reserved = v + AG_SEQ_BLOCK;
+	return write_seq(d, d->seq_reserved);
+}
+
+void ag_daemon_seq_tick(struct ag_daemon *d)
+{
+	uint64_t cur = __atomic_load_n(&d->next_session_id, __ATOMIC_RELAXED);
+
+	if (cur + AG_SEQ_BLOCK / 2 < d->seq_reserved)
+		return;
+	d->seq_reserved = cur + AG_SEQ_BLOCK;
+	if (write_seq(d, d->seq_reserved))
+		pr_warn("saving the session id sequence: %s", strerror(errno));
+}

@@ -73,6 +73,7 @@ struct ag_daemon {
 	pthread_mutex_t sess_lock;
 	struct ag_session *sessions; /* live, linked through s->next/s->prev */
 	uint64_t next_session_id;
+	uint64_t seq_reserved;
 	uint64_t sessions_total;
 	uint64_t sessions_denied;
 	uint64_t events_received;
@@ -95,6 +96,10 @@ int ag_daemon_detach_all(struct ag_daemon *d, char *err, size_t errlen);
 /* Agent name for a tagged cgroup id (copied into out); false when unknown. */
 bool ag_daemon_agent_of(struct ag_daemon *d, uint64_t tag_cgid, const char *cgroup_path, char *out,
 			size_t len);
+
+/* Session ids, unique across restarts (reserved in blocks under the state dir). */
+int ag_daemon_seq_init(struct ag_daemon *d);
+void ag_daemon_seq_tick(struct ag_daemon *d);
 
 /* Workers (session.c). */
 int ag_workers_start(struct ag_daemon *d, char *err, size_t errlen);

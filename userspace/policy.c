@@ -32,6 +32,11 @@
  * make a small file expand exponentially when walked; every node visit spends from this budget.
  */
 #define NODE_BUDGET (1u << 20)
+/*
+ * libyaml's scanner walks its stack of flow levels on every token, so deeply nested flow
+ * collections ("[[[[...") cost quadratic time; no valid policy nests deeper than about 8.
+ */
+#define MAX_DEPTH 32
 /* Keys of a free-form mapping (a rule's headers:), checked for duplicates pairwise. */
 #define MAX_FREE_KEYS 256
 #define NAME_CHARS "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
@@ -42,6 +47,7 @@ struct parse_ctx {
 	char *err;
 	size_t errlen;
 	bool failed;
+	bool oom; /* callers pass -EINVAL up; this keeps ENOMEM for errno */
 	size_t budget;
 	struct ag_policy *p;
 };
@@ -103,6 +109,7 @@ static int oom(struct parse_ctx *c)
 	if (!c->failed && c->err && c->errlen)
 		snprintf(c->err, c->errlen, "%s: out of memory", c->file);
 	c->failed = true;
+	c->oom = true;
 	return -ENOMEM;
 }
 
@@ -1210,6 +1217,9 @@ static int yaml_error(struct parse_ctx *c, const yaml_parser_t *y, const char *t
 		return perr_at(c, line, col, "%s (a policy is UTF-8 text)",
 			       y->problem ? y->problem : "unreadable input");
 	default:
+		if (y->problem_mark.index < len && text[y->problem_mark.index] == '\t')
+			return perr_at(c, y->problem_mark.line + 1, y->problem_mark.column + 1,
+				       "YAML syntax error: a tab (YAML indents with spaces only)");
 		if (y->context)
 			return perr_at(c, y->problem_mark.line + 1, y->problem_mark.column + 1,
 				       "YAML syntax error: %s (%s that starts at line %zu)",
@@ -1218,6 +1228,44 @@ static int yaml_error(struct parse_ctx *c, const yaml_parser_t *y, const char *t
 		return perr_at(c, y->problem_mark.line + 1, y->problem_mark.column + 1,
 			       "YAML syntax error: %s", y->problem ? y->problem : "unknown problem");
 	}
+}
+
+/*
+ * A first pass over the events: syntax errors, nesting beyond MAX_DEPTH (refused before the
+ * scanner gets deep enough to be slow), and a second document.
+ */
+static int prescan(struct parse_ctx *c, const char *text, size_t len)
+{
+	int depth = 0, docs = 0, ret = 0;
+	yaml_event_type_t type;
+	yaml_parser_t y;
+	yaml_event_t ev;
+
+	if (!yaml_parser_initialize(&y))
+		return oom(c);
+	yaml_parser_set_input_string(&y, (const unsigned char *)text, len);
+	do {
+		if (!yaml_parser_parse(&y, &ev)) {
+			ret = yaml_error(c, &y, text, len);
+			break;
+		}
+		type = ev.type;
+		if (type == YAML_SEQUENCE_START_EVENT || type == YAML_MAPPING_START_EVENT) {
+			if (++depth > MAX_DEPTH)
+				ret = perr_at(c, ev.start_mark.line + 1, ev.start_mark.column + 1,
+					      "lists and mappings nest deeper than %d levels",
+					      MAX_DEPTH);
+		} else if (type == YAML_SEQUENCE_END_EVENT || type == YAML_MAPPING_END_EVENT) {
+			depth--;
+		} else if (type == YAML_DOCUMENT_START_EVENT && ++docs > 1) {
+			ret = perr_at(c, ev.start_mark.line + 1, ev.start_mark.column + 1,
+				      "a second YAML document (a policy is one document; remove the "
+				      "'---')");
+		}
+		yaml_event_delete(&ev);
+	} while (!ret && type != YAML_STREAM_END_EVENT);
+	yaml_parser_delete(&y);
+	return ret;
 }
 
 struct ag_policy *ag_policy_parse(const char *text, size_t len, const char *name, char *err,
@@ -1229,9 +1277,9 @@ struct ag_policy *ag_policy_parse(const char *text, size_t len, const char *name
 		.errlen = errlen,
 		.budget = NODE_BUDGET,
 	};
-	yaml_document_t doc, extra;
+	yaml_document_t doc;
 	yaml_parser_t parser;
-	yaml_node_t *root, *xroot;
+	yaml_node_t *root;
 	struct ag_policy *p;
 	int ret = 0;
 
@@ -1257,6 +1305,9 @@ struct ag_policy *ag_policy_parse(const char *text, size_t len, const char *name
 	p->source[len] = '\0';
 	c.p = p;
 
+	ret = prescan(&c, p->source, len);
+	if (ret)
+		goto fail;
 	if (!yaml_parser_initialize(&parser)) {
 		ret = oom(&c);
 		goto fail;
@@ -1269,21 +1320,11 @@ struct ag_policy *ag_policy_parse(const char *text, size_t len, const char *name
 	}
 	c.doc = &doc;
 	root = yaml_document_get_root_node(&doc);
-	if (!root) {
+	if (!root)
 		ret = perr(&c, NULL, "empty policy (expected a mapping that starts with apiVersion: "
 			   "agentgate/v1)");
-	} else if (!yaml_parser_load(&parser, &extra)) {
-		/* A syntax error further down wins over what the first document holds. */
-		ret = yaml_error(&c, &parser, p->source, len);
-	} else {
-		xroot = yaml_document_get_root_node(&extra);
-		if (xroot)
-			ret = perr(&c, xroot, "a second YAML document (a policy is one document; "
-				   "remove the '---')");
-		yaml_document_delete(&extra);
-		if (!ret)
-			ret = parse_root(&c, root);
-	}
+	else
+		ret = parse_root(&c, root);
 	yaml_document_delete(&doc);
 	yaml_parser_delete(&parser);
 	if (ret)
@@ -1291,7 +1332,7 @@ struct ag_policy *ag_policy_parse(const char *text, size_t len, const char *name
 	return p;
 fail:
 	ag_policy_free(p);
-	errno = -ret;
+	errno = c.oom ? ENOMEM : -ret;
 	return NULL;
 }
 

@@ -85,10 +85,13 @@ static void format_endpoint(const uint8_t addr[16], uint16_t port, int family, c
 
 /* --- the daemon's session table ------------------------------------------------------------ */
 
+/* Listed by agctl from here on: the identity fields must be filled before. */
 static void table_add(struct ag_daemon *d, struct ag_session *s)
 {
+	if (s->in_table)
+		return;
 	pthread_mutex_lock(&d->sess_lock);
-	s->id = ++d->next_session_id;
+	s->in_table = true;
 	s->next = d->sessions;
 	if (d->sessions)
 		d->sessions->prev = s;
@@ -100,7 +103,10 @@ static void table_add(struct ag_daemon *d, struct ag_session *s)
 
 static void table_del(struct ag_daemon *d, struct ag_session *s)
 {
+	if (!s->in_table)
+		return;
 	pthread_mutex_lock(&d->sess_lock);
+	s->in_table = false;
 	if (s->prev)
 		s->prev->next = s->next;
 	else if (d->sessions == s)
@@ -616,7 +622,7 @@ static bool accept_one(struct ag_worker *w, int lfd)
 	s->started_ns = unix_ns();
 	s->state = AG_SESS_CONNECTING;
 	s->pol = ag_policy_get(d);
-	table_add(d, s);
+	s->id = __atomic_add_fetch(&d->next_session_id, 1, __ATOMIC_RELAXED);
 
 	key.netns_cookie = d->netns_cookie;
 	to_mapped(&peer, key.addr, &key.port);
@@ -641,6 +647,7 @@ static bool accept_one(struct ag_worker *w, int lfd)
 			 s->cgroup);
 		goto deny;
 	}
+	table_add(d, s);
 	if (d->draining) {
 		snprintf(s->reason, sizeof(s->reason), "agentgated is shutting down");
 		goto deny;
@@ -670,6 +677,7 @@ static bool accept_one(struct ag_worker *w, int lfd)
 		 s->cgroup, s->orig_dst, s->target_name);
 	return true;
 deny:
+	table_add(d, s);
 	__atomic_add_fetch(&d->sessions_denied, 1, __ATOMIC_RELAXED);
 	s->state = AG_SESS_DENIED;
 	/* An RST: the agent's client fails at once instead of waiting on a silent socket. */
@@ -684,6 +692,46 @@ static void on_listener(struct ag_io *io, uint32_t events)
 	for (int n = 0; n < 64; n++)
 		if (!accept_one(w, io->fd))
 			break;
+}
+
+/*
+ * SO_REUSEPORT spreads accepts over our workers, but would just as happily let a second
+ * agentgated share the port and take half of the connections without their identities. A plain
+ * bind first proves the port is free.
+ */
+static int port_free(int family, uint16_t port, char *err, size_t errlen)
+{
+	struct sockaddr_storage ss = {};
+	socklen_t sl;
+	int fd, one = 1, rc = 0;
+
+	fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return 0;
+	if (family == AF_INET) {
+		struct sockaddr_in *in = (void *)&ss;
+
+		in->sin_family = AF_INET;
+		in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		in->sin_port = htons(port);
+		sl = sizeof(*in);
+	} else {
+		struct sockaddr_in6 *in6 = (void *)&ss;
+
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+		in6->sin6_family = AF_INET6;
+		in6->sin6_addr = in6addr_loopback;
+		in6->sin6_port = htons(port);
+		sl = sizeof(*in6);
+	}
+	if (bind(fd, (struct sockaddr *)&ss, sl) && errno == EADDRINUSE) {
+		snprintf(err, errlen,
+			 "port %u is in use on %s (another agentgated? choose one with --port)", port,
+			 family == AF_INET ? "127.0.0.1" : "[::1]");
+		rc = -EADDRINUSE;
+	}
+	close(fd);
+	return rc;
 }
 
 static int listen_on(int family, uint16_t port, int *out, char *err, size_t errlen)
@@ -766,6 +814,9 @@ int ag_workers_start(struct ag_daemon *d, char *err, size_t errlen)
 		n = 1;
 	if (n > 64)
 		n = 64;
+	if (port_free(AF_INET, d->opts.port, err, errlen) ||
+	    port_free(AF_INET6, d->opts.port, err, errlen))
+		return -EADDRINUSE;
 	d->workers = calloc(n, sizeof(*d->workers));
 	if (!d->workers)
 		return -ENOMEM;

@@ -55,6 +55,7 @@ struct ag_session {
 	char reason[192];
 	bool observe;
 	bool fastpath;
+	bool in_table;
 	int64_t started_ns;
 	int64_t ended_ns;
 	uint64_t connect_deadline_ms;

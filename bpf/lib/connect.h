@@ -47,6 +47,18 @@ static __always_inline bool ag_gateway_listening(struct bpf_sock_addr *ctx, bool
 	return ok;
 }
 
+/* 127.0.0.1 (IPv4-mapped, as we store it), ::ffff:127.0.0.1 or ::1. */
+static __always_inline bool ag_is_gateway_addr(const __u8 *a)
+{
+	const __u32 *w = (const __u32 *)a;
+
+	if (w[0] || w[1])
+		return false;
+	if (w[2] == bpf_htonl(0xffff))
+		return w[3] == bpf_htonl(0x7f000001);
+	return !w[2] && w[3] == bpf_htonl(1);
+}
+
 static __always_inline int ag_refuse(__u32 reason, struct ag_conn_info *info)
 {
 	ag_stat_inc(AG_STAT_DENIED);
@@ -88,6 +100,17 @@ static __always_inline int ag_intercept(struct bpf_sock_addr *ctx, const __u8 *d
 	/* The daemon's own upstream sockets; it also never runs in a tagged cgroup. */
 	if (sk->mark == daemon_mark)
 		return 0;
+
+	/*
+	 * Nested tags: the hooks of a tagged cgroup and of a tagged ancestor both run for one
+	 * connect, child first. The first one already redirected this socket; the next must not
+	 * take the gateway for the destination.
+	 */
+	if (port == gw_port && ag_is_gateway_addr(dst)) {
+		info = bpf_sk_storage_get(&ag_identity, sk, 0, 0);
+		if (info && info->sock_cookie == bpf_get_socket_cookie(ctx))
+			return 0;
+	}
 
 	ag_fill_caller(&tmp, ag_tag_of_current());
 	__builtin_memcpy(tmp.orig_dst.addr, dst, 16);

@@ -9,6 +9,19 @@
 
 #include "agentgate.h"
 
+enum ag_fp_state {
+	AG_FP_NEW = 0,	/* nothing decided yet: behaves as SLOW whose TCP bytes are all read */
+	AG_FP_SLOW = 1, /* sends go through loopback TCP for now */
+	AG_FP_FAST = 2, /* sends go straight into the peer's ingress queue */
+	AG_FP_OFF = 3,	/* loopback TCP for good */
+};
+
+struct ag_fp_entry {
+	__u64 state; /* enum ag_fp_state; moved with cmpxchg where both ends may race */
+	__u64 sk;    /* this socket's struct sock, for the peer's checks (read-only casts only) */
+	__u64 peer;  /* the peer's struct sock, learnt at the first redirect */
+};
+
 /* The identity recorded at connect, owned by the agent's socket (freed with it). */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
@@ -60,7 +73,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ag_config SEC(".maps") __weak;
 
-/* Both ends of each agent↔gateway leg while the fast path is on. */
+/* Both ends of each agent↔gateway leg while the fast path is on (see lib/fastpath.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 65536);
@@ -69,17 +82,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ag_sockhash SEC(".maps") __weak;
 
-enum { AG_FP_SLOW = 1, AG_FP_FAST = 2 };
-
 /*
- * Per sending socket, whether its first message went through the redirect (FAST) or through the
- * loopback stack (SLOW). A direction never switches path, so bytes can never be reordered between
- * the peer's TCP receive queue and its sk_msg ingress queue.
+ * Per sending socket of the sockhash: how its sends travel (enum ag_fp_state) and where the two
+ * sockets live, for the checks of lib/fastpath.h. Twice the sockhash's size, so that the LRU
+ * never evicts the entry of a live socket; entries go when the agent's socket closes.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 131072);
 	__type(key, struct ag_sock_key);
-	__type(value, __u32);
+	__type(value, struct ag_fp_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} ag_fpstate SEC(".maps") __weak;
+} ag_fastpath SEC(".maps") __weak;

@@ -44,7 +44,7 @@
 
 #define HELP_SPEC_OPTIONS                                                                      \
 	"OPTIONS := { {-j|--json} [{-p|--pretty}] | {-S|--socket PATH} | {-B|--bpffs DIR} |\n" \
-	"                    {-d|--debug} }"
+	"                    {-d|--debug}"
 
 struct cmd {
 	const char *cmd;

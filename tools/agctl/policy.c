@@ -10,19 +10,10 @@
 #include "main.h"
 #include "policy.h"
 
-static const char *policy_file_of(const ag_ctl_response *resp)
-{
-	if (resp->status && resp->status->policy_file && resp->status->policy_file[0])
-		return resp->status->policy_file;
-	if (resp->message && resp->message[0])
-		return resp->message;
-	return NULL;
-}
-
 static int do_show(int argc, char **argv)
 {
-	ag_ctl_response *resp;
-	const char *file, *src;
+	ag_ctl_response *resp, *status = NULL;
+	const char *src;
 	char err[256];
 	size_t n;
 	int ret = 0;
@@ -41,16 +32,17 @@ static int do_show(int argc, char **argv)
 			ret = -1;
 		}
 	} else {
-		file = policy_file_of(resp);
+		/* The file's path is in the daemon's status; a YAML comment keeps the output loadable. */
+		status = ctl_request_simple(AGENTGATE__CTL__REQUEST__CMD_STATUS);
+		if (status && status->status && status->status->policy_file[0])
+			printf("# %s\n", status->status->policy_file);
 		src = resp->policy_source ? resp->policy_source : "";
-		/* A YAML comment, so that the output is still a loadable policy. */
-		if (file)
-			printf("# %s\n", file);
 		n = strlen(src);
 		fwrite(src, 1, n, stdout);
 		if (n && src[n - 1] != '\n')
 			putchar('\n');
 	}
+	ag_ctl_response_free(status);
 	ag_ctl_response_free(resp);
 	return ret;
 }

@@ -72,23 +72,24 @@ static int pick_agent(struct run_ctx *ctx, const char *policy_json)
 	}
 	for (i = 0; i < YAJL_GET_ARRAY(agents)->len; i++) {
 		yajl_val a = YAJL_GET_ARRAY(agents)->values[i];
-		yajl_val name = yajl_tree_get(a, name_path, yajl_t_string);
-		yajl_val cg = yajl_tree_get(a, cgroup_path, yajl_t_string);
+		yajl_val name_v = yajl_tree_get(a, name_path, yajl_t_string);
+		yajl_val cg_v = yajl_tree_get(a, cgroup_path, yajl_t_string);
+		const char *name, *cg;
 		size_t nl = strlen(names);
 
-		if (!name)
+		if (!name_v)
 			continue;
-		snprintf(names + nl, sizeof(names) - nl, "%s%s", nl ? ", " : "", YAJL_GET_STRING(name));
-		if (ctx->agent && strcmp(ctx->agent, YAJL_GET_STRING(name)))
+		name = name_v->u.string;
+		cg = cg_v ? cg_v->u.string : "";
+		snprintf(names + nl, sizeof(names) - nl, "%s%s", nl ? ", " : "", name);
+		if (ctx->agent && strcmp(ctx->agent, name))
 			continue;
 		if (!ctx->agent) {
-			snprintf(ctx->agent_buf, sizeof(ctx->agent_buf), "%s", YAJL_GET_STRING(name));
+			snprintf(ctx->agent_buf, sizeof(ctx->agent_buf), "%s", name);
 			ctx->agent = ctx->agent_buf;
 		}
-		if (cg && YAJL_GET_STRING(cg)[0] &&
-		    ag_cgroup_normalize(YAJL_GET_STRING(cg), ctx->agent_cgroup,
-					sizeof(ctx->agent_cgroup))) {
-			p_err("agent %s has an invalid cgroup '%s'", ctx->agent, YAJL_GET_STRING(cg));
+		if (cg[0] && ag_cgroup_normalize(cg, ctx->agent_cgroup, sizeof(ctx->agent_cgroup))) {
+			p_err("agent %s has an invalid cgroup '%s'", ctx->agent, cg);
 			goto out;
 		}
 		ret = 0;
