@@ -59,19 +59,21 @@ int ag_sk_msg(struct sk_msg_md *msg)
 	pe = bpf_map_lookup_elem(&ag_fastpath, &peer);
 	ptp = ag_fp_sock_at(me->peer ? me->peer : pe ? pe->sk : 0);
 
-	if (agent) {
-		if (!ag_fp_nonblocking(tp) && ag_fp_agent_leave(me, tp, &self, &peer))
-			goto slow;
-	} else if (ptp && !ag_fp_nonblocking(ptp)) {
-		/*
-		 * The agent turned blocking: stop redirecting to it, and once it has read what
-		 * is queued for it, drop it from the sockhash (lib/fastpath.h, rules 1 and 4).
-		 * Only this socket ever redirects into the agent, and it holds its own lock.
-		 */
+	/*
+	 * A blocking agent (it turned blocking after it joined) gets no more redirected bytes
+	 * and sends over TCP itself: its packets run sockops, which takes it out of the
+	 * sockhash once its ingress queue is empty (lib/fastpath.h, rules 1 and 4).
+	 */
+	if (agent && !ag_fp_nonblocking(tp)) {
 		if (st == AG_FP_FAST)
 			__sync_val_compare_and_swap(&me->state, AG_FP_FAST, AG_FP_SLOW);
-		else if (!ag_fp_rmem(ptp) && ag_fp_settle(&me->state, AG_FP_OFF))
-			bpf_map_delete_elem(&ag_sockhash, &peer);
+		goto slow_state;
+	}
+	if (!agent && ptp && !ag_fp_nonblocking(ptp)) {
+		if (st == AG_FP_FAST)
+			__sync_val_compare_and_swap(&me->state, AG_FP_FAST, AG_FP_SLOW);
+		else
+			ag_fp_settle(&me->state, AG_FP_OFF);
 		goto slow;
 	}
 
@@ -97,18 +99,11 @@ int ag_sk_msg(struct sk_msg_md *msg)
 		me->peer = (__u64)km->sk_redir;
 		goto fast;
 	}
-	if (agent) {
-		/* The gateway has not accepted yet; it may join later. */
-		__sync_val_compare_and_swap(&me->state, AG_FP_FAST, AG_FP_SLOW);
-		goto slow;
-	}
-	__sync_val_compare_and_swap(&me->state, AG_FP_FAST, AG_FP_OFF);
 	/*
-	 * A blocking agent never joined (no entry of its own): nothing can ever be redirected
-	 * into this socket, so it leaves the sockhash and gets plain TCP back.
+	 * Not in the sockhash: for the agent, the gateway has not accepted yet and may join
+	 * later; for the gateway, the agent never joined (it was blocking) or has left.
 	 */
-	if (!pe && !ag_fp_rmem(tp))
-		bpf_map_delete_elem(&ag_sockhash, &self);
+	__sync_val_compare_and_swap(&me->state, AG_FP_FAST, agent ? AG_FP_SLOW : AG_FP_OFF);
 	goto slow;
 
 slow_state:

@@ -99,8 +99,45 @@ static __always_inline void ag_fastpath_join(struct bpf_sock_ops *skops)
 	e.sk = (__u64)tp;
 	if (bpf_map_update_elem(&ag_fastpath, &k, &e, BPF_ANY))
 		return;
-	if (bpf_sock_hash_update(skops, &ag_sockhash, &k, BPF_NOEXIST))
+	if (bpf_sock_hash_update(skops, &ag_sockhash, &k, BPF_NOEXIST)) {
 		bpf_map_delete_elem(&ag_fastpath, &k);
+		return;
+	}
+	/* Every packet it sends from now on runs ag_fastpath_check(). */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+						 BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+}
+
+/*
+ * A packet of a joined agent socket is leaving (it reserves no option space). If the agent
+ * turned blocking, it leaves the sockhash here once nothing waits in its ingress queue and the
+ * gateway's side is settled on TCP (lib/fastpath.h, rules 1 and 4). The socket is locked here —
+ * by its owner in sendmsg or in softirq for an ACK — so no redirect into it can land meanwhile.
+ */
+static __always_inline void ag_fastpath_check(struct bpf_sock_ops *skops)
+{
+	struct ag_sock_key k = {}, gw = {};
+	struct bpf_sock *sk = skops->sk;
+	struct ag_fp_entry *me;
+	struct tcp_sock *tp;
+
+	if (!sk)
+		return;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp || ag_fp_nonblocking(tp))
+		return;
+	if (ag_fp_queued(tp))
+		return;
+	ag_sock_key_of(skops, &k);
+	ag_fp_key_reverse(&k, &gw);
+	if (!ag_fp_claim_off(&gw))
+		return;
+	me = bpf_map_lookup_elem(&ag_fastpath, &k);
+	if (me)
+		me->state = AG_FP_OFF;
+	bpf_map_delete_elem(&ag_sockhash, &k);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
+						 ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 }
 
 SEC("sockops")
@@ -112,6 +149,9 @@ int ag_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		ag_fastpath_join(skops);
+		break;
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+		ag_fastpath_check(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE)

@@ -140,6 +140,43 @@ static void link_pin_path(struct ag_bpf *b, uint64_t cgid, size_t hook, char *ou
 		 hooks[hook].hook);
 }
 
+/*
+ * Another agentgated (other pins) attached to this very cgroup? Its hooks and ours would both
+ * rewrite each connect. Refuse instead, naming the program, unless the link is our own pin.
+ */
+static int foreign_attach(struct ag_bpf *b, int cgfd, uint64_t cgid, char *err, size_t errlen,
+			  const char *rel)
+{
+	char pin[PATH_MAX];
+	__u32 ids[64], cnt = 64, flags = 0;
+
+	link_pin_path(b, cgid, 0, pin, sizeof(pin));
+	if (!access(pin, F_OK))
+		return 0;
+	if (bpf_prog_query(cgfd, BPF_CGROUP_INET4_CONNECT, 0, &flags, ids, &cnt))
+		return 0;
+	for (__u32 i = 0; i < cnt; i++) {
+		struct bpf_prog_info info = {};
+		__u32 len = sizeof(info);
+		int fd = bpf_prog_get_fd_by_id(ids[i]);
+		bool ours;
+
+		if (fd < 0)
+			continue;
+		ours = !bpf_obj_get_info_by_fd(fd, &info, &len) && !strcmp(info.name, "ag_connect4");
+		close(fd);
+		if (ours) {
+			snprintf(err, errlen,
+				 "cgroup %s already has agentgate's connect4 (prog id %u) attached by "
+				 "another agentgated; remove it first with 'agctl -B <its pin dir> prog "
+				 "detach'",
+				 rel, ids[i]);
+			return -EEXIST;
+		}
+	}
+	return 0;
+}
+
 int ag_bpf_tag(struct ag_bpf *b, const char *cg_root, const char *rel, uint64_t *cgidp, char *err,
 	       size_t errlen)
 {
@@ -161,6 +198,13 @@ int ag_bpf_tag(struct ag_bpf *b, const char *cg_root, const char *rel, uint64_t 
 		snprintf(err, errlen, "cgroup %s: %s", rel, strerror(errno));
 		return rc;
 	}
+	rc = foreign_attach(b, cgfd, cgid, err, errlen, rel);
+	if (rc)
+		goto out;
+	/* After an 'agctl prog detach' the pin folders are gone: make them again. */
+	rc = ag_pins_prepare(b->pin_root, err, errlen);
+	if (rc)
+		goto out;
 	/* Tag first: a connect that runs the hook must find its agent. */
 	if (bpf_map_update_elem(bpf_map__fd(b->skel->maps.ag_tagged), &cgid, &one, BPF_ANY)) {
 		rc = -errno;

@@ -192,6 +192,7 @@ static void do_policy_show(struct ag_daemon *d, Agentgate__Ctl__Response *r)
 	}
 	r->policy_json = buf ? buf : strdup("{}");
 	r->policy_source = xstrdup(pol->p->source);
+	r->message = xstrdup(pol->p->path);
 	ag_policy_put(pol);
 }
 
@@ -244,7 +245,8 @@ static void handle(struct ag_daemon *d, const Agentgate__Ctl__Request *req,
 		break;
 	case AGENTGATE__CTL__REQUEST__CMD_PROG_DETACH:
 		if (!ag_daemon_detach_all(d, err, sizeof(err)))
-			snprintf(msg, sizeof(msg), "all links detached from tagged cgroups");
+			snprintf(msg, sizeof(msg), "detached every link and removed every pin under "
+				 "%s", ag_bpf_pin_root(d->bpf));
 		break;
 	default:
 		snprintf(err, sizeof(err), "unknown request (agctl newer than agentgated?)");

@@ -14,6 +14,7 @@
 #include "cgroup.h"
 #include "daemon.h"
 #include "log.h"
+#include "pins.h"
 
 struct ag_daemon *ag_d;
 
@@ -274,6 +275,19 @@ int ag_daemon_tag(struct ag_daemon *d, const char *path_in, const char *agent, c
 		snprintf(err, errlen, "an agent name is required");
 		return -EINVAL;
 	}
+	{
+		struct ag_policy_ref *r = ag_policy_get(d);
+		bool known = r && ag_policy_agent_by_name(r->p, agent);
+
+		ag_policy_put(r);
+		if (!known) {
+			snprintf(err, errlen,
+				 "agent '%s' is not in the policy (%s): its connections would have "
+				 "no rules",
+				 agent, d->opts.config);
+			return -ENOENT;
+		}
+	}
 	snprintf(nt.path, sizeof(nt.path), "%s", path);
 	snprintf(nt.agent, sizeof(nt.agent), "%s", agent);
 	rc = ag_bpf_tag(d->bpf, d->cg_root, path, &nt.cgid, err, errlen);
@@ -344,14 +358,19 @@ int ag_daemon_untag(struct ag_daemon *d, const char *path_in, char *err, size_t 
 
 int ag_daemon_detach_all(struct ag_daemon *d, char *err, size_t errlen)
 {
+	int rc;
+
 	pthread_rwlock_wrlock(&d->tag_lock);
 	for (size_t i = 0; i < d->ntags; i++)
 		ag_bpf_untag(d->bpf, d->tags[i].cgid);
 	d->ntags = 0;
 	save_runtime_tags(d);
 	pthread_rwlock_unlock(&d->tag_lock);
-	pr_warn("all programs detached on request: tagged cgroups are no longer intercepted");
-	return 0;
+	/* The maps and programs stay loaded in this daemon; only their pins go. */
+	rc = ag_pins_detach_all(ag_bpf_pin_root(d->bpf), err, errlen);
+	pr_warn("all programs detached on request: tagged cgroups are no longer intercepted "
+		"(a policy reload or restart attaches them again)");
+	return rc;
 }
 
 bool ag_daemon_agent_of(struct ag_daemon *d, uint64_t tag_cgid, const char *cgroup_path, char *out,

@@ -10,7 +10,7 @@
 struct jsonw {
 	yajl_gen g;
 	FILE *f;
-	int depth;
+	char last; /* last character written */
 };
 
 static void jsonw_print(void *ctx, const char *str, size_t len)
@@ -18,6 +18,8 @@ static void jsonw_print(void *ctx, const char *str, size_t len)
 	struct jsonw *w = ctx;
 
 	fwrite(str, 1, len, w->f);
+	if (len)
+		w->last = str[len - 1];
 }
 
 struct jsonw *jsonw_new(FILE *f, bool pretty)
@@ -48,7 +50,9 @@ void jsonw_destroy(struct jsonw **wp)
 	if (!w)
 		return;
 	yajl_gen_free(w->g);
-	fputc('\n', w->f);
+	/* yajl's pretty mode ends a top-level value with a newline of its own. */
+	if (w->last != '\n')
+		fputc('\n', w->f);
 	fflush(w->f);
 	free(w);
 	*wp = NULL;

@@ -201,17 +201,11 @@ static size_t nitems(const yaml_node_t *n)
 	return n->data.sequence.items.top - n->data.sequence.items.start;
 }
 
-#define for_each_pair(n, pr)                                                                   \
-	for (yaml_node_pair_t *pr = (n)->data.mapping.pairs.start;                             \
-	     pr < (n)->data.mapping.pairs.top; pr++)
-#define for_each_item(n, it)                                                                   \
-	for (yaml_node_item_t *it = (n)->data.sequence.items.start;                            \
-	     it < (n)->data.sequence.items.top; it++)
-
 static int spend(struct parse_ctx *c, const yaml_node_t *n, size_t k)
 {
 	if (k > c->budget)
-		return perr(c, n, "the policy expands to too many nodes (aliases nested too deep?)");
+		return perr(c, n,
+			    "the policy expands to too many nodes (aliases nested too deep?)");
 	c->budget -= k;
 	return 0;
 }
@@ -232,12 +226,14 @@ static int check_map(struct parse_ctx *c, const yaml_node_t *n, const char *what
 		return -EINVAL;
 	if (!keys && npairs(n) > MAX_FREE_KEYS)
 		return perr(c, n, "%s has more than %d keys", what, MAX_FREE_KEYS);
-	for_each_pair(n, pr) {
+	for (yaml_node_pair_t *pr = n->data.mapping.pairs.start; pr < n->data.mapping.pairs.top;
+	     pr++) {
 		const yaml_node_t *k = node(c, pr->key);
 		const char *ks = sval(k);
 
 		if (!ks || strlen(ks) != k->data.scalar.length)
-			return perr(c, k, "keys in %s must be strings (got %s)", what, kind_name(k));
+			return perr(c, k, "keys in %s must be strings (got %s)", what,
+				    kind_name(k));
 		if (keys && find_choice(keys, ks) < 0)
 			return perr(c, k, "unknown key \"%s\" in %s (expected %s)", ks, what,
 				    join_choices(keys, hint, sizeof(hint)));
@@ -245,8 +241,8 @@ static int check_map(struct parse_ctx *c, const yaml_node_t *n, const char *what
 			const yaml_node_t *qk = node(c, q->key);
 
 			if (!strcmp(sval(qk), ks))
-				return perr(c, k, "duplicate key \"%s\" in %s (first at line %zu)", ks,
-					    what, line_of(qk));
+				return perr(c, k, "duplicate key \"%s\" in %s (first at line %zu)",
+					    ks, what, line_of(qk));
 		}
 	}
 	return 0;
@@ -254,7 +250,8 @@ static int check_map(struct parse_ctx *c, const yaml_node_t *n, const char *what
 
 static yaml_node_pair_t *map_pair(struct parse_ctx *c, const yaml_node_t *n, const char *key)
 {
-	for_each_pair(n, pr)
+	for (yaml_node_pair_t *pr = n->data.mapping.pairs.start; pr < n->data.mapping.pairs.top;
+	     pr++)
 		if (!strcmp(sval(node(c, pr->key)), key))
 			return pr;
 	return NULL;
@@ -270,6 +267,7 @@ static yaml_node_t *map_get(struct parse_ctx *c, const yaml_node_t *n, const cha
 /* A scalar's text (possibly empty); lists, mappings and embedded NULs are errors. */
 static int get_str(struct parse_ctx *c, const yaml_node_t *n, const char *what, const char **out)
 {
+	*out = "";
 	if (!n || n->type != YAML_SCALAR_NODE)
 		return perr(c, n, "%s must be a string (got %s)", what, kind_name(n));
 	if (strlen(sval(n)) != n->data.scalar.length)
@@ -333,8 +331,8 @@ static int check_name(struct parse_ctx *c, const yaml_node_t *n, const char *wha
 		return perr(c, n, "%s name \"%s\" is longer than %d characters", what, s,
 			    AG_NAME_MAX - 1);
 	if (strspn(s, NAME_CHARS) != len)
-		return perr(c, n, "bad %s name \"%s\" (use letters, digits, '_', '.' and '-')", what,
-			    s);
+		return perr(c, n, "bad %s name \"%s\" (use letters, digits, '_', '.' and '-')",
+			    what, s);
 	return 0;
 }
 
@@ -355,21 +353,25 @@ static const char *const tls_client_names[] = { "terminate", "passthrough", "off
 static const char *const tls_upstream_names[] = { "verify-full", "verify-ca", "require", "off",
 						  NULL };
 static const char *const where_names[] = { "absent", "present", NULL };
-static const char *const detector_names[] = { "email", "credit-card", "ssn",	     "phone",
-					       "jwt",	"aws-key",     "private-key", NULL };
+/* clang-format off */
+static const char *const detector_names[] = {
+	"email", "credit-card", "ssn", "phone", "jwt", "aws-key", "private-key", NULL
+};
+/* clang-format on */
 static const char *const style_names[] = { "redact", "partial", "hash", "null", NULL };
 /*
  * Statement classes a sql rule's command: may name: the statement kinds (as libpg_query tells
  * them apart) plus "ddl", any schema change. Written in any case, stored lower-case.
  */
+/* clang-format off */
 static const char *const sql_command_names[] = {
-	"select",   "insert",  "update",  "delete",  "merge",	  "copy",     "ddl",
-	"create",   "alter",   "drop",	  "truncate", "comment",  "grant",    "revoke",
-	"begin",    "commit",  "rollback", "savepoint", "set",	  "show",     "reset",
-	"prepare",  "execute", "deallocate", "explain", "vacuum", "analyze",  "cluster",
-	"reindex",  "refresh", "lock",	  "listen",  "notify",	  "unlisten", "discard",
-	"call",	    "do",      NULL
+	"select", "insert", "update", "delete", "merge", "copy",
+	"ddl", "create", "alter", "drop", "truncate", "comment", "grant", "revoke",
+	"begin", "commit", "rollback", "savepoint", "set", "show", "reset",
+	"prepare", "execute", "deallocate", "explain", "vacuum", "analyze", "cluster", "reindex",
+	"refresh", "lock", "listen", "notify", "unlisten", "discard", "call", "do", NULL
 };
+/* clang-format on */
 
 enum fkind { F_STR, F_LIST, F_BOOL, F_DURATION, F_MAP, F_FREEMAP, F_ANY };
 
@@ -549,7 +551,8 @@ static int kv_list(struct parse_ctx *c, const yaml_node_t *v, const char *path,
 	e->list = calloc(cnt ? cnt : 1, sizeof(*e->list));
 	if (!e->list)
 		return oom(c);
-	for_each_item(v, it) {
+	for (yaml_node_item_t *it = v->data.sequence.items.start; it < v->data.sequence.items.top;
+	     it++) {
 		err = kv_scalar(c, node(c, *it), path, f, false, &e->list[e->nlist]);
 		if (err)
 			return err;
@@ -576,10 +579,11 @@ static int kv_value(struct parse_ctx *c, const yaml_node_t *v, const struct fiel
 		if (kv_scalar(c, v, path, f, false, &e->value))
 			return -EINVAL;
 		if (ag_parse_duration(e->value, &ms))
-			return perr(c, v,
-				    "bad duration \"%s\" for %s (expected a number and a unit: 30s, "
-				    "10m, 1h)",
-				    e->value, path);
+			return perr(
+				c, v,
+				"bad duration \"%s\" for %s (expected a number and a unit: 30s, "
+				"10m, 1h)",
+				e->value, path);
 		return 0;
 	case F_LIST:
 		return kv_list(c, v, path, f, e);
@@ -618,7 +622,8 @@ static int build_kv(struct parse_ctx *c, const yaml_node_t *n, const char *path,
 	*out = calloc(npairs(n) ? npairs(n) : 1, sizeof(**out));
 	if (!*out)
 		return oom(c);
-	for_each_pair(n, pr) {
+	for (yaml_node_pair_t *pr = n->data.mapping.pairs.start; pr < n->data.mapping.pairs.top;
+	     pr++) {
 		struct ag_kv *e = &(*out)[(*nout)++];
 		const char *k = sval(node(c, pr->key));
 		const struct field *f = &any_field;
@@ -656,8 +661,7 @@ static const char *kv_str(const struct ag_kv *kv, size_t n, const char *key)
 
 static const char *const agent_keys[] = { "name", "cgroup", "mode", NULL };
 
-static int parse_agent_cgroup(struct parse_ctx *c, const yaml_node_t *v,
-			      struct ag_policy_agent *a)
+static int parse_agent_cgroup(struct parse_ctx *c, const yaml_node_t *v, struct ag_policy_agent *a)
 {
 	struct ag_policy *p = c->p;
 	char norm[PATH_MAX];
@@ -673,15 +677,18 @@ static int parse_agent_cgroup(struct parse_ctx *c, const yaml_node_t *v,
 			    s);
 	err = ag_cgroup_normalize(s, norm, sizeof(norm));
 	if (err == -EINVAL)
-		return perr(c, v, "\"..\" is not allowed in cgroup \"%s\" (give the path from the "
-			    "cgroup2 root, like /agents.slice)", s);
+		return perr(c, v,
+			    "\"..\" is not allowed in cgroup \"%s\" (give the path from the "
+			    "cgroup2 root, like /agents.slice)",
+			    s);
 	if (err)
 		return perr(c, v, "cgroup \"%s\" is too long", s);
 	if (!strcmp(norm, "/"))
-		return perr(c, v,
-			    "cgroup \"%s\" is the cgroup root (agentgate never attaches to the root; "
-			    "use a child such as /agentgate.slice/agents)",
-			    s);
+		return perr(
+			c, v,
+			"cgroup \"%s\" is the cgroup root (agentgate never attaches to the root; "
+			"use a child such as /agentgate.slice/agents)",
+			s);
 	for (size_t i = 0; i + 1 < p->nagents; i++)
 		if (!strcmp(p->agents[i].cgroup, norm))
 			return perr(c, v, "cgroup \"%s\" is already agent \"%s\" (line %d)", norm,
@@ -705,7 +712,8 @@ static int parse_agents(struct parse_ctx *c, const yaml_node_t *n)
 	p->agents = calloc(cnt ? cnt : 1, sizeof(*p->agents));
 	if (!p->agents)
 		return oom(c);
-	for_each_item(n, it) {
+	for (yaml_node_item_t *it = n->data.sequence.items.start; it < n->data.sequence.items.top;
+	     it++) {
 		const yaml_node_t *item = node(c, *it), *v;
 		struct ag_policy_agent *a = &p->agents[p->nagents++];
 		const char *s;
@@ -716,7 +724,8 @@ static int parse_agents(struct parse_ctx *c, const yaml_node_t *n)
 		a->line = line_of(item);
 		v = map_get(c, item, "name");
 		if (!v)
-			return perr(c, item, "agent has no name (every agent needs a name and a cgroup)");
+			return perr(c, item,
+				    "agent has no name (every agent needs a name and a cgroup)");
 		if (require_str(c, v, "agent name", &s) || check_name(c, v, "agent", s))
 			return -EINVAL;
 		for (size_t i = 0; i + 1 < p->nagents; i++)
@@ -728,8 +737,10 @@ static int parse_agents(struct parse_ctx *c, const yaml_node_t *n)
 			return oom(c);
 		v = map_get(c, item, "cgroup");
 		if (!v)
-			return perr(c, item, "agent \"%s\" has no cgroup (the cgroup v2 path its "
-				    "processes run in, like /agents.slice)", s);
+			return perr(c, item,
+				    "agent \"%s\" has no cgroup (the cgroup v2 path its "
+				    "processes run in, like /agents.slice)",
+				    s);
 		if (parse_agent_cgroup(c, v, a))
 			return -EINVAL;
 		v = map_get(c, item, "mode");
@@ -744,8 +755,8 @@ static int parse_agents(struct parse_ctx *c, const yaml_node_t *n)
 
 /* ---- targets ---- */
 
-static const char *const target_keys[] = { "name",	 "protocol", "address",
-					   "kubernetes", "tls",	     "credential", NULL };
+static const char *const target_keys[] = { "name", "protocol",	 "address", "kubernetes",
+					   "tls",  "credential", NULL };
 
 static void map_v4(uint8_t out[16], const void *v4)
 {
@@ -779,15 +790,18 @@ static int resolve_host(struct parse_ctx *c, const yaml_node_t *v, struct ag_pol
 
 	gai = getaddrinfo(t->host, NULL, &hints, &res);
 	if (gai)
-		return perr(c, v, "cannot resolve host \"%s\" in address \"%s\": %s (check the name "
-			    "or give an IP address)", t->host, t->address,
+		return perr(c, v,
+			    "cannot resolve host \"%s\" in address \"%s\": %s (check the name "
+			    "or give an IP address)",
+			    t->host, t->address,
 			    gai == EAI_SYSTEM ? strerror(errno) : gai_strerror(gai));
 	for (ai = res; ai && !err; ai = ai->ai_next) {
 		if (ai->ai_family == AF_INET) {
 			map_v4(a, &((struct sockaddr_in *)ai->ai_addr)->sin_addr);
 			err = add_addr(c, t, a);
 		} else if (ai->ai_family == AF_INET6) {
-			err = add_addr(c, t, ((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr.s6_addr);
+			err = add_addr(c, t,
+				       ((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr.s6_addr);
 		}
 	}
 	freeaddrinfo(res);
@@ -809,8 +823,8 @@ static int parse_address(struct parse_ctx *c, const yaml_node_t *v, struct ag_po
 		hs = a + 1;
 		he = strchr(hs, ']');
 		if (!he)
-			return perr(c, v, "address \"%s\" has no ']' after the IPv6 address (%s)", a,
-				    hint);
+			return perr(c, v, "address \"%s\" has no ']' after the IPv6 address (%s)",
+				    a, hint);
 		if (he[1] != ':')
 			return perr(c, v, "address \"%s\" has no port (%s)", a, hint);
 		port = he + 2;
@@ -853,8 +867,7 @@ static int parse_address(struct parse_ctx *c, const yaml_node_t *v, struct ag_po
 	return resolve_host(c, v, t);
 }
 
-static int check_credential(struct parse_ctx *c, const yaml_node_t *v,
-			    struct ag_policy_target *t)
+static int check_credential(struct parse_ctx *c, const yaml_node_t *v, struct ag_policy_target *t)
 {
 	static const char *const needs[] = { "admin_secret", "key_file", "secret_file" };
 	const char *prov = kv_str(t->credential, t->ncredential, "provider");
@@ -866,8 +879,10 @@ static int check_credential(struct parse_ctx *c, const yaml_node_t *v,
 			    join_choices(provider_names, hint, sizeof(hint)));
 	idx = find_choice(provider_names, prov);
 	if (idx == 0 && t->protocol != AG_PROTO_POSTGRES)
-		return perr(c, v, "credential provider pg-jit-role needs a postgres target (\"%s\" "
-			    "is %s)", t->name, ag_proto_name(t->protocol));
+		return perr(c, v,
+			    "credential provider pg-jit-role needs a postgres target (\"%s\" "
+			    "is %s)",
+			    t->name, ag_proto_name(t->protocol));
 	if (idx == 1 && t->protocol != AG_PROTO_HTTP)
 		return perr(c, v, "credential provider jwt needs an http target (\"%s\" is %s)",
 			    t->name, ag_proto_name(t->protocol));
@@ -889,9 +904,11 @@ static int check_overlap(struct parse_ctx *c, const yaml_node_t *v,
 		for (size_t j = 0; j < t->naddrs; j++)
 			for (size_t k = 0; k < o->naddrs; k++)
 				if (!memcmp(t->addrs[j], o->addrs[k], 16))
-					return perr(c, v, "address \"%s\" is also target \"%s\" "
-						    "(line %d; a destination belongs to one target)",
-						    t->address, o->name, o->line);
+					return perr(
+						c, v,
+						"address \"%s\" is also target \"%s\" "
+						"(line %d; a destination belongs to one target)",
+						t->address, o->name, o->line);
 	}
 	return 0;
 }
@@ -908,7 +925,8 @@ static int parse_target(struct parse_ctx *c, const yaml_node_t *item, struct ag_
 	t->line = line_of(item);
 	v = map_get(c, item, "name");
 	if (!v)
-		return perr(c, item, "target has no name (every target needs a name, a protocol and "
+		return perr(c, item,
+			    "target has no name (every target needs a name, a protocol and "
 			    "an address)");
 	if (require_str(c, v, "target name", &s) || check_name(c, v, "target", s))
 		return -EINVAL;
@@ -922,7 +940,8 @@ static int parse_target(struct parse_ctx *c, const yaml_node_t *item, struct ag_
 
 	v = map_get(c, item, "protocol");
 	if (!v)
-		return perr(c, item, "target \"%s\" has no protocol (expected postgres, http or tcp)",
+		return perr(c, item,
+			    "target \"%s\" has no protocol (expected postgres, http or tcp)",
 			    t->name);
 	if (pick(c, v, "protocol", proto_names, &idx))
 		return -EINVAL;
@@ -930,8 +949,10 @@ static int parse_target(struct parse_ctx *c, const yaml_node_t *item, struct ag_
 
 	addr = map_get(c, item, "address");
 	if (!addr)
-		return perr(c, item, "target \"%s\" has no address (expected IP:port, [v6]:port or "
-			    "host:port)", t->name);
+		return perr(c, item,
+			    "target \"%s\" has no address (expected IP:port, [v6]:port or "
+			    "host:port)",
+			    t->name);
 	if (require_str(c, addr, "address", &s))
 		return -EINVAL;
 	t->address = strdup(s);
@@ -976,7 +997,8 @@ static int parse_targets(struct parse_ctx *c, const yaml_node_t *n)
 	p->targets = calloc(cnt ? cnt : 1, sizeof(*p->targets));
 	if (!p->targets)
 		return oom(c);
-	for_each_item(n, it)
+	for (yaml_node_item_t *it = n->data.sequence.items.start; it < n->data.sequence.items.top;
+	     it++)
 		if (parse_target(c, node(c, *it), &p->targets[p->ntargets++]))
 			return -EINVAL;
 	return 0;
@@ -1006,7 +1028,8 @@ static int parse_stmt_rules(struct parse_ctx *c, const yaml_node_t *n, const cha
 	if (!*out)
 		return oom(c);
 	snprintf(what, sizeof(what), "a %s rule", kind);
-	for_each_item(n, it) {
+	for (yaml_node_item_t *it = n->data.sequence.items.start; it < n->data.sequence.items.top;
+	     it++) {
 		const yaml_node_t *item = node(c, *it), *v;
 		struct ag_policy_stmt_rule *r = &(*out)[(*nout)++];
 		yaml_node_pair_t *k8s;
@@ -1018,14 +1041,15 @@ static int parse_stmt_rules(struct parse_ctx *c, const yaml_node_t *n, const cha
 		r->line = line_of(item);
 		v = map_get(c, item, "name");
 		if (!v)
-			return perr(c, item, "%s rule has no name (every rule needs a name and a then)",
+			return perr(c, item,
+				    "%s rule has no name (every rule needs a name and a then)",
 				    kind);
 		if (require_str(c, v, "rule name", &s))
 			return -EINVAL;
 		for (size_t i = 0; i + 1 < *nout; i++)
 			if (!strcmp((*out)[i].name, s))
-				return perr(c, v, "duplicate %s rule \"%s\" (first at line %d)", kind, s,
-					    (*out)[i].line);
+				return perr(c, v, "duplicate %s rule \"%s\" (first at line %d)",
+					    kind, s, (*out)[i].line);
 		r->name = strdup(s);
 		if (!r->name)
 			return oom(c);
@@ -1038,12 +1062,15 @@ static int parse_stmt_rules(struct parse_ctx *c, const yaml_node_t *n, const cha
 			if (k8s && tgt && !tgt->kubernetes)
 				return perr(c, node(c, k8s->key),
 					    "when.kubernetes needs a target with kubernetes: true "
-					    "(\"%s\" has none)", tgt->name);
+					    "(\"%s\" has none)",
+					    tgt->name);
 		}
 		v = map_get(c, item, "then");
 		if (!v)
-			return perr(c, item, "%s rule \"%s\" has no then (expected allow, deny, "
-				    "approve or observe)", kind, r->name);
+			return perr(c, item,
+				    "%s rule \"%s\" has no then (expected allow, deny, "
+				    "approve or observe)",
+				    kind, r->name);
 		if (pick(c, v, "action", action_names, &idx))
 			return -EINVAL;
 		r->then = action_vals[idx];
@@ -1069,8 +1096,9 @@ static int rule_ref(struct parse_ctx *c, const yaml_node_t *item, const char *ke
 		known = *tgt;
 	}
 	if (strcmp(s, "*") && !known)
-		return perr(c, v, "rule names unknown %s \"%s\" (define it under %ss: or use \"*\")",
-			    key, s, key);
+		return perr(c, v,
+			    "rule names unknown %s \"%s\" (define it under %ss: or use \"*\")", key,
+			    s, key);
 	*out = strdup(s);
 	return *out ? 0 : oom(c);
 }
@@ -1090,26 +1118,30 @@ static int parse_rule(struct parse_ctx *c, const yaml_node_t *item, struct ag_po
 	pr = map_pair(c, item, "sql");
 	if (pr) {
 		if (tgt && tgt->protocol != AG_PROTO_POSTGRES)
-			return perr(c, node(c, pr->key), "sql rules on target \"%s\", which is %s "
-				    "(sql: needs a postgres target)", tgt->name,
-				    ag_proto_name(tgt->protocol));
+			return perr(c, node(c, pr->key),
+				    "sql rules on target \"%s\", which is %s "
+				    "(sql: needs a postgres target)",
+				    tgt->name, ag_proto_name(tgt->protocol));
 		if (parse_stmt_rules(c, node(c, pr->value), "sql", tgt, &r->sql, &r->nsql))
 			return -EINVAL;
 	}
 	pr = map_pair(c, item, "http");
 	if (pr) {
 		if (tgt && tgt->protocol != AG_PROTO_HTTP)
-			return perr(c, node(c, pr->key), "http rules on target \"%s\", which is %s "
-				    "(http: needs an http target)", tgt->name,
-				    ag_proto_name(tgt->protocol));
+			return perr(c, node(c, pr->key),
+				    "http rules on target \"%s\", which is %s "
+				    "(http: needs an http target)",
+				    tgt->name, ag_proto_name(tgt->protocol));
 		if (parse_stmt_rules(c, node(c, pr->value), "http", tgt, &r->http, &r->nhttp))
 			return -EINVAL;
 	}
 	pr = map_pair(c, item, "mask");
 	if (pr && !is_null(node(c, pr->value))) {
 		if (tgt && tgt->protocol == AG_PROTO_TCP)
-			return perr(c, node(c, pr->key), "mask on target \"%s\", which is tcp (masking "
-				    "needs a postgres or http target)", tgt->name);
+			return perr(c, node(c, pr->key),
+				    "mask on target \"%s\", which is tcp (masking "
+				    "needs a postgres or http target)",
+				    tgt->name);
 		if (build_kv(c, node(c, pr->value), "mask", mask_fields, &r->mask, &r->nmask))
 			return -EINVAL;
 	}
@@ -1131,7 +1163,8 @@ static int parse_rules(struct parse_ctx *c, const yaml_node_t *n)
 	p->rules = calloc(cnt ? cnt : 1, sizeof(*p->rules));
 	if (!p->rules)
 		return oom(c);
-	for_each_item(n, it)
+	for (yaml_node_item_t *it = n->data.sequence.items.start; it < n->data.sequence.items.top;
+	     it++)
 		if (parse_rule(c, node(c, *it), &p->rules[p->nrules++]))
 			return -EINVAL;
 	return 0;
@@ -1151,11 +1184,14 @@ static int parse_root(struct parse_ctx *c, const yaml_node_t *root)
 	int idx;
 
 	if (is_null(root))
-		return perr(c, root, "empty policy (expected a mapping that starts with apiVersion: "
+		return perr(c, root,
+			    "empty policy (expected a mapping that starts with apiVersion: "
 			    "agentgate/v1)");
 	if (root->type != YAML_MAPPING_NODE)
-		return perr(c, root, "the policy must be a mapping of apiVersion, agents, targets, "
-			    "rules, ... (got %s)", kind_name(root));
+		return perr(c, root,
+			    "the policy must be a mapping of apiVersion, agents, targets, "
+			    "rules, ... (got %s)",
+			    kind_name(root));
 	if (check_map(c, root, "the policy", top_keys))
 		return -EINVAL;
 
@@ -1226,7 +1262,8 @@ static int yaml_error(struct parse_ctx *c, const yaml_parser_t *y, const char *t
 				       y->problem ? y->problem : "unknown problem", y->context,
 				       y->context_mark.line + 1);
 		return perr_at(c, y->problem_mark.line + 1, y->problem_mark.column + 1,
-			       "YAML syntax error: %s", y->problem ? y->problem : "unknown problem");
+			       "YAML syntax error: %s",
+			       y->problem ? y->problem : "unknown problem");
 	}
 }
 
@@ -1258,9 +1295,10 @@ static int prescan(struct parse_ctx *c, const char *text, size_t len)
 		} else if (type == YAML_SEQUENCE_END_EVENT || type == YAML_MAPPING_END_EVENT) {
 			depth--;
 		} else if (type == YAML_DOCUMENT_START_EVENT && ++docs > 1) {
-			ret = perr_at(c, ev.start_mark.line + 1, ev.start_mark.column + 1,
-				      "a second YAML document (a policy is one document; remove the "
-				      "'---')");
+			ret = perr_at(
+				c, ev.start_mark.line + 1, ev.start_mark.column + 1,
+				"a second YAML document (a policy is one document; remove the "
+				"'---')");
 		}
 		yaml_event_delete(&ev);
 	} while (!ret && type != YAML_STREAM_END_EVENT);
@@ -1321,7 +1359,8 @@ struct ag_policy *ag_policy_parse(const char *text, size_t len, const char *name
 	c.doc = &doc;
 	root = yaml_document_get_root_node(&doc);
 	if (!root)
-		ret = perr(&c, NULL, "empty policy (expected a mapping that starts with apiVersion: "
+		ret = perr(&c, NULL,
+			   "empty policy (expected a mapping that starts with apiVersion: "
 			   "agentgate/v1)");
 	else
 		ret = parse_root(&c, root);
@@ -1493,7 +1532,7 @@ const struct ag_policy_agent *ag_policy_agent_by_cgroup(const struct ag_policy *
 }
 
 const struct ag_policy_target *ag_policy_target_by_addr(const struct ag_policy *p,
-							 const uint8_t addr[16], uint16_t port)
+							const uint8_t addr[16], uint16_t port)
 {
 	for (size_t i = 0; p && i < p->ntargets; i++) {
 		const struct ag_policy_target *t = &p->targets[i];
@@ -1507,8 +1546,7 @@ const struct ag_policy_target *ag_policy_target_by_addr(const struct ag_policy *
 	return NULL;
 }
 
-const struct ag_policy_target *ag_policy_target_by_name(const struct ag_policy *p,
-							 const char *name)
+const struct ag_policy_target *ag_policy_target_by_name(const struct ag_policy *p, const char *name)
 {
 	for (size_t i = 0; p && name && i < p->ntargets; i++)
 		if (p->targets[i].name && !strcmp(p->targets[i].name, name))
@@ -1590,8 +1628,8 @@ static void kv_field_json(struct jsonw *w, const char *name, const struct ag_kv 
 		jsonw_null(w);
 }
 
-static void stmt_rules_json(struct jsonw *w, const char *name,
-			    const struct ag_policy_stmt_rule *r, size_t n)
+static void stmt_rules_json(struct jsonw *w, const char *name, const struct ag_policy_stmt_rule *r,
+			    size_t n)
 {
 	jsonw_name(w, name);
 	jsonw_start_array(w);

@@ -41,10 +41,10 @@ enum ag_kv_kind { AG_KV_SCALAR = 0, AG_KV_LIST, AG_KV_MAP };
  */
 struct ag_kv {
 	char *key;
-	char *value;	     /* scalar value, or NULL when the value is a list or a mapping */
-	char **list;	     /* scalar list values ([drop, truncate]) */
+	char *value; /* scalar value, or NULL when the value is a list or a mapping */
+	char **list; /* scalar list values ([drop, truncate]) */
 	size_t nlist;
-	struct ag_kv *map;   /* nested mapping */
+	struct ag_kv *map; /* nested mapping */
 	size_t nmap;
 	enum ag_kv_kind kind; /* tells an empty list from an empty mapping */
 };
@@ -107,7 +107,9 @@ struct ag_policy {
  * Parses and validates a policy. On error returns NULL and writes one line into err:
  * "FILE:LINE:COL: problem (hint)". Unknown keys, wrong types, duplicate names, rules naming an
  * unknown agent or target, bad addresses, bad enum values and an apiVersion other than
- * agentgate/v1 are all errors.
+ * agentgate/v1 are all errors. errno: EINVAL (a bad policy), EFBIG (over AG_POLICY_MAX_SIZE),
+ * ENOMEM, or the open/read error (ENOENT, EACCES, EISDIR). Host names are resolved here
+ * (getaddrinfo, blocking): load off the event loop.
  */
 struct ag_policy *ag_policy_load(const char *path, char *err, size_t errlen);
 struct ag_policy *ag_policy_parse(const char *text, size_t len, const char *name, char *err,
@@ -119,9 +121,9 @@ const struct ag_policy_agent *ag_policy_agent_by_name(const struct ag_policy *p,
 const struct ag_policy_agent *ag_policy_agent_by_cgroup(const struct ag_policy *p, const char *rel);
 /* The target that a destination (IPv4-mapped for IPv4) and port belong to, or NULL. */
 const struct ag_policy_target *ag_policy_target_by_addr(const struct ag_policy *p,
-							 const uint8_t addr[16], uint16_t port);
+							const uint8_t addr[16], uint16_t port);
 const struct ag_policy_target *ag_policy_target_by_name(const struct ag_policy *p,
-							 const char *name);
+							const char *name);
 
 const char *ag_proto_name(enum ag_proto p);
 const char *ag_action_name(enum ag_action a);
@@ -136,5 +138,9 @@ const struct ag_kv *ag_kv_get(const struct ag_kv *kv, size_t n, const char *key)
  */
 int ag_parse_duration(const char *s, uint64_t *ms);
 
-/* The whole policy as one JSON object (agents, targets, rules, default, gateway, approvals). */
+/*
+ * The whole policy as one JSON object (file, default, gateway, agents, targets, rules,
+ * approvals); absent tls, credential, mask and approvals are null, and so is gateway.fastpath
+ * when the file leaves it to the daemon. Secret-bearing keys hold file paths, printed as such.
+ */
 void ag_policy_to_json(const struct ag_policy *p, struct jsonw *w);

@@ -10,9 +10,12 @@
  *    signal, the ACK of the socket's own FIN (FIN_WAIT1 -> FIN_WAIT2 wakes the socket), a
  *    write-space wake-up. An unmodified agent doing sendall(); shutdown(SHUT_WR); recv() on a
  *    blocking socket then fails with EAGAIN. Agents are arbitrary programs, so only an agent
- *    socket whose file is O_NONBLOCK joins, and one found blocking later leaves again (its
- *    psock dropped, tcp_prot back) as soon as no redirected byte can be queued for it. The
- *    daemon's own socket is non-blocking and reads with MSG_DONTWAIT: EAGAIN is harmless there.
+ *    socket whose file is O_NONBLOCK joins; one that turns blocking later (a connect with a
+ *    timeout, then blocking I/O) gets no more redirected bytes and leaves the sockhash (its
+ *    psock dropped, tcp_prot back) from sockops as soon as its ingress queue is empty: sk_msg
+ *    programs may not delete from a sockhash, so the agent's sends switch to TCP, and the
+ *    packets it then transmits run sockops (BPF_SOCK_OPS_HDR_OPT_LEN_CB). The daemon's own
+ *    socket is non-blocking and reads with MSG_DONTWAIT: EAGAIN is harmless there.
  * 2. bpf_tcp_ingress() charges the receiver but never looks at its receive buffer: redirected
  *    bytes pile up without bound behind a slow reader (and end in -ENOMEM for the sender under
  *    memory pressure). A sender therefore falls back to loopback TCP, which has flow control,
@@ -22,8 +25,9 @@
  *    TCP to redirect is only safe once the peer has read every byte sent over TCP
  *    (ag_fp_drained()), else newer redirected bytes would overtake older ones.
  * 4. Dropping a socket's psock (leaving the sockhash) frees what waits in its ingress queue, so
- *    a socket only leaves while its receive memory is empty and the one socket that could
- *    redirect into it is settled on TCP (a cmpxchg on its state, see ag_fp_agent_leave()).
+ *    an agent only leaves while that queue is empty and the one socket that could redirect into
+ *    it is settled on TCP (a cmpxchg on its state) — all under the agent's socket lock, which
+ *    a redirect into it needs too.
  *
  * Kernel sockets are only ever read here (bpf_rdonly_cast() loads are fault-safe); the
  * addresses in ag_fastpath are not references and a stale one can only make a send take TCP.
@@ -34,6 +38,9 @@
 #include "common.h"
 
 #define AG_O_NONBLOCK 04000
+/* include/net/sock.h: flag bits in the low bits of sk_user_data. */
+#define AG_SK_USER_DATA_FLAGS 7UL
+#define AG_SK_USER_DATA_PSOCK 4UL
 /* A receiver may hold this much redirected data even when its receive buffer is smaller. */
 #define AG_FP_QUEUE_MIN (1U << 20)
 
@@ -58,10 +65,18 @@ static __always_inline bool ag_fp_nonblocking(struct tcp_sock *tp)
 	return file && (file->f_flags & AG_O_NONBLOCK);
 }
 
-/* Bytes queued for the socket's reader (ingress queue and TCP receive queue). */
-static __always_inline int ag_fp_rmem(struct tcp_sock *tp)
+/*
+ * Redirected bytes waiting in the socket's ingress queue (0 when it is in no sockmap). Read
+ * with a probe: only sk_msg may use kfuncs, the linker cannot merge them across objects.
+ */
+static __always_inline __u32 ag_fp_queued(struct tcp_sock *tp)
 {
-	return tp->inet_conn.icsk_inet.sk.sk_backlog.rmem_alloc.counter;
+	__u64 ud = (__u64)tp->inet_conn.icsk_inet.sk.sk_user_data; /* low bits: flags */
+	struct sk_psock *psock = (void *)(ud & ~AG_SK_USER_DATA_FLAGS);
+
+	if (!(ud & AG_SK_USER_DATA_PSOCK))
+		return 0;
+	return BPF_CORE_READ(psock, msg_tot_len);
 }
 
 static __always_inline bool ag_fp_backlogged(struct tcp_sock *peer)
@@ -70,7 +85,7 @@ static __always_inline bool ag_fp_backlogged(struct tcp_sock *peer)
 
 	if (lim < (int)AG_FP_QUEUE_MIN)
 		lim = AG_FP_QUEUE_MIN;
-	return ag_fp_rmem(peer) >= lim;
+	return ag_fp_queued(peer) >= (__u32)lim;
 }
 
 /*
@@ -109,25 +124,15 @@ static __always_inline bool ag_fp_settle(__u64 *state, __u64 to)
 }
 
 /*
- * The agent's socket turned blocking after it joined: take it out of the sockhash (rule 1)
- * once that is safe (rule 4). Runs in the agent's own sendmsg, so its lock is held and no
- * redirect into it can complete meanwhile. gw is the gateway socket's key.
+ * Settles the gateway's side of the leg on TCP for good, unless it is FAST: then bytes may be
+ * on their way into the agent's ingress queue and the agent must not leave yet.
  */
-static __always_inline bool ag_fp_agent_leave(struct ag_fp_entry *me, struct tcp_sock *self,
-					      struct ag_sock_key *self_key,
-					      struct ag_sock_key *gw)
+static __always_inline bool ag_fp_claim_off(struct ag_sock_key *gw)
 {
 	struct ag_fp_entry off = { .state = AG_FP_OFF }, *ge;
 
-	if (ag_fp_rmem(self))
-		return false;
-	/* The gateway's side settles on TCP for good, unless it is redirecting right now. */
-	if (bpf_map_update_elem(&ag_fastpath, gw, &off, BPF_NOEXIST)) {
-		ge = bpf_map_lookup_elem(&ag_fastpath, gw);
-		if (!ge || !ag_fp_settle(&ge->state, AG_FP_OFF))
-			return false;
-	}
-	me->state = AG_FP_OFF;
-	bpf_map_delete_elem(&ag_sockhash, self_key);
-	return true;
+	if (!bpf_map_update_elem(&ag_fastpath, gw, &off, BPF_NOEXIST))
+		return true;
+	ge = bpf_map_lookup_elem(&ag_fastpath, gw);
+	return ge && ag_fp_settle(&ge->state, AG_FP_OFF);
 }

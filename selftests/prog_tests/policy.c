@@ -39,40 +39,40 @@ static const struct bad_case bad_cases[] = {
 	{ "duplicate_agent",
 	  API "agents:\n  - name: ci\n    cgroup: /a\n  - name: ci\n    cgroup: /b\n",
 	  "bad.yaml:5:11:", "duplicate agent" },
-	{ "bad_agent_name", API "agents: [{ name: \"c i\", cgroup: /a }]\n", "bad.yaml:2:18:",
-	  "bad agent name" },
+	{ "bad_agent_name", API "agents: [{ name: \"c i\", cgroup: /a }]\n",
+	  "bad.yaml:2:18:", "bad agent name" },
 	{ "missing_cgroup", API "agents: [{ name: ci }]\n", "bad.yaml:2:10:", "no cgroup" },
-	{ "root_cgroup", API "agents:\n  - name: ci\n    cgroup: /\n", "bad.yaml:4:13:",
-	  "cgroup root" },
-	{ "root_cgroup_dots", API "agents: [{ name: ci, cgroup: //./ }]\n", "bad.yaml:2:30:",
-	  "cgroup root" },
-	{ "dotdot_cgroup", API "agents:\n  - name: ci\n    cgroup: /a/../b\n", "bad.yaml:4:13:",
-	  "\"..\"" },
+	{ "root_cgroup", API "agents:\n  - name: ci\n    cgroup: /\n",
+	  "bad.yaml:4:13:", "cgroup root" },
+	{ "root_cgroup_dots", API "agents: [{ name: ci, cgroup: //./ }]\n",
+	  "bad.yaml:2:30:", "cgroup root" },
+	{ "dotdot_cgroup", API "agents:\n  - name: ci\n    cgroup: /a/../b\n",
+	  "bad.yaml:4:13:", "\"..\"" },
 	{ "sysfs_cgroup", API "agents: [{ name: ci, cgroup: /sys/fs/cgroup/a }]\n",
 	  "bad.yaml:2:30:", "relative to the cgroup2 mount" },
-	{ "same_cgroup_twice",
-	  API "agents: [{ name: a, cgroup: /x }, { name: b, cgroup: /x/ }]\n", "bad.yaml:2:54:",
-	  "already agent \"a\"" },
-	{ "bad_mode", API "agents: [{ name: ci, cgroup: /a, mode: block }]\n", "bad.yaml:2:40:",
-	  "unknown mode \"block\"" },
+	{ "same_cgroup_twice", API "agents: [{ name: a, cgroup: /x }, { name: b, cgroup: /x/ }]\n",
+	  "bad.yaml:2:54:", "already agent \"a\"" },
+	{ "bad_mode", API "agents: [{ name: ci, cgroup: /a, mode: block }]\n",
+	  "bad.yaml:2:40:", "unknown mode \"block\"" },
 	{ "bad_protocol",
 	  API "targets:\n  - name: db\n    protocol: psql\n    address: 127.0.0.2:5432\n",
 	  "bad.yaml:4:15:", "unknown protocol \"psql\" (expected postgres, http or tcp)" },
 	{ "missing_protocol", API "targets: [{ name: db, address: \"127.0.0.2:1\" }]\n",
 	  "bad.yaml:2:11:", "no protocol" },
 	{ "bad_address_no_port",
-	  API "targets:\n  - { name: db, protocol: tcp, address: 127.0.0.2 }\n", "bad.yaml:3:41:",
-	  "no port" },
+	  API "targets:\n  - { name: db, protocol: tcp, address: 127.0.0.2 }\n",
+	  "bad.yaml:3:41:", "no port" },
 	{ "bad_port_range",
 	  API "targets:\n  - { name: db, protocol: tcp, address: \"127.0.0.2:70000\" }\n",
 	  "bad.yaml:3:41:", "out of range" },
 	{ "bad_port_zero", API "targets: [{ name: db, protocol: tcp, address: \"127.0.0.2:0\" }]\n",
 	  "bad.yaml:2:47:", "out of range" },
-	{ "bad_port_text", API "targets: [{ name: db, protocol: tcp, address: \"127.0.0.2:pg\" }]\n",
+	{ "bad_port_text",
+	  API "targets: [{ name: db, protocol: tcp, address: \"127.0.0.2:pg\" }]\n",
 	  "bad.yaml:2:47:", "bad port" },
 	{ "ipv6_without_brackets",
-	  API "targets: [{ name: db, protocol: tcp, address: \"::1:5432\" }]\n", "bad.yaml:2:47:",
-	  "brackets" },
+	  API "targets: [{ name: db, protocol: tcp, address: \"::1:5432\" }]\n",
+	  "bad.yaml:2:47:", "brackets" },
 	{ "bad_ipv6", API "targets: [{ name: db, protocol: tcp, address: \"[::g]:5432\" }]\n",
 	  "bad.yaml:2:47:", "bad IPv6 address" },
 	{ "unresolvable_host",
@@ -120,16 +120,14 @@ static const struct bad_case bad_cases[] = {
 	  API "targets: [{ name: db, protocol: postgres, address: \"127.0.0.2:1\",\n"
 	      "            credential: { provider: pg-jit-role, admin_secret: /s, ttl: 10 } }]\n",
 	  "bad.yaml:3:73:", "bad duration \"10\"" },
-	{ "bad_approval_timeout", API "approvals: { timeout: 5x }\n", "bad.yaml:2:23:",
-	  "bad duration \"5x\"" },
-	{ "unknown_approvals_key", API "approvals: { approver: [root] }\n", "bad.yaml:2:14:",
-	  "unknown key \"approver\"" },
-	{ "rule_unknown_agent",
-	  API PG_DB "rules:\n  - { agent: bob, target: db }\n", "bad.yaml:4:14:",
-	  "unknown agent \"bob\"" },
-	{ "rule_unknown_target",
-	  API AGENT_CI "rules:\n  - { agent: ci, target: nope }\n", "bad.yaml:4:26:",
-	  "unknown target \"nope\"" },
+	{ "bad_approval_timeout", API "approvals: { timeout: 5x }\n",
+	  "bad.yaml:2:23:", "bad duration \"5x\"" },
+	{ "unknown_approvals_key", API "approvals: { approver: [root] }\n",
+	  "bad.yaml:2:14:", "unknown key \"approver\"" },
+	{ "rule_unknown_agent", API PG_DB "rules:\n  - { agent: bob, target: db }\n",
+	  "bad.yaml:4:14:", "unknown agent \"bob\"" },
+	{ "rule_unknown_target", API AGENT_CI "rules:\n  - { agent: ci, target: nope }\n",
+	  "bad.yaml:4:26:", "unknown target \"nope\"" },
 	{ "rule_without_agent", API AGENT_CI PG_DB "rules:\n  - { target: db }\n",
 	  "bad.yaml:5:5:", "no agent" },
 	{ "bad_then",
@@ -167,8 +165,9 @@ static const struct bad_case bad_cases[] = {
 	  "      - { name: r, when: { kubernetes: { kind: [Pod] } }, then: deny }\n",
 	  "bad.yaml:8:42:", "unknown key \"kind\" in when.kubernetes" },
 	{ "kubernetes_when_on_plain_http",
-	  API AGENT_CI HTTP_WEB "rules:\n  - agent: ci\n    target: web\n    http:\n"
-			     "      - { name: r, when: { kubernetes: { verb: [get] } }, then: deny }\n",
+	  API AGENT_CI HTTP_WEB
+	  "rules:\n  - agent: ci\n    target: web\n    http:\n"
+	  "      - { name: r, when: { kubernetes: { verb: [get] } }, then: deny }\n",
 	  "bad.yaml:8:28:", "kubernetes: true" },
 	{ "sql_on_http_target",
 	  API AGENT_CI HTTP_WEB "rules:\n  - agent: ci\n    target: web\n    sql:\n"
@@ -187,27 +186,28 @@ static const struct bad_case bad_cases[] = {
 			     "    mask: { style: blur }\n",
 	  "bad.yaml:7:20:", "unknown value \"blur\" for mask.style" },
 	{ "bad_default", API "default: allow\n", "bad.yaml:2:10:", "unknown default \"allow\"" },
-	{ "unknown_gateway_key", API "gateway: { sockmap: true }\n", "bad.yaml:2:12:",
-	  "unknown key \"sockmap\"" },
-	{ "agents_not_a_list", API "agents: { name: ci }\n", "bad.yaml:2:9:",
-	  "agents must be a list" },
-	{ "yaml_syntax_error", API "agents:\n  - name: ci\n   cgroup: /a\n", "bad.yaml:4:4:",
-	  "YAML syntax error" },
-	{ "yaml_unclosed_flow", API "agents: [{ name: ci, cgroup: /a }\n", "bad.yaml:3:1:",
-	  "YAML syntax error" },
+	{ "unknown_gateway_key", API "gateway: { sockmap: true }\n",
+	  "bad.yaml:2:12:", "unknown key \"sockmap\"" },
+	{ "agents_not_a_list", API "agents: { name: ci }\n",
+	  "bad.yaml:2:9:", "agents must be a list" },
+	{ "yaml_syntax_error", API "agents:\n  - name: ci\n   cgroup: /a\n",
+	  "bad.yaml:4:4:", "YAML syntax error" },
+	{ "yaml_unclosed_flow", API "agents: [{ name: ci, cgroup: /a }\n",
+	  "bad.yaml:3:1:", "YAML syntax error" },
 	{ "yaml_tab_indent", API "agents:\n\t- name: ci\n", "bad.yaml:3:1:", "tab" },
 	{ "undefined_alias", API "agents: *nope\n", "bad.yaml:2:9:", "undefined alias" },
 	{ "not_utf8", API "agents: \xff\n", "bad.yaml:2:9:", "UTF-8" },
 	{ "empty_file", "", "bad.yaml:1:1:", "empty policy" },
 	{ "only_comments", "# nothing here\n\n", "bad.yaml:1:1:", "empty policy" },
 	{ "not_a_mapping", "- apiVersion\n- agents\n", "bad.yaml:1:1:", "must be a mapping" },
-	{ "duplicate_key", API "default: deny\ndefault: passthrough\n", "bad.yaml:3:1:",
-	  "duplicate key \"default\"" },
+	{ "duplicate_key", API "default: deny\ndefault: passthrough\n",
+	  "bad.yaml:3:1:", "duplicate key \"default\"" },
 	{ "duplicate_key_in_agent", API "agents: [{ name: ci, cgroup: /a, name: x }]\n",
 	  "bad.yaml:2:34:", "duplicate key \"name\"" },
 	{ "two_documents", API "---\n" API, "bad.yaml:2:1:", "second YAML document" },
-	{ "deep_nesting", API "gateway: [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]"
-			      "]]]]]]]]]]]]]]]]\n",
+	{ "deep_nesting",
+	  API "gateway: [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]"
+	      "]]]]]]]]]]]]]]]]\n",
 	  "bad.yaml:2:41:", "deeper than" },
 };
 
@@ -380,10 +380,12 @@ static void subtest_flow_and_block(void)
 	static const char *const flow =
 		"{ apiVersion: agentgate/v1,\n"
 		"  agents: [{ name: ci, cgroup: /agents.slice/ci, mode: observe }],\n"
-		"  targets: [{ name: web, protocol: http, address: \"[::1]:8080\", kubernetes: true,\n"
+		"  targets: [{ name: web, protocol: http, address: \"[::1]:8080\", kubernetes: "
+		"true,\n"
 		"              tls: { client: terminate, upstream: off } }],\n"
 		"  rules: [{ agent: \"*\", target: web, http: [{ name: no-exec,\n"
-		"     when: { method: [POST], kubernetes: { subresource: [exec] } }, then: deny }] }],\n"
+		"     when: { method: [POST], kubernetes: { subresource: [exec] } }, then: deny }] "
+		"}],\n"
 		"  approvals: { approvers: [root], timeout: 90s },\n"
 		"  default: passthrough, gateway: { fastpath: false } }\n";
 	char err[512] = "", *jb = NULL, *jf = NULL;
@@ -428,12 +430,12 @@ out:
 
 static void subtest_defaults_and_normalizing(void)
 {
-	static const char *const yaml =
-		API "agents:\n  - name: ci\n    cgroup: /a\n" PG_DB
-		    "rules:\n  - agent: ci\n    target: db\n    sql:\n"
-		    "      - { name: one, when: { command: SELECT, tables: orders }, then: allow }\n"
-		    "      - { name: rest, then: deny }\n"
-		    "    mask: { style: null }\n";
+	static const char *const yaml = API
+		"agents:\n  - name: ci\n    cgroup: /a\n" PG_DB
+		"rules:\n  - agent: ci\n    target: db\n    sql:\n"
+		"      - { name: one, when: { command: SELECT, tables: orders }, then: allow }\n"
+		"      - { name: rest, then: deny }\n"
+		"    mask: { style: null }\n";
 	const struct ag_policy_stmt_rule *r;
 	const struct ag_kv *kv;
 	char err[512] = "";
@@ -548,15 +550,15 @@ static void subtest_alias_bomb(void)
 
 	if (!ASSERT_OK_PTR(y, "malloc"))
 		return;
-	n += snprintf(y + n, cap - n, API AGENT_CI PG_DB
-		      "rules:\n  - agent: ci\n    target: db\n    sql: &s\n"
-		      "      - { name: r0, when: { command: &c [select");
+	n += snprintf(y + n, cap - n,
+		      API AGENT_CI PG_DB "rules:\n  - agent: ci\n    target: db\n    sql: &s\n"
+					 "      - { name: r0, when: { command: &c [select");
 	for (int i = 0; i < 1000; i++)
 		n += snprintf(y + n, cap - n, ", select");
 	n += snprintf(y + n, cap - n, "] }, then: deny }\n");
 	for (int i = 1; i < 1000; i++)
-		n += snprintf(y + n, cap - n, "      - { name: r%d, when: { command: *c }, then: deny }\n",
-			      i);
+		n += snprintf(y + n, cap - n,
+			      "      - { name: r%d, when: { command: *c }, then: deny }\n", i);
 	for (int i = 0; i < 1000; i++)
 		n += snprintf(y + n, cap - n, "  - { agent: ci, target: db, sql: *s }\n");
 	if (!ASSERT_LE(n, cap - 1, "fits"))
@@ -601,10 +603,17 @@ static void subtest_agent_by_cgroup(void)
 		const char *cgroup;
 		const char *agent; /* NULL: none */
 	} cases[] = {
-		{ "/a", "outer" },	   { "/a/x", "outer" },	       { "/a/bc", "outer" },
-		{ "/a/b", "inner" },	   { "/a/b/c/d", "inner" },     { "a/b/c/", "inner" },
-		{ "/c.slice/job", "other" }, { "/c", NULL },	       { "/ab", NULL },
-		{ "/", NULL },		   { "/d", NULL },
+		{ "/a", "outer" },
+		{ "/a/x", "outer" },
+		{ "/a/bc", "outer" },
+		{ "/a/b", "inner" },
+		{ "/a/b/c/d", "inner" },
+		{ "a/b/c/", "inner" },
+		{ "/c.slice/job", "other" },
+		{ "/c", NULL },
+		{ "/ab", NULL },
+		{ "/", NULL },
+		{ "/d", NULL },
 	};
 	const struct ag_policy_agent *a;
 	char err[512] = "";
@@ -695,23 +704,23 @@ static const char *jval_str(yajl_val v)
 static yajl_val jidx(yajl_val arr, size_t i)
 {
 	return YAJL_IS_ARRAY(arr) && i < YAJL_GET_ARRAY(arr)->len ? YAJL_GET_ARRAY(arr)->values[i]
-								   : NULL;
+								  : NULL;
 }
 
 void test_policy_json(void)
 {
-	static const char *const yaml =
-		API "agents: [{ name: ci, cgroup: /agents.slice, mode: observe }]\n"
-		    "targets:\n  - name: db\n    protocol: postgres\n    address: \"127.0.0.2:5432\"\n"
-		    "    tls: { client: terminate, ca_file: /etc/ssl/ca.pem }\n"
-		    "    credential: { provider: pg-jit-role, admin_secret: /etc/agentgate/s,\n"
-		    "                  grant: [app_ro, app_rw], ttl: 10m }\n"
-		    "rules:\n  - agent: ci\n    target: db\n    sql:\n"
-		    "      - { name: no-unbounded, when: { command: [update], where: absent }, "
-		    "then: deny }\n"
-		    "    mask: { columns: [users.email], style: hash }\n"
-		    "approvals: { approvers: [root], timeout: 5m }\n"
-		    "default: deny\ngateway: { fastpath: true }\n";
+	static const char *const yaml = API
+		"agents: [{ name: ci, cgroup: /agents.slice, mode: observe }]\n"
+		"targets:\n  - name: db\n    protocol: postgres\n    address: \"127.0.0.2:5432\"\n"
+		"    tls: { client: terminate, ca_file: /etc/ssl/ca.pem }\n"
+		"    credential: { provider: pg-jit-role, admin_secret: /etc/agentgate/s,\n"
+		"                  grant: [app_ro, app_rw], ttl: 10m }\n"
+		"rules:\n  - agent: ci\n    target: db\n    sql:\n"
+		"      - { name: no-unbounded, when: { command: [update], where: absent }, "
+		"then: deny }\n"
+		"    mask: { columns: [users.email], style: hash }\n"
+		"approvals: { approvers: [root], timeout: 5m }\n"
+		"default: deny\ngateway: { fastpath: true }\n";
 	static const char *p_file[] = { "file", NULL }, *p_default[] = { "default", NULL },
 			  *p_fast[] = { "gateway", "fastpath", NULL },
 			  *p_agents[] = { "agents", NULL }, *p_targets[] = { "targets", NULL },
@@ -768,8 +777,8 @@ void test_policy_json(void)
 	v = yajl_tree_get(target, p_port, yajl_t_number);
 	ASSERT_TRUE(v && YAJL_IS_INTEGER(v) && YAJL_GET_INTEGER(v) == 5432, "port");
 	ASSERT_TRUE(YAJL_IS_FALSE(yajl_tree_get(target, p_kube, yajl_t_false)), "kubernetes");
-	ASSERT_STREQ(jval_str(jidx(yajl_tree_get(target, p_addrs, yajl_t_array), 0)),
-		     "127.0.0.2", "resolved address");
+	ASSERT_STREQ(jval_str(jidx(yajl_tree_get(target, p_addrs, yajl_t_array), 0)), "127.0.0.2",
+		     "resolved address");
 	ASSERT_STREQ(jstr(target, p_client), "terminate", "tls client");
 	ASSERT_STREQ(jstr(target, p_provider), "pg-jit-role", "provider");
 	ASSERT_STREQ(jstr(target, p_secret), "/etc/agentgate/s", "secret path, not contents");
@@ -796,11 +805,13 @@ void test_policy_helpers(void)
 		int ret;
 		uint64_t ms;
 	} durations[] = {
-		{ "30s", 0, 30000 },	 { "10m", 0, 600000 }, { "1h", 0, 3600000 },
-		{ "1h30m", 0, 5400000 }, { "500ms", 0, 500 },  { "2d", 0, 172800000 },
-		{ "10", -EINVAL },	 { "", -EINVAL },      { "m", -EINVAL },
-		{ "5x", -EINVAL },	 { "0s", -EINVAL },    { "-5s", -EINVAL },
-		{ "1.5h", -EINVAL },	 { "99999999999999999s", -ERANGE },
+		{ "30s", 0, 30000 },  { "10m", 0, 600000 },
+		{ "1h", 0, 3600000 }, { "1h30m", 0, 5400000 },
+		{ "500ms", 0, 500 },  { "2d", 0, 172800000 },
+		{ "10", -EINVAL },    { "", -EINVAL },
+		{ "m", -EINVAL },     { "5x", -EINVAL },
+		{ "0s", -EINVAL },    { "-5s", -EINVAL },
+		{ "1.5h", -EINVAL },  { "99999999999999999s", -ERANGE },
 	};
 
 	if (test__start_subtest("duration")) {

@@ -104,7 +104,8 @@ static int do_tag(int argc, char **argv)
 	if (!NO_MORE_ARGS())
 		return -1;
 	if (!strcmp(path, "/")) {
-		p_err("refusing to tag the root cgroup (every process on the host would be intercepted)");
+		p_err("refusing to tag the root cgroup (every process on the host would be "
+		      "intercepted)");
 		return -1;
 	}
 
@@ -160,7 +161,8 @@ static int do_help(int argc, char **argv)
 		"       %1$s %2$s untag PATH\n"
 		"       %1$s %2$s help\n"
 		"\n"
-		"       PATH := cgroup v2 path, relative to the cgroup2 mount (/agents.slice/job-42)\n"
+		"       PATH := cgroup v2 path, relative to the cgroup2 mount "
+		"(/agents.slice/job-42)\n"
 		"       " HELP_SPEC_OPTIONS " }\n",
 		bin_name, "cgroup");
 	return 0;

@@ -282,7 +282,7 @@ int parse_cgroup_arg(const char *arg, char *out, size_t len)
 	char root[PATH_MAX];
 	size_t rl;
 
-	/* A path under the mount (/sys/fs/cgroup/agents.slice) is accepted as the mount-relative one. */
+	/* /sys/fs/cgroup/agents.slice (under the mount) stands for /agents.slice. */
 	if (!ag_cgroup2_root(root, sizeof(root))) {
 		rl = strlen(root);
 		if (rl > 1 && !strncmp(arg, root, rl) && (arg[rl] == '/' || !arg[rl]))
@@ -442,12 +442,11 @@ enum { OPT_NOT_OURS = 0, OPT_TAKEN = 1, OPT_ERROR = -1 };
 
 static bool want_version, want_help;
 
-static int set_json(bool pretty)
+static void set_json(bool pretty)
 {
 	if (pretty)
 		pretty_output = true;
 	json_output = true;
-	return 0;
 }
 
 /* A value for -S/-B: the rest of the word, or the next word. */
@@ -580,7 +579,8 @@ static int parse_global_options(int argc, char **argv)
 			seen_object = true;
 			continue;
 		}
-		rc = a[1] == '-' ? long_option(a + 2, argc, argv, &i) : short_options(a + 1, argc, argv, &i);
+		rc = a[1] == '-' ? long_option(a + 2, argc, argv, &i)
+				 : short_options(a + 1, argc, argv, &i);
 		if (rc == OPT_ERROR)
 			return -1;
 		if (rc == OPT_NOT_OURS) {

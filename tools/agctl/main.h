@@ -17,33 +17,45 @@
 
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
-#define NEXT_ARG() ({ argc--; argv++; })
-#define GET_ARG()  ({ argc--; *argv++; })
-#define BAD_ARG()  ({ p_err("what is '%s'?", *argv); -1; })
-#define REQ_ARGS(cnt)                                                                          \
-	({                                                                                     \
-		int _cnt = (cnt);                                                              \
-		bool _res = true;                                                              \
-		if (argc < _cnt) {                                                             \
-			p_err("'%s' needs at least %d argument%s, %d found", argv[-1], _cnt,  \
-			      _cnt == 1 ? "" : "s", argc);                                     \
-			_res = false;                                                          \
-		}                                                                              \
-		_res;                                                                          \
+#define NEXT_ARG()                                                                                 \
+	({                                                                                         \
+		argc--;                                                                            \
+		argv++;                                                                            \
+	})
+#define GET_ARG()                                                                                  \
+	({                                                                                         \
+		argc--;                                                                            \
+		*argv++;                                                                           \
+	})
+#define BAD_ARG()                                                                                  \
+	({                                                                                         \
+		p_err("what is '%s'?", *argv);                                                     \
+		-1;                                                                                \
+	})
+#define REQ_ARGS(cnt)                                                                              \
+	({                                                                                         \
+		int _cnt = (cnt);                                                                  \
+		bool _res = true;                                                                  \
+		if (argc < _cnt) {                                                                 \
+			p_err("'%s' needs at least %d argument%s, %d found", argv[-1], _cnt,       \
+			      _cnt == 1 ? "" : "s", argc);                                         \
+			_res = false;                                                              \
+		}                                                                                  \
+		_res;                                                                              \
 	})
 /* Nothing may follow the arguments a command consumed. */
-#define NO_MORE_ARGS()                                                                         \
-	({                                                                                     \
-		bool _res = true;                                                              \
-		if (argc > 0) {                                                                \
-			p_err("what is '%s'?", *argv);                                         \
-			_res = false;                                                          \
-		}                                                                              \
-		_res;                                                                          \
+#define NO_MORE_ARGS()                                                                             \
+	({                                                                                         \
+		bool _res = true;                                                                  \
+		if (argc > 0) {                                                                    \
+			p_err("what is '%s'?", *argv);                                             \
+			_res = false;                                                              \
+		}                                                                                  \
+		_res;                                                                              \
 	})
 
-#define HELP_SPEC_OPTIONS                                                                      \
-	"OPTIONS := { {-j|--json} [{-p|--pretty}] | {-S|--socket PATH} | {-B|--bpffs DIR} |\n" \
+#define HELP_SPEC_OPTIONS                                                                          \
+	"OPTIONS := { {-j|--json} [{-p|--pretty}] | {-S|--socket PATH} | {-B|--bpffs DIR} |\n"     \
 	"                    {-d|--debug}"
 
 struct cmd {

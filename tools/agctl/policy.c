@@ -32,7 +32,7 @@ static int do_show(int argc, char **argv)
 			ret = -1;
 		}
 	} else {
-		/* The file's path is in the daemon's status; a YAML comment keeps the output loadable. */
+		/* The path is in the status; as a YAML comment, the output stays loadable. */
 		status = ctl_request_simple(AGENTGATE__CTL__REQUEST__CMD_STATUS);
 		if (status && status->status && status->status->policy_file[0])
 			printf("# %s\n", status->status->policy_file);

@@ -148,10 +148,7 @@ static int collect_links(struct inventory *inv)
 	have_cgroot = !ag_cgroup2_root(cgroot, sizeof(cgroot));
 	for (i = 0; i < n; i++) {
 		struct link_row *l = &inv->links[i];
-		struct bpf_link_info li = {};
 		struct bpf_prog_info pi;
-		__u32 len = sizeof(li);
-		int fd;
 
 		snprintf(l->pin, sizeof(l->pin), "%s", pl[i].pin);
 		snprintf(l->hook, sizeof(l->hook), "%s", pl[i].hook);
@@ -159,21 +156,6 @@ static int collect_links(struct inventory *inv)
 		l->prog_id = pl[i].prog_id;
 		l->attach_type = pl[i].attach_type;
 		l->cgroup_id = pl[i].cgroup_id;
-		/* The kernel's view of the pinned link wins over what its name says. */
-		fd = bpf_obj_get(l->pin);
-		if (fd >= 0) {
-			if (fd_type(fd) == OBJ_LINK && !bpf_obj_get_info_by_fd(fd, &li, &len)) {
-				l->id = li.id;
-				l->prog_id = li.prog_id;
-				if (li.type == BPF_LINK_TYPE_CGROUP) {
-					l->attach_type = li.cgroup.attach_type;
-					l->cgroup_id = li.cgroup.cgroup_id;
-				}
-			}
-			close(fd);
-		} else {
-			p_debug("%s: %s", l->pin, strerror(errno));
-		}
 		if (l->prog_id && !prog_info_by_id(l->prog_id, &pi))
 			snprintf(l->prog_name, sizeof(l->prog_name), "%s", pi.name);
 		if (have_cgroot && l->cgroup_id &&
@@ -293,7 +275,8 @@ static int collect_maps(struct inventory *inv)
 		m->max_entries = info.max_entries;
 	}
 	closedir(d);
-	qsort(inv->maps, inv->nmaps, sizeof(*inv->maps), cmp_map);
+	if (inv->nmaps)
+		qsort(inv->maps, inv->nmaps, sizeof(*inv->maps), cmp_map);
 	return 0;
 }
 
@@ -443,9 +426,8 @@ static void show_json(const struct inventory *inv)
 
 static void show_plain(const struct inventory *inv)
 {
-	static const char *const link_hdr[] = { "LINK",	    "HOOK",	 "ATTACH_TYPE",
-						"PROG",	    "PROG_NAME", "CGROUP_ID",
-						"CGROUP" };
+	static const char *const link_hdr[] = { "LINK",	     "HOOK",	  "ATTACH_TYPE", "PROG",
+						"PROG_NAME", "CGROUP_ID", "CGROUP" };
 	static const char *const prog_hdr[] = { "PROG", "TYPE", "NAME", "ATTACHED", "PIN" };
 	static const char *const map_hdr[] = { "MAP", "NAME", "TYPE", "MAX_ENTRIES" };
 	struct table *t;
@@ -480,8 +462,11 @@ static void show_plain(const struct inventory *inv)
 			const struct prog_row *p = &inv->progs[i];
 
 			snprintf(a, sizeof(a), "%u", p->id);
-			table_add(t, a, str_or(libbpf_bpf_prog_type_str(p->type), "unknown"), p->name,
-				  p->attached > 0 ? "ag_sockhash" : p->attached == 0 ? "no" : "-",
+			table_add(t, a, str_or(libbpf_bpf_prog_type_str(p->type), "unknown"),
+				  p->name,
+				  p->attached > 0    ? "ag_sockhash"
+				  : p->attached == 0 ? "no"
+						     : "-",
 				  p->pin);
 		}
 		table_print(t, stdout);
@@ -495,8 +480,8 @@ static void show_plain(const struct inventory *inv)
 
 			snprintf(a, sizeof(a), "%u", m->id);
 			snprintf(b, sizeof(b), "%u", m->max_entries);
-			table_add(t, a, m->name, str_or(libbpf_bpf_map_type_str(m->type), "unknown"),
-				  b);
+			table_add(t, a, m->name,
+				  str_or(libbpf_bpf_map_type_str(m->type), "unknown"), b);
 		}
 		table_print(t, stdout);
 		table_free(t);

@@ -88,7 +88,8 @@ static int pick_agent(struct run_ctx *ctx, const char *policy_json)
 			snprintf(ctx->agent_buf, sizeof(ctx->agent_buf), "%s", name);
 			ctx->agent = ctx->agent_buf;
 		}
-		if (cg[0] && ag_cgroup_normalize(cg, ctx->agent_cgroup, sizeof(ctx->agent_cgroup))) {
+		if (cg[0] &&
+		    ag_cgroup_normalize(cg, ctx->agent_cgroup, sizeof(ctx->agent_cgroup))) {
 			p_err("agent %s has an invalid cgroup '%s'", ctx->agent, cg);
 			goto out;
 		}
@@ -119,7 +120,8 @@ static int check_attached(const char *path, const char *agent)
 		break;
 	}
 	if (ret)
-		p_err("cgroup %s of agent %s is not %s by agentgated: refusing to run unintercepted",
+		p_err("cgroup %s of agent %s is not %s by agentgated: refusing to run "
+		      "unintercepted",
 		      path, agent, i < resp->n_cgroups ? "attached" : "tagged");
 	ag_ctl_response_free(resp);
 	return ret;
@@ -377,8 +379,8 @@ static int run_child(struct run_ctx *ctx, char **cmd, int *exec_errno)
 	if (n == sizeof(e))
 		*exec_errno = e;
 out:
+	/* The handlers stay (doing nothing now) until the cgroup is torn down. */
 	child_pid = 0;
-	set_signals(false);
 	for (int i = 0; i < 2; i++) {
 		if (go[i] >= 0)
 			close(go[i]);
@@ -399,7 +401,7 @@ static int run_cmd(int argc, char **argv)
 		if (!strcmp(*argv, "--")) {
 			NEXT_ARG();
 			break;
-		} else if (!strcmp(*argv, "--agent") || !strcmp(*argv, "-a")) {
+		} else if (!strcmp(*argv, "--agent")) {
 			NEXT_ARG();
 			if (!REQ_ARGS(1))
 				return -1;
@@ -410,7 +412,8 @@ static int run_cmd(int argc, char **argv)
 		} else if (**argv == '-') {
 			return BAD_ARG();
 		} else {
-			p_err("expected '--' before the command: %s run [--agent NAME] -- CMD ARGS...",
+			p_err("expected '--' before the command: %s run [--agent NAME] -- CMD "
+			      "ARGS...",
 			      bin_name);
 			return -1;
 		}
@@ -459,6 +462,7 @@ static int run_cmd(int argc, char **argv)
 	ret = st;
 out:
 	teardown(&ctx);
+	set_signals(false);
 	ag_ctl_response_free(policy);
 	ag_ctl_response_free(status);
 	return ret;

@@ -50,9 +50,8 @@ static void session_json(const Agentgate__Ctl__Session *s)
 
 static void sessions_plain(Agentgate__Ctl__Session **ss, size_t n)
 {
-	static const char *const hdr[] = { "ID",    "AGENT",   "PID",	  "COMM",
-					   "UID",   "TARGET",  "PROTO",	  "ORIG_DST",
-					   "STATE", "STARTED", "UP",	  "DOWN" };
+	static const char *const hdr[] = { "ID",    "AGENT",	"PID",	 "COMM",    "UID", "TARGET",
+					   "PROTO", "ORIG_DST", "STATE", "STARTED", "UP",  "DOWN" };
 	struct table *t = table_new(hdr, ARRAY_SIZE(hdr));
 	size_t i;
 

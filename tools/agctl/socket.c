@@ -192,6 +192,7 @@ static int add_owners_of(struct sockctx *c, const struct proc *p)
 		no = &c->owners[c->nowners++];
 		no->ino = ino;
 		no->netns = netns;
+		no->seen = false;
 		no->pid = p->pid;
 		no->cgroup = p->cgroup;
 		snprintf(no->comm, sizeof(no->comm), "%s", comm);
@@ -360,8 +361,8 @@ static int dump_all_netns(struct sockctx *c)
 		snprintf(path, sizeof(path), "/proc/%d/ns/net", c->owners[i].pid);
 		fd = open(path, O_RDONLY | O_CLOEXEC);
 		if (self_fd < 0 || fd < 0 || setns(fd, CLONE_NEWNET)) {
-			p_debug("cannot enter the network namespace of pid %d: %s", c->owners[i].pid,
-				strerror(errno));
+			p_debug("cannot enter the network namespace of pid %d: %s",
+				c->owners[i].pid, strerror(errno));
 			if (fd >= 0)
 				close(fd);
 			continue;
@@ -466,7 +467,8 @@ static int do_list(int argc, char **argv)
 		}
 	}
 	/* Nested tagged cgroups list a process twice: keep it once. */
-	qsort(c.procs, c.nprocs, sizeof(*c.procs), cmp_proc);
+	if (c.nprocs)
+		qsort(c.procs, c.nprocs, sizeof(*c.procs), cmp_proc);
 	for (i = 0, n = 0; i < c.nprocs; i++) {
 		if (n && c.procs[n - 1].pid == c.procs[i].pid)
 			continue;
@@ -481,7 +483,8 @@ static int do_list(int argc, char **argv)
 		}
 	}
 	/* A socket shared across fork is shown once, under its lowest pid. */
-	qsort(c.owners, c.nowners, sizeof(*c.owners), cmp_owner);
+	if (c.nowners)
+		qsort(c.owners, c.nowners, sizeof(*c.owners), cmp_owner);
 	for (i = 0, n = 0; i < c.nowners; i++) {
 		if (n && c.owners[n - 1].ino == c.owners[i].ino)
 			continue;

@@ -1,0 +1,394 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * agctl as a user meets it, with no daemon: the version, the help grammar, bpftool's habits
+ * (prefixes, `Error: ...` on stderr or {"error": ...} on stdout with -j, exit 1), the clean
+ * message when agentgated is not running, and `policy check` on a good and a bad file. build/agctl
+ * is run as a separate process with stdout and stderr captured apart.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/wait.h>
+#include <yajl/yajl_tree.h>
+
+#include "../helpers.h"
+#include "../test_progs.h"
+
+#define NO_DAEMON_SOCKET "/nonexistent/agentgate.sock"
+#define N_ELEMS(a) (sizeof(a) / sizeof((a)[0]))
+
+struct agctl_result {
+	int status; /* exit code; 128+N if killed by signal N; -errno if it could not run */
+	char out[16384];
+	char err[16384];
+};
+
+static void drain(int *fd, char *buf, size_t cap, size_t *len)
+{
+	ssize_t n;
+
+	if (*len + 1 >= cap) {
+		char sink[512];
+
+		n = read(*fd, sink, sizeof(sink));
+	} else {
+		n = read(*fd, buf + *len, cap - 1 - *len);
+		if (n > 0)
+			*len += n;
+	}
+	if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN)) {
+		close(*fd);
+		*fd = -1;
+	}
+}
+
+/* Runs build/agctl with args (NULL-terminated); 10 s at most. */
+static int run_agctl(struct agctl_result *r, const char *const *args)
+{
+	char bin[PATH_MAX];
+	const char *argv[32];
+	int out[2], err[2], n = 0, st;
+	size_t olen = 0, elen = 0;
+	time_t deadline;
+	pid_t pid;
+
+	memset(r, 0, sizeof(*r));
+	snprintf(bin, sizeof(bin), "%s/agctl", th_build_dir());
+	if (access(bin, X_OK)) {
+		r->status = -errno;
+		fprintf(stdout, "%s: %s\n", bin, strerror(errno));
+		return r->status;
+	}
+	argv[n++] = bin;
+	while (*args && n < (int)N_ELEMS(argv) - 1)
+		argv[n++] = *args++;
+	argv[n] = NULL;
+
+	if (pipe2(out, O_CLOEXEC))
+		return r->status = -errno;
+	if (pipe2(err, O_CLOEXEC)) {
+		close(out[0]);
+		close(out[1]);
+		return r->status = -errno;
+	}
+	pid = fork();
+	if (pid < 0) {
+		r->status = -errno;
+		close(out[0]);
+		close(out[1]);
+		close(err[0]);
+		close(err[1]);
+		return r->status;
+	}
+	if (pid == 0) {
+		int devnull = open("/dev/null", O_RDONLY);
+
+		dup2(devnull, 0);
+		dup2(out[1], 1);
+		dup2(err[1], 2);
+		execv(bin, (char *const *)argv);
+		_exit(127);
+	}
+	close(out[1]);
+	close(err[1]);
+	deadline = time(NULL) + 10;
+	while (out[0] >= 0 || err[0] >= 0) {
+		struct pollfd p[2] = { { .fd = out[0], .events = POLLIN },
+				       { .fd = err[0], .events = POLLIN } };
+
+		if (time(NULL) > deadline) {
+			kill(pid, SIGKILL);
+			break;
+		}
+		if (poll(p, 2, 1000) < 0 && errno != EINTR)
+			break;
+		if (out[0] >= 0 && p[0].revents)
+			drain(&out[0], r->out, sizeof(r->out), &olen);
+		if (err[0] >= 0 && p[1].revents)
+			drain(&err[0], r->err, sizeof(r->err), &elen);
+	}
+	if (out[0] >= 0)
+		close(out[0]);
+	if (err[0] >= 0)
+		close(err[0]);
+	r->out[olen] = '\0';
+	r->err[elen] = '\0';
+	while (waitpid(pid, &st, 0) < 0) {
+		if (errno != EINTR)
+			return r->status = -errno;
+	}
+	r->status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+	if (test__verbose())
+		fprintf(stdout, "agctl exit %d\n--- stdout\n%s--- stderr\n%s---\n", r->status,
+			r->out, r->err);
+	return r->status;
+}
+
+#define AGCTL(r, ...) run_agctl((r), (const char *const[]){ __VA_ARGS__, NULL })
+
+/* stdout holds exactly one JSON object with a string "error". */
+static void assert_json_error(const struct agctl_result *r, const char *substr, const char *what)
+{
+	static const char *path[] = { "error", NULL };
+	char errbuf[256];
+	yajl_val v, e;
+
+	v = yajl_tree_parse(r->out, errbuf, sizeof(errbuf));
+	if (!ASSERT_OK_PTR(v, what)) {
+		fprintf(stdout, "not JSON (%s): '%s'\n", errbuf, r->out);
+		return;
+	}
+	e = yajl_tree_get(v, path, yajl_t_string);
+	if (ASSERT_OK_PTR(e, "error is a string") && substr)
+		ASSERT_HAS_SUBSTR(YAJL_GET_STRING(e), substr, what);
+	yajl_tree_free(v);
+}
+
+static void subtest_version(void)
+{
+	static const char *path[] = { "version", NULL };
+	struct agctl_result *r = malloc(sizeof(*r));
+	char errbuf[256];
+	yajl_val v;
+
+	if (!ASSERT_OK_PTR(r, "alloc"))
+		return;
+	ASSERT_EQ(AGCTL(r, "-V"), 0, "-V exit");
+	ASSERT_TRUE(!strncmp(r->out, "agctl ", 6), "-V prints 'agctl VERSION'");
+	ASSERT_STREQ(r->err, "", "-V stderr");
+	ASSERT_EQ(AGCTL(r, "--version"), 0, "--version exit");
+	ASSERT_TRUE(!strncmp(r->out, "agctl ", 6), "--version prints 'agctl VERSION'");
+
+	ASSERT_EQ(AGCTL(r, "-j", "version"), 0, "-j version exit");
+	v = yajl_tree_parse(r->out, errbuf, sizeof(errbuf));
+	if (ASSERT_OK_PTR(v, "-j version is JSON")) {
+		ASSERT_OK_PTR(yajl_tree_get(v, path, yajl_t_string), "version field");
+		yajl_tree_free(v);
+	}
+	free(r);
+}
+
+static void subtest_help_grammar(void)
+{
+	static const char *const objects[] = { "session", "cgroup", "policy",
+					       "prog",	  "run",    "socket" };
+	struct agctl_result *r = malloc(sizeof(*r));
+	char want[64];
+
+	if (!ASSERT_OK_PTR(r, "alloc"))
+		return;
+	ASSERT_EQ(AGCTL(r, "help"), 0, "help exit");
+	ASSERT_HAS_SUBSTR(r->out, "Usage: agctl [OPTIONS] OBJECT { COMMAND | help }", "usage line");
+	ASSERT_HAS_SUBSTR(r->out, "OBJECT := {", "object grammar");
+	ASSERT_HAS_SUBSTR(r->out, "OPTIONS := {", "options grammar");
+	ASSERT_HAS_SUBSTR(r->out, "{-j|--json}", "-j documented");
+	ASSERT_HAS_SUBSTR(r->out, "{-S|--socket PATH}", "-S documented");
+	for (size_t i = 0; i < N_ELEMS(objects); i++)
+		ASSERT_HAS_SUBSTR(r->out, objects[i], "object listed");
+
+	/* Every object answers `help` with its own grammar. */
+	for (size_t i = 0; i < N_ELEMS(objects); i++) {
+		ASSERT_EQ(AGCTL(r, objects[i], "help"), 0, objects[i]);
+		snprintf(want, sizeof(want), "Usage: agctl %s ", objects[i]);
+		ASSERT_HAS_SUBSTR(r->out, want, "object usage");
+	}
+	ASSERT_EQ(AGCTL(r, "cgroup", "help"), 0, "cgroup help");
+	ASSERT_HAS_SUBSTR(r->out, "tag PATH agent NAME", "cgroup tag grammar");
+	ASSERT_EQ(AGCTL(r, "run", "help"), 0, "run help");
+	ASSERT_HAS_SUBSTR(r->out, "[--agent NAME] -- CMD", "run grammar");
+
+	/* -j help is a JSON null, as bpftool's. */
+	ASSERT_EQ(AGCTL(r, "-j", "help"), 0, "-j help exit");
+	ASSERT_STREQ(r->out, "null\n", "-j help output");
+	free(r);
+}
+
+static void subtest_unknown_object(void)
+{
+	struct agctl_result *r = malloc(sizeof(*r));
+
+	if (!ASSERT_OK_PTR(r, "alloc"))
+		return;
+	ASSERT_EQ(AGCTL(r, "frobnicate"), 1, "unknown object exit");
+	ASSERT_TRUE(!strncmp(r->err, "Error: ", 7), "stderr starts with 'Error: '");
+	ASSERT_HAS_SUBSTR(r->err, "frobnicate", "names the word");
+	ASSERT_STREQ(r->out, "", "nothing on stdout");
+
+	ASSERT_EQ(AGCTL(r, "session", "frobnicate"), 1, "unknown command exit");
+	ASSERT_TRUE(!strncmp(r->err, "Error: ", 7), "command: 'Error: '");
+
+	ASSERT_EQ(AGCTL(r, "--frobnicate", "session"), 1, "unknown option exit");
+	ASSERT_HAS_SUBSTR(r->err, "Error: unrecognized option '--frobnicate'", "unknown option");
+
+	ASSERT_EQ(AGCTL(r, "session", "show", "x1"), 1, "bad session id exit");
+	ASSERT_HAS_SUBSTR(r->err, "Error: invalid session id 'x1'", "bad session id");
+	ASSERT_EQ(AGCTL(r, "cgroup", "tag", "/x"), 1, "tag without agent exit");
+	ASSERT_HAS_SUBSTR(r->err, "Error: 'tag' needs at least 3 arguments", "tag arity");
+	ASSERT_EQ(AGCTL(r, "run", "true"), 1, "run without -- exit");
+	ASSERT_HAS_SUBSTR(r->err, "Error: expected '--'", "run needs --");
+	free(r);
+}
+
+static void subtest_json_error(void)
+{
+	struct agctl_result *r = malloc(sizeof(*r));
+
+	if (!ASSERT_OK_PTR(r, "alloc"))
+		return;
+	ASSERT_EQ(AGCTL(r, "-j", "session", "frobnicate"), 1, "-j unknown command exit");
+	assert_json_error(r, "frobnicate", "-j error on stdout");
+	ASSERT_STREQ(r->err, "", "nothing on stderr");
+
+	ASSERT_EQ(AGCTL(r, "-p", "frobnicate"), 1, "-p unknown object exit");
+	assert_json_error(r, "frobnicate", "-p error on stdout");
+
+	/* -j after the object works too (options may stand anywhere before --). */
+	ASSERT_EQ(AGCTL(r, "session", "frobnicate", "-j"), 1, "trailing -j exit");
+	assert_json_error(r, NULL, "trailing -j");
+
+	ASSERT_EQ(AGCTL(r, "-j", "policy", "check"), 1, "-j missing argument exit");
+	assert_json_error(r, "needs at least 1 argument", "-j missing argument");
+	free(r);
+}
+
+static void subtest_prefix_matching(void)
+{
+	struct agctl_result *a = malloc(sizeof(*a)), *b = malloc(sizeof(*b));
+
+	if (!ASSERT_OK_PTR(a, "alloc") || !ASSERT_OK_PTR(b, "alloc"))
+		goto out;
+	ASSERT_EQ(AGCTL(a, "session", "help"), 0, "session help");
+	ASSERT_EQ(AGCTL(b, "se", "he"), 0, "se he");
+	ASSERT_STREQ(b->out, a->out, "se he = session help");
+
+	/* `s l` is session list (table order decides between session and socket). */
+	ASSERT_EQ(AGCTL(a, "-S", NO_DAEMON_SOCKET, "session", "list"), 1, "session list");
+	ASSERT_EQ(AGCTL(b, "-S", NO_DAEMON_SOCKET, "s", "l"), 1, "s l");
+	ASSERT_STREQ(b->err, a->err, "s l = session list");
+
+	/* No command: the first row (list). */
+	ASSERT_EQ(AGCTL(b, "-S", NO_DAEMON_SOCKET, "session"), 1, "session");
+	ASSERT_STREQ(b->err, a->err, "session = session list");
+
+	ASSERT_EQ(AGCTL(a, "cgroup", "help"), 0, "cgroup help");
+	ASSERT_EQ(AGCTL(b, "c", "h"), 0, "c h");
+	ASSERT_STREQ(b->out, a->out, "c h = cgroup help");
+
+	/* A longer word than the command is not a prefix of it. */
+	ASSERT_EQ(AGCTL(a, "sessions", "list"), 1, "sessions is no object");
+out:
+	free(a);
+	free(b);
+}
+
+static void subtest_no_daemon_error(void)
+{
+	struct agctl_result *r = malloc(sizeof(*r));
+	const char *nl;
+
+	if (!ASSERT_OK_PTR(r, "alloc"))
+		return;
+	ASSERT_EQ(AGCTL(r, "-S", NO_DAEMON_SOCKET, "session", "list"), 1, "exit");
+	ASSERT_HAS_SUBSTR(r->err, "Error: agentgated is not running", "clean error");
+	ASSERT_HAS_SUBSTR(r->err, NO_DAEMON_SOCKET, "names the socket");
+	nl = strchr(r->err, '\n');
+	ASSERT_TRUE(nl && !nl[1], "one line");
+	ASSERT_STREQ(r->out, "", "nothing on stdout");
+
+	ASSERT_EQ(AGCTL(r, "-j", "--socket", NO_DAEMON_SOCKET, "cgroup", "list"), 1, "-j exit");
+	assert_json_error(r, "agentgated is not running", "-j no daemon");
+	ASSERT_STREQ(r->err, "", "-j: nothing on stderr");
+
+	ASSERT_EQ(AGCTL(r, "-S", NO_DAEMON_SOCKET, "run", "--", "true"), 1, "run exit");
+	ASSERT_HAS_SUBSTR(r->err, "Error: agentgated is not running", "run: clean error");
+	free(r);
+}
+
+static void subtest_policy_check_ok(void)
+{
+	static const char *path[] = { "ok", NULL };
+	struct agctl_result *r = malloc(sizeof(*r));
+	char file[PATH_MAX], want[PATH_MAX + 16], errbuf[256];
+	yajl_val v;
+
+	if (!ASSERT_OK_PTR(r, "alloc"))
+		return;
+	snprintf(file, sizeof(file), "%s/../policies/example.yaml", th_build_dir());
+	if (access(file, R_OK)) {
+		test__skip("%s: %s", file, strerror(errno));
+		free(r);
+		return;
+	}
+	ASSERT_EQ(AGCTL(r, "policy", "check", file), 0, "exit");
+	snprintf(want, sizeof(want), "%s: ok (", file);
+	ASSERT_HAS_SUBSTR(r->out, want, "FILE: ok (...)");
+	ASSERT_HAS_SUBSTR(r->out, " agent", "counts agents");
+
+	ASSERT_EQ(AGCTL(r, "-j", "policy", "check", file), 0, "-j exit");
+	v = yajl_tree_parse(r->out, errbuf, sizeof(errbuf));
+	if (ASSERT_OK_PTR(v, "-j is JSON")) {
+		ASSERT_TRUE(YAJL_IS_TRUE(yajl_tree_get(v, path, yajl_t_any)), "ok: true");
+		yajl_tree_free(v);
+	}
+	free(r);
+}
+
+static void subtest_policy_check_bad(void)
+{
+	static const char bad[] = "apiVersion: agentgate/v1\n"
+				  "agents:\n"
+				  "  - name: ci\n"
+				  "    cgroupp: /agents.slice\n";
+	struct agctl_result *r = malloc(sizeof(*r));
+	char file[] = "/tmp/agctl-bad-XXXXXX.yaml", want[64];
+	int fd;
+
+	if (!ASSERT_OK_PTR(r, "alloc"))
+		return;
+	fd = mkstemps(file, 5);
+	if (!ASSERT_GE(fd, 0, "mkstemps"))
+		goto out;
+	ASSERT_EQ(write(fd, bad, sizeof(bad) - 1), (long long)sizeof(bad) - 1, "write");
+	close(fd);
+
+	ASSERT_EQ(AGCTL(r, "policy", "check", file), 1, "exit");
+	snprintf(want, sizeof(want), "Error: %s:4:5: ", file);
+	ASSERT_HAS_SUBSTR(r->err, want, "file:line:col");
+	ASSERT_HAS_SUBSTR(r->err, "cgroupp", "names the key");
+	ASSERT_STREQ(r->out, "", "nothing on stdout");
+
+	ASSERT_EQ(AGCTL(r, "-j", "policy", "check", file), 1, "-j exit");
+	assert_json_error(r, ":4:5:", "-j file:line:col");
+
+	ASSERT_EQ(AGCTL(r, "policy", "check", "/nonexistent/policy.yaml"), 1, "missing file exit");
+	ASSERT_HAS_SUBSTR(r->err, "/nonexistent/policy.yaml", "names the missing file");
+	unlink(file);
+out:
+	free(r);
+}
+
+void test_agctl_cli(void)
+{
+	if (test__start_subtest("version"))
+		subtest_version();
+	if (test__start_subtest("help_grammar"))
+		subtest_help_grammar();
+	if (test__start_subtest("unknown_object"))
+		subtest_unknown_object();
+	if (test__start_subtest("json_error"))
+		subtest_json_error();
+	if (test__start_subtest("prefix_matching"))
+		subtest_prefix_matching();
+	if (test__start_subtest("no_daemon_error"))
+		subtest_no_daemon_error();
+	if (test__start_subtest("policy_check_ok"))
+		subtest_policy_check_ok();
+	if (test__start_subtest("policy_check_bad"))
+		subtest_policy_check_bad();
+}
