@@ -425,6 +425,7 @@ int main(int argc, char **argv)
 
 out_workers:
 	ag_workers_stop(d);
+	ag_daemon_seq_fini(d);
 	if (d->sig_io.loop) {
 		ag_loop_del(&d->sig_io);
 		close(d->sig_io.fd);

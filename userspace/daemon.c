@@ -402,9 +402,10 @@ bool ag_daemon_agent_of(struct ag_daemon *d, uint64_t tag_cgid, const char *cgro
 
 /*
  * Session ids stay unique across restarts: ids are handed out from blocks reserved in
- * <state>/session_seq before use, so even a crash never reuses one.
+ * <state>/session_seq before use, so even a crash never reuses one; a clean stop writes back
+ * where it got to, so ids stay contiguous across ordinary restarts.
  */
-#define AG_SEQ_BLOCK 100000
+#define AG_SEQ_BLOCK 10000
 
 static int write_seq(struct ag_daemon *d, uint64_t v)
 {
@@ -451,5 +452,11 @@ void ag_daemon_seq_tick(struct ag_daemon *d)
 		return;
 	d->seq_reserved = cur + AG_SEQ_BLOCK;
 	if (write_seq(d, d->seq_reserved))
+		pr_warn("saving the session id sequence: %s", strerror(errno));
+}
+
+void ag_daemon_seq_fini(struct ag_daemon *d)
+{
+	if (write_seq(d, __atomic_load_n(&d->next_session_id, __ATOMIC_RELAXED)))
 		pr_warn("saving the session id sequence: %s", strerror(errno));
 }

@@ -100,6 +100,7 @@ bool ag_daemon_agent_of(struct ag_daemon *d, uint64_t tag_cgid, const char *cgro
 /* Session ids, unique across restarts (reserved in blocks under the state dir). */
 int ag_daemon_seq_init(struct ag_daemon *d);
 void ag_daemon_seq_tick(struct ag_daemon *d);
+void ag_daemon_seq_fini(struct ag_daemon *d);
 
 /* Workers (session.c). */
 int ag_workers_start(struct ag_daemon *d, char *err, size_t errlen);
