@@ -708,6 +708,8 @@ static int port_free(int family, uint16_t port, char *err, size_t errlen)
 	fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return 0;
+	/* Connections of a previous daemon in TIME_WAIT are no reason to refuse; a listener is. */
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
 	if (family == AF_INET) {
 		struct sockaddr_in *in = (void *)&ss;
 
