@@ -71,10 +71,7 @@ static __always_inline void ag_unlink(struct bpf_sock_ops *skops)
 	if (bpf_map_delete_elem(&ag_conns, &key) == 0)
 		ag_stat_inc(AG_STAT_CONNS_UNLINKED);
 	ag_sock_key_of(skops, &sk);
-	__builtin_memcpy(peer.local, sk.remote, 16);
-	__builtin_memcpy(peer.remote, sk.local, 16);
-	peer.lport = sk.rport;
-	peer.rport = sk.lport;
+	ag_fp_key_reverse(&sk, &peer);
 	bpf_map_delete_elem(&ag_fastpath, &sk);
 	bpf_map_delete_elem(&ag_fastpath, &peer);
 	ag_emit(AG_EV_CLOSE, 0, info, &key);
@@ -83,7 +80,7 @@ static __always_inline void ag_unlink(struct bpf_sock_ops *skops)
 static __always_inline void ag_fastpath_join(struct bpf_sock_ops *skops)
 {
 	struct ag_fp_entry e = { .state = AG_FP_NEW };
-	struct ag_sock_key k = {};
+	struct ag_sock_key k = {}, gw = {};
 	struct bpf_sock *sk = skops->sk;
 	struct tcp_sock *tp;
 	__u32 zero = 0;
@@ -99,6 +96,9 @@ static __always_inline void ag_fastpath_join(struct bpf_sock_ops *skops)
 	e.sk = (__u64)tp;
 	if (bpf_map_update_elem(&ag_fastpath, &k, &e, BPF_ANY))
 		return;
+	/* Whatever an earlier connection of this 4-tuple left for the gateway's side. */
+	ag_fp_key_reverse(&k, &gw);
+	bpf_map_delete_elem(&ag_fastpath, &gw);
 	if (bpf_sock_hash_update(skops, &ag_sockhash, &k, BPF_NOEXIST)) {
 		bpf_map_delete_elem(&ag_fastpath, &k);
 		return;

@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "cgroup.h"
+#include "ctl.h"
 #include "helpers.h"
 #include "test_progs.h"
 
@@ -675,30 +676,32 @@ static int conn_read(struct srv_conn *c, uint8_t *tmp, size_t tmplen, bool echo)
 	}
 }
 
+/* Writes what c holds: true when it is all out; else c has ended or waits to write. */
+static bool conn_flushed(struct th_server *s, struct srv_conn *c)
+{
+	int r = conn_flush(c);
+
+	if (r < 0)
+		conn_end(s, c, -r);
+	else if (!r)
+		conn_want(s, c, EPOLLOUT);
+	return r > 0;
+}
+
 static void echo_event(struct th_server *s, struct srv_conn *c, uint32_t ev)
 {
 	int r;
 
-	if (c->len) {
-		r = conn_flush(c);
-		if (r < 0)
-			return conn_end(s, c, -r);
-		if (!r)
-			return conn_want(s, c, EPOLLOUT);
-	}
+	if (c->len && !conn_flushed(s, c))
+		return;
 	if (!c->rd_eof) {
 		r = conn_read(c, NULL, 0, true);
 		if (r < 0)
 			return conn_end(s, c, -r);
 		if (r == 0)
 			c->rd_eof = true;
-		if (c->len) {
-			r = conn_flush(c);
-			if (r < 0)
-				return conn_end(s, c, -r);
-			if (!r)
-				return conn_want(s, c, EPOLLOUT);
-		}
+		if (c->len && !conn_flushed(s, c))
+			return;
 	}
 	if (c->rd_eof && !c->len) {
 		shutdown(c->fd, SHUT_WR);
@@ -776,11 +779,8 @@ static void halfclose_event(struct th_server *s, struct srv_conn *c, uint32_t ev
 			c->rep.bytes_out = c->len;
 		}
 	}
-	r = conn_flush(c);
-	if (r < 0)
-		return conn_end(s, c, -r);
-	if (!r)
-		return conn_want(s, c, EPOLLOUT);
+	if (!conn_flushed(s, c))
+		return;
 	shutdown(c->fd, SHUT_WR);
 	conn_end(s, c, 0);
 }
@@ -825,11 +825,7 @@ static void srv_accept(struct th_server *s)
 		c->in = EVP_MD_CTX_new();
 		c->out = EVP_MD_CTX_new();
 		if (!c->buf || !c->in || !c->out) {
-			EVP_MD_CTX_free(c->in);
-			EVP_MD_CTX_free(c->out);
-			free(c->buf);
-			free(c);
-			close(fd);
+			conn_free(s, c); /* not tracked nor watched yet: that part is a no-op */
 			continue;
 		}
 		EVP_DigestInit_ex(c->in, EVP_sha256(), NULL);
@@ -847,11 +843,7 @@ static void srv_accept(struct th_server *s)
 		ev.events = c->events;
 		ev.data.ptr = c;
 		if (epoll_ctl(s->efd, EPOLL_CTL_ADD, fd, &ev)) {
-			EVP_MD_CTX_free(c->in);
-			EVP_MD_CTX_free(c->out);
-			free(c->buf);
-			free(c);
-			close(fd);
+			conn_free(s, c);
 			continue;
 		}
 		srv_track(s, c, true);
@@ -1648,22 +1640,18 @@ static int daemon_init(struct th_daemon *d, const char *policy_yaml, const char 
 	return 0;
 }
 
+/*
+ * Up once it answers a request, not once its socket accepts: the socket listens early in the
+ * start, before the gateway's listeners and the tags, and before a failing start has exited.
+ */
 static bool ctl_answers(const char *path)
 {
-	struct sockaddr_un sun = { .sun_family = AF_UNIX };
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	bool ok;
+	char err[256];
+	ag_ctl_response *resp = ag_ctl_call_simple(path, AGENTGATE__CTL__REQUEST__CMD_STATUS,
+						   2000, err, sizeof(err));
 
-	if (fd < 0)
-		return false;
-	if (strlen(path) >= sizeof(sun.sun_path)) {
-		close(fd);
-		return false;
-	}
-	memcpy(sun.sun_path, path, strlen(path) + 1);
-	ok = !connect(fd, (struct sockaddr *)&sun, sizeof(sun));
-	close(fd);
-	return ok;
+	ag_ctl_response_free(resp);
+	return resp != NULL;
 }
 
 static int decode_status(int status)

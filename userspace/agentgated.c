@@ -85,13 +85,28 @@ static int mkdir_p(const char *path, mode_t mode)
 	return 0;
 }
 
+/* daemon() moves to "/": a path given relative to where we started must keep its meaning. */
+static int absolute_path(const char **path, char *buf, size_t len)
+{
+	char cwd[PATH_MAX];
+
+	if ((*path)[0] == '/')
+		return 0;
+	if (!getcwd(cwd, sizeof(cwd)))
+		return -errno;
+	if ((size_t)snprintf(buf, len, "%s/%s", cwd, *path) >= len)
+		return -ENAMETOOLONG;
+	*path = buf;
+	return 0;
+}
+
 static const char *deny_reason(__u32 r)
 {
 	switch (r) {
 	case AG_DENY_NO_DAEMON:
 		return "gateway not listening: connect refused in the kernel (fail closed)";
 	case AG_DENY_PROTO:
-		return "stream socket that is not TCP: refused in the kernel";
+		return "a connection that is not TCP (SCTP): refused in the kernel";
 	case AG_DENY_NO_STORAGE:
 		return "could not record the caller's identity: refused in the kernel";
 	default:
@@ -176,6 +191,9 @@ static void main_tick(void *arg)
 
 	ag_bpf_events_consume(d->bpf);
 	ag_daemon_seq_tick(d);
+	/* The control socket's listener, paused when fds ran out (ctl_server.c). */
+	if (d->ctl_io.fd >= 0 && d->ctl_io.loop && !d->ctl_io.events)
+		ag_loop_mod(&d->ctl_io, EPOLLIN);
 	if (d->draining) {
 		size_t n;
 
@@ -337,6 +355,17 @@ int main(int argc, char **argv)
 		d->fastpath = pol->fastpath_set && pol->fastpath;
 
 	if (!d->opts.foreground) {
+		static char config[PATH_MAX], state_dir[PATH_MAX], socket[PATH_MAX];
+		int e = absolute_path(&d->opts.config, config, sizeof(config));
+
+		if (!e)
+			e = absolute_path(&d->opts.state_dir, state_dir, sizeof(state_dir));
+		if (!e)
+			e = absolute_path(&d->opts.socket, socket, sizeof(socket));
+		if (e) {
+			pr_err("cannot make the paths absolute: %s", strerror(-e));
+			goto out_policy;
+		}
 		if (daemon(0, 0)) {
 			pr_err("daemon(): %s", strerror(errno));
 			goto out_policy;
@@ -348,6 +377,11 @@ int main(int argc, char **argv)
 		struct rlimit rl = { RLIM_INFINITY, RLIM_INFINITY };
 
 		setrlimit(RLIMIT_MEMLOCK, &rl);
+		/* Two fds a session: the usual soft limit of 1024 would cap us near 500. */
+		if (!getrlimit(RLIMIT_NOFILE, &rl) && rl.rlim_cur < rl.rlim_max) {
+			rl.rlim_cur = rl.rlim_max;
+			setrlimit(RLIMIT_NOFILE, &rl);
+		}
 	}
 	signal(SIGPIPE, SIG_IGN);
 	sigemptyset(&mask);
@@ -362,6 +396,18 @@ int main(int argc, char **argv)
 		pr_err("epoll: %s", strerror(errno));
 		goto out_policy;
 	}
+	if (ag_slog_open(d, err, sizeof(err))) {
+		pr_err("%s", err);
+		goto out_loop;
+	}
+	/*
+	 * The control socket before the BPF side: its probe refuses to run beside a live daemon,
+	 * whose sk_msg program and settings in the pinned maps the load would otherwise replace.
+	 */
+	if (ag_ctl_server_start(d, err, sizeof(err))) {
+		pr_err("%s", err);
+		goto out_slog;
+	}
 	{
 		struct ag_bpf_opts bo = {
 			.pin_root = d->opts.pin_root,
@@ -373,17 +419,8 @@ int main(int argc, char **argv)
 		d->bpf = ag_bpf_load(&bo, on_kernel_event, d, err, sizeof(err));
 		if (!d->bpf) {
 			pr_err("%s", err);
-			goto out_loop;
+			goto out_ctl;
 		}
-	}
-	if (ag_slog_open(d, err, sizeof(err))) {
-		pr_err("%s", err);
-		goto out_bpf;
-	}
-	/* The control socket first: its probe refuses to run beside a live daemon. */
-	if (ag_ctl_server_start(d, err, sizeof(err))) {
-		pr_err("%s", err);
-		goto out_slog;
 	}
 	/* Listeners before the links: a tagged connect must find the gateway once attached. */
 	if (ag_workers_start(d, err, sizeof(err))) {
@@ -432,11 +469,11 @@ out_workers:
 	}
 	if (d->ev_io.loop)
 		ag_loop_del(&d->ev_io);
+	ag_bpf_free(d->bpf);
+out_ctl:
 	ag_ctl_server_stop(d);
 out_slog:
 	ag_slog_close(d);
-out_bpf:
-	ag_bpf_free(d->bpf);
 out_loop:
 	ag_loop_free(d->loop);
 out_policy:

@@ -89,6 +89,7 @@ struct ag_bpf *ag_bpf_load(const struct ag_bpf_opts *opts, ag_bpf_event_fn fn, v
 	}
 	b->skel->rodata->gw_port = opts->port;
 	b->skel->rodata->daemon_mark = opts->mark;
+	b->skel->rodata->daemon_tgid = getpid();
 	rc = agentgate_bpf__load(b->skel);
 	if (rc) {
 		snprintf(err, errlen,
@@ -339,9 +340,19 @@ int ag_bpf_set_fastpath(struct ag_bpf *b, bool on)
 
 int ag_bpf_sockhash_add(struct ag_bpf *b, int fd, const struct ag_sock_key *key)
 {
-	__u64 v = fd;
+	struct ag_sock_key agent = { .lport = key->rport, .rport = key->lport };
+	int mfd = bpf_map__fd(b->skel->maps.ag_sockhash);
+	__u64 v = fd, cookie;
 
-	if (bpf_map_update_elem(bpf_map__fd(b->skel->maps.ag_sockhash), key, &v, BPF_NOEXIST))
+	/*
+	 * The agent's end joined at connect unless it was blocking (bpf/lib/fastpath.h): then
+	 * nothing is ever redirected and our socket would only pay for tcp_bpf.
+	 */
+	memcpy(agent.local, key->remote, sizeof(agent.local));
+	memcpy(agent.remote, key->local, sizeof(agent.remote));
+	if (bpf_map_lookup_elem(mfd, &agent, &cookie))
+		return -errno;
+	if (bpf_map_update_elem(mfd, key, &v, BPF_NOEXIST))
 		return -errno;
 	return 0;
 }

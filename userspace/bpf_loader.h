@@ -18,7 +18,7 @@ struct ag_bpf;
 struct ag_bpf_opts {
 	const char *pin_root;
 	uint16_t port;	/* the gateway's listener */
-	uint32_t mark;	/* SO_MARK of the daemon's upstream sockets */
+	uint32_t mark;	/* SO_MARK of the daemon's listeners and upstream sockets */
 	bool fastpath;
 };
 
@@ -41,7 +41,10 @@ bool ag_bpf_is_attached(struct ag_bpf *b, uint64_t cgid);
 
 int ag_bpf_lookup_conn(struct ag_bpf *b, const struct ag_conn_key *key, struct ag_conn_info *info);
 int ag_bpf_set_fastpath(struct ag_bpf *b, bool on);
-/* Adds the daemon's end of an agent↔gateway leg to the sockhash (fast path). */
+/*
+ * Adds the daemon's end of an agent↔gateway leg to the sockhash (fast path); -ENOENT when the
+ * agent's end is not there (a blocking agent keeps plain TCP).
+ */
 int ag_bpf_sockhash_add(struct ag_bpf *b, int fd, const struct ag_sock_key *key);
 
 int ag_bpf_events_fd(struct ag_bpf *b);

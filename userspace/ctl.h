@@ -25,6 +25,12 @@ int ag_ctl_connect(const char *path);
  */
 ag_ctl_response *ag_ctl_call(const char *path, const ag_ctl_request *req, int timeout_ms,
 			     char *err, size_t errlen);
+/* ag_ctl_call() of a request that carries no argument (status, session_list, ...). */
+ag_ctl_response *ag_ctl_call_simple(const char *path, Agentgate__Ctl__Request__CmdCase cmd,
+				    int timeout_ms, char *err, size_t errlen);
+/* ag_ctl_call() of cgroup tag CGROUP agent AGENT, or of cgroup untag CGROUP (agent NULL). */
+ag_ctl_response *ag_ctl_call_tag(const char *path, const char *cgroup, const char *agent,
+				 int timeout_ms, char *err, size_t errlen);
 void ag_ctl_response_free(ag_ctl_response *resp);
 
 /* Blocking helpers for one frame on fd: 0 or -errno (-EMSGSIZE over AG_CTL_MAX_FRAME). */

@@ -150,6 +150,58 @@ out:
 	return resp;
 }
 
+ag_ctl_response *ag_ctl_call_simple(const char *path, Agentgate__Ctl__Request__CmdCase cmd,
+				    int timeout_ms, char *err, size_t errlen)
+{
+	Agentgate__Ctl__Empty empty = AGENTGATE__CTL__EMPTY__INIT;
+	ag_ctl_request req = AGENTGATE__CTL__REQUEST__INIT;
+
+	req.cmd_case = cmd;
+	switch (cmd) {
+	case AGENTGATE__CTL__REQUEST__CMD_STATUS:
+		req.status = &empty;
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_SESSION_LIST:
+		req.session_list = &empty;
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_CGROUP_LIST:
+		req.cgroup_list = &empty;
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_POLICY_SHOW:
+		req.policy_show = &empty;
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_POLICY_RELOAD:
+		req.policy_reload = &empty;
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_PROG_DETACH:
+		req.prog_detach = &empty;
+		break;
+	default:
+		/* Requests with an argument are built by their callers. */
+		req.cmd_case = AGENTGATE__CTL__REQUEST__CMD__NOT_SET;
+		break;
+	}
+	return ag_ctl_call(path, &req, timeout_ms, err, errlen);
+}
+
+ag_ctl_response *ag_ctl_call_tag(const char *path, const char *cgroup, const char *agent,
+				 int timeout_ms, char *err, size_t errlen)
+{
+	Agentgate__Ctl__CgroupTag tag = AGENTGATE__CTL__CGROUP_TAG__INIT;
+	ag_ctl_request req = AGENTGATE__CTL__REQUEST__INIT;
+
+	if (agent) {
+		tag.path = (char *)cgroup;
+		tag.agent = (char *)agent;
+		req.cmd_case = AGENTGATE__CTL__REQUEST__CMD_CGROUP_TAG;
+		req.cgroup_tag = &tag;
+	} else {
+		req.cmd_case = AGENTGATE__CTL__REQUEST__CMD_CGROUP_UNTAG;
+		req.cgroup_untag = (char *)cgroup;
+	}
+	return ag_ctl_call(path, &req, timeout_ms, err, errlen);
+}
+
 void ag_ctl_response_free(ag_ctl_response *resp)
 {
 	if (resp)

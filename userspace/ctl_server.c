@@ -387,8 +387,13 @@ static void on_accept(struct ag_io *io, uint32_t events)
 		struct ctl_client *c;
 		int fd = accept4(io->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 
-		if (fd < 0)
+		if (fd < 0) {
+			/* Out of fds: paused, or the client waiting would spin the loop. */
+			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
+			    errno == ENOMEM)
+				ag_loop_mod(io, 0); /* main_tick() listens again */
 			return;
+		}
 		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) || cred.uid != 0) {
 			pr_warn("control socket: refused a client with uid %u (root only)",
 				cred.uid);
@@ -463,7 +468,7 @@ int ag_ctl_server_start(struct ag_daemon *d, char *err, size_t errlen)
 
 void ag_ctl_server_stop(struct ag_daemon *d)
 {
-	if (d->ctl_io.fd <= 0)
+	if (d->ctl_io.fd < 0)
 		return;
 	ag_loop_del(&d->ctl_io);
 	close(d->ctl_io.fd);

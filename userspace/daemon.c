@@ -109,6 +109,7 @@ static int apply_tags(struct ag_daemon *d, const struct ag_policy *p, struct ag_
 	for (size_t i = 0; i < n; i++) {
 		struct ag_tag *t = &tags[cnt];
 		char terr[256];
+		int c;
 
 		if (i < p->nagents) {
 			snprintf(t->path, sizeof(t->path), "%s", p->agents[i].cgroup);
@@ -128,12 +129,19 @@ static int apply_tags(struct ag_daemon *d, const struct ag_policy *p, struct ag_
 		}
 		/* A policy's agent cgroup is created if missing, so jobs can be placed in it. */
 		if (t->from_policy) {
-			int c = ag_cgroup_create(d->cg_root, t->path);
-
+			c = ag_cgroup_create(d->cg_root, t->path);
 			if (c)
 				pr_warn("creating cgroup %s: %s", t->path, strerror(-c));
 		}
-		if (ag_bpf_tag(d->bpf, d->cg_root, t->path, &t->cgid, terr, sizeof(terr))) {
+		c = ag_bpf_tag(d->bpf, d->cg_root, t->path, &t->cgid, terr, sizeof(terr));
+		if (c == -ENOENT && !t->from_policy) {
+			/* Its cgroup is gone (a job that ended): nothing to enforce, no failure. */
+			pr_warn("%s (runtime tag kept; 'agctl cgroup untag %s' drops it)", terr,
+				t->path);
+			cnt++;
+			continue;
+		}
+		if (c) {
 			pr_err("%s", terr);
 			if (!rc) {
 				snprintf(err, errlen, "%s", terr);
@@ -189,10 +197,14 @@ static size_t load_runtime_tags(struct ag_daemon *d, struct ag_tag **out)
 	if (!f)
 		return 0;
 	while (fgets(line, sizeof(line), f)) {
-		char cg[PATH_MAX], agent[128];
+		char *agent;
 
-		if (line[0] == '#' || sscanf(line, "%4095s %127s", cg, agent) != 2)
+		/* "<path> <agent>": a path may hold spaces, an agent name never does. */
+		line[strcspn(line, "\n")] = '\0';
+		agent = strrchr(line, ' ');
+		if (line[0] != '/' || !agent || !agent[1])
 			continue;
+		*agent++ = '\0';
 		if (n == cap) {
 			struct ag_tag *nt = realloc(rt, (cap = cap ? cap * 2 : 8) * sizeof(*rt));
 
@@ -201,7 +213,7 @@ static size_t load_runtime_tags(struct ag_daemon *d, struct ag_tag **out)
 			rt = nt;
 		}
 		memset(&rt[n], 0, sizeof(rt[n]));
-		snprintf(rt[n].path, sizeof(rt[n].path), "%s", cg);
+		snprintf(rt[n].path, sizeof(rt[n].path), "%s", line);
 		snprintf(rt[n].agent, sizeof(rt[n].agent), "%s", agent);
 		n++;
 	}
@@ -268,6 +280,13 @@ int ag_daemon_tag(struct ag_daemon *d, const char *path_in, const char *agent, c
 		snprintf(err, errlen, "bad cgroup path '%s'", path_in);
 		return rc;
 	}
+	/* The tags file holds one tag a line. */
+	for (const char *p = path; *p; p++) {
+		if ((unsigned char)*p < ' ') {
+			snprintf(err, errlen, "bad cgroup path: control characters not supported");
+			return -EINVAL;
+		}
+	}
 	rc = check_taggable(d, path, err, errlen);
 	if (rc)
 		return rc;
@@ -288,6 +307,17 @@ int ag_daemon_tag(struct ag_daemon *d, const char *path_in, const char *agent, c
 			return -ENOENT;
 		}
 	}
+	/* A runtime tag there would be neither saved nor kept by the next reload. */
+	pthread_rwlock_rdlock(&d->tag_lock);
+	t = find_tag(d, path);
+	if (t && t->from_policy) {
+		snprintf(err, errlen,
+			 "cgroup %s is tagged by the policy (agent %s): edit the policy and reload",
+			 path, t->agent);
+		pthread_rwlock_unlock(&d->tag_lock);
+		return -EEXIST;
+	}
+	pthread_rwlock_unlock(&d->tag_lock);
 	snprintf(nt.path, sizeof(nt.path), "%s", path);
 	snprintf(nt.agent, sizeof(nt.agent), "%s", agent);
 	rc = ag_bpf_tag(d->bpf, d->cg_root, path, &nt.cgid, err, errlen);

@@ -43,13 +43,13 @@ static void run_calls(struct ag_loop *l)
 	}
 }
 
+/* Only drains the eventfd: the calls run after the batch (see ag_loop_run). */
 static void on_wake(struct ag_io *io, uint32_t events)
 {
 	uint64_t v;
 
 	while (read(io->fd, &v, sizeof(v)) > 0)
 		;
-	run_calls(io->loop);
 }
 
 struct ag_loop *ag_loop_new(void)
@@ -96,18 +96,24 @@ int ag_loop_add(struct ag_loop *l, struct ag_io *io, int fd, uint32_t events, ag
 	io->fn = fn;
 	io->loop = l;
 	io->events = events;
-	if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev))
+	if (events && epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev))
 		return -errno;
 	return 0;
 }
 
+/*
+ * An io that wants no event is taken out of the epoll set: epoll reports EPOLLHUP and EPOLLERR
+ * whatever the mask, and a level-triggered HUP on a side nobody may read (paused, or at EOF with
+ * its write half shut) would wake the loop again and again.
+ */
 int ag_loop_mod(struct ag_io *io, uint32_t events)
 {
 	struct epoll_event ev = { .events = events, .data.ptr = io };
+	int op = !events ? EPOLL_CTL_DEL : !io->events ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
 
 	if (io->events == events)
 		return 0;
-	if (epoll_ctl(io->loop->epfd, EPOLL_CTL_MOD, io->fd, &ev))
+	if (epoll_ctl(io->loop->epfd, op, io->fd, &ev))
 		return -errno;
 	io->events = events;
 	return 0;
@@ -115,7 +121,7 @@ int ag_loop_mod(struct ag_io *io, uint32_t events)
 
 void ag_loop_del(struct ag_io *io)
 {
-	if (io->loop && io->fd >= 0)
+	if (io->loop && io->fd >= 0 && io->events)
 		epoll_ctl(io->loop->epfd, EPOLL_CTL_DEL, io->fd, NULL);
 	io->loop = NULL;
 }
@@ -156,6 +162,11 @@ int ag_loop_run(struct ag_loop *l, int tick_ms, void (*tick_fn)(void *), void *t
 
 			io->fn(io, evs[i].events);
 		}
+		/*
+		 * Calls run only between batches: one may free an object (a session) that a later
+		 * event of the same batch still points to, and the wakeup fd is no later than any.
+		 */
+		run_calls(l);
 	}
 	return 0;
 }

@@ -26,11 +26,12 @@ struct ag_loop *ag_loop_new(void);
 void ag_loop_free(struct ag_loop *l);
 /* Registers io->fd for `events` (EPOLLIN, EPOLLOUT, ...); 0 or -errno. */
 int ag_loop_add(struct ag_loop *l, struct ag_io *io, int fd, uint32_t events, ag_io_fn fn);
+/* Changes the events; 0 takes the fd out of the epoll set (no HUP/ERR reported) until set again. */
 int ag_loop_mod(struct ag_io *io, uint32_t events);
 void ag_loop_del(struct ag_io *io);
 /* Runs until ag_loop_stop(); tick_fn (if any) every tick_ms. 0 or -errno. */
 int ag_loop_run(struct ag_loop *l, int tick_ms, void (*tick_fn)(void *), void *tick_ctx);
 /* Thread-safe: wakes the loop and makes ag_loop_run return. */
 void ag_loop_stop(struct ag_loop *l);
-/* Thread-safe: runs fn(arg) on the loop's thread at its next iteration. */
+/* Thread-safe: runs fn(arg) on the loop's thread, after the batch of events in hand. */
 int ag_loop_call(struct ag_loop *l, void (*fn)(void *), void *arg);

@@ -31,19 +31,33 @@ struct ag_masker;
 
 /*
  * From a rule's mask: mapping (columns, detectors, style); NULL mask → a masker that masks
- * nothing (ag_masker_active() false). key: the HMAC key for the hash style.
+ * nothing (ag_masker_active() false). key: the HMAC key for the hash style (none: a random
+ * one, so hashes line up only within this masker). NULL with errno EINVAL for an unknown
+ * detector or style or a bad column pattern, ENOMEM, EIO (OpenSSL).
  */
 struct ag_masker *ag_masker_new(const struct ag_kv *mask, size_t nmask, const uint8_t *key,
 				size_t keylen);
 void ag_masker_free(struct ag_masker *m);
 bool ag_masker_active(const struct ag_masker *m);
-/* Does a column rule cover (schema, table, column)? schema may be NULL ("public" assumed). */
+/* The rule's style (redact when absent) and detectors (AG_DET_* bits; 0 when inactive). */
+enum ag_mask_style ag_masker_style(const struct ag_masker *m);
+unsigned int ag_masker_detectors(const struct ag_masker *m);
+/* "email", "credit-card", ... as in policies; NULL for anything but one AG_DET_* bit. */
+const char *ag_detector_name(enum ag_detector det);
+/*
+ * Does a column rule cover (schema, table, column)? schema may be NULL ("public" assumed).
+ * Patterns: "col", "table.col", "schema.table.col", each part an fnmatch() glob; a missing
+ * schema or table is "*" (users.email covers users in any schema). Unquoted parts match
+ * case-insensitively, "Quoted" ones exactly.
+ */
 bool ag_masker_column(const struct ag_masker *m, const char *schema, const char *table,
 		      const char *column);
 
 /*
  * What the column rules look like, for the catalog query that resolves them: each pattern as
- * (schema glob, table glob, column glob), "*" for any. Returns the count.
+ * (schema glob, table glob, column glob), "*" for any. Returns the count. Unquoted parts come
+ * lower-case; a quoted part is its exact name with glob characters backslash-escaped. The
+ * arrays belong to the masker.
  */
 size_t ag_masker_patterns(const struct ag_masker *m, const char *const **schemas,
 			  const char *const **tables, const char *const **columns);
@@ -57,6 +71,11 @@ enum ag_mask_kind {
  * Masks one value. whole: the column is covered by a column rule (mask all of it); otherwise
  * only what the detectors find is replaced, inside the text. On a change returns the number of
  * masked values (>0) and puts the new value in out (or sets *is_null); 0: leave it as it is.
+ * The new value is appended at out's end (out is untouched on 0, on NULL and on error).
+ * Negative errno on failure (-ENOMEM, -EIO from OpenSSL): the value must not go out as it is.
+ * A typed value becomes NULL when whole or when a detector finds something in it (no other
+ * replacement would parse); so does a whole value under the null style. Markers and styles:
+ * see mask.c. A masker is read-only here, so threads may share one.
  */
 int ag_mask_value(const struct ag_masker *m, bool whole, enum ag_mask_kind kind,
 		  const uint8_t *val, size_t len, struct ag_buf *out, bool *is_null);

@@ -67,7 +67,9 @@ int ag_pins_links(const char *root, struct ag_pinned_link **out, size_t *n)
 				l->link_id = info.id;
 				l->prog_id = info.prog_id;
 				if (info.type == BPF_LINK_TYPE_CGROUP) {
-					l->cgroup_id = info.cgroup.cgroup_id;
+					/* 0 once its cgroup is gone: the name still tells which. */
+					if (info.cgroup.cgroup_id)
+						l->cgroup_id = info.cgroup.cgroup_id;
 					l->attach_type = info.cgroup.attach_type;
 				}
 			}

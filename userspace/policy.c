@@ -26,6 +26,7 @@
 #include "cgroup.h"
 #include "jsonw.h"
 #include "policy.h"
+#include "sql.h"
 
 /*
  * The document API shares aliased nodes instead of copying them, so a few nested aliases can
@@ -359,20 +360,6 @@ static const char *const detector_names[] = {
 };
 /* clang-format on */
 static const char *const style_names[] = { "redact", "partial", "hash", "null", NULL };
-/*
- * Statement classes a sql rule's command: may name: the statement kinds (as libpg_query tells
- * them apart) plus "ddl", any schema change. Written in any case, stored lower-case.
- */
-/* clang-format off */
-static const char *const sql_command_names[] = {
-	"select", "insert", "update", "delete", "merge", "copy",
-	"ddl", "create", "alter", "drop", "truncate", "comment", "grant", "revoke",
-	"begin", "commit", "rollback", "savepoint", "set", "show", "reset",
-	"prepare", "execute", "deallocate", "explain", "vacuum", "analyze", "cluster", "reindex",
-	"refresh", "lock", "listen", "notify", "unlisten", "discard", "call", "do", NULL
-};
-/* clang-format on */
-
 enum fkind { F_STR, F_LIST, F_BOOL, F_DURATION, F_MAP, F_FREEMAP, F_ANY };
 
 struct field {
@@ -406,8 +393,13 @@ static const struct field credential_fields[] = {
 	{ NULL },
 };
 
+/*
+ * A sql rule's command: names the statement classes of sql.h (ag_sql_command_names: select,
+ * insert, ..., ddl, write): one table for both, so they cannot drift apart. Written in any case,
+ * stored lower-case.
+ */
 static const struct field sql_when_fields[] = {
-	{ "command", F_LIST, sql_command_names, .lower = true },
+	{ "command", F_LIST, ag_sql_command_names, .lower = true },
 	{ "tables", F_LIST },
 	{ "where", F_STR, where_names },
 	{ NULL },

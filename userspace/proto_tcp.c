@@ -2,6 +2,7 @@
 /* protocol: tcp — a plain relay: every byte passed on as it came, FINs passed on as well. */
 #include <errno.h>
 #include "proto.h"
+#include "proto_pg.h"
 #include "session.h"
 
 static long tcp_input(struct ag_session *s, enum ag_side from, const uint8_t *data, size_t len)
@@ -27,6 +28,8 @@ const struct ag_proto_ops *ag_proto_lookup(enum ag_proto p)
 	switch (p) {
 	case AG_PROTO_TCP:
 		return &ag_proto_tcp;
+	case AG_PROTO_POSTGRES:
+		return &ag_proto_pg;
 	default:
 		return NULL;
 	}

@@ -118,6 +118,23 @@ static void table_del(struct ag_daemon *d, struct ag_session *s)
 	pthread_mutex_unlock(&d->sess_lock);
 }
 
+/*
+ * The first session of the table that match() takes, called under the table's lock (so it may
+ * copy fields out), or NULL. The session stays valid only on its own worker's thread.
+ */
+static struct ag_session *table_find(struct ag_daemon *d,
+				     bool (*match)(const struct ag_session *s, void *arg),
+				     void *arg)
+{
+	struct ag_session *s;
+
+	pthread_mutex_lock(&d->sess_lock);
+	for (s = d->sessions; s && !match(s, arg); s = s->next)
+		;
+	pthread_mutex_unlock(&d->sess_lock);
+	return s;
+}
+
 /* --- relay ----------------------------------------------------------------------------------- */
 
 static void side_update_events(struct ag_session *s, enum ag_side i);
@@ -139,28 +156,46 @@ static bool upstream_ready(const struct ag_session *s)
 	return s->state == AG_SESS_ACTIVE || s->state == AG_SESS_CLOSING;
 }
 
-/* Writes what is queued for side i; returns 0, or -errno on a write error. */
-static int flush_side(struct ag_session *s, enum ag_side i)
+/* Sends what side i takes of data now, counted: how much, or -errno on a write error. */
+static ssize_t send_now(struct ag_session *s, enum ag_side i, const uint8_t *data, size_t len)
 {
-	struct ag_side_conn *c = &s->side[i];
+	size_t off = 0;
+	int err = 0;
 
-	if (i == AG_SIDE_UPSTREAM && !upstream_ready(s))
-		return 0;
-	while (ag_buf_len(&c->out)) {
-		ssize_t n = send(c->io.fd, ag_buf_head(&c->out), ag_buf_len(&c->out),
+	while (off < len) {
+		ssize_t n = send(s->side[i].io.fd, data + off, len - off,
 				 MSG_NOSIGNAL | MSG_DONTWAIT);
 
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
-			if (errno == EAGAIN)
-				break;
-			return -errno;
+			if (errno != EAGAIN)
+				err = -errno;
+			break;
 		}
-		if (i == AG_SIDE_UPSTREAM)
-			s->bytes_up += n;
-		else
-			s->bytes_down += n;
+		off += n;
+	}
+	if (i == AG_SIDE_UPSTREAM)
+		s->bytes_up += off;
+	else
+		s->bytes_down += off;
+	if (err)
+		errno = -err;
+	return err ? err : (ssize_t)off;
+}
+
+/* Writes what is queued for side i; returns 0, or -errno on a write error. */
+static int flush_side(struct ag_session *s, enum ag_side i)
+{
+	struct ag_side_conn *c = &s->side[i];
+	ssize_t n;
+
+	if (i == AG_SIDE_UPSTREAM && !upstream_ready(s))
+		return 0;
+	if (ag_buf_len(&c->out)) {
+		n = send_now(s, i, ag_buf_head(&c->out), ag_buf_len(&c->out));
+		if (n < 0)
+			return n;
 		ag_buf_consume(&c->out, n);
 	}
 	if (!ag_buf_len(&c->out) && c->shut_pending && !c->wr_shut) {
@@ -178,23 +213,11 @@ int ag_session_send(struct ag_session *s, enum ag_side to, const void *data, siz
 	if (!side_open(c) || c->wr_shut)
 		return -EPIPE;
 	if (!ag_buf_len(&c->out) && (to == AG_SIDE_AGENT || upstream_ready(s))) {
-		while (off < len) {
-			ssize_t n = send(c->io.fd, (const uint8_t *)data + off, len - off,
-					 MSG_NOSIGNAL | MSG_DONTWAIT);
+		ssize_t n = send_now(s, to, data, len);
 
-			if (n < 0) {
-				if (errno == EINTR)
-					continue;
-				if (errno == EAGAIN)
-					break;
-				return -errno;
-			}
-			off += n;
-		}
-		if (to == AG_SIDE_UPSTREAM)
-			s->bytes_up += off;
-		else
-			s->bytes_down += off;
+		if (n < 0)
+			return n;
+		off = n;
 	}
 	if (off < len && ag_buf_append(&c->out, (const uint8_t *)data + off, len - off))
 		return -ENOMEM;
@@ -240,7 +263,8 @@ static void side_update_events(struct ag_session *s, enum ag_side i)
 		ag_loop_mod(&c->io, EPOLLOUT);
 		return;
 	}
-	c->paused = ag_buf_len(&o->out) >= AG_HIGH_WM || ag_buf_len(&c->in) >= AG_HIGH_WM;
+	c->paused = ag_buf_len(&o->out) >= AG_HIGH_WM ||
+		    (ag_buf_len(&c->in) >= AG_HIGH_WM && ag_buf_len(&c->in) >= c->hold);
 	if (!c->rd_eof && !c->paused)
 		ev |= EPOLLIN | EPOLLRDHUP;
 	if (ag_buf_len(&c->out))
@@ -361,6 +385,9 @@ static void on_io(struct ag_session *s, enum ag_side i, uint32_t events)
 {
 	struct ag_side_conn *c = &s->side[i];
 
+	/* Ended by an earlier event of this batch: its sockets are closed, its memory not yet. */
+	if (s->state == AG_SESS_CLOSED)
+		return;
 	if (i == AG_SIDE_UPSTREAM && s->state == AG_SESS_CONNECTING) {
 		if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))
 			upstream_connected(s);
@@ -480,6 +507,22 @@ static void to_mapped(const struct sockaddr_storage *ss, uint8_t addr[16], uint1
 	}
 }
 
+/*
+ * The kernel connects 0.0.0.0 and :: to the local host; so do we, under that name, so that a
+ * target on 127.0.0.1 or ::1 is not reached past its rules (default: passthrough) by another.
+ */
+static void unspecified_to_loopback(struct ag_endpoint *e)
+{
+	static const uint8_t zero[16];
+
+	if (e->family == AF_INET && !memcmp(e->addr + 12, zero, 4)) {
+		e->addr[12] = 127;
+		e->addr[15] = 1;
+	} else if (e->family == AF_INET6 && !memcmp(e->addr, zero, 16)) {
+		e->addr[15] = 1;
+	}
+}
+
 static int upstream_connect(struct ag_session *s)
 {
 	struct ag_daemon *d = s->w->d;
@@ -521,12 +564,14 @@ static int upstream_connect(struct ag_session *s)
 		close(fd);
 		return err;
 	}
-	snprintf(s->upstream, sizeof(s->upstream), "%s", s->orig_dst);
+	format_endpoint(dst->addr, dst->port, dst->family, s->upstream, sizeof(s->upstream));
 	s->connect_deadline_ms = mono_ms() + AG_CONNECT_TIMEOUT_MS;
 	if (ag_loop_add(s->w->loop, &s->side[AG_SIDE_UPSTREAM].io, fd, EPOLLOUT, on_upstream_io)) {
 		int err = -errno;
 
 		close(fd);
+		/* ag_loop_add() stored it: the session's end must not close it a second time. */
+		s->side[AG_SIDE_UPSTREAM].io.fd = -1;
 		return err;
 	}
 	return 0;
@@ -543,7 +588,7 @@ static void fastpath_join(struct ag_session *s, int fd, const struct sockaddr_st
 	rc = ag_bpf_sockhash_add(s->w->d->bpf, fd, &k);
 	if (rc)
 		pr_debug("session %llu: fast path unavailable: %s", (unsigned long long)s->id,
-			 strerror(-rc));
+			 rc == -ENOENT ? "the agent's socket is blocking" : strerror(-rc));
 	else
 		s->fastpath = true;
 }
@@ -606,9 +651,12 @@ static bool accept_one(struct ag_worker *w, int lfd)
 
 	fd = accept4(lfd, (struct sockaddr *)&peer, &pl, SOCK_NONBLOCK | SOCK_CLOEXEC);
 	if (fd < 0) {
-		if (errno != EAGAIN && errno != EINTR)
-			pr_warn("accept: %s", strerror(errno));
-		return errno == EINTR;
+		int e = errno;
+
+		if (e != EAGAIN && e != EINTR)
+			pr_warn("accept: %s", strerror(e));
+		errno = e;
+		return e == EINTR;
 	}
 	getsockname(fd, (struct sockaddr *)&local, &ll);
 	s = calloc(1, sizeof(*s));
@@ -623,6 +671,12 @@ static bool accept_one(struct ag_worker *w, int lfd)
 	s->state = AG_SESS_CONNECTING;
 	s->pol = ag_policy_get(d);
 	s->id = __atomic_add_fetch(&d->next_session_id, 1, __ATOMIC_RELAXED);
+	/* At start the links can bring connections before the first policy is in place. */
+	if (!s->pol) {
+		snprintf(s->agent, sizeof(s->agent), "-");
+		snprintf(s->reason, sizeof(s->reason), "no policy loaded yet");
+		goto deny;
+	}
 
 	key.netns_cookie = d->netns_cookie;
 	to_mapped(&peer, key.addr, &key.port);
@@ -638,6 +692,7 @@ static bool accept_one(struct ag_worker *w, int lfd)
 	}
 	format_endpoint(s->info.orig_dst.addr, s->info.orig_dst.port, s->info.orig_dst.family,
 			s->orig_dst, sizeof(s->orig_dst));
+	unspecified_to_loopback(&s->info.orig_dst);
 	if (ag_cgroup_path_of_id(d->cg_root, s->info.cgroup_id, s->cgroup, sizeof(s->cgroup)))
 		snprintf(s->cgroup, sizeof(s->cgroup), "cgroup:%llu",
 			 (unsigned long long)s->info.cgroup_id);
@@ -689,9 +744,38 @@ static void on_listener(struct ag_io *io, uint32_t events)
 {
 	struct ag_worker *w = io->data;
 
-	for (int n = 0; n < 64; n++)
-		if (!accept_one(w, io->fd))
-			break;
+	for (int n = 0; n < 64; n++) {
+		if (accept_one(w, io->fd))
+			continue;
+		/*
+		 * Out of fds or memory, the pending connection stays and would wake us at once,
+		 * again and again: stop listening until the next tick.
+		 */
+		if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+			ag_loop_mod(io, 0);
+		break;
+	}
+}
+
+/* The gateway's address of family for fd: 127.0.0.1, or [::1] with fd IPv6 only. */
+static socklen_t gateway_addr(int fd, int family, uint16_t port, struct sockaddr_storage *ss)
+{
+	struct sockaddr_in6 *in6 = (void *)ss;
+	struct sockaddr_in *in = (void *)ss;
+	int one = 1;
+
+	memset(ss, 0, sizeof(*ss));
+	if (family == AF_INET) {
+		in->sin_family = AF_INET;
+		in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		in->sin_port = htons(port);
+		return sizeof(*in);
+	}
+	setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+	in6->sin6_family = AF_INET6;
+	in6->sin6_addr = in6addr_loopback;
+	in6->sin6_port = htons(port);
+	return sizeof(*in6);
 }
 
 /*
@@ -710,22 +794,7 @@ static int port_free(int family, uint16_t port, char *err, size_t errlen)
 		return 0;
 	/* Connections of a previous daemon in TIME_WAIT are no reason to refuse; a listener is. */
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (family == AF_INET) {
-		struct sockaddr_in *in = (void *)&ss;
-
-		in->sin_family = AF_INET;
-		in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-		in->sin_port = htons(port);
-		sl = sizeof(*in);
-	} else {
-		struct sockaddr_in6 *in6 = (void *)&ss;
-
-		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
-		in6->sin6_family = AF_INET6;
-		in6->sin6_addr = in6addr_loopback;
-		in6->sin6_port = htons(port);
-		sl = sizeof(*in6);
-	}
+	sl = gateway_addr(fd, family, port, &ss);
 	if (bind(fd, (struct sockaddr *)&ss, sl) && errno == EADDRINUSE) {
 		snprintf(err, errlen,
 			 "port %u is in use on %s (another agentgated? choose one with --port)", port,
@@ -736,7 +805,7 @@ static int port_free(int family, uint16_t port, char *err, size_t errlen)
 	return rc;
 }
 
-static int listen_on(int family, uint16_t port, int *out, char *err, size_t errlen)
+static int listen_on(int family, uint16_t port, uint32_t mark, int *out, char *err, size_t errlen)
 {
 	struct sockaddr_storage ss = {};
 	socklen_t sl;
@@ -749,22 +818,15 @@ static int listen_on(int family, uint16_t port, int *out, char *err, size_t errl
 	}
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
 	setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
-	if (family == AF_INET) {
-		struct sockaddr_in *in = (void *)&ss;
+	/* The connect hooks redirect only to a listener with our mark (lib/connect.h). */
+	if (setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof(mark))) {
+		int e = errno;
 
-		in->sin_family = AF_INET;
-		in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-		in->sin_port = htons(port);
-		sl = sizeof(*in);
-	} else {
-		struct sockaddr_in6 *in6 = (void *)&ss;
-
-		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
-		in6->sin6_family = AF_INET6;
-		in6->sin6_addr = in6addr_loopback;
-		in6->sin6_port = htons(port);
-		sl = sizeof(*in6);
+		snprintf(err, errlen, "SO_MARK on the listener: %s", strerror(e));
+		close(fd);
+		return -e;
 	}
+	sl = gateway_addr(fd, family, port, &ss);
 	if (bind(fd, (struct sockaddr *)&ss, sl) || listen(fd, 4096)) {
 		int e = errno;
 
@@ -778,24 +840,33 @@ static int listen_on(int family, uint16_t port, int *out, char *err, size_t errl
 	return 0;
 }
 
+struct tick_match {
+	struct ag_worker *w;
+	uint64_t now;
+};
+
+static bool connect_expired(const struct ag_session *s, void *arg)
+{
+	const struct tick_match *m = arg;
+
+	return s->w == m->w && s->state == AG_SESS_CONNECTING && s->connect_deadline_ms &&
+	       m->now > s->connect_deadline_ms;
+}
+
 /* Connect timeouts: a worker tick scans the daemon table for its own connecting sessions. */
 static void worker_tick(void *arg)
 {
-	struct ag_worker *w = arg;
-	struct ag_daemon *d = w->d;
-	uint64_t now = mono_ms();
-	struct ag_session *expired[64];
-	int n = 0;
+	struct tick_match m = { .w = arg, .now = mono_ms() };
+	struct ag_worker *w = m.w;
+	struct ag_session *s;
 
-	pthread_mutex_lock(&d->sess_lock);
-	for (struct ag_session *s = d->sessions; s && n < 64; s = s->next)
-		if (s->w == w && s->state == AG_SESS_CONNECTING && s->connect_deadline_ms &&
-		    now > s->connect_deadline_ms)
-			expired[n++] = s;
-	pthread_mutex_unlock(&d->sess_lock);
-	for (int i = 0; i < n; i++)
-		ag_session_fail(expired[i], true, "upstream %s: connect timed out",
-				expired[i]->orig_dst);
+	/* Each one failed leaves the table. */
+	while ((s = table_find(w->d, connect_expired, &m)))
+		ag_session_fail(s, true, "upstream %s: connect timed out", s->orig_dst);
+	/* Listeners paused for want of fds (on_listener) try again. */
+	for (int k = 0; k < 2; k++)
+		if (w->lis[k].fd >= 0 && w->lis[k].loop && !w->lis[k].events)
+			ag_loop_mod(&w->lis[k], EPOLLIN);
 }
 
 static void *worker_main(void *arg)
@@ -839,10 +910,10 @@ int ag_workers_start(struct ag_daemon *d, char *err, size_t errlen)
 			snprintf(err, errlen, "worker %d: %s", i, strerror(errno));
 			return -ENOMEM;
 		}
-		rc = listen_on(AF_INET, d->opts.port, &fds[0], err, errlen);
+		rc = listen_on(AF_INET, d->opts.port, d->opts.mark, &fds[0], err, errlen);
 		if (rc)
 			return rc;
-		rc = listen_on(AF_INET6, d->opts.port, &fds[1], err, errlen);
+		rc = listen_on(AF_INET6, d->opts.port, d->opts.mark, &fds[1], err, errlen);
 		if (rc) {
 			close(fds[0]);
 			return rc;
@@ -869,9 +940,12 @@ int ag_workers_start(struct ag_daemon *d, char *err, size_t errlen)
 		}
 	}
 	for (int i = 0; i < n; i++) {
-		if (pthread_create(&d->workers[i]->thread, NULL, worker_main, d->workers[i])) {
-			snprintf(err, errlen, "starting worker %d: %s", i, strerror(errno));
-			return -errno;
+		int rc = pthread_create(&d->workers[i]->thread, NULL, worker_main, d->workers[i]);
+
+		/* pthread_create() returns its error; errno is not set. */
+		if (rc) {
+			snprintf(err, errlen, "starting worker %d: %s", i, strerror(rc));
+			return -rc;
 		}
 	}
 	return 0;
@@ -897,25 +971,18 @@ void ag_workers_close_listeners(struct ag_daemon *d)
 			ag_loop_call(d->workers[i]->loop, close_listeners_cb, d->workers[i]);
 }
 
+static bool live_of_worker(const struct ag_session *s, void *w)
+{
+	return s->w == w && s->state != AG_SESS_CLOSED;
+}
+
 static void kill_all_cb(void *arg)
 {
 	struct ag_worker *w = arg;
-	struct ag_daemon *d = w->d;
+	struct ag_session *victim;
 
-	for (;;) {
-		struct ag_session *victim = NULL;
-
-		pthread_mutex_lock(&d->sess_lock);
-		for (struct ag_session *s = d->sessions; s; s = s->next)
-			if (s->w == w && s->state != AG_SESS_CLOSED) {
-				victim = s;
-				break;
-			}
-		pthread_mutex_unlock(&d->sess_lock);
-		if (!victim)
-			break;
+	while ((victim = table_find(w->d, live_of_worker, w)))
 		ag_session_fail(victim, false, "agentgated stopped");
-	}
 	ag_loop_stop(w->loop);
 }
 
@@ -941,18 +1008,28 @@ void ag_workers_stop(struct ag_daemon *d)
 struct kill_req {
 	struct ag_daemon *d;
 	uint64_t id;
+	struct ag_worker *w; /* the session's, copied under the table's lock */
+	bool live;	     /* only a session not closed yet */
 };
 
+static bool kill_match(const struct ag_session *s, void *arg)
+{
+	struct kill_req *k = arg;
+
+	if (s->id != k->id || (k->live && s->state == AG_SESS_CLOSED))
+		return false;
+	k->w = s->w;
+	return true;
+}
+
+/* On the session's worker, where it may be ended. */
 static void kill_one_cb(void *arg)
 {
 	struct kill_req *k = arg;
-	struct ag_session *victim = NULL;
+	struct ag_session *victim;
 
-	pthread_mutex_lock(&k->d->sess_lock);
-	for (struct ag_session *s = k->d->sessions; s; s = s->next)
-		if (s->id == k->id && s->state != AG_SESS_CLOSED)
-			victim = s;
-	pthread_mutex_unlock(&k->d->sess_lock);
+	k->live = true;
+	victim = table_find(k->d, kill_match, k);
 	if (victim)
 		ag_session_fail(victim, true, "killed by agctl");
 	free(k);
@@ -960,22 +1037,19 @@ static void kill_one_cb(void *arg)
 
 int ag_session_kill_by_id(struct ag_daemon *d, uint64_t id)
 {
-	struct ag_worker *w = NULL;
+	struct kill_req *k = calloc(1, sizeof(*k));
+	int rc;
 
-	pthread_mutex_lock(&d->sess_lock);
-	for (struct ag_session *s = d->sessions; s; s = s->next)
-		if (s->id == id)
-			w = s->w;
-	pthread_mutex_unlock(&d->sess_lock);
-	if (!w)
+	if (!k)
+		return -ENOMEM;
+	k->d = d;
+	k->id = id;
+	if (!table_find(d, kill_match, k)) {
+		free(k);
 		return -ENOENT;
-	{
-		struct kill_req *k = malloc(sizeof(*k));
-
-		if (!k)
-			return -ENOMEM;
-		k->d = d;
-		k->id = id;
-		return ag_loop_call(w->loop, kill_one_cb, k);
 	}
+	rc = ag_loop_call(k->w->loop, kill_one_cb, k);
+	if (rc)
+		free(k);
+	return rc;
 }

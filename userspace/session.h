@@ -33,6 +33,7 @@ struct ag_side_conn {
 	bool shut_pending; /* shut our write half once out drains */
 	bool wr_shut;
 	bool paused;	   /* reading stopped: the other side's out is over the watermark */
+	size_t hold;	   /* set by the handler: it waits for a message this long; keep reading */
 };
 
 struct ag_session {

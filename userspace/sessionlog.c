@@ -37,36 +37,67 @@ void ag_slog_close(struct ag_daemon *d)
 	d->slog_fd = -1;
 }
 
+/* One line being written: a JSON object built in memory, then one write(). */
+struct slog_line {
+	char *buf;
+	size_t len;
+	FILE *f;
+	struct jsonw *w;
+};
+
+/* Starts an object; NULL (nothing to do) without a log or memory. */
+static struct jsonw *line_begin(struct ag_daemon *d, struct slog_line *l)
+{
+	memset(l, 0, sizeof(*l));
+	if (d->slog_fd < 0)
+		return NULL;
+	l->f = open_memstream(&l->buf, &l->len);
+	if (!l->f)
+		return NULL;
+	l->w = jsonw_new(l->f, false);
+	if (!l->w) {
+		fclose(l->f);
+		free(l->buf);
+		return NULL;
+	}
+	jsonw_start_object(l->w);
+	return l->w;
+}
+
+static void line_end(struct ag_daemon *d, struct slog_line *l)
+{
+	jsonw_end_object(l->w);
+	jsonw_destroy(&l->w); /* adds the newline */
+	fclose(l->f);
+	if (l->buf && write(d->slog_fd, l->buf, l->len) != (ssize_t)l->len)
+		pr_warn("sessions.log: %s", strerror(errno));
+	free(l->buf);
+}
+
+/* Who connected, as the kernel saw it. */
+static void caller_fields(struct jsonw *w, const struct ag_conn_info *info)
+{
+	jsonw_uint_field(w, "cgroup_id", info->cgroup_id);
+	jsonw_uint_field(w, "pid", info->tgid);
+	jsonw_uint_field(w, "tid", info->tid);
+	jsonw_string_field(w, "comm", info->comm);
+	jsonw_uint_field(w, "uid", info->uid);
+	jsonw_uint_field(w, "gid", info->gid);
+}
+
 void ag_slog_session(struct ag_daemon *d, const char *event, const struct ag_session *s)
 {
-	char *buf = NULL;
-	size_t len = 0;
-	struct jsonw *w;
-	FILE *f;
+	struct slog_line l;
+	struct jsonw *w = line_begin(d, &l);
 
-	if (d->slog_fd < 0)
+	if (!w)
 		return;
-	f = open_memstream(&buf, &len);
-	if (!f)
-		return;
-	w = jsonw_new(f, false);
-	if (!w) {
-		fclose(f);
-		free(buf);
-		return;
-	}
-	jsonw_start_object(w);
 	jsonw_string_field(w, "event", event);
 	jsonw_time_field(w, "time", event[0] == 's' ? s->started_ns : s->ended_ns);
 	jsonw_uint_field(w, "id", s->id);
 	jsonw_string_field(w, "agent", s->agent);
 	jsonw_string_field(w, "cgroup", s->cgroup);
-	jsonw_uint_field(w, "cgroup_id", s->info.cgroup_id);
-	jsonw_uint_field(w, "pid", s->info.tgid);
-	jsonw_uint_field(w, "tid", s->info.tid);
-	jsonw_string_field(w, "comm", s->info.comm);
-	jsonw_uint_field(w, "uid", s->info.uid);
-	jsonw_uint_field(w, "gid", s->info.gid);
+	caller_fields(w, &s->info);
 	jsonw_string_field(w, "target", s->target_name);
 	jsonw_string_field(w, "protocol", s->protocol);
 	jsonw_string_field(w, "orig_dst", s->orig_dst);
@@ -81,48 +112,24 @@ void ag_slog_session(struct ag_daemon *d, const char *event, const struct ag_ses
 		jsonw_uint_field(w, "bytes_down", s->bytes_down);
 		jsonw_string_field(w, "reason", s->reason);
 	}
-	jsonw_end_object(w);
-	jsonw_destroy(&w); /* adds the newline */
-	fclose(f);
-	if (buf && write(d->slog_fd, buf, len) != (ssize_t)len)
-		pr_warn("sessions.log: %s", strerror(errno));
-	free(buf);
+	line_end(d, &l);
 }
 
 /* A connect refused in the kernel (no gateway listening, a non-TCP stream socket, ...). */
 void ag_slog_kernel_deny(struct ag_daemon *d, const struct ag_event *ev, const char *reason,
 			 int64_t when_ns, const char *orig_dst)
 {
-	char *buf = NULL;
-	size_t len = 0;
-	struct jsonw *w;
-	FILE *f;
+	struct slog_line l;
+	struct jsonw *w = line_begin(d, &l);
 
-	if (d->slog_fd < 0)
+	if (!w)
 		return;
-	f = open_memstream(&buf, &len);
-	if (!f)
-		return;
-	w = jsonw_new(f, false);
-	if (w) {
-		jsonw_start_object(w);
-		jsonw_string_field(w, "event", "deny");
-		jsonw_time_field(w, "time", when_ns);
-		jsonw_string_field(w, "by", "kernel");
-		jsonw_uint_field(w, "cgroup_id", ev->info.cgroup_id);
-		jsonw_uint_field(w, "pid", ev->info.tgid);
-		jsonw_uint_field(w, "tid", ev->info.tid);
-		jsonw_string_field(w, "comm", ev->info.comm);
-		jsonw_uint_field(w, "uid", ev->info.uid);
-		jsonw_uint_field(w, "gid", ev->info.gid);
-		jsonw_string_field(w, "orig_dst", orig_dst);
-		jsonw_string_field(w, "state", "denied");
-		jsonw_string_field(w, "reason", reason);
-		jsonw_end_object(w);
-		jsonw_destroy(&w);
-	}
-	fclose(f);
-	if (buf && write(d->slog_fd, buf, len) != (ssize_t)len)
-		pr_warn("sessions.log: %s", strerror(errno));
-	free(buf);
+	jsonw_string_field(w, "event", "deny");
+	jsonw_time_field(w, "time", when_ns);
+	jsonw_string_field(w, "by", "kernel");
+	caller_fields(w, &ev->info);
+	jsonw_string_field(w, "orig_dst", orig_dst);
+	jsonw_string_field(w, "state", "denied");
+	jsonw_string_field(w, "reason", reason);
+	line_end(d, &l);
 }

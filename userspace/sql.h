@@ -69,6 +69,16 @@ enum ag_sql_class {
 	AG_SQL_EMPTY = 1ULL << 45,	/* an empty query (only comments/whitespace) */
 };
 
+#define AG_SQL_NCLASSES 46
+/*
+ * The class names by bit number ("select" is bit 0), NULL-terminated: the policy's `command:`
+ * values are exactly these (policy.c validates against this table).
+ */
+extern const char *const ag_sql_command_names[AG_SQL_NCLASSES + 1];
+
+/* Longer SQL strings are refused (-EINVAL) rather than classified. */
+#define AG_SQL_MAX_LEN (1u << 20)
+
 struct ag_sql_stmt {
 	uint64_t classes;
 	/* Relations the statement touches, "schema.name" when qualified, else "name". */
@@ -90,11 +100,30 @@ struct ag_sql_result {
 	uint64_t fingerprint; /* libpg_query fingerprint of the whole string */
 	char *error;	      /* parse error (NULL when parsed) */
 	int error_pos;	      /* 1-based cursor position of the error, 0 if unknown */
+	/*
+	 * stmts is one allocation of size bytes that also holds every tables array and string
+	 * the statements point to: read it, never free or realloc parts of it.
+	 */
+	size_t size;
 };
 
-/* 0 when parsed (out filled); -EINVAL with out->error set for unparseable SQL; -ENOMEM. */
+/*
+ * 0 when parsed (out filled, at least one statement: an empty or comment-only string is one
+ * AG_SQL_EMPTY statement); -EINVAL with out->error set for unparseable SQL (and for SQL over
+ * AG_SQL_MAX_LEN or nested too deep to classify safely); -ENOMEM. Results are cached per
+ * thread by statement text (4 KiB and shorter); out is always the caller's own copy.
+ * Statements too long for the caller's stack are parsed on a short-lived thread of their own.
+ */
 int ag_sql_classify(const char *sql, struct ag_sql_result *out);
+/* The same without the cache (benchmarks, tests). */
+int ag_sql_classify_uncached(const char *sql, struct ag_sql_result *out);
 void ag_sql_result_free(struct ag_sql_result *r);
+/* A deep copy of src, a result of ag_sql_classify(), into dst (overwritten). 0 or -ENOMEM. */
+int ag_sql_result_copy(const struct ag_sql_result *src, struct ag_sql_result *dst);
+/* Frees the calling thread's cache (it is freed at thread exit anyway). */
+void ag_sql_cache_flush(void);
+/* Hits and misses of the calling thread's cache. */
+void ag_sql_cache_stats(uint64_t *hits, uint64_t *misses);
 
 /* The class bit of a policy command name ("select", "ddl", ...), 0 when unknown. */
 uint64_t ag_sql_class_by_name(const char *name);
@@ -114,7 +143,18 @@ const struct ag_policy_rule *ag_sql_rule_for(const struct ag_policy *p, const ch
 /*
  * Decides a whole parsed string: each statement against the rule's sql list (first match wins,
  * no match → deny by "default"); the string's action is the most restrictive of its statements
- * (deny > approve > observe > allow). rule may be NULL (no rule for this agent and target: deny).
+ * (deny > approve > observe > allow; the first statement at that level decides). rule may be
+ * NULL (no rule for this agent and target: deny). A result with an error is denied.
+ *
+ * A rule's when: conditions must all hold: `command` when any listed class bit is set on the
+ * statement (so an allow of [select] also matches a SELECT whose CTE deletes: put the denies
+ * first); `tables` when any table matches any glob (fnmatch; x also matches public.x and
+ * public.x matches x); `where: absent` when an UPDATE or DELETE in it has no WHERE, `where:
+ * present` when it updates or deletes and every such part has one. An empty query that no
+ * rule matched is allowed by "default" (nothing runs; JDBC pings with one).
  */
 void ag_sql_decide(const struct ag_policy_rule *rule, const struct ag_sql_result *r,
 		   struct ag_sql_decision *d);
+/* One statement against the rule, as ag_sql_decide does for each (d->stmt is 0). */
+void ag_sql_decide_stmt(const struct ag_policy_rule *rule, const struct ag_sql_stmt *s,
+			struct ag_sql_decision *d);

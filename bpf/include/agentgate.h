@@ -26,7 +26,7 @@ enum ag_event_kind {
 enum ag_deny_reason {
 	AG_DENY_NONE = 0,
 	AG_DENY_NO_DAEMON = 1, /* nothing listens on the gateway port in the caller's netns */
-	AG_DENY_PROTO = 2,     /* a stream socket that is not TCP (SCTP); MPTCP connects on TCP subflows */
+	AG_DENY_PROTO = 2,     /* not TCP (SCTP, any socket type); MPTCP connects on TCP subflows */
 	AG_DENY_NO_STORAGE = 3 /* could not record the caller: refuse rather than lose identity */
 };
 

@@ -10,13 +10,19 @@
 #define AF_INET		2
 #define AF_INET6	10
 #define SOCK_STREAM	1
+#define SOCK_DGRAM	2
 
 #define AG_VERDICT_REFUSE	0 /* connect() fails with EPERM */
 #define AG_VERDICT_PROCEED	1
 
 /* Set by the loader before load (skel->rodata). */
 const volatile __u16 gw_port __weak = 0;		/* the daemon's listener, host order */
-const volatile __u32 daemon_mark __weak = AG_DEFAULT_MARK; /* SO_MARK of the daemon's upstream sockets */
+const volatile __u32 daemon_mark __weak = AG_DEFAULT_MARK; /* SO_MARK of the daemon's sockets */
+/*
+ * The daemon's tgid: the mark alone is no proof, an agent with CAP_NET_ADMIN can set it too.
+ * 0 (not set) exempts nobody.
+ */
+const volatile __u32 daemon_tgid __weak = 0;
 
 /*
  * Reads a context field into a register the compiler cannot fold: clang otherwise turns

@@ -23,7 +23,9 @@ static __always_inline __u64 ag_tag_of_current(void)
 
 /*
  * Is the gateway listening where we are about to send the caller? Looked up in the caller's own
- * netns: a tagged process in another netns has no gateway on its loopback and is refused.
+ * netns: a tagged process in another netns has no gateway on its loopback and is refused. The
+ * listener must carry the daemon's mark: a tagged process listening on the gateway port while
+ * the daemon is down would otherwise be handed every agent's connections.
  */
 static __always_inline bool ag_gateway_listening(struct bpf_sock_addr *ctx, bool v6)
 {
@@ -42,7 +44,7 @@ static __always_inline bool ag_gateway_listening(struct bpf_sock_addr *ctx, bool
 	}
 	if (!l)
 		return false;
-	ok = l->state == BPF_TCP_LISTEN;
+	ok = l->state == BPF_TCP_LISTEN && l->mark == daemon_mark;
 	bpf_sk_release(l);
 	return ok;
 }
@@ -94,11 +96,19 @@ static __always_inline int ag_intercept(struct bpf_sock_addr *ctx, const __u8 *d
 
 	if (!sk)
 		return 0;
-	/* UDP (DNS) and ping sockets are not proxied. */
-	if (ctx->type != SOCK_STREAM)
+	/*
+	 * UDP (DNS) and ping sockets are not proxied. Only datagram sockets pass: an SCTP
+	 * one-to-many socket (SOCK_SEQPACKET) is a connection all the same, refused below.
+	 */
+	if (ctx->type == SOCK_DGRAM)
 		return 0;
-	/* The daemon's own upstream sockets; it also never runs in a tagged cgroup. */
-	if (sk->mark == daemon_mark)
+	/*
+	 * The daemon's own upstream sockets (it also never runs in a tagged cgroup): its mark, set
+	 * by the daemon itself, which is up. A marked socket of anyone else is taken as any other.
+	 */
+	if (sk->mark == daemon_mark && daemon_tgid &&
+	    bpf_get_current_pid_tgid() >> 32 == daemon_tgid &&
+	    ag_gateway_listening(ctx, v6_listener))
 		return 0;
 
 	/*

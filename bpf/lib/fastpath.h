@@ -29,8 +29,11 @@
  *    it is settled on TCP (a cmpxchg on its state) — all under the agent's socket lock, which
  *    a redirect into it needs too.
  *
- * Kernel sockets are only ever read here (bpf_rdonly_cast() loads are fault-safe); the
- * addresses in ag_fastpath are not references and a stale one can only make a send take TCP.
+ * Kernel sockets are only ever read here, with fault-safe loads (bpf_rdonly_cast(), probes). The
+ * addresses in ag_fastpath are not references: they are those of the leg's two live sockets,
+ * published by each socket itself (or learnt from the redirect), and go with the leg — its
+ * entries are deleted when the agent's socket closes, and a new leg on the same 4-tuple
+ * replaces them when its agent socket joins.
  */
 #pragma once
 

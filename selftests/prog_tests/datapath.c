@@ -9,13 +9,20 @@
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <errno.h>
+#include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <linux/io_uring.h>
 #include <linux/types.h>
 
 #include "agentgate.h"
@@ -526,6 +533,161 @@ out:
 	th_server_stop(hc);
 }
 
+/*
+ * Both ends said FIN, and the agent reads nothing more: the upstream's last bytes and its FIN
+ * wait in the daemon (its side paused, its socket read-shut by the FIN and write-shut after the
+ * agent's), which epoll reports as EPOLLHUP whatever the mask. The worker must sleep meanwhile,
+ * not spin on that HUP.
+ */
+struct stalled_agent {
+	int port;
+	volatile int ready, release;
+	int err;
+};
+
+static int stalled_agent_run(void *arg)
+{
+	struct stalled_agent *a = arg;
+	struct sockaddr_in sin = { .sin_family = AF_INET };
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), small = 4096;
+
+	sin.sin_port = htons(a->port);
+	inet_pton(AF_INET, "127.0.0.3", &sin.sin_addr);
+	/* A small window: what the upstream sends piles up in the daemon. */
+	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)) ||
+	    connect(fd, (struct sockaddr *)&sin, sizeof(sin)) || shutdown(fd, SHUT_WR)) {
+		a->err = -errno;
+		return 1;
+	}
+	a->ready = 1;
+	for (int t = 0; t < 3000 && !a->release; t++)
+		usleep(10 * 1000);
+	close(fd);
+	return 0;
+}
+
+/* CPU time (user + system, in clock ticks) of a process so far, or -1. */
+static long cpu_ticks(pid_t pid)
+{
+	unsigned long ut, st;
+	char path[64], buf[1024], *p;
+	FILE *f;
+	size_t n;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+	f = fopen(path, "re");
+	if (!f)
+		return -1;
+	n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	p = strrchr(buf, ')');
+	/* After the name: state, then ten fields, then utime and stime. */
+	if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut,
+			 &st) != 2)
+		return -1;
+	return ut + st;
+}
+
+static int tcp_state(int fd)
+{
+	struct tcp_info ti = {};
+	socklen_t l = sizeof(ti);
+
+	return getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &l) ? -1 : ti.tcpi_state;
+}
+
+/* Bytes received and not yet read on the IPv4 socket lport → rport (/proc/net/tcp), or -1. */
+static long unread_bytes(int lport, int rport)
+{
+	char line[512];
+	long ret = -1;
+	FILE *f = fopen("/proc/net/tcp", "re");
+
+	if (!f)
+		return -1;
+	while (ret < 0 && fgets(line, sizeof(line), f)) {
+		unsigned int lp, rp;
+		unsigned long tx, rx;
+
+		if (sscanf(line, " %*d: %*x:%x %*x:%x %*x %lx:%lx", &lp, &rp, &tx, &rx) == 4 &&
+		    (int)lp == lport && (int)rp == rport)
+			ret = rx;
+	}
+	fclose(f);
+	return ret;
+}
+
+static void subtest_hup_no_spin(struct th_gate *g, int lfd, int port)
+{
+	struct stalled_agent *a = th_shared_alloc(sizeof(*a));
+	struct pollfd pfd = { .fd = lfd, .events = POLLIN };
+	static uint8_t chunk[16 * 1024];
+	struct sockaddr_in peer;
+	socklen_t pl = sizeof(peer);
+	size_t sent = 0;
+	long before, used;
+	pid_t pid = -1;
+	int up = -1;
+	char c;
+
+	if (!ASSERT_OK_PTR(a, "shared"))
+		return;
+	memset(a, 0, sizeof(*a));
+	a->port = port;
+	pid = th_spawn_in_cgroup(g->tagged, stalled_agent_run, a);
+	if (!ASSERT_GT(pid, 0, "spawn") || !ASSERT_EQ(poll(&pfd, 1, 5000), 1, "upstream connect"))
+		goto out;
+	up = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+	if (!ASSERT_GE(up, 0, "accept"))
+		goto out;
+	/* The agent's FIN first: the daemon shuts its write half to us. */
+	pfd.fd = up;
+	if (!ASSERT_EQ(poll(&pfd, 1, 5000), 1, "agent's FIN") ||
+	    !ASSERT_EQ(recv(up, &c, 1, 0), 0, "EOF from the daemon"))
+		goto out;
+	/*
+	 * Then more than the agent's leg takes, until the daemon stops reading us (its queue to
+	 * the agent is over the watermark), and our FIN right behind: it still fits the window.
+	 */
+	if (!ASSERT_OK(getpeername(up, (struct sockaddr *)&peer, &pl), "daemon's port"))
+		goto out;
+	while (sent < (64u << 20) && unread_bytes(ntohs(peer.sin_port), port) < 32 * 1024) {
+		ssize_t n = send(up, chunk, sizeof(chunk), MSG_DONTWAIT | MSG_NOSIGNAL);
+
+		if (n > 0)
+			sent += n;
+		usleep(5 * 1000);
+	}
+	if (!ASSERT_OK(shutdown(up, SHUT_WR), "upstream FIN"))
+		goto out;
+	for (int t = 0; t < 300 && tcp_state(up) != TCP_CLOSE; t++)
+		usleep(10 * 1000);
+	if (!ASSERT_EQ(tcp_state(up), TCP_CLOSE, "the daemon got all of it and the FIN"))
+		goto out;
+	usleep(200 * 1000);
+	before = cpu_ticks(g->d.pid);
+	usleep(1000 * 1000);
+	used = cpu_ticks(g->d.pid) - before;
+	printf("sent %zu bytes; agentgated used %ld ticks in 1 s while the session waited\n", sent,
+	       used);
+	ASSERT_LT(used, sysconf(_SC_CLK_TCK) / 4, "the daemon sleeps while the session waits");
+out:
+	if (up >= 0)
+		close(up);
+	if (pid > 0) {
+		a->release = 1;
+		th_wait(pid, 15000);
+		if (up >= 0) {
+			yajl_val end = th_daemon_wait_event(&g->d, "end", "pid", pid, 0, 5000);
+
+			ASSERT_OK_PTR(end, "the session ended once the agent closed");
+			yajl_tree_free(end);
+		}
+	}
+	th_shared_free(a, sizeof(*a));
+}
+
 /* Every closed connection left the kernel's tables: sockops deletes, LRU is only a backstop. */
 static void maps_drained(struct th_gate *g, bool sockhash)
 {
@@ -559,17 +721,33 @@ static void fastpath_stats(struct th_gate *g, uint64_t *redirects, uint64_t *fal
 
 void test_datapath_relay(void)
 {
-	char refused[64], reset_addr[64];
-	const char *extra[] = { "refused", refused, "reset", reset_addr, NULL };
+	char refused[64], reset_addr[64], stall_addr[64];
+	const char *extra[] = { "refused", refused, "reset",	 reset_addr,
+				"stall",   stall_addr, NULL };
 	struct th_server *rst = th_server_start(TH_SRV_RESET, AF_INET, "127.0.0.3");
 	int refused_port = closed_port("127.0.0.3");
+	int stall_fd = -1, stall_port = -1;
 	struct th_gate g;
 
 	memset(&g, 0, sizeof(g));
 	if (!ASSERT_OK_PTR(rst, "reset server") || !ASSERT_GT(refused_port, 0, "closed port"))
 		goto out;
+	{
+		struct sockaddr_in sin = { .sin_family = AF_INET };
+		socklen_t sl = sizeof(sin);
+
+		inet_pton(AF_INET, "127.0.0.3", &sin.sin_addr);
+		stall_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (!ASSERT_GE(stall_fd, 0, "stall socket") ||
+		    !ASSERT_OK(bind(stall_fd, (struct sockaddr *)&sin, sizeof(sin)), "bind") ||
+		    !ASSERT_OK(listen(stall_fd, 8), "listen") ||
+		    !ASSERT_OK(getsockname(stall_fd, (struct sockaddr *)&sin, &sl), "name"))
+			goto out;
+		stall_port = ntohs(sin.sin_port);
+	}
 	snprintf(refused, sizeof(refused), "127.0.0.3:%d", refused_port);
 	snprintf(reset_addr, sizeof(reset_addr), "127.0.0.3:%d", th_server_port(rst));
+	snprintf(stall_addr, sizeof(stall_addr), "127.0.0.3:%d", stall_port);
 	if (!ASSERT_OK(th_gate_start(&g, "--fastpath off", extra), "gate"))
 		goto out;
 
@@ -579,6 +757,8 @@ void test_datapath_relay(void)
 		expect_reset(&g, "reset", "127.0.0.3", th_server_port(rst));
 		ASSERT_GE(th_server_accepted(rst), 1, "the daemon reached the server");
 	}
+	if (test__start_subtest("both_fin_upstream_stalled_no_spin"))
+		subtest_hup_no_spin(&g, stall_fd, stall_port);
 	if (test__start_subtest("concurrent_200"))
 		subtest_concurrent(&g, 64 * 1024, 0);
 	if (test__start_subtest("bulk_100mb_each_way"))
@@ -601,6 +781,110 @@ out:
 	test__end_subtest();
 	th_gate_cleanup(&g);
 	th_server_stop(rst);
+	if (stall_fd >= 0)
+		close(stall_fd);
+}
+
+/*
+ * Out of fds (a hard limit reached by many sessions): the daemon cannot accept what waits in
+ * its backlog. It must wait for fds to come back, not spin on the listener that stays readable,
+ * and accept again once sessions end.
+ */
+void test_datapath_out_of_fds(void)
+{
+	struct rlimit saved, low = { 96, 96 };
+	struct th_job *j = NULL;
+	struct th_gate g;
+	long before, used;
+	pid_t pid = -1;
+	int rc;
+
+	memset(&g, 0, sizeof(g));
+	if (!ASSERT_OK(getrlimit(RLIMIT_NOFILE, &saved), "getrlimit"))
+		return;
+	/* The daemon inherits the low limit; the test takes its own back. */
+	rc = setrlimit(RLIMIT_NOFILE, &low);
+	if (ASSERT_OK(rc, "setrlimit"))
+		rc = th_gate_start(&g, "--workers 1 --fastpath off", NULL);
+	setrlimit(RLIMIT_NOFILE, &saved);
+	if (!ASSERT_OK(rc, "gate"))
+		goto out;
+	j = th_job_new(AF_INET, "127.0.0.2", th_server_port(g.echo4));
+	if (!ASSERT_OK_PTR(j, "job"))
+		goto out;
+	j->nconns = 80; /* two fds each in the daemon: more than it may open */
+	j->timeout_ms = 4000;
+	pid = th_spawn_in_cgroup(g.tagged, th_job_run, j);
+	if (!ASSERT_GT(pid, 0, "spawn"))
+		goto out;
+	usleep(1000 * 1000);
+	before = cpu_ticks(g.d.pid);
+	usleep(1000 * 1000);
+	used = cpu_ticks(g.d.pid) - before;
+	printf("agentgated used %ld ticks in 1 s out of fds\n", used);
+	ASSERT_LT(used, sysconf(_SC_CLK_TCK) / 4, "the daemon waits for fds, it does not spin");
+	th_wait(pid, 15000);
+	pid = -1;
+	printf("job: %d connected, %d bad\n", j->nconnected, j->bad);
+	ASSERT_GT(j->bad, 0, "the daemon did run out of fds");
+	{
+		static char log[1 << 20];
+		int warned = 0;
+
+		th_daemon_read_log(&g.d, log, sizeof(log));
+		for (const char *p = strstr(log, "Too many open files"); p;
+		     p = strstr(p + 1, "Too many open files"))
+			warned++;
+		printf("%d warnings about it\n", warned);
+		ASSERT_LT(warned, 50, "a warning now and then, not a flood");
+	}
+	/* The sessions are gone: accepting again within a tick or two. */
+	memset(j, 0, sizeof(*j));
+	j->family = AF_INET;
+	snprintf(j->addr, sizeof(j->addr), "127.0.0.2");
+	j->port = th_server_port(g.echo4);
+	j->expect_echo = true;
+	j->timeout_ms = 10000;
+	ASSERT_EQ(th_job_in(g.tagged, j, 15000), 0, "served again");
+	ASSERT_OK(kill(g.d.pid, 0), "daemon alive");
+out:
+	if (pid > 0)
+		th_wait(pid, 15000);
+	th_job_free(j);
+	th_gate_cleanup(&g);
+}
+
+/* A low soft fd limit (systemd's 1024) is raised to the hard one: sessions are two fds each. */
+void test_datapath_nofile_raised(void)
+{
+	struct rlimit saved, low;
+	struct th_job *j = NULL;
+	struct th_gate g;
+	int rc;
+
+	memset(&g, 0, sizeof(g));
+	if (!ASSERT_OK(getrlimit(RLIMIT_NOFILE, &saved), "getrlimit"))
+		return;
+	if (saved.rlim_max < 1024) {
+		test__skip("hard fd limit %llu", (unsigned long long)saved.rlim_max);
+		return;
+	}
+	low = (struct rlimit){ 96, saved.rlim_max };
+	rc = setrlimit(RLIMIT_NOFILE, &low);
+	if (ASSERT_OK(rc, "setrlimit"))
+		rc = th_gate_start(&g, "--workers 1 --fastpath off", NULL);
+	setrlimit(RLIMIT_NOFILE, &saved);
+	if (!ASSERT_OK(rc, "gate"))
+		goto out;
+	j = th_job_new(AF_INET, "127.0.0.2", th_server_port(g.echo4));
+	if (!ASSERT_OK_PTR(j, "job"))
+		goto out;
+	j->nconns = 200;
+	j->timeout_ms = 20000;
+	ASSERT_EQ(th_job_in(g.tagged, j, 30000), 0, "200 sessions under a soft limit of 96");
+out:
+	th_job_free(j);
+	th_gate_cleanup(&g);
 }
 
 /*
@@ -657,4 +941,493 @@ void test_datapath_fastpath(void)
 out:
 	test__end_subtest();
 	th_gate_cleanup(&g);
+}
+
+/* ---- ways around the connect hooks, as a hostile agent would try them ---- */
+
+enum probe_how {
+	PROBE_MARK,	/* the daemon's SO_MARK set on the agent's own socket */
+	PROBE_UNSPEC,	/* a relayed connect, an AF_UNSPEC disconnect, then a connect again */
+	PROBE_ANY,	/* 0.0.0.0 or ::, which the kernel takes for the local host */
+	PROBE_IO_URING, /* IORING_OP_CONNECT */
+	PROBE_PRETAG,	/* a socket made before its cgroup was tagged */
+	PROBE_MOVED,	/* a socket made in an untagged cgroup, connected after a move */
+	PROBE_NETNS,	/* from a fresh network namespace (no gateway in it) */
+	PROBE_PLAIN,	/* a plain connect (with type and protocol as given) */
+};
+
+enum probe_expect {
+	EXPECT_RELAYED, /* through the gateway, echoed */
+	EXPECT_REFUSED, /* refused in the kernel (EPERM / ECONNREFUSED) */
+	EXPECT_DENIED,	/* reached the gateway, which refused it (never the server) */
+};
+
+struct probe {
+	enum probe_how how;
+	int family;
+	char addr[64];
+	int port;
+	int type, protocol;	/* of the socket: SOCK_STREAM, 0 unless set */
+	char move_to[256];	/* PROBE_MOVED */
+	volatile int ready, go; /* PROBE_PRETAG: socket made / tagged, connect now */
+	/* out */
+	int socket_err;
+	int connect_err;
+	int local_port;
+	bool echoed;
+};
+
+static int probe_sockaddr(const struct probe *p, struct sockaddr_storage *ss, socklen_t *sl)
+{
+	memset(ss, 0, sizeof(*ss));
+	if (p->family == AF_INET) {
+		struct sockaddr_in *in = (void *)ss;
+
+		in->sin_family = AF_INET;
+		in->sin_port = htons(p->port);
+		*sl = sizeof(*in);
+		return inet_pton(AF_INET, p->addr, &in->sin_addr) == 1 ? 0 : -EINVAL;
+	} else {
+		struct sockaddr_in6 *in6 = (void *)ss;
+
+		in6->sin6_family = AF_INET6;
+		in6->sin6_port = htons(p->port);
+		*sl = sizeof(*in6);
+		return inet_pton(AF_INET6, p->addr, &in6->sin6_addr) == 1 ? 0 : -EINVAL;
+	}
+}
+
+/* connect() through io_uring, with the raw interface (one SQE, one CQE): 0 or -errno. */
+static int uring_connect(int fd, const struct sockaddr *sa, socklen_t sl)
+{
+	struct io_uring_params prm = {};
+	struct io_uring_sqe *sqes, *sqe;
+	struct io_uring_cqe *cqe;
+	size_t sq_len, cq_len;
+	unsigned int *tail, idx;
+	uint8_t *sq, *cq;
+	int ring, rc;
+
+	ring = syscall(__NR_io_uring_setup, 4, &prm);
+	if (ring < 0)
+		return -errno;
+	sq_len = prm.sq_off.array + prm.sq_entries * sizeof(__u32);
+	cq_len = prm.cq_off.cqes + prm.cq_entries * sizeof(struct io_uring_cqe);
+	if (prm.features & IORING_FEAT_SINGLE_MMAP)
+		sq_len = cq_len = sq_len > cq_len ? sq_len : cq_len;
+	sq = mmap(NULL, sq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ring,
+		  IORING_OFF_SQ_RING);
+	cq = prm.features & IORING_FEAT_SINGLE_MMAP ?
+		     sq :
+		     mmap(NULL, cq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ring,
+			  IORING_OFF_CQ_RING);
+	sqes = mmap(NULL, prm.sq_entries * sizeof(*sqes), PROT_READ | PROT_WRITE,
+		    MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_SQES);
+	if (sq == MAP_FAILED || cq == MAP_FAILED || sqes == MAP_FAILED) {
+		close(ring);
+		return -ENOMEM;
+	}
+	tail = (unsigned int *)(sq + prm.sq_off.tail);
+	idx = *tail & *(unsigned int *)(sq + prm.sq_off.ring_mask);
+	sqe = &sqes[idx];
+	memset(sqe, 0, sizeof(*sqe));
+	sqe->opcode = IORING_OP_CONNECT;
+	sqe->fd = fd;
+	sqe->addr = (unsigned long)sa;
+	sqe->off = sl;
+	((unsigned int *)(sq + prm.sq_off.array))[idx] = idx;
+	__atomic_store_n(tail, *tail + 1, __ATOMIC_RELEASE);
+	rc = syscall(__NR_io_uring_enter, ring, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0);
+	if (rc < 0) {
+		rc = -errno;
+	} else {
+		unsigned int head = __atomic_load_n((unsigned int *)(cq + prm.cq_off.head),
+						    __ATOMIC_ACQUIRE);
+
+		cqe = (struct io_uring_cqe *)(cq + prm.cq_off.cqes) +
+		      (head & *(unsigned int *)(cq + prm.cq_off.ring_mask));
+		rc = cqe->res;
+	}
+	close(ring);
+	return rc;
+}
+
+static int probe_local_port(int fd)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+
+	if (getsockname(fd, (struct sockaddr *)&ss, &sl))
+		return -1;
+	return ntohs(ss.ss_family == AF_INET ? ((struct sockaddr_in *)&ss)->sin_port
+					     : ((struct sockaddr_in6 *)&ss)->sin6_port);
+}
+
+static bool probe_echo(int fd)
+{
+	char msg[] = "around?", back[sizeof(msg)];
+
+	return !th_send_all(fd, msg, sizeof(msg), 5000) &&
+	       th_recv_all(fd, back, sizeof(back), 5000) == sizeof(back) &&
+	       !memcmp(back, msg, sizeof(msg));
+}
+
+static int probe_child(void *arg)
+{
+	struct probe *p = arg;
+	struct sockaddr_storage ss;
+	socklen_t sl;
+	int fd, rc;
+
+	if (probe_sockaddr(p, &ss, &sl))
+		return 2;
+	if (p->how == PROBE_NETNS && unshare(CLONE_NEWNET)) {
+		p->socket_err = -errno;
+		return 0;
+	}
+	fd = socket(p->family, (p->type ? p->type : SOCK_STREAM) | SOCK_CLOEXEC, p->protocol);
+	if (fd < 0) {
+		p->socket_err = -errno;
+		return 0;
+	}
+	switch (p->how) {
+	case PROBE_MARK: {
+		uint32_t mark = AG_DEFAULT_MARK;
+
+		if (setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)))
+			p->socket_err = -errno;
+		break;
+	}
+	case PROBE_UNSPEC: {
+		struct sockaddr unspec = { .sa_family = AF_UNSPEC };
+
+		/* A first, honest connection through the gateway, then disconnect. */
+		if (connect(fd, (struct sockaddr *)&ss, sl) || !probe_echo(fd) ||
+		    connect(fd, &unspec, sizeof(unspec)))
+			p->socket_err = -errno ? -errno : -EIO;
+		break;
+	}
+	case PROBE_PRETAG:
+		p->ready = 1;
+		for (int t = 0; t < 10000 && !p->go; t++)
+			usleep(1000);
+		break;
+	case PROBE_MOVED:
+		rc = ag_cgroup_move(th_cgroup_mount(), p->move_to, 0);
+		if (rc)
+			p->socket_err = rc;
+		break;
+	default:
+		break;
+	}
+	if (p->socket_err)
+		goto out;
+	if (p->how == PROBE_IO_URING)
+		rc = uring_connect(fd, (struct sockaddr *)&ss, sl);
+	else
+		rc = connect(fd, (struct sockaddr *)&ss, sl) ? -errno : 0;
+	if (rc) {
+		p->connect_err = rc;
+		goto out;
+	}
+	p->local_port = probe_local_port(fd);
+	p->echoed = probe_echo(fd);
+out:
+	close(fd);
+	return 0;
+}
+
+/* Runs probe p from cgroup cg against srv; asserts it never reached srv directly. */
+static void run_probe(struct th_server *srv, const char *cg, struct probe *p,
+		      enum probe_expect expect)
+{
+	int before = th_server_accepted(srv);
+	pid_t pid = th_spawn_in_cgroup(cg, probe_child, p);
+
+	if (!ASSERT_GT(pid, 0, "spawn") || !ASSERT_EQ(th_wait(pid, 30000), 0, "probe"))
+		return;
+	printf("probe %d: socket %d, connect %d (%s), echoed %d, local port %d; server peers:",
+	       p->how, p->socket_err, p->connect_err, strerror(-p->connect_err), p->echoed,
+	       p->local_port);
+	for (int i = before; i < th_server_accepted(srv); i++)
+		printf(" %d", th_server_peer_port(srv, i));
+	printf("\n");
+	if (!ASSERT_EQ(p->socket_err, 0, "probe set up"))
+		return;
+	for (int i = before; i < th_server_accepted(srv); i++)
+		ASSERT_NEQ(th_server_peer_port(srv, i), p->local_port, "not direct");
+	switch (expect) {
+	case EXPECT_RELAYED:
+		ASSERT_EQ(p->connect_err, 0, "connected");
+		ASSERT_TRUE(p->echoed, "relayed");
+		ASSERT_GE(th_server_accepted(srv), before + 1, "through the gateway");
+		break;
+	case EXPECT_REFUSED:
+		ASSERT_TRUE(p->connect_err == -EPERM || p->connect_err == -ECONNREFUSED,
+			    "refused in the kernel");
+		break;
+	case EXPECT_DENIED:
+		ASSERT_FALSE(p->echoed, "nothing relayed");
+		break;
+	}
+}
+
+static struct probe *probe_new(enum probe_how how, int family, const char *addr, int port)
+{
+	struct probe *p = th_shared_alloc(sizeof(*p));
+
+	if (!p)
+		return NULL;
+	memset(p, 0, sizeof(*p));
+	p->how = how;
+	p->family = family;
+	snprintf(p->addr, sizeof(p->addr), "%s", addr);
+	p->port = port;
+	return p;
+}
+
+static void probe_simple(struct th_gate *g, enum probe_how how, int family, const char *addr,
+			 struct th_server *srv, enum probe_expect expect)
+{
+	struct probe *p = probe_new(how, family, addr, th_server_port(srv));
+
+	if (ASSERT_OK_PTR(p, "probe"))
+		run_probe(srv, g->tagged, p, expect);
+	th_shared_free(p, sizeof(*p));
+}
+
+/* SCTP connects (stream and one-to-many sockets) are refused: the gateway relays TCP only. */
+static void subtest_sctp(struct th_gate *g, int type)
+{
+	struct probe *p = probe_new(PROBE_PLAIN, AF_INET, "127.0.0.2", 9);
+	pid_t pid;
+
+	if (!ASSERT_OK_PTR(p, "probe"))
+		return;
+	p->type = type;
+	p->protocol = IPPROTO_SCTP;
+	pid = th_spawn_in_cgroup(g->tagged, probe_child, p);
+	if (ASSERT_GT(pid, 0, "spawn") && ASSERT_EQ(th_wait(pid, 30000), 0, "probe")) {
+		if (p->socket_err)
+			test__skip("no SCTP here: %s", strerror(-p->socket_err));
+		else
+			ASSERT_EQ(p->connect_err, -EPERM, "refused in the kernel");
+	}
+	th_shared_free(p, sizeof(*p));
+}
+
+/* A socket made while its cgroup was not tagged yet is still taken once it is. */
+static void subtest_pretag(struct th_gate *g)
+{
+	struct probe *p = probe_new(PROBE_PRETAG, AF_INET, "127.0.0.2", th_server_port(g->echo4));
+	int before = th_server_accepted(g->echo4);
+	char cg[256], out[4096];
+	pid_t pid = -1;
+
+	if (!ASSERT_OK_PTR(p, "probe") ||
+	    !ASSERT_OK(th_cgroup_create("pretag", cg, sizeof(cg)), "cgroup"))
+		goto out;
+	pid = th_spawn_in_cgroup(cg, probe_child, p);
+	if (!ASSERT_GT(pid, 0, "spawn"))
+		goto out;
+	for (int t = 0; t < 1000 && !p->ready; t++)
+		usleep(10 * 1000);
+	ASSERT_EQ(th_agctl(&g->d, out, sizeof(out), "cgroup tag %s agent t", cg), 0, "tag");
+	p->go = 1;
+	ASSERT_EQ(th_wait(pid, 30000), 0, "probe");
+	pid = -1;
+	ASSERT_EQ(p->connect_err, 0, "connected");
+	ASSERT_TRUE(p->echoed, "relayed");
+	ASSERT_EQ(th_server_accepted(g->echo4), before + 1, "one connection");
+	ASSERT_NEQ(th_server_peer_port(g->echo4, before), p->local_port, "through the gateway");
+	th_agctl(&g->d, out, sizeof(out), "cgroup untag %s", cg);
+out:
+	if (pid > 0) {
+		p->go = 1;
+		th_wait(pid, 30000);
+	}
+	th_shared_free(p, sizeof(*p));
+}
+
+/*
+ * A socket keeps the cgroup it was made in: made in an untagged cgroup (or received from an
+ * untagged process over a Unix socket), it never runs the tagged cgroup's hooks. Only a hook on
+ * the caller's task (BPF LSM) could see it; the cgroup hooks cannot. Known: reported, not failed.
+ */
+static void subtest_moved(struct th_gate *g)
+{
+	struct probe *p = probe_new(PROBE_MOVED, AF_INET, "127.0.0.2", th_server_port(g->echo4));
+	int before = th_server_accepted(g->echo4);
+	pid_t pid;
+
+	if (!ASSERT_OK_PTR(p, "probe"))
+		return;
+	snprintf(p->move_to, sizeof(p->move_to), "%s", g->tagged);
+	pid = th_spawn_in_cgroup(g->untagged, probe_child, p);
+	if (ASSERT_GT(pid, 0, "spawn") && ASSERT_EQ(th_wait(pid, 30000), 0, "probe") &&
+	    ASSERT_EQ(p->socket_err, 0, "moved")) {
+		bool direct = th_server_accepted(g->echo4) == before + 1 &&
+			      th_server_peer_port(g->echo4, before) == p->local_port;
+
+		if (direct)
+			test__skip("known bypass: a socket made outside the tagged cgroup "
+				   "connects directly");
+	}
+	th_shared_free(p, sizeof(*p));
+}
+
+/*
+ * 0.0.0.0 is the local host to the kernel: under default: passthrough, a connect to it must
+ * still meet the rules of the target on 127.0.0.1, not be relayed as a plain unknown address.
+ */
+static void subtest_any_addr_passthrough(struct th_gate *g, struct th_server *local4)
+{
+	struct probe *p = probe_new(PROBE_ANY, AF_INET, "0.0.0.0", th_server_port(local4));
+	char pol[2048], out[4096];
+	yajl_val ev = NULL;
+	pid_t pid;
+
+	snprintf(pol, sizeof(pol),
+		 "apiVersion: agentgate/v1\n"
+		 "agents:\n  - name: t\n    cgroup: %s\n"
+		 "targets:\n  - name: local\n    protocol: http\n    address: 127.0.0.1:%d\n"
+		 "default: passthrough\n",
+		 g->tagged, th_server_port(local4));
+	if (!ASSERT_OK_PTR(p, "probe") ||
+	    !ASSERT_OK(th_daemon_write_policy(&g->d, pol), "policy") ||
+	    !ASSERT_EQ(th_agctl(&g->d, out, sizeof(out), "policy reload"), 0, "reload"))
+		goto out;
+	pid = th_spawn_in_cgroup(g->tagged, probe_child, p);
+	if (!ASSERT_GT(pid, 0, "spawn") || !ASSERT_EQ(th_wait(pid, 30000), 0, "probe"))
+		goto out;
+	ev = th_daemon_wait_event(&g->d, "deny", "pid", pid, 0, 2000);
+	if (!ev)
+		ev = th_daemon_wait_event(&g->d, "start", "pid", pid, 0, 2000);
+	if (ASSERT_OK_PTR(ev, "session logged")) {
+		ASSERT_STREQ(th_json_str(ev, "target"), "local", "the target on 127.0.0.1");
+		ASSERT_HAS_SUBSTR(th_json_str(ev, "orig_dst"), "0.0.0.0:", "orig_dst as asked");
+	}
+out:
+	yajl_tree_free(ev);
+	th_shared_free(p, sizeof(*p));
+	th_daemon_write_policy(&g->d, g->policy);
+	th_agctl(&g->d, out, sizeof(out), "policy reload");
+}
+
+/*
+ * The gateway port squatted while the daemon is down: another tagged process must not be
+ * redirected into the squatter's listener (it would read every agent's traffic).
+ */
+struct squat {
+	int port;
+	volatile int ready, stop;
+	int err;
+	int accepted;
+};
+
+static int squat_child(void *arg)
+{
+	struct sockaddr_in sin = { .sin_family = AF_INET };
+	struct squat *s = arg;
+	int fd, one = 1;
+
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	sin.sin_port = htons(s->port);
+	fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (fd < 0 || bind(fd, (struct sockaddr *)&sin, sizeof(sin)) || listen(fd, 16)) {
+		s->err = -errno;
+		s->ready = 1;
+		return 0;
+	}
+	s->ready = 1;
+	while (!s->stop) {
+		int c = accept(fd, NULL, NULL);
+
+		if (c >= 0) {
+			s->accepted++;
+			close(c);
+		}
+		usleep(1000);
+	}
+	close(fd);
+	return 0;
+}
+
+static void subtest_squat(struct th_gate *g)
+{
+	struct squat *s = th_shared_alloc(sizeof(*s));
+	struct probe *p = NULL;
+	pid_t pid = -1;
+
+	if (!ASSERT_OK_PTR(s, "shared"))
+		return;
+	memset(s, 0, sizeof(*s));
+	s->port = g->d.port;
+	if (!ASSERT_EQ(th_daemon_kill(&g->d), 128 + SIGKILL, "daemon killed"))
+		goto out;
+	pid = th_spawn_in_cgroup(g->tagged, squat_child, s);
+	if (!ASSERT_GT(pid, 0, "spawn squatter"))
+		goto out;
+	for (int t = 0; t < 1000 && !s->ready; t++)
+		usleep(10 * 1000);
+	if (!ASSERT_EQ(s->err, 0, "squatter listens on the gateway port"))
+		goto out;
+	p = probe_new(PROBE_PLAIN, AF_INET, "127.0.0.2", th_server_port(g->echo4));
+	if (!ASSERT_OK_PTR(p, "probe"))
+		goto out;
+	run_probe(g->echo4, g->tagged, p, EXPECT_REFUSED);
+	usleep(100 * 1000);
+	ASSERT_EQ(s->accepted, 0, "the squatter got nothing");
+out:
+	if (pid > 0) {
+		s->stop = 1;
+		th_wait(pid, 10000);
+	}
+	th_shared_free(p, sizeof(*p));
+	th_shared_free(s, sizeof(*s));
+	ASSERT_OK(th_daemon_restart(&g->d), "daemon back");
+}
+
+void test_datapath_bypass(void)
+{
+	struct th_server *local4 = th_server_start(TH_SRV_ECHO, AF_INET, "127.0.0.1");
+	struct th_gate g;
+
+	memset(&g, 0, sizeof(g));
+	if (!ASSERT_OK_PTR(local4, "server on 127.0.0.1") ||
+	    !ASSERT_OK(th_gate_start(&g, NULL, NULL), "gate"))
+		goto out;
+
+	if (test__start_subtest("so_mark_forged"))
+		probe_simple(&g, PROBE_MARK, AF_INET, "127.0.0.2", g.echo4, EXPECT_RELAYED);
+	if (test__start_subtest("af_unspec_reconnect"))
+		probe_simple(&g, PROBE_UNSPEC, AF_INET, "127.0.0.2", g.echo4, EXPECT_RELAYED);
+	if (test__start_subtest("any_addr_ipv4"))
+		probe_simple(&g, PROBE_ANY, AF_INET, "0.0.0.0", local4, EXPECT_DENIED);
+	if (test__start_subtest("any_addr_ipv6"))
+		/* :: is ::1, where the echo6 target is: relayed as that target. */
+		probe_simple(&g, PROBE_ANY, AF_INET6, "::", g.echo6, EXPECT_RELAYED);
+	if (test__start_subtest("any_addr_mapped"))
+		probe_simple(&g, PROBE_ANY, AF_INET6, "::ffff:0.0.0.0", local4, EXPECT_DENIED);
+	if (test__start_subtest("any_addr_passthrough_keeps_target"))
+		subtest_any_addr_passthrough(&g, local4);
+	if (test__start_subtest("io_uring_connect"))
+		probe_simple(&g, PROBE_IO_URING, AF_INET, "127.0.0.2", g.echo4, EXPECT_RELAYED);
+	if (test__start_subtest("netns_no_gateway"))
+		probe_simple(&g, PROBE_NETNS, AF_INET, "127.0.0.2", g.echo4, EXPECT_REFUSED);
+	if (test__start_subtest("sctp_stream"))
+		subtest_sctp(&g, SOCK_STREAM);
+	if (test__start_subtest("sctp_one_to_many"))
+		subtest_sctp(&g, SOCK_SEQPACKET);
+	if (test__start_subtest("socket_made_before_tag"))
+		subtest_pretag(&g);
+	if (test__start_subtest("socket_made_outside_tagged_cgroup"))
+		subtest_moved(&g);
+	if (test__start_subtest("gateway_port_squatted"))
+		subtest_squat(&g);
+out:
+	test__end_subtest();
+	th_gate_cleanup(&g);
+	th_server_stop(local4);
 }

@@ -9,14 +9,18 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <bpf/bpf.h>
 
+#include "agentgate.h"
 #include "cgroup.h"
+#include "ctl.h"
 #include "pins.h"
 #include "../gate.h"
 #include "../test_progs.h"
@@ -82,6 +86,118 @@ static void expect_one_each(struct th_gate *g)
 	free(links);
 }
 
+/* The id of the program pinned at path, or -errno. */
+static int pinned_prog_id(const char *path)
+{
+	struct bpf_prog_info info = {};
+	__u32 len = sizeof(info);
+	int fd = bpf_obj_get(path), err;
+
+	if (fd < 0)
+		return -errno;
+	err = bpf_obj_get_info_by_fd(fd, &info, &len);
+	close(fd);
+	return err ? -errno : (int)info.id;
+}
+
+/* The fast path switch in the pinned config map, or -errno. */
+static int pinned_fastpath(const char *pin_root)
+{
+	struct ag_config cfg = {};
+	char path[256];
+	__u32 zero = 0;
+	int fd, err;
+
+	snprintf(path, sizeof(path), "%s/ag_config", pin_root);
+	fd = bpf_obj_get(path);
+	if (fd < 0)
+		return -errno;
+	err = bpf_map_lookup_elem(fd, &zero, &cfg);
+	close(fd);
+	return err ? -errno : (int)cfg.fastpath;
+}
+
+/*
+ * A second agentgated started by mistake on the same socket and pins refuses to run, and leaves
+ * the first one's kernel side as it was: its sk_msg program and its fast path setting.
+ */
+static void subtest_second_daemon(struct th_gate *g)
+{
+	char path[256];
+	int id, rc;
+
+	snprintf(path, sizeof(path), "%s/progs/sk_msg", g->d.pin_root);
+	id = pinned_prog_id(path);
+	if (!ASSERT_GT(id, 0, "sk_msg pinned") ||
+	    !ASSERT_EQ(pinned_fastpath(g->d.pin_root), 0, "fast path off"))
+		return;
+	rc = th_run(NULL, 0,
+		    "%s/agentgated --foreground --config %s --state-dir %s --socket %s --bpffs %s "
+		    "--port %d --fastpath on",
+		    th_build_dir(), g->d.config, g->d.state_dir, g->d.socket, g->d.pin_root,
+		    g->d.port);
+	ASSERT_EQ(rc, 1, "the second daemon refuses to start");
+	ASSERT_EQ(pinned_prog_id(path), id, "the first one's sk_msg program stays");
+	ASSERT_EQ(pinned_fastpath(g->d.pin_root), 0, "the first one's fast path setting stays");
+	ASSERT_EQ(exchange(g, g->tagged, NULL), 1, "the first one still serves");
+}
+
+/* The pid of the daemon answering on socket, or -errno. */
+static int daemon_pid_on(const char *socket)
+{
+	char err[256];
+	ag_ctl_response *resp = ag_ctl_call_simple(socket, AGENTGATE__CTL__REQUEST__CMD_STATUS,
+						   2000, err, sizeof(err));
+	int pid;
+
+	if (!resp)
+		return -ECONNREFUSED;
+	pid = resp->status ? (int)resp->status->pid : -EPROTO;
+	ag_ctl_response_free(resp);
+	return pid;
+}
+
+/*
+ * Started in the background (no --foreground) with paths relative to where it was started: the
+ * daemon moves to "/", and still finds its state dir, socket and policy (reload) where given.
+ */
+static void subtest_background(struct th_gate *g)
+{
+	char cwd[PATH_MAX], out[4096], log[300];
+	int pid = -1, rc;
+
+	if (!ASSERT_EQ(th_daemon_stop(&g->d), 0, "stop the foreground daemon") ||
+	    !ASSERT_OK_PTR(getcwd(cwd, sizeof(cwd)), "cwd") || !ASSERT_OK(chdir(g->d.dir), "cd"))
+		return;
+	rc = th_run(NULL, 0,
+		    "%s/agentgated --config policy.yaml --state-dir state --socket ctl.sock "
+		    "--bpffs %s --port %d",
+		    th_build_dir(), g->d.pin_root, g->d.port);
+	ASSERT_OK(chdir(cwd), "cd back");
+	if (!ASSERT_EQ(rc, 0, "started in the background"))
+		goto out;
+	for (int t = 0; t < 100 && pid < 0; t++) {
+		pid = daemon_pid_on(g->d.socket);
+		if (pid < 0)
+			usleep(100 * 1000);
+	}
+	if (!ASSERT_GT(pid, 0, "answers on the socket given"))
+		goto out;
+	ASSERT_EQ(th_agctl(&g->d, out, sizeof(out), "policy reload"), 0, "reloads its policy");
+	ASSERT_EQ(exchange(g, g->tagged, NULL), 1, "serves");
+	snprintf(log, sizeof(log), "%s/sessions.log", g->d.state_dir);
+	ASSERT_OK(access(log, F_OK), "sessions.log in the state dir given");
+out:
+	if (pid > 0) {
+		kill(pid, SIGTERM);
+		for (int t = 0; t < 200 && !kill(pid, 0); t++) {
+			waitpid(pid, NULL, WNOHANG); /* ours if we are a subreaper */
+			usleep(50 * 1000);
+		}
+	}
+	ASSERT_OK(th_daemon_restart(&g->d), "back in the foreground");
+}
+
 void test_datapath_failclosed(void)
 {
 	struct th_gate g;
@@ -94,6 +210,8 @@ void test_datapath_failclosed(void)
 		ASSERT_EQ(exchange(&g, g.tagged, NULL), 1, "tagged through the gateway");
 		expect_one_each(&g);
 	}
+	if (test__start_subtest("second_daemon_refused_untouched"))
+		subtest_second_daemon(&g);
 	if (test__start_subtest("killed_tagged_refused")) {
 		ASSERT_EQ(th_daemon_kill(&g.d), 128 + SIGKILL, "daemon killed");
 		expect_refused(&g);
@@ -128,6 +246,8 @@ void test_datapath_failclosed(void)
 			expect_one_each(&g);
 		}
 	}
+	if (test__start_subtest("background_relative_paths"))
+		subtest_background(&g);
 	if (test__start_subtest("prog_detach")) {
 		char out[4096];
 		struct th_cg_progs p;
@@ -188,6 +308,69 @@ out:
 	th_gate_cleanup(&g);
 }
 
+/* Tags or untags (agent NULL) through the control protocol: a path may hold spaces. */
+static int ctl_tag(const struct th_gate *g, const char *path, const char *agent)
+{
+	char err[512];
+	ag_ctl_response *resp = ag_ctl_call_tag(g->d.socket, path, agent, 10000, err, sizeof(err));
+	int rc = 0;
+
+	if (!resp) {
+		printf("ctl: %s\n", err);
+		return -EIO;
+	}
+	if (resp->error && resp->error[0]) {
+		printf("ctl: %s\n", resp->error);
+		rc = -EINVAL;
+	}
+	ag_ctl_response_free(resp);
+	return rc;
+}
+
+/* A runtime tag of a cgroup whose name holds a space is the same cgroup after a restart. */
+static void subtest_tag_space(struct th_gate *g)
+{
+	char rel[256];
+
+	if (!ASSERT_OK(th_cgroup_create("with space", rel, sizeof(rel)), "cgroup") ||
+	    !ASSERT_OK(ctl_tag(g, rel, "t"), "tag"))
+		return;
+	ASSERT_EQ(exchange(g, rel, NULL), 1, "redirected once tagged");
+	if (ASSERT_OK(th_daemon_restart(&g->d), "restart"))
+		ASSERT_EQ(exchange(g, rel, NULL), 1, "still redirected after a restart");
+	ASSERT_OK(ctl_tag(g, rel, NULL), "untag");
+}
+
+/*
+ * A runtime-tagged cgroup removed while the daemon is down (a job that ended): the daemon still
+ * starts, and the links of the dead cgroup are unpinned rather than kept forever.
+ */
+static void subtest_tag_removed(struct th_gate *g)
+{
+	struct ag_pinned_link *links = NULL;
+	char rel[256], out[4096];
+	uint64_t id = 0;
+	size_t n = 0;
+	int left = 0;
+
+	if (!ASSERT_OK(th_cgroup_create("ended", rel, sizeof(rel)), "cgroup") ||
+	    !ASSERT_OK(th_cgroup_id(rel, &id), "cgroup id") ||
+	    !ASSERT_EQ(th_agctl(&g->d, out, sizeof(out), "cgroup tag %s agent t", rel), 0, "tag"))
+		return;
+	ASSERT_EQ(th_daemon_stop(&g->d), 0, "stop");
+	ASSERT_OK(ag_cgroup_destroy(th_cgroup_mount(), rel), "cgroup removed");
+	if (!ASSERT_OK(th_daemon_restart(&g->d), "the daemon starts again"))
+		return;
+	if (ASSERT_OK(ag_pins_links(g->d.pin_root, &links, &n), "pinned links")) {
+		for (size_t i = 0; i < n; i++)
+			left += links[i].cgroup_id == id;
+		ASSERT_EQ(left, 0, "no link left pinned for the removed cgroup");
+	}
+	free(links);
+	ASSERT_EQ(exchange(g, g->tagged, NULL), 1, "the policy's cgroup still enforced");
+	ASSERT_EQ(th_agctl(&g->d, out, sizeof(out), "cgroup untag %s", rel), 0, "untag it");
+}
+
 /*
  * Tags follow the policy and agctl at run time: a reload moving an agent to another cgroup
  * detaches from the old one; `agctl cgroup tag/untag` attach and detach without a restart.
@@ -221,6 +404,18 @@ void test_datapath_tagging(void)
 		ASSERT_EQ(exchange(&g, rt, NULL), 0, "direct again");
 		ASSERT_EQ(exchange(&g, g.tagged, NULL), 1, "the policy's cgroup still enforced");
 	}
+	if (test__start_subtest("runtime_tag_of_policy_cgroup_refused")) {
+		/* It would be lost at the next reload: refused, the policy's tag stays. */
+		ASSERT_EQ(th_agctl(&g.d, out, sizeof(out), "cgroup tag %s agent t", g.tagged), 1,
+			  "refused");
+		ASSERT_EQ(th_agctl(&g.d, out, sizeof(out), "-j cgroup list"), 0, "list");
+		ASSERT_HAS_SUBSTR(out, "\"source\":\"policy\"", "still the policy's");
+		ASSERT_EQ(exchange(&g, g.tagged, NULL), 1, "still enforced");
+	}
+	if (test__start_subtest("runtime_tag_path_with_space"))
+		subtest_tag_space(&g);
+	if (test__start_subtest("runtime_tag_cgroup_removed"))
+		subtest_tag_removed(&g);
 	if (test__start_subtest("reload_moves_agent")) {
 		char saved[256];
 

@@ -60,25 +60,22 @@ static int do_list(int argc, char **argv)
 	return 0;
 }
 
-/* What tag/untag did: the daemon's one-line summary, or ours. */
-static void print_result(const ag_ctl_response *resp, const char *path, const char *agent,
-			 const char *fallback)
-{
-	const char *msg = resp->message && resp->message[0] ? resp->message : fallback;
+struct tag_result {
+	const char *path;
+	const char *agent; /* NULL for untag */
+};
 
-	if (json_output) {
-		jsonw_start_object(json_wtr);
-		jsonw_string_field(json_wtr, "path", path);
-		if (agent)
-			jsonw_string_field(json_wtr, "agent", agent);
-		if (resp->n_cgroups) {
-			jsonw_uint_field(json_wtr, "id", resp->cgroups[0]->id);
-			jsonw_bool_field(json_wtr, "attached", resp->cgroups[0]->attached);
-		}
-		jsonw_string_field(json_wtr, "message", msg);
-		jsonw_end_object(json_wtr);
-	} else {
-		printf("%s\n", msg);
+/* What tag/untag did, with -j (print_change() adds the message). */
+static void tag_fields(const ag_ctl_response *resp, const void *arg)
+{
+	const struct tag_result *r = arg;
+
+	jsonw_string_field(json_wtr, "path", r->path);
+	if (r->agent)
+		jsonw_string_field(json_wtr, "agent", r->agent);
+	if (resp->n_cgroups) {
+		jsonw_uint_field(json_wtr, "id", resp->cgroups[0]->id);
+		jsonw_bool_field(json_wtr, "attached", resp->cgroups[0]->attached);
 	}
 }
 
@@ -117,7 +114,7 @@ static int do_tag(int argc, char **argv)
 	if (!resp)
 		return -1;
 	snprintf(msg, sizeof(msg), "tagged %s for agent %s", path, agent);
-	print_result(resp, path, agent, msg);
+	print_change(resp, msg, tag_fields, &(struct tag_result){ path, agent });
 	ag_ctl_response_free(resp);
 	return 0;
 }
@@ -144,7 +141,7 @@ static int do_untag(int argc, char **argv)
 	if (!resp)
 		return -1;
 	snprintf(msg, sizeof(msg), "untagged %s", path);
-	print_result(resp, path, NULL, msg);
+	print_change(resp, msg, tag_fields, &(struct tag_result){ path, NULL });
 	ag_ctl_response_free(resp);
 	return 0;
 }

@@ -124,13 +124,8 @@ static int libbpf_print(enum libbpf_print_level level, const char *fmt, va_list 
 	return vfprintf(stderr, fmt, ap);
 }
 
-ag_ctl_response *ctl_request(const ag_ctl_request *req)
+ag_ctl_response *ctl_checked(ag_ctl_response *resp, const char *err)
 {
-	ag_ctl_response *resp;
-	char err[512];
-
-	p_debug("request %d to %s", req->cmd_case, ctl_socket);
-	resp = ag_ctl_call(ctl_socket, req, 0, err, sizeof(err));
 	if (!resp) {
 		p_err("%s", err);
 		return NULL;
@@ -143,53 +138,47 @@ ag_ctl_response *ctl_request(const ag_ctl_request *req)
 	return resp;
 }
 
-static void set_simple(ag_ctl_request *req, Agentgate__Ctl__Request__CmdCase cmd,
-		       Agentgate__Ctl__Empty *empty)
+ag_ctl_response *ctl_request(const ag_ctl_request *req)
 {
-	req->cmd_case = cmd;
-	switch (cmd) {
-	case AGENTGATE__CTL__REQUEST__CMD_STATUS:
-		req->status = empty;
-		break;
-	case AGENTGATE__CTL__REQUEST__CMD_SESSION_LIST:
-		req->session_list = empty;
-		break;
-	case AGENTGATE__CTL__REQUEST__CMD_CGROUP_LIST:
-		req->cgroup_list = empty;
-		break;
-	case AGENTGATE__CTL__REQUEST__CMD_POLICY_SHOW:
-		req->policy_show = empty;
-		break;
-	case AGENTGATE__CTL__REQUEST__CMD_POLICY_RELOAD:
-		req->policy_reload = empty;
-		break;
-	case AGENTGATE__CTL__REQUEST__CMD_PROG_DETACH:
-		req->prog_detach = empty;
-		break;
-	default:
-		/* Requests with an argument are built by their callers. */
-		req->cmd_case = AGENTGATE__CTL__REQUEST__CMD__NOT_SET;
-		break;
-	}
+	char err[512];
+
+	p_debug("request %d to %s", req->cmd_case, ctl_socket);
+	return ctl_checked(ag_ctl_call(ctl_socket, req, 0, err, sizeof(err)), err);
 }
 
 ag_ctl_response *ctl_request_simple(Agentgate__Ctl__Request__CmdCase cmd)
 {
-	Agentgate__Ctl__Empty empty = AGENTGATE__CTL__EMPTY__INIT;
-	ag_ctl_request req = AGENTGATE__CTL__REQUEST__INIT;
+	char err[512];
 
-	set_simple(&req, cmd, &empty);
-	return ctl_request(&req);
+	p_debug("request %d to %s", cmd, ctl_socket);
+	return ctl_checked(ag_ctl_call_simple(ctl_socket, cmd, 0, err, sizeof(err)), err);
+}
+
+void print_change(const ag_ctl_response *resp, const char *fallback,
+		  void (*fields)(const ag_ctl_response *resp, const void *arg), const void *arg)
+{
+	const char *msg = resp->message && resp->message[0] ? resp->message : fallback;
+
+	if (json_output) {
+		jsonw_start_object(json_wtr);
+		if (fields)
+			fields(resp, arg);
+		jsonw_string_field(json_wtr, "message", msg);
+		jsonw_end_object(json_wtr);
+	} else {
+		printf("%s\n", msg);
+	}
+}
+
+void json_flag_field(const ag_ctl_response *resp, const void *name)
+{
+	jsonw_bool_field(json_wtr, name, true);
 }
 
 ag_ctl_response *ctl_request_quiet(Agentgate__Ctl__Request__CmdCase cmd, int timeout_ms, char *err,
 				   size_t errlen)
 {
-	Agentgate__Ctl__Empty empty = AGENTGATE__CTL__EMPTY__INIT;
-	ag_ctl_request req = AGENTGATE__CTL__REQUEST__INIT;
-
-	set_simple(&req, cmd, &empty);
-	return ag_ctl_call(ctl_socket, &req, timeout_ms, err, errlen);
+	return ag_ctl_call_simple(ctl_socket, cmd, timeout_ms, err, errlen);
 }
 
 static void json_emit_value(yajl_val v)
@@ -442,11 +431,46 @@ enum { OPT_NOT_OURS = 0, OPT_TAKEN = 1, OPT_ERROR = -1 };
 
 static bool want_version, want_help;
 
-static void set_json(bool pretty)
+/* The global options: each has a letter; -S and -B (--socket, --bpffs) take a value. */
+static const struct {
+	const char *name;
+	char letter;
+} global_opts[] = {
+	{ "json", 'j' },    { "pretty", 'p' }, { "debug", 'd' }, { "version", 'V' },
+	{ "help", 'h' },    { "socket", 'S' }, { "bpffs", 'B' },
+};
+
+static bool takes_value(char letter)
 {
-	if (pretty)
+	return letter == 'S' || letter == 'B';
+}
+
+static void set_option(char letter, const char *value)
+{
+	switch (letter) {
+	case 'p':
 		pretty_output = true;
-	json_output = true;
+		/* fallthrough */
+	case 'j':
+		json_output = true;
+		break;
+	case 'd':
+		debug_output = true;
+		break;
+	case 'V':
+		want_version = true;
+		break;
+	case 'h':
+		want_help = true;
+		break;
+	case 'S':
+		ctl_socket = value;
+		break;
+	case 'B':
+		pin_root = value;
+		pin_root_given = true;
+		break;
+	}
 }
 
 /* A value for -S/-B: the rest of the word, or the next word. */
@@ -463,51 +487,28 @@ static const char *opt_value(const char *rest, int argc, char **argv, int *i, co
 
 static int long_option(const char *opt, int argc, char **argv, int *i)
 {
-	static const char *const flags[] = { "json", "pretty", "debug", "version", "help" };
 	const char *eq = strchr(opt, '=');
 	size_t n = eq ? (size_t)(eq - opt) : strlen(opt);
-	const char *v;
+	const char *v = NULL;
+	char name[16];
 	unsigned int f;
 
-	for (f = 0; f < ARRAY_SIZE(flags); f++) {
-		if (strlen(flags[f]) != n || strncmp(opt, flags[f], n))
-			continue;
-		if (eq) {
-			p_err("option '--%s' takes no argument", flags[f]);
-			return OPT_ERROR;
-		}
-		switch (opt[0]) {
-		case 'j':
-			set_json(false);
+	for (f = 0; f < ARRAY_SIZE(global_opts); f++)
+		if (strlen(global_opts[f].name) == n && !strncmp(opt, global_opts[f].name, n))
 			break;
-		case 'p':
-			set_json(true);
-			break;
-		case 'd':
-			debug_output = true;
-			break;
-		case 'v':
-			want_version = true;
-			break;
-		case 'h':
-			want_help = true;
-			break;
-		}
-		return OPT_TAKEN;
-	}
-	if ((n == 6 && !strncmp(opt, "socket", 6)) || (n == 5 && !strncmp(opt, "bpffs", 5))) {
-		v = opt_value(eq ? eq + 1 : NULL, argc, argv, i, n == 6 ? "--socket" : "--bpffs");
+	if (f == ARRAY_SIZE(global_opts))
+		return OPT_NOT_OURS;
+	snprintf(name, sizeof(name), "--%s", global_opts[f].name);
+	if (takes_value(global_opts[f].letter)) {
+		v = opt_value(eq ? eq + 1 : NULL, argc, argv, i, name);
 		if (!v)
 			return OPT_ERROR;
-		if (n == 6) {
-			ctl_socket = v;
-		} else {
-			pin_root = v;
-			pin_root_given = true;
-		}
-		return OPT_TAKEN;
+	} else if (eq) {
+		p_err("option '%s' takes no argument", name);
+		return OPT_ERROR;
 	}
-	return OPT_NOT_OURS;
+	set_option(global_opts[f].letter, v);
+	return OPT_TAKEN;
 }
 
 static int short_options(const char *opts, int argc, char **argv, int *i)
@@ -516,41 +517,21 @@ static int short_options(const char *opts, int argc, char **argv, int *i)
 
 	/* A cluster is ours only if every letter is (-jp); -S/-B end it with their value. */
 	for (p = opts; *p; p++) {
-		if (*p == 'S' || *p == 'B')
+		if (takes_value(*p))
 			break;
 		if (!strchr("jpdVh", *p))
 			return OPT_NOT_OURS;
 	}
 	for (p = opts; *p; p++) {
-		switch (*p) {
-		case 'j':
-			set_json(false);
-			break;
-		case 'p':
-			set_json(true);
-			break;
-		case 'd':
-			debug_output = true;
-			break;
-		case 'V':
-			want_version = true;
-			break;
-		case 'h':
-			want_help = true;
-			break;
-		case 'S':
-		case 'B':
-			v = opt_value(p + 1, argc, argv, i, *p == 'S' ? "-S" : "-B");
-			if (!v)
-				return OPT_ERROR;
-			if (*p == 'S') {
-				ctl_socket = v;
-			} else {
-				pin_root = v;
-				pin_root_given = true;
-			}
-			return OPT_TAKEN;
+		if (!takes_value(*p)) {
+			set_option(*p, NULL);
+			continue;
 		}
+		v = opt_value(p + 1, argc, argv, i, *p == 'S' ? "-S" : "-B");
+		if (!v)
+			return OPT_ERROR;
+		set_option(*p, v);
+		return OPT_TAKEN;
 	}
 	return OPT_TAKEN;
 }

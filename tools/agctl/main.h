@@ -96,6 +96,16 @@ ag_ctl_response *ctl_request_simple(Agentgate__Ctl__Request__CmdCase cmd);
 /* Quiet variant: NULL when the daemon cannot be reached (reason in err), nothing printed. */
 ag_ctl_response *ctl_request_quiet(Agentgate__Ctl__Request__CmdCase cmd, int timeout_ms, char *err,
 				   size_t errlen);
+/* resp as the others return it: NULL after reporting err (no resp) or the daemon's error. */
+ag_ctl_response *ctl_checked(ag_ctl_response *resp, const char *err);
+/*
+ * What a change the daemon made did: its message (or fallback) on a line, or with -j an object
+ * of what fields(resp, arg) writes (may be NULL) and "message".
+ */
+void print_change(const ag_ctl_response *resp, const char *fallback,
+		  void (*fields)(const ag_ctl_response *resp, const void *arg), const void *arg);
+/* A fields callback for print_change(): the field named arg, true. */
+void json_flag_field(const ag_ctl_response *resp, const void *name);
 
 /* Re-emits an already serialized JSON document through json_wtr (so -p pretty-prints it). */
 int json_emit_document(const char *text, char *err, size_t errlen);

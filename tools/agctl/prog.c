@@ -36,20 +36,14 @@ struct link_row {
 	char cgroup[PATH_MAX]; /* "" when the cgroup is gone or unknown */
 };
 
-struct prog_row {
+/* A pinned program or map. */
+struct obj_row {
 	char pin[PATH_MAX];
 	char name[BPF_OBJ_NAME_LEN];
 	uint32_t id;
-	uint32_t type;
-	int attached; /* sk_msg: 1 attached to ag_sockhash, 0 not, -1 unknown */
-};
-
-struct map_row {
-	char pin[PATH_MAX];
-	char name[BPF_OBJ_NAME_LEN];
-	uint32_t id;
-	uint32_t type;
-	uint32_t max_entries;
+	uint32_t type;	      /* enum bpf_prog_type or enum bpf_map_type */
+	int attached;	      /* progs: 1 on ag_sockhash (sk_msg), 0 not, -1 unknown */
+	uint32_t max_entries; /* maps */
 };
 
 struct inventory {
@@ -58,9 +52,9 @@ struct inventory {
 	uint32_t daemon_pid;
 	struct link_row *links;
 	size_t nlinks;
-	struct prog_row *progs;
+	struct obj_row *progs;
 	size_t nprogs;
-	struct map_row *maps;
+	struct obj_row *maps;
 	size_t nmaps;
 	uint64_t stats[AG_STAT_MAX];
 	bool have_stats;
@@ -119,7 +113,7 @@ static int cmp_link(const void *a, const void *b)
 
 static int cmp_map(const void *a, const void *b)
 {
-	return strcmp(((const struct map_row *)a)->name, ((const struct map_row *)b)->name);
+	return strcmp(((const struct obj_row *)a)->name, ((const struct obj_row *)b)->name);
 }
 
 static int collect_links(struct inventory *inv)
@@ -182,102 +176,124 @@ static int prog_attached_to(int map_fd, enum bpf_attach_type type, uint32_t prog
 	return 0;
 }
 
-static int collect_progs(struct inventory *inv)
+/*
+ * Calls fn(ctx, path, name, fd) for each object of the given type pinned in dir (fd is open for
+ * the call); fn returns false to stop. 0, or -errno when dir cannot be read (missing is 0).
+ */
+static int for_each_pin(const char *dir, enum obj_type type,
+			bool (*fn)(void *ctx, const char *path, const char *name, int fd),
+			void *ctx)
 {
-	char dir[PATH_MAX + 8], path[PATH_MAX * 2], sockhash[PATH_MAX + 16];
+	char path[PATH_MAX * 2];
 	struct dirent *de;
-	int map_fd;
+	struct stat st;
+	bool more = true;
 	DIR *d;
 
-	snprintf(dir, sizeof(dir), "%s/progs", inv->root);
 	d = opendir(dir);
 	if (!d)
 		return errno == ENOENT ? 0 : -errno;
-	snprintf(sockhash, sizeof(sockhash), "%s/ag_sockhash", inv->root);
-	map_fd = bpf_obj_get(sockhash);
-	while ((de = readdir(d))) {
-		struct bpf_prog_info info = {};
-		__u32 len = sizeof(info);
-		struct prog_row *p, *np;
+	while (more && (de = readdir(d))) {
 		int fd;
 
 		if (de->d_name[0] == '.')
 			continue;
 		snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
-		fd = bpf_obj_get(path);
-		if (fd < 0)
-			continue;
-		if (fd_type(fd) != OBJ_PROG || bpf_obj_get_info_by_fd(fd, &info, &len)) {
-			close(fd);
-			continue;
-		}
-		close(fd);
-		np = realloc(inv->progs, (inv->nprogs + 1) * sizeof(*np));
-		if (!np)
-			break;
-		inv->progs = np;
-		p = &inv->progs[inv->nprogs++];
-		memset(p, 0, sizeof(*p));
-		snprintf(p->pin, sizeof(p->pin), "%s", path);
-		snprintf(p->name, sizeof(p->name), "%s", info.name);
-		p->id = info.id;
-		p->type = info.type;
-		p->attached = -1;
-		if (info.type == BPF_PROG_TYPE_SK_MSG && map_fd >= 0)
-			p->attached = prog_attached_to(map_fd, BPF_SK_MSG_VERDICT, info.id);
-	}
-	if (map_fd >= 0)
-		close(map_fd);
-	closedir(d);
-	return 0;
-}
-
-static int collect_maps(struct inventory *inv)
-{
-	char path[PATH_MAX * 2];
-	struct dirent *de;
-	struct stat st;
-	DIR *d;
-
-	d = opendir(inv->root);
-	if (!d)
-		return errno == ENOENT ? 0 : -errno;
-	while ((de = readdir(d))) {
-		struct bpf_map_info info = {};
-		__u32 len = sizeof(info);
-		struct map_row *m, *nm;
-		int fd;
-
-		if (de->d_name[0] == '.')
-			continue;
-		snprintf(path, sizeof(path), "%s/%s", inv->root, de->d_name);
 		if (stat(path, &st) || !S_ISREG(st.st_mode))
 			continue;
 		fd = bpf_obj_get(path);
 		if (fd < 0)
 			continue;
-		if (fd_type(fd) != OBJ_MAP || bpf_obj_get_info_by_fd(fd, &info, &len)) {
-			close(fd);
-			continue;
-		}
+		if (fd_type(fd) == type)
+			more = fn(ctx, path, de->d_name, fd);
 		close(fd);
-		nm = realloc(inv->maps, (inv->nmaps + 1) * sizeof(*nm));
-		if (!nm)
-			break;
-		inv->maps = nm;
-		m = &inv->maps[inv->nmaps++];
-		memset(m, 0, sizeof(*m));
-		snprintf(m->pin, sizeof(m->pin), "%s", path);
-		/* The kernel keeps 15 characters of a map's name; the pin has it whole. */
-		snprintf(m->name, sizeof(m->name), "%s", info.name[0] ? info.name : de->d_name);
-		m->id = info.id;
-		m->type = info.type;
-		m->max_entries = info.max_entries;
 	}
 	closedir(d);
-	if (inv->nmaps)
-		qsort(inv->maps, inv->nmaps, sizeof(*inv->maps), cmp_map);
 	return 0;
+}
+
+/* Appends a row to rows (n of them); NULL when out of memory. */
+static struct obj_row *add_row(struct obj_row **rows, size_t *n, const char *path,
+			       const char *name, uint32_t id, uint32_t type)
+{
+	struct obj_row *r = realloc(*rows, (*n + 1) * sizeof(*r));
+
+	if (!r)
+		return NULL;
+	*rows = r;
+	r = &r[(*n)++];
+	memset(r, 0, sizeof(*r));
+	snprintf(r->pin, sizeof(r->pin), "%s", path);
+	snprintf(r->name, sizeof(r->name), "%s", name);
+	r->id = id;
+	r->type = type;
+	return r;
+}
+
+struct prog_ctx {
+	struct inventory *inv;
+	int sockhash_fd;
+};
+
+static bool add_prog(void *arg, const char *path, const char *name, int fd)
+{
+	struct prog_ctx *c = arg;
+	struct inventory *inv = c->inv;
+	struct bpf_prog_info info = {};
+	__u32 len = sizeof(info);
+	struct obj_row *p;
+
+	if (bpf_obj_get_info_by_fd(fd, &info, &len))
+		return true;
+	p = add_row(&inv->progs, &inv->nprogs, path, info.name, info.id, info.type);
+	if (!p)
+		return false;
+	p->attached = -1;
+	if (info.type == BPF_PROG_TYPE_SK_MSG && c->sockhash_fd >= 0)
+		p->attached = prog_attached_to(c->sockhash_fd, BPF_SK_MSG_VERDICT, info.id);
+	return true;
+}
+
+static int collect_progs(struct inventory *inv)
+{
+	char dir[PATH_MAX + 8], sockhash[PATH_MAX + 16];
+	struct prog_ctx c = { .inv = inv };
+	int err;
+
+	snprintf(dir, sizeof(dir), "%s/progs", inv->root);
+	snprintf(sockhash, sizeof(sockhash), "%s/ag_sockhash", inv->root);
+	c.sockhash_fd = bpf_obj_get(sockhash);
+	err = for_each_pin(dir, OBJ_PROG, add_prog, &c);
+	if (c.sockhash_fd >= 0)
+		close(c.sockhash_fd);
+	return err;
+}
+
+static bool add_map(void *arg, const char *path, const char *name, int fd)
+{
+	struct inventory *inv = arg;
+	struct bpf_map_info info = {};
+	__u32 len = sizeof(info);
+	struct obj_row *m;
+
+	if (bpf_obj_get_info_by_fd(fd, &info, &len))
+		return true;
+	/* The kernel keeps 15 characters of a map's name; the pin has it whole. */
+	m = add_row(&inv->maps, &inv->nmaps, path, info.name[0] ? info.name : name, info.id,
+		    info.type);
+	if (!m)
+		return false;
+	m->max_entries = info.max_entries;
+	return true;
+}
+
+static int collect_maps(struct inventory *inv)
+{
+	int err = for_each_pin(inv->root, OBJ_MAP, add_map, inv);
+
+	if (!err && inv->nmaps)
+		qsort(inv->maps, inv->nmaps, sizeof(*inv->maps), cmp_map);
+	return err;
 }
 
 /* The pin root: -B if given, else the running daemon's, else the default. */
@@ -344,6 +360,36 @@ static const char *base_name(const char *path)
 	return s ? s + 1 : path;
 }
 
+static const char *obj_type_str(const struct obj_row *r, bool map)
+{
+	return str_or(map ? libbpf_bpf_map_type_str(r->type) : libbpf_bpf_prog_type_str(r->type),
+		      "unknown");
+}
+
+/* "key": [ the programs or the maps ] */
+static void objs_json(const char *key, const struct obj_row *rows, size_t n, bool maps)
+{
+	jsonw_name(json_wtr, key);
+	jsonw_start_array(json_wtr);
+	for (size_t i = 0; i < n; i++) {
+		const struct obj_row *r = &rows[i];
+
+		jsonw_start_object(json_wtr);
+		jsonw_uint_field(json_wtr, "id", r->id);
+		jsonw_string_field(json_wtr, "name", r->name);
+		jsonw_string_field(json_wtr, "type", obj_type_str(r, maps));
+		if (maps)
+			jsonw_uint_field(json_wtr, "max_entries", r->max_entries);
+		else if (r->attached >= 0)
+			jsonw_bool_field(json_wtr, "attached", r->attached);
+		else
+			jsonw_null_field(json_wtr, "attached");
+		jsonw_string_field(json_wtr, "pin", r->pin);
+		jsonw_end_object(json_wtr);
+	}
+	jsonw_end_array(json_wtr);
+}
+
 static void show_json(const struct inventory *inv)
 {
 	size_t i;
@@ -377,40 +423,8 @@ static void show_json(const struct inventory *inv)
 	}
 	jsonw_end_array(json_wtr);
 
-	jsonw_name(json_wtr, "progs");
-	jsonw_start_array(json_wtr);
-	for (i = 0; i < inv->nprogs; i++) {
-		const struct prog_row *p = &inv->progs[i];
-
-		jsonw_start_object(json_wtr);
-		jsonw_uint_field(json_wtr, "id", p->id);
-		jsonw_string_field(json_wtr, "name", p->name);
-		jsonw_string_field(json_wtr, "type",
-				   str_or(libbpf_bpf_prog_type_str(p->type), "unknown"));
-		if (p->attached >= 0)
-			jsonw_bool_field(json_wtr, "attached", p->attached);
-		else
-			jsonw_null_field(json_wtr, "attached");
-		jsonw_string_field(json_wtr, "pin", p->pin);
-		jsonw_end_object(json_wtr);
-	}
-	jsonw_end_array(json_wtr);
-
-	jsonw_name(json_wtr, "maps");
-	jsonw_start_array(json_wtr);
-	for (i = 0; i < inv->nmaps; i++) {
-		const struct map_row *m = &inv->maps[i];
-
-		jsonw_start_object(json_wtr);
-		jsonw_uint_field(json_wtr, "id", m->id);
-		jsonw_string_field(json_wtr, "name", m->name);
-		jsonw_string_field(json_wtr, "type",
-				   str_or(libbpf_bpf_map_type_str(m->type), "unknown"));
-		jsonw_uint_field(json_wtr, "max_entries", m->max_entries);
-		jsonw_string_field(json_wtr, "pin", m->pin);
-		jsonw_end_object(json_wtr);
-	}
-	jsonw_end_array(json_wtr);
+	objs_json("progs", inv->progs, inv->nprogs, false);
+	objs_json("maps", inv->maps, inv->nmaps, true);
 
 	jsonw_name(json_wtr, "stats");
 	if (inv->have_stats) {
@@ -459,11 +473,10 @@ static void show_plain(const struct inventory *inv)
 		putchar('\n');
 		t = table_new(prog_hdr, ARRAY_SIZE(prog_hdr));
 		for (i = 0; i < inv->nprogs; i++) {
-			const struct prog_row *p = &inv->progs[i];
+			const struct obj_row *p = &inv->progs[i];
 
 			snprintf(a, sizeof(a), "%u", p->id);
-			table_add(t, a, str_or(libbpf_bpf_prog_type_str(p->type), "unknown"),
-				  p->name,
+			table_add(t, a, obj_type_str(p, false), p->name,
 				  p->attached > 0    ? "ag_sockhash"
 				  : p->attached == 0 ? "no"
 						     : "-",
@@ -476,12 +489,11 @@ static void show_plain(const struct inventory *inv)
 		putchar('\n');
 		t = table_new(map_hdr, ARRAY_SIZE(map_hdr));
 		for (i = 0; i < inv->nmaps; i++) {
-			const struct map_row *m = &inv->maps[i];
+			const struct obj_row *m = &inv->maps[i];
 
 			snprintf(a, sizeof(a), "%u", m->id);
 			snprintf(b, sizeof(b), "%u", m->max_entries);
-			table_add(t, a, m->name,
-				  str_or(libbpf_bpf_map_type_str(m->type), "unknown"), b);
+			table_add(t, a, m->name, obj_type_str(m, true), b);
 		}
 		table_print(t, stdout);
 		table_free(t);
@@ -518,6 +530,29 @@ out:
 static bool pin_gone(const char *pin)
 {
 	return access(pin, F_OK) && errno == ENOENT;
+}
+
+/* The programs or maps whose pins went, for detach_local(). */
+static void objs_removed(const struct obj_row *rows, size_t n, bool maps)
+{
+	for (size_t i = 0; i < n; i++) {
+		const struct obj_row *r = &rows[i];
+
+		if (!pin_gone(r->pin))
+			continue;
+		if (json_output) {
+			jsonw_start_object(json_wtr);
+			jsonw_string_field(json_wtr, "kind", maps ? "map" : "prog");
+			jsonw_uint_field(json_wtr, "id", r->id);
+			jsonw_string_field(json_wtr, "name", r->name);
+			jsonw_string_field(json_wtr, "pin", r->pin);
+			jsonw_end_object(json_wtr);
+		} else if (maps) {
+			printf("removed map %s\n", base_name(r->pin));
+		} else {
+			printf("detached prog %u (%s)\n", r->id, base_name(r->pin));
+		}
+	}
 }
 
 /* Without the daemon: remove the pins ourselves and say what went. */
@@ -578,38 +613,8 @@ static int detach_local(void)
 			       l->cgroup[0] ? l->cgroup : "(gone)");
 		}
 	}
-	for (i = 0; i < inv.nprogs; i++) {
-		const struct prog_row *p = &inv.progs[i];
-
-		if (!pin_gone(p->pin))
-			continue;
-		if (json_output) {
-			jsonw_start_object(json_wtr);
-			jsonw_string_field(json_wtr, "kind", "prog");
-			jsonw_uint_field(json_wtr, "id", p->id);
-			jsonw_string_field(json_wtr, "name", p->name);
-			jsonw_string_field(json_wtr, "pin", p->pin);
-			jsonw_end_object(json_wtr);
-		} else {
-			printf("detached prog %u (%s)\n", p->id, base_name(p->pin));
-		}
-	}
-	for (i = 0; i < inv.nmaps; i++) {
-		const struct map_row *m = &inv.maps[i];
-
-		if (!pin_gone(m->pin))
-			continue;
-		if (json_output) {
-			jsonw_start_object(json_wtr);
-			jsonw_string_field(json_wtr, "kind", "map");
-			jsonw_uint_field(json_wtr, "id", m->id);
-			jsonw_string_field(json_wtr, "name", m->name);
-			jsonw_string_field(json_wtr, "pin", m->pin);
-			jsonw_end_object(json_wtr);
-		} else {
-			printf("removed map %s\n", base_name(m->pin));
-		}
-	}
+	objs_removed(inv.progs, inv.nprogs, false);
+	objs_removed(inv.maps, inv.nmaps, true);
 	if (json_output) {
 		jsonw_end_array(json_wtr);
 		if (rc)
@@ -625,7 +630,6 @@ static int detach_local(void)
 static int do_detach(int argc, char **argv)
 {
 	ag_ctl_response *resp;
-	const char *msg;
 	char err[512];
 
 	if (!NO_MORE_ARGS())
@@ -635,20 +639,10 @@ static int do_detach(int argc, char **argv)
 		p_debug("%s", err);
 		return detach_local();
 	}
-	if (resp->error && resp->error[0]) {
-		p_err("%s", resp->error);
-		ag_ctl_response_free(resp);
+	resp = ctl_checked(resp, err);
+	if (!resp)
 		return -1;
-	}
-	msg = resp->message && resp->message[0] ? resp->message : "detached";
-	if (json_output) {
-		jsonw_start_object(json_wtr);
-		jsonw_bool_field(json_wtr, "daemon", true);
-		jsonw_string_field(json_wtr, "message", msg);
-		jsonw_end_object(json_wtr);
-	} else {
-		printf("%s\n", msg);
-	}
+	print_change(resp, "detached", json_flag_field, "daemon");
 	ag_ctl_response_free(resp);
 	return 0;
 }

@@ -129,21 +129,9 @@ static int check_attached(const char *path, const char *agent)
 
 static int tag_call(const char *path, const char *agent, char *err, size_t errlen)
 {
-	Agentgate__Ctl__CgroupTag tag = AGENTGATE__CTL__CGROUP_TAG__INIT;
-	ag_ctl_request req = AGENTGATE__CTL__REQUEST__INIT;
-	ag_ctl_response *resp;
+	ag_ctl_response *resp = ag_ctl_call_tag(ctl_socket, path, agent, 0, err, errlen);
 	int ret = 0;
 
-	if (agent) {
-		tag.path = (char *)path;
-		tag.agent = (char *)agent;
-		req.cmd_case = AGENTGATE__CTL__REQUEST__CMD_CGROUP_TAG;
-		req.cgroup_tag = &tag;
-	} else {
-		req.cmd_case = AGENTGATE__CTL__REQUEST__CMD_CGROUP_UNTAG;
-		req.cgroup_untag = (char *)path;
-	}
-	resp = ag_ctl_call(ctl_socket, &req, 0, err, errlen);
 	if (!resp)
 		return -1;
 	if (resp->error && resp->error[0]) {

@@ -1,0 +1,258 @@
+#!/bin/sh
+# SPDX-License-Identifier: GPL-2.0
+# make bench: bulk throughput, request/response latency and connection rate, side by side in one
+# run: direct (the client in no tagged cgroup), through agentgated (plain relay) and through
+# agentgated with the sockmap fast path. build/agbench starts its own sink/echo server on
+# 127.0.0.2; two daemons (fast path off / on), each with its own cgroup, port and pins, run for
+# the whole bench, and the modes take turns round by round so that a noisy neighbour hits all
+# of them alike; each figure is the median over the rounds. Installs nothing, needs no terminal,
+# removes its cgroups, daemons and pins on every exit, and stops itself after 290 s.
+#
+# Environment: AGBENCH_BYTES (default 1073741824), AGBENCH_RTTS (20000), AGBENCH_CONNS (2000),
+# AGBENCH_ROUNDS (3); AGBENCH_KEEP=FILE keeps the raw results (scripts/bench.sh --table FILE).
+set -u
+
+cd "$(dirname "$0")/.." || exit 1
+B=build
+BYTES=${AGBENCH_BYTES:-1073741824}
+RTTS=${AGBENCH_RTTS:-20000}
+CONNS=${AGBENCH_CONNS:-2000}
+ROUNDS=${AGBENCH_ROUNDS:-3}
+LIMIT=290
+
+fail() {
+	echo "bench: $*" >&2
+	exit 1
+}
+
+# The table: medians per mode and metric from "mode metric value" lines in file $1.
+table() {
+	awk '
+	function median(key,    n, i, j, t, v) {
+		n = cnt[key]
+		if (!n)
+			return -1
+		for (i = 1; i <= n; i++)
+			v[i] = val[key, i]
+		for (i = 2; i <= n; i++)
+			for (j = i; j > 1 && v[j - 1] > v[j]; j--) {
+				t = v[j]; v[j] = v[j - 1]; v[j - 1] = t
+			}
+		return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+	}
+	{ key = $1 SUBSEP $2; val[key, ++cnt[key]] = $3 }
+	END {
+		split("bulk_up_MBps bulk_down_MBps bulk_both_MBps rr_p50_us rr_p99_us conn_per_s", mets, " ")
+		split("bulk up (MB/s)|bulk down (MB/s)|bulk both ways (MB/s, sum)|latency p50 (us)|latency p99 (us)|connections/s", names, "|")
+		nm = 6
+		for (i = 1; i <= nm; i++)
+			for (k = 1; k <= 3; k++) {
+				mode = k == 1 ? "direct" : k == 2 ? "gw" : "fp"
+				med[mode, mets[i]] = median(mode SUBSEP mets[i])
+			}
+		printf "\n%-28s %10s %10s %9s %12s %9s\n", "", "direct", "gateway", "vs direct", "gw+fastpath", "vs direct"
+		for (i = 1; i <= nm; i++) {
+			m = mets[i]; d = med["direct", m]
+			lat = m ~ /^rr_/
+			printf "%-28s %10.1f", names[i], d
+			for (k = 2; k <= 3; k++) {
+				mode = k == 2 ? "gw" : "fp"; x = med[mode, m]
+				if (lat)
+					rel = sprintf("%+.1f", x - d)
+				else
+					rel = sprintf("%.2fx", (d > 0) ? x / d : 0)
+				printf " %10.1f %9s", x, rel
+				printf (k == 2) ? " " : "   "
+			}
+			printf "\n"
+		}
+		printf "\ntargets (DESIGN.md): relay >= 0.90x direct throughput; latency p50 +<30 us, p99 +<100 us\n"
+		for (k = 2; k <= 3; k++) {
+			mode = k == 2 ? "gw" : "fp"
+			worst = 1e9
+			for (i = 1; i <= 3; i++) {
+				r = med[mode, mets[i]] / med["direct", mets[i]]
+				if (r < worst)
+					worst = r
+			}
+			p50 = med[mode, "rr_p50_us"] - med["direct", "rr_p50_us"]
+			p99 = med[mode, "rr_p99_us"] - med["direct", "rr_p99_us"]
+			label = (k == 2) ? "gateway:" : "gateway+fastpath:"
+			v1 = (worst >= 0.9) ? "ok" : "MISSED"
+			v2 = (p50 < 30) ? "ok" : "MISSED"
+			v3 = (p99 < 100) ? "ok" : "MISSED"
+			printf "  %-18s relay throughput %.2fx direct (worst of up/down/both) %s;", label, worst, v1
+			printf " p50 %+.1f us %s; p99 %+.1f us %s\n", p50, v2, p99, v3
+		}
+		# The fast path against the plain relay, metric by metric.
+		wins = 0; losses = 0
+		printf "\nfast path vs plain relay:"
+		for (i = 1; i <= nm; i++) {
+			m = mets[i]; g = med["gw", m]; f = med["fp", m]
+			better = (m ~ /^rr_/) ? (f < g) : (f > g)
+			d = g ? (f - g) / g * 100 : 0
+			printf " %s %+.0f%%", m, d
+			if (better) wins++; else losses++
+		}
+		if (wins == nm)
+			w = "gateway+fastpath (better on every metric)"
+		else if (losses == nm)
+			w = "gateway without the fast path (better on every metric)"
+		else
+			w = sprintf("mixed: the fast path is better on %d of %d metrics", wins, nm)
+		printf "\nwinner: %s\n", w
+	}' "$1"
+}
+
+# scripts/bench.sh --table FILE: only format the results kept in FILE (AGBENCH_KEEP).
+if [ "${1:-}" = --table ] && [ -n "${2:-}" ]; then
+	table "$2"
+	exit
+fi
+
+[ "$(id -u)" -eq 0 ] || fail "must run as root (BPF programs and cgroups): sudo make bench"
+for f in agbench agentgated agctl; do
+	[ -x "$B/$f" ] || fail "$B/$f is missing: run make first"
+done
+CGROOT=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
+[ -n "$CGROOT" ] || fail "no cgroup2 mount in /proc/mounts"
+grep -qs ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf ||
+	fail "no bpffs at /sys/fs/bpf"
+
+TAG=agbench-$$
+WORK=$(mktemp -d "/tmp/$TAG.XXXXXX") || fail "mktemp failed"
+WATCHDOG=
+MODES="gw fp"
+
+stop_daemon() { # mode
+	pidf=$WORK/$1/pid
+	[ -f "$pidf" ] || return 0
+	pid=$(cat "$pidf")
+	rm -f "$pidf"
+	kill -TERM "$pid" 2>/dev/null || return 0
+	i=0
+	while kill -0 "$pid" 2>/dev/null && [ $i -lt 50 ]; do
+		sleep 0.2
+		i=$((i + 1))
+	done
+	kill -KILL "$pid" 2>/dev/null
+	wait "$pid" 2>/dev/null
+	return 0
+}
+
+cleanup() {
+	trap - EXIT INT TERM HUP
+	[ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
+	for m in $MODES; do
+		stop_daemon "$m"
+		pins=/sys/fs/bpf/$TAG-$m
+		if [ -d "$pins" ]; then
+			"$B/agctl" -B "$pins" prog detach >/dev/null 2>&1
+			rm -rf "$pins"
+		fi
+		cg=$CGROOT/$TAG-$m
+		if [ -d "$cg" ]; then
+			for p in $(cat "$cg/cgroup.procs" 2>/dev/null); do
+				kill -KILL "$p" 2>/dev/null
+			done
+			i=0
+			while ! rmdir "$cg" 2>/dev/null && [ $i -lt 20 ]; do
+				sleep 0.1
+				i=$((i + 1))
+			done
+		fi
+	done
+	rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'echo "bench: interrupted" >&2; exit 130' INT TERM HUP
+
+# A port nothing listens on (IPv4 or IPv6) and not picked before, from a range the kernel does
+# not hand out as ephemeral ports.
+PICKED=
+free_port() {
+	while :; do
+		p=$((20000 + $(od -An -N2 -tu2 /dev/urandom) % 10000))
+		case " $PICKED " in *" $p "*) continue ;; esac
+		hex=$(printf '%04X' "$p")
+		if ! awk -v h=":$hex" '$4 == "0A" && substr($2, length($2) - 4) == h { f = 1 }
+			END { exit !f }' /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
+			PICKED="$PICKED $p"
+			PORT=$p
+			return
+		fi
+	done
+}
+
+free_port
+SRVPORT=$PORT
+
+start_daemon() { # mode port on|off
+	dir=$WORK/$1
+	mkdir -p "$dir/state" && mkdir -p "$CGROOT/$TAG-$1" || fail "cannot create $CGROOT/$TAG-$1"
+	cat >"$dir/policy.yaml" <<EOF
+apiVersion: agentgate/v1
+agents: [{name: bench, cgroup: /$TAG-$1}]
+targets: [{name: sink, protocol: tcp, address: 127.0.0.2:$SRVPORT}]
+default: deny
+EOF
+	"$B/agentgated" --foreground --config "$dir/policy.yaml" --state-dir "$dir/state" \
+		--socket "$dir/ctl.sock" --bpffs "/sys/fs/bpf/$TAG-$1" --port "$2" \
+		--fastpath "$3" >"$dir/log" 2>&1 </dev/null &
+	echo $! >"$dir/pid"
+	i=0
+	until grep -qs 'listening on' "$dir/log"; do
+		if ! kill -0 "$(cat "$dir/pid")" 2>/dev/null || [ $i -ge 100 ]; then
+			cat "$dir/log" >&2
+			fail "agentgated ($1) did not start"
+		fi
+		sleep 0.1
+		i=$((i + 1))
+	done
+}
+
+(
+	trap 'kill "$spid" 2>/dev/null; exit 0' TERM
+	sleep $LIMIT &
+	spid=$!
+	wait "$spid" && echo "bench: time limit ($LIMIT s) reached" >&2 && kill -TERM $$
+) &
+WATCHDOG=$!
+
+free_port
+start_daemon gw "$PORT" off
+free_port
+start_daemon fp "$PORT" on
+
+run() { # mode round
+	case $1 in
+	direct) cg= ;;
+	*) cg="--cgroup $CGROOT/$TAG-$1" ;;
+	esac
+	# shellcheck disable=SC2086
+	"$B/agbench" --port "$SRVPORT" $cg --bytes "$BYTES" --rtts "$RTTS" --conns "$CONNS" \
+		--timeout 80 >"$WORK/out" 2>"$WORK/err" || {
+		cat "$WORK/err" >&2
+		[ "$1" = direct ] || tail -5 "$WORK/$1/log" >&2
+		fail "agbench failed in mode $1 (round $2)"
+	}
+	sed "s/^/$1 /" "$WORK/out" >>"$WORK/results"
+}
+
+echo "agentgate bench: $((BYTES / 1048576)) MiB bulk per direction, $RTTS round trips of 64 B," \
+	"$CONNS connections; median of $ROUNDS rounds"
+: >"$WORK/results"
+r=1
+order="direct gw fp"
+while [ $r -le "$ROUNDS" ]; do
+	for m in $order; do
+		run $m $r
+	done
+	order="${order#* } ${order%% *}" # the next round starts with the next mode
+	echo "  round $r of $ROUNDS done"
+	r=$((r + 1))
+done
+
+table "$WORK/results"
+[ -n "${AGBENCH_KEEP:-}" ] && cp "$WORK/results" "$AGBENCH_KEEP"
+exit 0

@@ -1,0 +1,478 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Masking end to end, real PostgreSQL and clients: column rules resolved at the column's origin
+ * (a plain column, an alias, SELECT *, a join), a typed column covered (NULL), detectors on
+ * derived values (lower(), concatenation, row_to_json), the binary result format (raw client,
+ * result format 1, with and without a Describe), COPY TO STDOUT in text and csv (and the COPYs
+ * that cannot be masked refused), error texts, the styles (partial, hash: deterministic across
+ * sessions), a table made after the session started (the catalog resolved again), and the
+ * session's masked_values counter. Whatever is not masked comes back exactly as direct.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cgroup.h"
+#include "pgwire.h"
+#include "../pg.h"
+#include "../test_progs.h"
+
+#define MASK_SQL                                                                                   \
+	"    sql:\n"                                                                               \
+	"      - { name: rw, when: { command: [select, insert, update, delete, copy, begin,"       \
+	" commit, rollback, set, show, create, ddl] }, then: allow }\n"
+
+#define MASK_RULES(style)                                                                          \
+	MASK_SQL                                                                                   \
+	"    mask:\n"                                                                              \
+	"      columns: [users.email, \"*.ssn\", orders.amount]\n"                                 \
+	"      detectors: [email, credit-card, ssn, phone, jwt, aws-key, private-key]\n"           \
+	"      style: " style "\n"
+
+static char out[65536], err[16384], direct[65536];
+
+/* None of the sensitive values of the users table appear in s. */
+static void no_secrets(const char *s, const char *what)
+{
+	static const char *const secrets[] = {
+		"alice@example.com",
+		"bob@example.org",
+		"carol@example.net",
+		"123-45-6789",
+		"321-54-9876",
+		"078-05-1120",
+		"4111 1111 1111 1111",
+		"5500 0000 0000 0004",
+		"bob.personal@gmail.com",
+		"555 123 4567",
+		"987-6543",
+		"555-000-1111",
+	};
+
+	for (size_t i = 0; i < sizeof(secrets) / sizeof(secrets[0]); i++)
+		if (strstr(s, secrets[i])) {
+			ASSERT_TRUE(false, what);
+			printf("%s: \"%s\" went out unmasked in:\n%s\n", what, secrets[i], s);
+			return;
+		}
+}
+
+static int psql(struct th_pg_gate *g, const char *rel, const char *sql)
+{
+	int rc = th_pg_psql(&g->pg, rel, sql, rel ? out : direct, sizeof(out), err, sizeof(err));
+
+	if (rc)
+		printf("psql: %d: %s\n", rc, err);
+	return rc;
+}
+
+static void subtest_columns(struct th_pg_gate *g)
+{
+	ASSERT_OK(psql(g, g->tagged, "SELECT id, email, note FROM users ORDER BY id"), "psql");
+	ASSERT_STREQ(out,
+		     "1|[REDACTED]|likes cats\n"
+		     "2|[REDACTED]|reach me at [REDACTED:email]\n"
+		     "3|[REDACTED]|nothing to see\n",
+		     "email column and the email inside note");
+	/* An alias changes nothing: the origin is what RowDescription says. */
+	ASSERT_OK(psql(g, g->tagged,
+		       "SELECT email AS contact, ssn AS x, id AS email FROM users "
+		       "WHERE id = 1"),
+		  "psql");
+	ASSERT_STREQ(out, "[REDACTED]|[REDACTED]|1\n", "aliases");
+	/* A join: ssn comes from users. */
+	ASSERT_OK(psql(g, g->tagged,
+		       "SELECT o.id, u.ssn, o.item FROM orders o JOIN users u "
+		       "ON u.id = o.user_id ORDER BY o.id"),
+		  "psql");
+	ASSERT_HAS_SUBSTR(out, "1|[REDACTED]|book\n", "join");
+	/* A typed column covered: NULL (empty in psql's unaligned output). */
+	ASSERT_OK(psql(g, g->tagged, "SELECT id, amount, amount IS NULL FROM orders WHERE id = 2"),
+		  "psql");
+	ASSERT_STREQ(out, "2||f\n", "numeric column NULLed, its derived value is not covered");
+	no_secrets(out, "columns");
+}
+
+static void subtest_select_star(struct th_pg_gate *g)
+{
+	int lines = 0;
+
+	ASSERT_OK(psql(g, g->tagged, "SELECT * FROM users ORDER BY id"), "psql");
+	printf("%s", out);
+	no_secrets(out, "SELECT *");
+	ASSERT_HAS_SUBSTR(out,
+			  "1|[REDACTED]|[REDACTED]|[REDACTED:credit-card]|[REDACTED:phone]|"
+			  "likes cats\n",
+			  "row 1");
+	for (const char *p = out; (p = strchr(p, '\n')); p++)
+		lines++;
+	ASSERT_EQ(lines, 3, "all rows");
+	/* Columns nobody masks are exactly as direct. */
+	ASSERT_OK(psql(g, g->tagged, "SELECT * FROM orders ORDER BY id"), "psql");
+	ASSERT_OK(psql(g, NULL, "SELECT id, user_id, NULL, item, created FROM orders ORDER BY id"),
+		  "direct");
+	ASSERT_STREQ(out, direct, "orders: only amount masked");
+}
+
+static void subtest_derived(struct th_pg_gate *g)
+{
+	ASSERT_OK(psql(g, g->tagged,
+		       "SELECT lower(email), email || '!', upper(ssn), row_to_json(u), "
+		       "concat('card: ', card), u::text FROM users u ORDER BY id"),
+		  "psql");
+	printf("%s", out);
+	no_secrets(out, "derived values");
+	ASSERT_HAS_SUBSTR(out, "[REDACTED:email]", "email found in a derived value");
+	ASSERT_HAS_SUBSTR(out, "[REDACTED:ssn]", "ssn found in a derived value");
+	ASSERT_HAS_SUBSTR(out, "card: [REDACTED:credit-card]", "card found in a derived value");
+	ASSERT_HAS_SUBSTR(out, "\"note\":\"likes cats\"", "row_to_json stays JSON");
+	/* A JWT and an AWS key made up on the fly. */
+	ASSERT_OK(psql(g, g->tagged,
+		       "SELECT 'token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
+		       "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U', 'AKIAIOSFODNN7EXAMPLE'"),
+		  "psql");
+	ASSERT_HAS_SUBSTR(out, "[REDACTED:jwt]", "jwt");
+	ASSERT_HAS_SUBSTR(out, "[REDACTED:aws-key]", "aws key");
+	/* A number that is a card, cast: the typed value becomes NULL. */
+	ASSERT_OK(psql(g, g->tagged, "SELECT 4111111111111111::int8, 42::int8"), "psql");
+	ASSERT_STREQ(out, "|42\n", "int8 card NULLed, other numbers kept");
+}
+
+static void subtest_errors(struct th_pg_gate *g)
+{
+	int rc = th_pg_psql(&g->pg, g->tagged, "SELECT email::int FROM users WHERE id = 1", out,
+			    sizeof(out), err, sizeof(err));
+
+	ASSERT_NEQ(rc, 0, "the cast fails");
+	printf("%s", err);
+	ASSERT_HAS_SUBSTR(err, "invalid input syntax for type integer", "the server's error");
+	no_secrets(err, "error text");
+	/* A covered column no detector recognizes: the quoted value is hidden all the same. */
+	rc = th_pg_psql(&g->pg, g->tagged, "SELECT (ssn || 'x')::int FROM users WHERE id = 1", out,
+			sizeof(out), err, sizeof(err));
+	ASSERT_HAS_SUBSTR(err, "invalid input syntax for type integer: \"[REDACTED]\"",
+			  "cast error value hidden");
+	/* A unique violation's detail names the key's value. */
+	rc = th_pg_psql(&g->pg, g->tagged,
+			"INSERT INTO users (id, email) VALUES (1, 'x@example.com')", out,
+			sizeof(out), err, sizeof(err));
+	ASSERT_NEQ(rc, 0, "duplicate key");
+	printf("%s", err);
+	ASSERT_HAS_SUBSTR(err, "Key (id)=([REDACTED]) already exists", "key value hidden");
+}
+
+/* --- binary results with the raw client ------------------------------------------------------ */
+
+static int raw_connect(struct th_pg_gate *g)
+{
+	int fd = th_pg_connect_from(g->tagged, g->pg.addr, g->pg.port);
+
+	if (fd >= 0 && th_pg_raw_startup(fd, TH_PG_USER, TH_PG_DB, TH_PG_PASSWORD)) {
+		close(fd);
+		return -EACCES;
+	}
+	return fd;
+}
+
+/* Rows of DataRows up to ReadyForQuery as "len:bytes|..." lines (binary shown as hex). */
+static int raw_rows(int fd, char *buf, size_t len, char *types, size_t tlen)
+{
+	size_t off = 0, nt = 0;
+
+	buf[0] = '\0';
+	for (;;) {
+		struct th_pg_msg m;
+		struct pg_rd r;
+		uint16_t n;
+
+		if (th_pg_read_msg(fd, &m, 10000))
+			return -EIO;
+		if (nt + 1 < tlen) {
+			types[nt++] = m.type;
+			types[nt] = '\0';
+		}
+		if (m.type == 'E')
+			printf("error: %s\n", th_pg_err_field(&m, 'M'));
+		if (m.type == 'D') {
+			pg_rd_init(&r, m.body, m.len);
+			n = pg_rd_u16(&r);
+			for (uint16_t i = 0; i < n && off + 64 < len; i++) {
+				int32_t fl = (int32_t)pg_rd_u32(&r);
+				const uint8_t *v = fl > 0 ? pg_rd_bytes(&r, fl) : NULL;
+				bool text = true;
+
+				for (int k = 0; v && k < fl; k++)
+					text &= v[k] >= 0x20 && v[k] < 0x7f;
+				off += snprintf(buf + off, len - off, "%s", i ? "|" : "");
+				if (fl < 0)
+					off += snprintf(buf + off, len - off, "NULL");
+				for (int k = 0; v && k < fl && off + 8 < len; k++)
+					off += snprintf(buf + off, len - off, text ? "%c" : "%02x",
+							v[k]);
+			}
+			off += snprintf(buf + off, len - off, "\n");
+		}
+		th_pg_msg_free(&m);
+		if (m.type == 'Z')
+			return 0;
+	}
+}
+
+static void bind_exec(struct ag_buf *b, bool describe, int16_t fmt)
+{
+	struct pg_wr w;
+
+	pg_wr_begin(&w, b, 'B');
+	pg_wr_str(&w, "");
+	pg_wr_str(&w, "");
+	pg_wr_u16(&w, 0);
+	pg_wr_u16(&w, 0);
+	pg_wr_u16(&w, 1);
+	pg_wr_u16(&w, fmt);
+	pg_wr_end(&w);
+	if (describe)
+		pg_put_describe(b, 'P', "");
+	pg_wr_begin(&w, b, 'E');
+	pg_wr_str(&w, "");
+	pg_wr_u32(&w, 0);
+	pg_wr_end(&w);
+	pg_wr_begin(&w, b, 'S');
+	pg_wr_end(&w);
+}
+
+static void subtest_binary(struct th_pg_gate *g)
+{
+	static const char q[] = "SELECT u.id, u.email, u.ssn, o.amount, u.note, u.card::bytea, "
+				"u.email::varchar, row(u.email, u.id) FROM users u JOIN orders o "
+				"ON o.user_id = u.id WHERE o.id = 3";
+	struct ag_buf b = { 0 };
+	char rows[8192], types[64];
+	int fd;
+
+	/* The raw client speaks md5, not SCRAM. */
+	th_pg_set_auth(&g->pg, "md5");
+	fd = raw_connect(g);
+
+	if (!ASSERT_GE(fd, 0, "raw connection"))
+		return;
+	for (int describe = 1; describe >= 0; describe--) {
+		pg_put_parse(&b, "", q);
+		bind_exec(&b, describe, 1);
+		ASSERT_OK(th_send_all(fd, ag_buf_head(&b), ag_buf_len(&b), 5000), "send");
+		ag_buf_free(&b);
+		ASSERT_OK(raw_rows(fd, rows, sizeof(rows), types, sizeof(types)), "rows");
+		printf("describe %d: %s %s", describe, types, rows);
+		/* The client sees only what it asked for: no RowDescription without Describe. */
+		ASSERT_STREQ(types, describe ? "12TDCZ" : "12DCZ", "answers");
+		/* email::varchar has no origin column: the detector finds it. */
+		ASSERT_HAS_SUBSTR(rows,
+				  "00000002|[REDACTED]|[REDACTED]|NULL|reach me at "
+				  "[REDACTED:email]|[REDACTED:credit-card]|[REDACTED:email]|",
+				  "binary: text masked, int4 intact, numeric NULLed");
+		/* A record in binary carries the email raw: the detector NULLs it. */
+		ASSERT_HAS_SUBSTR(rows, "|NULL\n", "binary record with an email: NULL");
+		no_secrets(rows, "binary");
+	}
+	close(fd);
+}
+
+/* --- COPY ---------------------------------------------------------------------------------- */
+
+static void subtest_copy(struct th_pg_gate *g)
+{
+	ASSERT_OK(psql(g, g->tagged, "COPY users TO STDOUT"), "copy text");
+	printf("%s", out);
+	no_secrets(out, "COPY text");
+	ASSERT_HAS_SUBSTR(out,
+			  "1\t[REDACTED]\t[REDACTED]\t[REDACTED:credit-card]\t"
+			  "[REDACTED:phone]\tlikes cats\n",
+			  "text row");
+	ASSERT_OK(psql(g, g->tagged, "COPY users (note, ssn, id) TO STDOUT"), "copy columns");
+	ASSERT_HAS_SUBSTR(out, "likes cats\t[REDACTED]\t1\n", "by the column list");
+	ASSERT_OK(psql(g, g->tagged, "COPY users TO STDOUT (FORMAT csv, HEADER)"), "copy csv");
+	printf("%s", out);
+	no_secrets(out, "COPY csv");
+	ASSERT_HAS_SUBSTR(out, "id,email,ssn,card,phone,note\n", "header untouched");
+	ASSERT_HAS_SUBSTR(out, "1,\"[REDACTED]\",\"[REDACTED]\"", "csv row");
+	ASSERT_OK(psql(g, g->tagged, "COPY orders TO STDOUT"), "copy orders");
+	ASSERT_HAS_SUBSTR(out, "1\t1\t\\N\tbook\t2024-01-02\n", "numeric column NULL in COPY");
+	ASSERT_OK(psql(g, g->tagged, "\\copy (SELECT 1, 'bob@example.org') TO STDOUT"),
+		  "copy (query) reading no masked table");
+	ASSERT_STREQ(out, "1\t[REDACTED:email]\n", "query form: detectors");
+	/* What cannot be masked is refused. */
+	ASSERT_NEQ(th_pg_psql(&g->pg, g->tagged, "COPY (SELECT email FROM users) TO STDOUT", out,
+			      sizeof(out), err, sizeof(err)),
+		   0, "copy (query) of a masked table refused");
+	ASSERT_HAS_SUBSTR(err, "COPY (query) TO STDOUT reads masked columns", "says why");
+	ASSERT_NEQ(th_pg_psql(&g->pg, g->tagged, "COPY users TO STDOUT (FORMAT binary)", out,
+			      sizeof(out), err, sizeof(err)),
+		   0, "binary copy refused");
+	ASSERT_HAS_SUBSTR(err, "binary format cannot be masked", "says why");
+}
+
+/* --- styles, catalog refresh, counters ------------------------------------------------------- */
+
+static void subtest_partial(struct th_pg_gate *g)
+{
+	if (!ASSERT_OK(th_pg_gate_rules(g, "enforce", MASK_RULES("partial")), "reload"))
+		return;
+	ASSERT_OK(psql(g, g->tagged, "SELECT email, ssn, card FROM users WHERE id = 1"), "psql");
+	ASSERT_STREQ(out, "a***@example.com|***-**-6789|**** **** **** 1111\n", "partial forms");
+}
+
+static void subtest_hash(struct th_pg_gate *g)
+{
+	char first[4096];
+
+	if (!ASSERT_OK(th_pg_gate_rules(g, "enforce", MASK_RULES("hash")), "reload"))
+		return;
+	ASSERT_OK(psql(g, g->tagged, "SELECT email FROM users ORDER BY id"), "psql");
+	snprintf(first, sizeof(first), "%s", out);
+	printf("%s", out);
+	ASSERT_OK(strncmp(first, "h:", 2), "hash form");
+	no_secrets(out, "hash");
+	/* Another session: the same hashes (joins line up); different values differ. */
+	ASSERT_OK(psql(g, g->tagged, "SELECT email FROM users ORDER BY id"), "psql");
+	ASSERT_STREQ(out, first, "deterministic across sessions");
+	ASSERT_NEQ(strncmp(first, strchr(first, '\n') + 1, 18), 0, "distinct values");
+}
+
+static void subtest_new_table(struct th_pg_gate *g)
+{
+	if (!ASSERT_OK(th_pg_gate_rules(g, "enforce", MASK_RULES("redact")), "reload"))
+		return;
+	/* Made in the session: *.ssn covers it; the gateway resolves the catalog again. */
+	ASSERT_OK(
+		psql(g, g->tagged,
+		     "CREATE TEMP TABLE copy_of_users AS SELECT id, ssn AS ssn, note FROM users;\n"
+		     "SELECT * FROM copy_of_users ORDER BY id;\n"
+		     "COPY copy_of_users TO STDOUT;\n"),
+		"psql");
+	printf("%s", out);
+	ASSERT_HAS_SUBSTR(out, "1|[REDACTED]|likes cats\n", "new table's column masked");
+	ASSERT_HAS_SUBSTR(out, "1\t[REDACTED]\tlikes cats\n", "and in COPY");
+	no_secrets(out, "new table");
+}
+
+static void subtest_counter(struct th_pg_gate *g)
+{
+	static const char py[] = "import psycopg2, sys\n"
+				 "c = psycopg2.connect('')\n"
+				 "cur = c.cursor()\n"
+				 "cur.execute('SELECT email, ssn FROM users')\n"
+				 "rows = cur.fetchall()\n"
+				 "print('rows', len(rows), rows[0][0], flush=True)\n"
+				 "sys.stdin.readline()\n";
+	long long st = -1, bl = -1, ma = -1;
+	int pfd[2];
+	pid_t pid;
+
+	if (!ASSERT_OK(pipe(pfd), "pipe"))
+		return;
+	pid = fork();
+	if (pid == 0) {
+		char *argv[] = { "/usr/bin/python3", "-c", (char *)py, NULL };
+		char port[16];
+
+		close(pfd[1]);
+		dup2(pfd[0], 0);
+		if (ag_cgroup_move(th_cgroup_mount(), g->tagged, 0))
+			_exit(127);
+		snprintf(port, sizeof(port), "%d", g->pg.port);
+		setenv("PGHOST", g->pg.addr, 1);
+		setenv("PGPORT", port, 1);
+		setenv("PGUSER", TH_PG_USER, 1);
+		setenv("PGPASSWORD", TH_PG_PASSWORD, 1);
+		setenv("PGDATABASE", TH_PG_DB, 1);
+		execv(argv[0], argv);
+		_exit(127);
+	}
+	close(pfd[0]);
+	for (int t = 0; t < 100; t++) {
+		if (!th_pg_gate_counters(g, pid, &st, &bl, &ma) && ma >= 6)
+			break;
+		usleep(100 * 1000);
+	}
+	ASSERT_EQ(ma, 6, "masked values counted (3 rows x 2 columns)");
+	ASSERT_EQ(bl, 0, "nothing blocked");
+	close(pfd[1]);
+	ASSERT_EQ(th_wait(pid, 10000), 0, "script");
+}
+
+static void subtest_ddl_mix(struct th_pg_gate *g)
+{
+	char conn[256];
+	char *argv[] = { "/usr/bin/psql",
+			 "-X",
+			 "-A",
+			 "-t",
+			 "-d",
+			 conn,
+			 "-c",
+			 "CREATE TEMP TABLE t3 AS SELECT ssn FROM users; SELECT * FROM t3",
+			 NULL };
+	int rc;
+
+	th_pg_conninfo(&g->pg, conn, sizeof(conn), NULL);
+	rc = th_pg_exec(g->tagged, argv, NULL, out, sizeof(out), err, sizeof(err), 30000);
+	ASSERT_NEQ(rc, 0, "refused");
+	ASSERT_HAS_SUBSTR(err, "DDL and other statements in one string", "says why");
+	no_secrets(out, "ddl mix");
+}
+
+static void subtest_large_row(struct th_pg_gate *g)
+{
+	int rc =
+		th_pg_python(&g->pg, g->tagged,
+			     "import psycopg2\n"
+			     "c = psycopg2.connect('')\n"
+			     "cur = c.cursor()\n"
+			     "cur.execute(\"SELECT repeat('y', 3000000) || ' ' || email FROM users "
+			     "WHERE id = 1\")\n"
+			     "v = cur.fetchone()[0]\n"
+			     "print(len(v), v[-20:])\n",
+			     out, sizeof(out), err, sizeof(err), 60000);
+
+	if (!ASSERT_EQ(rc, 0, "python"))
+		printf("stderr: %s\n", err);
+	ASSERT_STREQ(out, "3000017 yyy [REDACTED:email]\n", "a 3 MB row held whole and masked");
+}
+
+void test_pg_mask(void)
+{
+	struct th_pg_gate g;
+
+	if (!ASSERT_OK(th_pg_gate_start(&g, "127.0.0.6", "scram-sha-256", "enforce",
+					MASK_RULES("redact")),
+		       "gate"))
+		goto out;
+	if (test__start_subtest("column_rule_alias_join_typed"))
+		subtest_columns(&g);
+	if (test__start_subtest("select_star"))
+		subtest_select_star(&g);
+	if (test__start_subtest("detectors_on_derived_values"))
+		subtest_derived(&g);
+	if (test__start_subtest("error_text"))
+		subtest_errors(&g);
+	if (test__start_subtest("binary_format"))
+		subtest_binary(&g);
+	if (test__start_subtest("copy_to_stdout"))
+		subtest_copy(&g);
+	if (test__start_subtest("masked_values_counted"))
+		subtest_counter(&g);
+	if (test__start_subtest("style_partial"))
+		subtest_partial(&g);
+	if (test__start_subtest("style_hash_deterministic"))
+		subtest_hash(&g);
+	if (test__start_subtest("table_made_in_session"))
+		subtest_new_table(&g);
+	if (test__start_subtest("ddl_and_query_in_one_string_refused"))
+		subtest_ddl_mix(&g);
+	if (test__start_subtest("large_row_masked"))
+		subtest_large_row(&g);
+out:
+	test__end_subtest();
+	th_pg_gate_cleanup(&g);
+}
