@@ -43,7 +43,7 @@ static void usage(FILE *f)
 		"  --socket PATH     control socket for agctl (default %s)\n"
 		"  --bpffs DIR       where programs, links and maps are pinned (default %s)\n"
 		"  --port PORT       gateway listener on 127.0.0.1 and ::1 (default %d)\n"
-		"  --mark MARK       SO_MARK of the gateway's upstream sockets (default 0x%x)\n"
+		"  --mark MARK       SO_MARK of the gateway's sockets (default 0x%x)\n"
 		"  --fastpath on|off sk_msg fast path on the agent-gateway leg (default: policy's\n"
 		"                    gateway.fastpath, else off)\n"
 		"  --workers N       worker threads (default: one per CPU)\n",

@@ -96,32 +96,45 @@ int ag_loop_add(struct ag_loop *l, struct ag_io *io, int fd, uint32_t events, ag
 	io->fn = fn;
 	io->loop = l;
 	io->events = events;
-	if (events && epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev))
+	io->parked = false;
+	if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev))
 		return -errno;
 	return 0;
 }
 
-/*
- * An io that wants no event is taken out of the epoll set: epoll reports EPOLLHUP and EPOLLERR
- * whatever the mask, and a level-triggered HUP on a side nobody may read (paused, or at EOF with
- * its write half shut) would wake the loop again and again.
- */
 int ag_loop_mod(struct ag_io *io, uint32_t events)
 {
 	struct epoll_event ev = { .events = events, .data.ptr = io };
-	int op = !events ? EPOLL_CTL_DEL : !io->events ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
 
+	if (io->parked) {
+		if (!events)
+			return 0;
+		if (epoll_ctl(io->loop->epfd, EPOLL_CTL_ADD, io->fd, &ev))
+			return -errno;
+		io->parked = false;
+		io->events = events;
+		return 0;
+	}
 	if (io->events == events)
 		return 0;
-	if (epoll_ctl(io->loop->epfd, op, io->fd, &ev))
+	if (epoll_ctl(io->loop->epfd, EPOLL_CTL_MOD, io->fd, &ev))
 		return -errno;
 	io->events = events;
 	return 0;
 }
 
+void ag_loop_park(struct ag_io *io)
+{
+	if (io->parked || !io->loop || io->fd < 0)
+		return;
+	epoll_ctl(io->loop->epfd, EPOLL_CTL_DEL, io->fd, NULL);
+	io->parked = true;
+	io->events = 0;
+}
+
 void ag_loop_del(struct ag_io *io)
 {
-	if (io->loop && io->fd >= 0 && io->events)
+	if (io->loop && io->fd >= 0 && !io->parked)
 		epoll_ctl(io->loop->epfd, EPOLL_CTL_DEL, io->fd, NULL);
 	io->loop = NULL;
 }

@@ -156,7 +156,7 @@ struct pg_catalog {
 /* A glob as a LIKE pattern (escape '!') that matches at least what the glob matches. */
 static void like_pattern(FILE *f, const char *glob)
 {
-	fputc('\'', f);
+	fputs("pg_catalog.like_escape('", f);
 	for (const char *p = glob; *p; p++) {
 		switch (*p) {
 		case '*':
@@ -174,7 +174,7 @@ static void like_pattern(FILE *f, const char *glob)
 		case '[':
 			/* A character class: anything from here on. */
 			fputc('%', f);
-			fputs("' ESCAPE '!'", f);
+			fputs("', '!')", f);
 			return;
 		case '\'':
 			fputs("''", f);
@@ -186,9 +186,13 @@ static void like_pattern(FILE *f, const char *glob)
 			fputc(*p, f);
 		}
 	}
-	fputs("' ESCAPE '!'", f);
+	fputs("', '!')", f);
 }
 
+/*
+ * The query runs in the agent's own session, under its search_path: every operator and
+ * function is named in pg_catalog, so that nothing the agent defines can answer in their place.
+ */
 char *pg_catalog_sql(const struct ag_masker *m)
 {
 	const char *const *schemas = NULL, *const *tables = NULL, *const *columns = NULL;
@@ -203,13 +207,17 @@ char *pg_catalog_sql(const struct ag_masker *m)
 	if (!f)
 		return NULL;
 	fputs("SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname, a.atttypid, "
-	      "CASE WHEN a.attgenerated = '' THEN (SELECT count(*) FROM pg_catalog.pg_attribute b "
-	      "WHERE b.attrelid = a.attrelid AND b.attnum > 0 AND NOT b.attisdropped "
-	      "AND b.attgenerated = '' AND b.attnum <= a.attnum) ELSE 0 END "
+	      "CASE WHEN a.attgenerated OPERATOR(pg_catalog.=) '' THEN "
+	      "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute b "
+	      "WHERE b.attrelid OPERATOR(pg_catalog.=) a.attrelid "
+	      "AND b.attnum OPERATOR(pg_catalog.>) 0 AND NOT b.attisdropped "
+	      "AND b.attgenerated OPERATOR(pg_catalog.=) '' "
+	      "AND b.attnum OPERATOR(pg_catalog.<=) a.attnum) ELSE 0 END "
 	      "FROM pg_catalog.pg_attribute a "
-	      "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
-	      "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-	      "WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r','p','v','m','f') "
+	      "JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid "
+	      "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
+	      "WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped "
+	      "AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p,v,m,f}'::pg_catalog.\"char\"[]) "
 	      "AND (",
 	      f);
 	for (size_t i = 0; i < n; i++) {
@@ -222,7 +230,8 @@ char *pg_catalog_sql(const struct ag_masker *m)
 		for (int k = 0; k < 3; k++) {
 			if (!parts[k] || !strcmp(parts[k], "*"))
 				continue;
-			fprintf(f, "%s%s ILIKE ", any ? " AND " : "", exprs[k]);
+			fprintf(f, "%s%s::pg_catalog.text OPERATOR(pg_catalog.~~*) ",
+				any ? " AND " : "", exprs[k]);
 			like_pattern(f, parts[k]);
 			any = true;
 		}

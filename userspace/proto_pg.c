@@ -92,7 +92,7 @@ enum pq_kind {
 
 #define PQF_INTERNAL 0x01 /* our own Describe: its answer is swallowed */
 #define PQF_QUERY 0x02	  /* (PQ_SUBST) stands for a Query: ReadyForQuery follows the error */
-#define PQF_REFRESH 0x04  /* (PQ_CATALOG) a refresh: a failure keeps the old catalog */
+#define PQF_REFRESH 0x04  /* (PQ_CATALOG) a refresh after DDL */
 
 struct pg_stmt;
 struct pg_refusal;
@@ -1655,7 +1655,7 @@ static int send_refusal(struct ag_session *s, struct fwd *f, const struct pg_ref
 	return f->err;
 }
 
-static void catalog_done(struct ag_session *s, bool refresh)
+static void catalog_done(struct ag_session *s)
 {
 	struct pg *pg = PG(s);
 
@@ -1663,10 +1663,6 @@ static void catalog_done(struct ag_session *s, bool refresh)
 	if (pg->cat_error[0]) {
 		pg_catalog_unref(pg->cat_new);
 		pg->cat_new = NULL;
-		pr_warn("session %llu: resolving masked columns: %s", (unsigned long long)s->id,
-			pg->cat_error);
-		if (refresh)
-			pg->cat_dirty = true;
 		return;
 	}
 	pg_catalog_finish(pg->cat_new);
@@ -1836,16 +1832,12 @@ static int upstream_message(struct ag_session *s, struct fwd *f, const uint8_t *
 			return 0;
 		}
 		case PG_B_READY: {
-			bool refresh = h->flags & PQF_REFRESH;
-
 			pq_pop(&pg->pq);
 			pg->txn = body[0];
-			catalog_done(s, refresh);
-			if (!refresh && !pg->cat) {
-				/* Fail closed: columns we cannot find cannot be masked. */
-				errno = EIO;
+			catalog_done(s);
+			/* Fail closed: columns we cannot find cannot be masked. */
+			if (pg->cat_error[0])
 				return -EIO;
-			}
 			if (pg->held_ready >= 0) {
 				rc = pg_put_ready(&pg->scratch, (char)pg->held_ready);
 				pg->held_ready = -1;

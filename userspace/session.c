@@ -412,6 +412,9 @@ static void on_io(struct ag_session *s, enum ag_side i, uint32_t events)
 		else if (events & EPOLLERR)
 			ag_session_fail(s, true, "%s: socket error",
 					i == AG_SIDE_AGENT ? "agent" : "upstream");
+		else if (events & EPOLLHUP)
+			/* Shut both ways, not to be read now (paused, or at EOF): wait aside. */
+			ag_loop_park(&c->io);
 	}
 }
 

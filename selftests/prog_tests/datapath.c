@@ -618,13 +618,38 @@ static long unread_bytes(int lport, int rport)
 	return ret;
 }
 
+/* Starts fn(a) as a tagged agent, accepts the daemon's upstream connection: its fd, or -1. */
+static int stalled_start(struct th_gate *g, int lfd, int (*fn)(void *), struct stalled_agent *a,
+			 pid_t *pid)
+{
+	struct pollfd pfd = { .fd = lfd, .events = POLLIN };
+	int up;
+
+	*pid = th_spawn_in_cgroup(g->tagged, fn, a);
+	if (!ASSERT_GT(*pid, 0, "spawn") || !ASSERT_EQ(poll(&pfd, 1, 5000), 1, "upstream connect"))
+		return -1;
+	up = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+	ASSERT_GE(up, 0, "accept");
+	return up;
+}
+
+static void stalled_stop(struct stalled_agent *a, pid_t pid, int up)
+{
+	if (up >= 0)
+		close(up);
+	if (pid > 0) {
+		a->release = 1;
+		th_wait(pid, 15000);
+	}
+}
+
 static void subtest_hup_no_spin(struct th_gate *g, int lfd, int port)
 {
 	struct stalled_agent *a = th_shared_alloc(sizeof(*a));
-	struct pollfd pfd = { .fd = lfd, .events = POLLIN };
 	static uint8_t chunk[16 * 1024];
 	struct sockaddr_in peer;
 	socklen_t pl = sizeof(peer);
+	struct pollfd pfd;
 	size_t sent = 0;
 	long before, used;
 	pid_t pid = -1;
@@ -635,14 +660,11 @@ static void subtest_hup_no_spin(struct th_gate *g, int lfd, int port)
 		return;
 	memset(a, 0, sizeof(*a));
 	a->port = port;
-	pid = th_spawn_in_cgroup(g->tagged, stalled_agent_run, a);
-	if (!ASSERT_GT(pid, 0, "spawn") || !ASSERT_EQ(poll(&pfd, 1, 5000), 1, "upstream connect"))
-		goto out;
-	up = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-	if (!ASSERT_GE(up, 0, "accept"))
+	up = stalled_start(g, lfd, stalled_agent_run, a, &pid);
+	if (up < 0)
 		goto out;
 	/* The agent's FIN first: the daemon shuts its write half to us. */
-	pfd.fd = up;
+	pfd = (struct pollfd){ .fd = up, .events = POLLIN };
 	if (!ASSERT_EQ(poll(&pfd, 1, 5000), 1, "agent's FIN") ||
 	    !ASSERT_EQ(recv(up, &c, 1, 0), 0, "EOF from the daemon"))
 		goto out;
@@ -673,18 +695,67 @@ static void subtest_hup_no_spin(struct th_gate *g, int lfd, int port)
 	       used);
 	ASSERT_LT(used, sysconf(_SC_CLK_TCK) / 4, "the daemon sleeps while the session waits");
 out:
-	if (up >= 0)
-		close(up);
-	if (pid > 0) {
-		a->release = 1;
-		th_wait(pid, 15000);
-		if (up >= 0) {
-			yajl_val end = th_daemon_wait_event(&g->d, "end", "pid", pid, 0, 5000);
+	stalled_stop(a, pid, up);
+	if (pid > 0 && up >= 0) {
+		yajl_val end = th_daemon_wait_event(&g->d, "end", "pid", pid, 0, 5000);
 
-			ASSERT_OK_PTR(end, "the session ended once the agent closed");
-			yajl_tree_free(end);
-		}
+		ASSERT_OK_PTR(end, "the session ended once the agent closed");
+		yajl_tree_free(end);
 	}
+	th_shared_free(a, sizeof(*a));
+}
+
+/*
+ * The agent half-closes, then dies with a reset while the upstream thinks: its side of the
+ * session waits for nothing (read EOF, nothing to write), yet the reset must end the session
+ * at once and reach the upstream.
+ */
+static int reset_agent_run(void *arg)
+{
+	struct stalled_agent *a = arg;
+	struct linger lg = { .l_onoff = 1, .l_linger = 0 };
+	int fd = th_connect(AF_INET, "127.0.0.3", a->port, 5000);
+
+	if (fd < 0 || th_send_all(fd, "x", 1, 5000) || shutdown(fd, SHUT_WR)) {
+		a->err = fd < 0 ? fd : -errno;
+		return 1;
+	}
+	a->ready = 1;
+	for (int t = 0; t < 3000 && !a->release; t++)
+		usleep(10 * 1000);
+	setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	close(fd);
+	return 0;
+}
+
+static void subtest_agent_reset_idle(struct th_gate *g, int lfd, int port)
+{
+	struct stalled_agent *a = th_shared_alloc(sizeof(*a));
+	yajl_val end = NULL;
+	struct pollfd pfd;
+	pid_t pid = -1;
+	int up = -1;
+	char c[2];
+
+	if (!ASSERT_OK_PTR(a, "shared"))
+		return;
+	memset(a, 0, sizeof(*a));
+	a->port = port;
+	up = stalled_start(g, lfd, reset_agent_run, a, &pid);
+	if (up < 0)
+		goto out;
+	/* The agent's byte, then its FIN: the daemon has nothing to do on the agent's side. */
+	pfd = (struct pollfd){ .fd = up, .events = POLLIN };
+	if (!ASSERT_EQ(th_recv_all(up, c, sizeof(c), 5000), 1, "the agent's byte and FIN"))
+		goto out;
+	a->release = 1;
+	end = th_daemon_wait_event(&g->d, "end", "pid", pid, 0, 3000);
+	ASSERT_OK_PTR(end, "the session ended at the agent's reset");
+	ASSERT_EQ(poll(&pfd, 1, 3000), 1, "the upstream hears of it");
+	ASSERT_LE(recv(up, c, 1, MSG_DONTWAIT), 0, "no more data, a reset or EOF");
+out:
+	yajl_tree_free(end);
+	stalled_stop(a, pid, up);
 	th_shared_free(a, sizeof(*a));
 }
 
@@ -759,6 +830,8 @@ void test_datapath_relay(void)
 	}
 	if (test__start_subtest("both_fin_upstream_stalled_no_spin"))
 		subtest_hup_no_spin(&g, stall_fd, stall_port);
+	if (test__start_subtest("agent_reset_while_upstream_idle"))
+		subtest_agent_reset_idle(&g, stall_fd, stall_port);
 	if (test__start_subtest("concurrent_200"))
 		subtest_concurrent(&g, 64 * 1024, 0);
 	if (test__start_subtest("bulk_100mb_each_way"))

@@ -401,6 +401,48 @@ static void subtest_counter(struct th_pg_gate *g)
 	ASSERT_EQ(th_wait(pid, 10000), 0, "script");
 }
 
+static void subtest_search_path(struct th_pg_gate *g)
+{
+	/* Operators of the agent's own, ahead of pg_catalog, that would make every match fail. */
+	static const char evil[] =
+		"CREATE SCHEMA evil;\n"
+		"CREATE FUNCTION evil.f(text, text) RETURNS bool LANGUAGE sql AS 'SELECT false';\n"
+		"CREATE OPERATOR evil.~~* (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.f);\n"
+		"CREATE FUNCTION evil.g(oid, oid) RETURNS bool LANGUAGE sql AS 'SELECT false';\n"
+		"CREATE OPERATOR evil.= (LEFTARG = oid, RIGHTARG = oid, FUNCTION = evil.g);\n"
+		"GRANT USAGE ON SCHEMA evil TO agent;\n";
+	char conn[512];
+	char *argv[] = { "/usr/bin/psql",
+			 "-X",
+			 "-A",
+			 "-t",
+			 "-d",
+			 conn,
+			 "-c",
+			 "SELECT email, ssn FROM users WHERE id = 1",
+			 NULL };
+	int rc;
+
+	if (!ASSERT_OK(th_pg_admin(&g->pg, evil, NULL, 0), "evil operators"))
+		return;
+	/* Other column rules: a query of its own, not the cached answer of an earlier session. */
+	if (!ASSERT_OK(th_pg_gate_rules(g, "enforce",
+					MASK_SQL
+					"    mask:\n"
+					"      columns: [users.email, \"*.ssn\", users.phone]\n"
+					"      style: redact\n"),
+		       "reload"))
+		return;
+	th_pg_conninfo(&g->pg, conn, sizeof(conn),
+		       "options='-c search_path=evil,pg_catalog,public'");
+	rc = th_pg_exec(g->tagged, argv, NULL, out, sizeof(out), err, sizeof(err), 30000);
+	if (!ASSERT_EQ(rc, 0, "psql"))
+		printf("stderr: %s\n", err);
+	ASSERT_STREQ(out, "[REDACTED]|[REDACTED]\n", "still masked");
+	th_pg_admin(&g->pg, "DROP SCHEMA evil CASCADE", NULL, 0);
+	ASSERT_OK(th_pg_gate_rules(g, "enforce", MASK_RULES("redact")), "restore");
+}
+
 static void subtest_ddl_mix(struct th_pg_gate *g)
 {
 	char conn[256];
@@ -468,6 +510,8 @@ void test_pg_mask(void)
 		subtest_hash(&g);
 	if (test__start_subtest("table_made_in_session"))
 		subtest_new_table(&g);
+	if (test__start_subtest("search_path_cannot_hide_columns"))
+		subtest_search_path(&g);
 	if (test__start_subtest("ddl_and_query_in_one_string_refused"))
 		subtest_ddl_mix(&g);
 	if (test__start_subtest("large_row_masked"))
