@@ -25,6 +25,7 @@
 #include "daemon.h"
 #include "log.h"
 #include "pins.h"
+#include "proto_pg.h"
 
 #define DRAIN_TIMEOUT_MS 10000
 
@@ -36,7 +37,8 @@ static void usage(FILE *f)
 	fprintf(f,
 		"Usage: agentgated [--config FILE] [--state-dir DIR] [--socket PATH] [--foreground]\n"
 		"                  [--log-level error|warn|info|debug] [--bpffs DIR] [--port PORT]\n"
-		"                  [--mark MARK] [--fastpath on|off] [--workers N] [--version]\n"
+		"                  [--mark MARK] [--fastpath on|off] [--workers N]\n"
+		"                  [--pg-max-message BYTES] [--version]\n"
 		"\n"
 		"  --config FILE     policy file (default %s)\n"
 		"  --state-dir DIR   state: sessions.log, tags, ... (default %s)\n"
@@ -46,7 +48,9 @@ static void usage(FILE *f)
 		"  --mark MARK       SO_MARK of the gateway's sockets (default 0x%x)\n"
 		"  --fastpath on|off sk_msg fast path on the agent-gateway leg (default: policy's\n"
 		"                    gateway.fastpath, else off)\n"
-		"  --workers N       worker threads (default: one per CPU)\n",
+		"  --workers N       worker threads (default: one per CPU)\n"
+		"  --pg-max-message BYTES  largest PostgreSQL message accepted from an agent\n"
+		"                    (k/M suffixes; default 64M); a larger one ends its session\n",
 		AG_DEFAULT_CONFIG, AG_DEFAULT_STATE_DIR, AG_DEFAULT_SOCKET, AG_DEFAULT_PIN_ROOT,
 		AG_DEFAULT_PORT, AG_DEFAULT_MARK);
 }
@@ -218,6 +222,7 @@ int main(int argc, char **argv)
 		{ "mark", required_argument, NULL, 'm' },
 		{ "fastpath", required_argument, NULL, 'F' },
 		{ "workers", required_argument, NULL, 'w' },
+		{ "pg-max-message", required_argument, NULL, 'M' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{},
@@ -238,7 +243,7 @@ int main(int argc, char **argv)
 	d->slog_fd = -1;
 	d->ctl_io.fd = -1;
 
-	while ((opt = getopt_long(argc, argv, "c:s:S:fl:B:P:m:F:w:Vh", longopts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "c:s:S:fl:B:P:m:F:w:M:Vh", longopts, NULL)) != -1) {
 		char *end;
 		unsigned long v;
 		enum ag_log_level lvl;
@@ -292,6 +297,18 @@ int main(int argc, char **argv)
 				pr_err("--fastpath: '%s' is not on or off", optarg);
 				return 1;
 			}
+			break;
+		case 'M':
+			v = strtoul(optarg, &end, 10);
+			if (*end == 'k' || *end == 'K')
+				v <<= 10, end++;
+			else if (*end == 'm' || *end == 'M')
+				v <<= 20, end++;
+			if (*end || v < 1024 || v > 0x3fffffff) {
+				pr_err("--pg-max-message: '%s' is not a size from 1k to 1023M", optarg);
+				return 1;
+			}
+			ag_pg_set_max_message(v);
 			break;
 		case 'w':
 			v = strtoul(optarg, &end, 10);
