@@ -1,8 +1,9 @@
 #!/bin/bash
-# The data-path story in two minutes, on loopback only: a tagged "agent" reaches its allowed
-# target through agentgated (identity from the kernel, session on record), is refused elsewhere,
-# cannot go around the gateway, and stays fenced in while the daemon is down.
-# (The PostgreSQL story — masking, blocking, approval, replay — joins as those handlers land.)
+# The story in two minutes, on loopback only, against a throwaway PostgreSQL and web service:
+# a tagged "agent" reads through agentgated (identity from the kernel, sensitive values
+# masked), is blocked when it tries something destructive and carries on in the same session,
+# is refused anywhere else, cannot go around the gateway, and stays fenced in while the daemon
+# is down. (Approvals and session replay join as those issues land.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,11 +19,16 @@ SOCK=$T/agentgate.sock
 PORT=${DEMO_PORT:-17930}
 DPID=""
 SPID=""
+PGBIN=/usr/lib/postgresql/15/bin
+PGDIR=""
+PGPORT=${DEMO_PG_PORT:-15439}
 
 cleanup() {
 	set +e
 	[ -n "$DPID" ] && kill "$DPID" 2>/dev/null && wait "$DPID" 2>/dev/null
 	[ -n "$SPID" ] && kill "$SPID" 2>/dev/null
+	[ -n "$PGDIR" ] && su postgres -s /bin/sh -c "$PGBIN/pg_ctl -D $PGDIR/data -m immediate stop" >/dev/null 2>&1
+	[ -n "$PGDIR" ] && rm -rf "$PGDIR"
 	$B/agctl -B "$PIN" prog detach >/dev/null 2>&1
 	if [ -d "$CG2$CG" ]; then
 		find "$CG2$CG" -depth -type d -exec rmdir {} + 2>/dev/null
@@ -52,16 +58,49 @@ python3 -m http.server 8080 --bind 127.0.0.2 --directory "$T/www" >/dev/null 2>&
 SPID=$!
 sleep 0.5
 
-step "the policy: agent 'demo' is cgroup $CG; its only target is 127.0.0.2:8080"
+step "a throwaway PostgreSQL 15 on 127.0.0.2:$PGPORT with personal data in it"
+PGDIR=$(mktemp -d /tmp/agentgate-demo-pg.XXXXXX)
+chown postgres "$PGDIR"
+su postgres -s /bin/sh -c "$PGBIN/initdb -D $PGDIR/data -A trust -U postgres" >/dev/null
+su postgres -s /bin/sh -c "$PGBIN/pg_ctl -D $PGDIR/data -l $PGDIR/log -w \
+	-o \"-c listen_addresses=127.0.0.2 -c port=$PGPORT -c unix_socket_directories=$PGDIR\" start" >/dev/null
+psql_admin() { su postgres -s /bin/sh -c "psql -X -q -h $PGDIR -p $PGPORT -U postgres -d shop $*"; }
+su postgres -s /bin/sh -c "psql -X -q -h $PGDIR -p $PGPORT -U postgres -c 'CREATE DATABASE shop'"
+psql_admin <<'SQL'
+CREATE TABLE users (id int PRIMARY KEY, name text, email text, ssn text, note text);
+INSERT INTO users VALUES
+  (1, 'Ada', 'ada@example.com', '123-45-6789', 'card 4111 1111 1111 1111 on file'),
+  (2, 'Linus', 'linus@example.org', '987-65-4321', 'prefers email');
+CREATE TABLE orders (id int PRIMARY KEY, user_id int, total numeric);
+INSERT INTO orders VALUES (1, 1, 42.50), (2, 2, 7.00);
+SQL
+echo "users: 2 rows (emails, SSNs, a card number in a note); orders: 2 rows"
+
+step "the policy: agent 'demo' is cgroup $CG; targets: the database and a web service"
 cat >"$T/policy.yaml" <<YAML
 apiVersion: agentgate/v1
 agents:
   - name: demo
     cgroup: $CG
 targets:
+  - name: shop-db
+    protocol: postgres
+    address: 127.0.0.2:$PGPORT
   - name: web
     protocol: tcp
     address: 127.0.0.2:8080
+rules:
+  - agent: demo
+    target: shop-db
+    sql:
+      - { name: no-drop, when: { command: [drop, truncate] }, then: deny }
+      - { name: no-unbounded-writes, when: { command: [update, delete], where: absent }, then: deny }
+      - { name: reads, when: { command: [select] }, then: allow }
+      - { name: small-writes, when: { command: [update], where: present }, then: allow }
+    mask:
+      columns: [users.email, "*.ssn"]
+      detectors: [email, credit-card, ssn]
+      style: partial
 default: deny
 YAML
 cat "$T/policy.yaml"
@@ -71,7 +110,24 @@ start_daemon
 run $B/agctl -S "$SOCK" cgroup list
 run $B/agctl -S "$SOCK" -B "$PIN" prog show
 
-step "the agent reaches its target: the connection went through the gateway"
+step "the agent reads: same rows, sensitive values masked on the wire"
+AGPSQL="psql -X -h 127.0.0.2 -p $PGPORT -U postgres -d shop"
+run $B/agctl -S "$SOCK" run --agent demo -- $AGPSQL -c "SELECT * FROM users ORDER BY id"
+run $B/agctl -S "$SOCK" run --agent demo -- $AGPSQL -c "SELECT name, lower(email) AS mail, note FROM users"
+
+step "a destructive statement is blocked (42501), whatever its disguise; the session goes on"
+run $B/agctl -S "$SOCK" run --agent demo -- $AGPSQL -v ON_ERROR_STOP=0 <<'SQL'
+DROP TABLE users;
+/* a comment */ dRoP   TABLE "users";
+WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d;
+UPDATE orders SET total = 0;
+UPDATE orders SET total = total + 1 WHERE id = 1;
+SELECT id, total FROM orders ORDER BY id;
+SQL
+run $B/agctl -S "$SOCK" policy explain "$T/policy.yaml" --agent demo --target shop-db \
+	--sql "SELECT pg_read_file('/etc/passwd')"
+
+step "the agent reaches its web target: the connection went through the gateway"
 run $B/agctl -S "$SOCK" run --agent demo -- curl -s --max-time 5 http://127.0.0.2:8080/
 
 step "...and is refused anywhere else (default: deny)"
