@@ -188,12 +188,18 @@ static bool num_left_ok(const uint8_t *s, size_t p, size_t lo)
 	return !(num_joiner(c) && p - 1 > lo && is_digit(s[p - 2]));
 }
 
+/* May a number end before s[e]? A zero fraction does not extend it (card::numeric(20,2)). */
 static bool num_right_ok(const uint8_t *s, size_t len, size_t e)
 {
 	if (e >= len)
 		return true;
 	if (is(s[e], C_WORD))
 		return false;
+	if (s[e] == '.' && e + 1 < len && s[e + 1] == '0') {
+		for (e++; e < len && s[e] == '0'; e++)
+			;
+		return e >= len || !is(s[e], C_WORD);
+	}
 	return !(num_joiner(s[e]) && e + 1 < len && is_digit(s[e + 1]));
 }
 
@@ -554,7 +560,8 @@ static void scan_numbers(const uint8_t *s, size_t len, unsigned int dets, struct
 		prefixed = (dets & AG_DET_PHONE) && i &&
 			   (s[i - 1] == '+' || (s[i - 1] == '(' && rl == 3));
 		card = (dets & AG_DET_CREDIT_CARD) && s[i] >= '2' && s[i] <= '6' &&
-		       ((rl >= 13 && rl <= 19) || (rl == 4 && (next == ' ' || next == '-')));
+		       ((rl >= 13 && rl <= 19) ||
+			(rl == 4 && (next == ' ' || next == '-') && digits_at(s, len, r + 1, 4)));
 		ssn = (dets & AG_DET_SSN) && rl == 3 && next == '-';
 		nanp = (dets & AG_DET_PHONE) &&
 		       ((rl == 3 && (next == '-' || next == '.')) ||

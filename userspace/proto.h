@@ -17,6 +17,12 @@ enum ag_side { AG_SIDE_AGENT = 0, AG_SIDE_UPSTREAM = 1 };
 
 struct ag_proto_ops {
 	const char *name;
+	/*
+	 * Bytes pass unchanged both ways once the upstream is connected: the session layer then
+	 * moves them socket → pipe → socket with splice(2), never through userspace, and input()
+	 * only sees what arrived before the upstream was up.
+	 */
+	bool raw;
 	/* The session was accepted and its target decided; 0 or -errno (refuses the session). */
 	int (*init)(struct ag_session *s);
 	/*

@@ -20,6 +20,7 @@ static long tcp_input(struct ag_session *s, enum ag_side from, const uint8_t *da
 
 const struct ag_proto_ops ag_proto_tcp = {
 	.name = "tcp",
+	.raw = true,
 	.input = tcp_input,
 };
 

@@ -156,6 +156,35 @@ static bool upstream_ready(const struct ag_session *s)
 	return s->state == AG_SESS_ACTIVE || s->state == AG_SESS_CLOSING;
 }
 
+/* Bytes waiting to be written to side i (its buffer, and the pipe of a raw relay). */
+static size_t queued(const struct ag_side_conn *c)
+{
+	return ag_buf_len(&c->out) + c->piped;
+}
+
+/* Moves what the pipe holds for side i into its socket; -errno on a write error. */
+static int drain_pipe(struct ag_session *s, enum ag_side i)
+{
+	struct ag_side_conn *c = &s->side[i];
+
+	while (c->piped) {
+		ssize_t n = splice(c->pipe[0], NULL, c->io.fd, NULL, c->piped,
+				   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return errno == EAGAIN ? 0 : -errno;
+		}
+		c->piped -= n;
+		if (i == AG_SIDE_UPSTREAM)
+			s->bytes_up += n;
+		else
+			s->bytes_down += n;
+	}
+	return 0;
+}
+
 /* Sends what side i takes of data now, counted: how much, or -errno on a write error. */
 static ssize_t send_now(struct ag_session *s, enum ag_side i, const uint8_t *data, size_t len)
 {
@@ -198,7 +227,15 @@ static int flush_side(struct ag_session *s, enum ag_side i)
 			return n;
 		ag_buf_consume(&c->out, n);
 	}
-	if (!ag_buf_len(&c->out) && c->shut_pending && !c->wr_shut) {
+	/* The buffer holds older bytes than the pipe: it goes first. */
+	if (!ag_buf_len(&c->out) && c->piped) {
+		n = drain_pipe(s, i);
+		if (n < 0) {
+			errno = -n;
+			return n;
+		}
+	}
+	if (!queued(c) && c->shut_pending && !c->wr_shut) {
 		shutdown(c->io.fd, SHUT_WR);
 		c->wr_shut = true;
 	}
@@ -212,7 +249,7 @@ int ag_session_send(struct ag_session *s, enum ag_side to, const void *data, siz
 
 	if (!side_open(c) || c->wr_shut)
 		return -EPIPE;
-	if (!ag_buf_len(&c->out) && (to == AG_SIDE_AGENT || upstream_ready(s))) {
+	if (!queued(c) && (to == AG_SIDE_AGENT || upstream_ready(s))) {
 		ssize_t n = send_now(s, to, data, len);
 
 		if (n < 0)
@@ -235,7 +272,7 @@ void ag_session_shutdown(struct ag_session *s, enum ag_side to)
 	c->shut_pending = true;
 	if (to == AG_SIDE_UPSTREAM && !upstream_ready(s))
 		return;
-	if (!ag_buf_len(&c->out)) {
+	if (!queued(c)) {
 		shutdown(c->io.fd, SHUT_WR);
 		c->wr_shut = true;
 	}
@@ -263,11 +300,12 @@ static void side_update_events(struct ag_session *s, enum ag_side i)
 		ag_loop_mod(&c->io, EPOLLOUT);
 		return;
 	}
-	c->paused = ag_buf_len(&o->out) >= AG_HIGH_WM ||
+	/* A raw relay reads no more while its pipe could not be emptied into the other side. */
+	c->paused = ag_buf_len(&o->out) >= AG_HIGH_WM || o->piped ||
 		    (ag_buf_len(&c->in) >= AG_HIGH_WM && ag_buf_len(&c->in) >= c->hold);
 	if (!c->rd_eof && !c->paused)
 		ev |= EPOLLIN | EPOLLRDHUP;
-	if (ag_buf_len(&c->out))
+	if (queued(c))
 		ev |= EPOLLOUT;
 	ag_loop_mod(&c->io, ev);
 }
@@ -276,7 +314,7 @@ static bool session_done(const struct ag_session *s)
 {
 	const struct ag_side_conn *a = &s->side[AG_SIDE_AGENT], *u = &s->side[AG_SIDE_UPSTREAM];
 
-	return a->rd_eof && u->rd_eof && !ag_buf_len(&a->out) && !ag_buf_len(&u->out);
+	return a->rd_eof && u->rd_eof && !queued(a) && !queued(u);
 }
 
 static void pump_input(struct ag_session *s, enum ag_side from, const uint8_t *data, size_t len)
@@ -311,11 +349,83 @@ static void on_side_eof(struct ag_session *s, enum ag_side from)
 		ag_session_shutdown(s, other(from));
 }
 
+/*
+ * Can side i's bytes go socket → pipe → socket? A raw handler, the upstream up, nothing
+ * half-consumed, and not on the sk_msg fast path (splice reads the TCP receive queue only, not
+ * the sk_msg ingress queue where redirected bytes land).
+ */
+static bool can_splice(struct ag_session *s, enum ag_side i)
+{
+	struct ag_side_conn *o = &s->side[other(i)];
+
+	if (!s->proto->raw || s->fastpath || !upstream_ready(s) || ag_buf_len(&s->side[i].in) ||
+	    ag_buf_len(&o->out))
+		return false;
+	if (o->pipe[0] < 0) {
+		if (pipe2(o->pipe, O_NONBLOCK | O_CLOEXEC)) {
+			o->pipe[0] = o->pipe[1] = -1;
+			return false;
+		}
+		/* Fewer wakeups per megabyte; the kernel's default is 64 KiB. */
+		fcntl(o->pipe[1], F_SETPIPE_SZ, AG_HIGH_WM);
+	}
+	return true;
+}
+
+/* Raw relay of what side i sent: splice it through the other side's pipe. */
+static void side_splice(struct ag_session *s, enum ag_side i)
+{
+	struct ag_side_conn *c = &s->side[i];
+	enum ag_side o = other(i);
+	int budget = 16, rc;
+
+	while (budget-- > 0 && !c->rd_eof) {
+		ssize_t n = splice(c->io.fd, NULL, s->side[o].pipe[1], NULL, AG_HIGH_WM,
+				   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN)
+				break;
+			ag_session_fail(s, true, "%s: %s",
+					i == AG_SIDE_AGENT ? "agent" : "upstream",
+					errno == ECONNRESET ? "connection reset" : strerror(errno));
+			return;
+		}
+		if (n == 0) {
+			on_side_eof(s, i);
+			break;
+		}
+		s->side[o].piped += n;
+		rc = drain_pipe(s, o);
+		if (rc) {
+			ag_session_fail(s, true, "%s: %s", o == AG_SIDE_AGENT ? "agent" : "upstream",
+					strerror(-rc));
+			return;
+		}
+		if (s->side[o].piped)
+			break; /* the other side is full: wait for EPOLLOUT there */
+	}
+	if (s->state == AG_SESS_CLOSED)
+		return;
+	if (session_done(s)) {
+		session_end(s, false);
+		return;
+	}
+	side_update_events(s, AG_SIDE_AGENT);
+	side_update_events(s, AG_SIDE_UPSTREAM);
+}
+
 static void side_readable(struct ag_session *s, enum ag_side i)
 {
 	struct ag_side_conn *c = &s->side[i];
 	int budget = 16; /* one session cannot hog the loop */
 
+	if (can_splice(s, i)) {
+		side_splice(s, i);
+		return;
+	}
 	while (budget-- > 0 && !c->rd_eof && s->state != AG_SESS_CLOSED) {
 		ssize_t n = recv(c->io.fd, s->w->scratch, AG_READ_CHUNK, MSG_DONTWAIT);
 
@@ -439,6 +549,10 @@ static void session_free(void *arg)
 	for (int i = 0; i < 2; i++) {
 		ag_buf_free(&s->side[i].in);
 		ag_buf_free(&s->side[i].out);
+		if (s->side[i].pipe[0] >= 0) {
+			close(s->side[i].pipe[0]);
+			close(s->side[i].pipe[1]);
+		}
 	}
 	ag_policy_put(s->pol);
 	free(s);
@@ -670,6 +784,8 @@ static bool accept_one(struct ag_worker *w, int lfd)
 	s->w = w;
 	s->side[AG_SIDE_AGENT].io.fd = fd;
 	s->side[AG_SIDE_UPSTREAM].io.fd = -1;
+	for (int i = 0; i < 2; i++)
+		s->side[i].pipe[0] = s->side[i].pipe[1] = -1;
 	s->started_ns = unix_ns();
 	s->state = AG_SESS_CONNECTING;
 	s->pol = ag_policy_get(d);

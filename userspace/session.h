@@ -34,6 +34,8 @@ struct ag_side_conn {
 	bool wr_shut;
 	bool paused;	   /* reading stopped: the other side's out is over the watermark */
 	size_t hold;	   /* set by the handler: it waits for a message this long; keep reading */
+	int pipe[2];	   /* raw relays: bytes spliced from the other side, on their way here */
+	size_t piped;	   /* bytes in that pipe */
 };
 
 struct ag_session {

@@ -186,6 +186,7 @@ static void subtest_credit_card(void)
 		{ "4111111111111111kg" },
 		{ "3.4111111111111111" }, /* a decimal */
 		{ "4111111111111111.5" },
+		{ "4111111111111111.05" },
 		{ "4111-1111-1111-1111-1111" }, /* a longer dashed number */
 		{ "411 1111 1111 1111 1" },	/* not a card's shape */
 		{ "4111  1111  1111  1111" },	/* double spaces */
@@ -654,6 +655,7 @@ static void subtest_typed_values(void)
 	/* what a detector finds in a typed value, and what it does not */
 	static const char *const hits[] = {
 		"4111111111111111",		     /* SELECT card::int8 */
+		"4111111111111111.00",		     /* card::numeric(20,2) */
 		"(1,alice@example.com,123-45-6789)", /* a record */
 		"{555-123-4567,x}",		     /* an array */
 	};
