@@ -963,11 +963,10 @@ out:
 /*
  * The sockmap fast path (--fastpath on): sk_msg redirects on the agent<->gateway leg must keep
  * every byte, in order, for large transfers, many small writes, half-closes and many sessions
- * at once, and must actually be used.
+ * at once (that it is taken at all is fastpath.c's "redirects").
  */
 void test_datapath_fastpath(void)
 {
-	uint64_t redirects = 0, fallbacks = 0;
 	struct th_gate g;
 
 	if (!ASSERT_OK(th_gate_start(&g, "--fastpath on", NULL), "gate"))
@@ -1007,10 +1006,11 @@ void test_datapath_fastpath(void)
 		subtest_concurrent(&g, 256 * 1024, 16384);
 	if (test__start_subtest("maps_drained"))
 		maps_drained(&g, true);
-	if (test__start_subtest("used")) {
-		fastpath_stats(&g, &redirects, &fallbacks);
-		ASSERT_GT(redirects, 0, "sk_msg redirects happened");
-	}
+	/*
+	 * Whether redirects happen is fastpath.c's business ("redirects", and blocking agents
+	 * staying on TCP): these clients turn blocking after connect, the one case where the
+	 * kernel leaves the choice to a race (bpf/lib/fastpath.h).
+	 */
 out:
 	test__end_subtest();
 	th_gate_cleanup(&g);
