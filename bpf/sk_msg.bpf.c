@@ -54,7 +54,7 @@ int ag_sk_msg(struct sk_msg_md *msg)
 			goto slow;
 	}
 	st = me->state;
-	if (st == AG_FP_OFF)
+	if (st == AG_FP_OFF || st == AG_FP_LEAVE)
 		goto slow;
 	pe = bpf_map_lookup_elem(&ag_fastpath, &peer);
 	ptp = ag_fp_sock_at(me->peer ? me->peer : pe ? pe->sk : 0);
@@ -79,6 +79,7 @@ int ag_sk_msg(struct sk_msg_md *msg)
 
 	if (st == AG_FP_FAST) {
 		if (ptp && ag_fp_backlogged(ptp)) {
+			me->slow_mark = tp->bytes_sent;
 			__sync_val_compare_and_swap(&me->state, AG_FP_FAST, AG_FP_SLOW);
 			goto slow;
 		}
@@ -90,8 +91,14 @@ int ag_sk_msg(struct sk_msg_md *msg)
 	}
 
 	/* NEW or SLOW: redirect only once every byte sent over TCP has been read. */
-	if (!ag_fp_drained(tp, ptp) || (ptp && ag_fp_backlogged(ptp)))
+	if (!ag_fp_drained(tp, ptp) || (ptp && ag_fp_backlogged(ptp))) {
+		/* Streaming over TCP for good (lib/fastpath.h, rule 3): plain TCP serves it best. */
+		if (agent && tp->bytes_sent - me->slow_mark > AG_FP_SOLO_MAX) {
+			__sync_val_compare_and_swap(&me->state, st, AG_FP_LEAVE);
+			goto slow;
+		}
 		goto slow_state;
+	}
 	if (__sync_val_compare_and_swap(&me->state, st, AG_FP_FAST) != st)
 		goto slow; /* the agent settled this side on TCP meanwhile */
 	if (bpf_msg_redirect_hash(msg, &ag_sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {

@@ -110,9 +110,10 @@ static __always_inline void ag_fastpath_join(struct bpf_sock_ops *skops)
 
 /*
  * A packet of a joined agent socket is leaving (it reserves no option space). If the agent
- * turned blocking, it leaves the sockhash here once nothing waits in its ingress queue and the
- * gateway's side is settled on TCP (lib/fastpath.h, rules 1 and 4). The socket is locked here —
- * by its owner in sendmsg or in softirq for an ACK — so no redirect into it can land meanwhile.
+ * turned blocking, or sk_msg gave up on it (AG_FP_LEAVE), it leaves the sockhash here once
+ * nothing waits in its ingress queue and the gateway's side is settled on TCP (lib/fastpath.h,
+ * rules 1, 3 and 4). The socket is locked here — by its owner in sendmsg or in softirq for an
+ * ACK — so no redirect into it can land meanwhile.
  */
 static __always_inline void ag_fastpath_check(struct bpf_sock_ops *skops)
 {
@@ -124,15 +125,17 @@ static __always_inline void ag_fastpath_check(struct bpf_sock_ops *skops)
 	if (!sk)
 		return;
 	tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp || ag_fp_nonblocking(tp))
+	if (!tp)
+		return;
+	ag_sock_key_of(skops, &k);
+	me = bpf_map_lookup_elem(&ag_fastpath, &k);
+	if (ag_fp_nonblocking(tp) && (!me || me->state != AG_FP_LEAVE))
 		return;
 	if (ag_fp_queued(tp))
 		return;
-	ag_sock_key_of(skops, &k);
 	ag_fp_key_reverse(&k, &gw);
 	if (!ag_fp_claim_off(&gw))
 		return;
-	me = bpf_map_lookup_elem(&ag_fastpath, &k);
 	if (me)
 		me->state = AG_FP_OFF;
 	bpf_map_delete_elem(&ag_sockhash, &k);

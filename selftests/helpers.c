@@ -1539,6 +1539,78 @@ out:
 	return err ? err : n;
 }
 
+/* Does the program of id use the map of id map_id? Its name into name. */
+static bool prog_uses_map(uint32_t id, uint32_t map_id, char *name, size_t len)
+{
+	struct bpf_prog_info info = { 0 };
+	__u32 ilen = sizeof(info), ids[64];
+	bool found = false;
+	int fd = bpf_prog_get_fd_by_id(id);
+
+	name[0] = '\0';
+	if (fd < 0)
+		return false;
+	info.nr_map_ids = sizeof(ids) / sizeof(ids[0]);
+	info.map_ids = (uintptr_t)ids;
+	if (!bpf_obj_get_info_by_fd(fd, &info, &ilen)) {
+		snprintf(name, len, "%s", info.name);
+		for (__u32 i = 0; i < info.nr_map_ids && i < sizeof(ids) / sizeof(ids[0]); i++)
+			found |= ids[i] == map_id;
+	}
+	close(fd);
+	return found;
+}
+
+int th_pinned_map_id(const char *pin_root, const char *name)
+{
+	struct bpf_map_info info = { 0 };
+	__u32 ilen = sizeof(info);
+	char path[PATH_MAX];
+	int fd, rc;
+
+	snprintf(path, sizeof(path), "%s/%s", pin_root, name);
+	fd = bpf_obj_get(path);
+	if (fd < 0) {
+		rc = -errno;
+		th_log("bpf_obj_get %s: %s", path, strerror(errno));
+		return rc;
+	}
+	rc = bpf_obj_get_info_by_fd(fd, &info, &ilen) ? -errno : (int)info.id;
+	close(fd);
+	return rc;
+}
+
+int th_bpf_links(uint32_t map_id, const char *prog_name)
+{
+	static char out[1 << 20];
+	char name[64];
+	int rc, n = 0;
+	yajl_val v;
+
+	rc = th_run(out, sizeof(out), "bpftool -j link show");
+	if (rc) {
+		th_log("bpftool link show exited with %d", rc);
+		return rc < 0 ? rc : -EIO;
+	}
+	if (!out[strspn(out, " \n")])
+		return 0;
+	v = th_json_parse(out);
+	if (!v || !YAJL_IS_ARRAY(v)) {
+		yajl_tree_free(v);
+		return -EBADMSG;
+	}
+	for (size_t i = 0; i < v->u.array.len; i++) {
+		long long prog_id;
+
+		if (!th_json_int(v->u.array.values[i], "prog_id", &prog_id))
+			continue;
+		if (prog_uses_map(prog_id, map_id, name, sizeof(name)) && !strcmp(name, prog_name))
+			n++;
+	}
+	yajl_tree_free(v);
+	return n;
+}
+
 /* ---- the daemon ---- */
 
 static int daemon_counter;

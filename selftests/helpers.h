@@ -240,6 +240,14 @@ int th_cgroup_progs(const char *rel, struct th_cg_progs *c);
 
 /* Entries in the pinned map <pin_root>/<name> now (hash-like maps), or -errno. */
 int th_pinned_map_entries(const char *pin_root, const char *name);
+/* The id of the map pinned at <pin_root>/<name>, or -errno. */
+int th_pinned_map_id(const char *pin_root, const char *name);
+/*
+ * Links on the host (bpftool -j link show) whose program is named prog_name and uses the map
+ * of id map_id (a daemon's ag_tagged: th_pinned_map_id()): one daemon's links of that program,
+ * whatever other agentgated instances run. The count, or -errno.
+ */
+int th_bpf_links(uint32_t map_id, const char *prog_name);
 
 /* ---- JSON (yajl tree) ---- */
 

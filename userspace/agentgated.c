@@ -113,6 +113,9 @@ static const char *deny_reason(__u32 r)
 		return "a connection that is not TCP (SCTP): refused in the kernel";
 	case AG_DENY_NO_STORAGE:
 		return "could not record the caller's identity: refused in the kernel";
+	case AG_DENY_FOREIGN_SOCKET:
+		return "a socket made outside the tagged cgroups (before moving in, or passed over "
+		       "a Unix socket): refused in the kernel";
 	default:
 		return "refused in the kernel";
 	}

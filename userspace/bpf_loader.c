@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
+#include <sys/mount.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -22,6 +23,7 @@ struct ag_bpf {
 	struct ring_buffer *rb;
 	ag_bpf_event_fn fn;
 	void *fn_ctx;
+	bool lsm; /* BPF LSM active: the guard programs are loaded */
 	char pin_root[PATH_MAX];
 };
 
@@ -47,6 +49,135 @@ static int hook_prog_fd(struct ag_bpf *b, size_t i)
 	}
 }
 
+/*
+ * Host-wide BPF LSM programs, pinned under <root>/global/ (never under links/, which holds only
+ * per-cgroup links and is pruned by cgroup id).
+ */
+static const char *const lsm_pins[] = { "lsm_connect", "lsm_sendmsg" };
+#define NLSM (sizeof(lsm_pins) / sizeof(lsm_pins[0]))
+
+static struct bpf_program *lsm_prog(struct ag_bpf *b, size_t i)
+{
+	return i == 0 ? b->skel->progs.ag_lsm_connect : b->skel->progs.ag_lsm_sendmsg;
+}
+
+static bool lsm_listed(void)
+{
+	char buf[512], *tok, *save = NULL;
+	ssize_t n;
+	int fd;
+
+	fd = open("/sys/kernel/security/lsm", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return false;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return false;
+	buf[n] = '\0';
+	for (tok = strtok_r(buf, ",\n", &save); tok; tok = strtok_r(NULL, ",\n", &save)) {
+		if (!strcmp(tok, "bpf"))
+			return true;
+	}
+	return false;
+}
+
+/*
+ * Can we run BPF LSM programs? "bpf" must be among the active LSMs (the securityfs mounted to
+ * find out, if nobody did), and the kernel must take a program: some refuse every program
+ * that needs a trampoline (fentry, LSM) even as root. If not, why says why.
+ */
+static bool bpf_lsm_usable(char *why, size_t len)
+{
+	struct bpf_insn insns[] = {
+		{ .code = BPF_ALU64 | BPF_MOV | BPF_K, .dst_reg = BPF_REG_0, .imm = 0 },
+		{ .code = BPF_JMP | BPF_EXIT },
+	};
+	LIBBPF_OPTS(bpf_prog_load_opts, po, .expected_attach_type = BPF_LSM_MAC);
+	int fd, id;
+
+	if (access("/sys/kernel/security/lsm", F_OK) &&
+	    mount("none", "/sys/kernel/security", "securityfs", 0, NULL) && errno != EBUSY)
+		pr_debug("mounting the securityfs: %s", strerror(errno));
+	if (!lsm_listed()) {
+		snprintf(why, len, "no \"bpf\" in /sys/kernel/security/lsm: boot with lsm=...,bpf");
+		return false;
+	}
+	id = libbpf_find_vmlinux_btf_id("socket_connect", BPF_LSM_MAC);
+	if (id < 0) {
+		snprintf(why, len, "no bpf_lsm_socket_connect in the kernel's BTF");
+		return false;
+	}
+	po.attach_btf_id = id;
+	fd = bpf_prog_load(BPF_PROG_TYPE_LSM, "ag_lsm_probe", "GPL", insns, 2, &po);
+	if (fd < 0) {
+		snprintf(why, len, "the kernel refuses BPF LSM programs: %s", strerror(errno));
+		return false;
+	}
+	close(fd);
+	return true;
+}
+
+/*
+ * Attaches guard program i and pins its link. With replace, an existing pin (a previous
+ * daemon's) is pointed at our program: in place where the kernel updates the link, else a new
+ * link is attached and pinned over the old one before the old one goes, so there is never a
+ * moment without the guard and never two links left. Without replace, an existing pin is kept.
+ */
+static int attach_lsm_one(struct ag_bpf *b, size_t i, bool replace, char *err, size_t errlen)
+{
+	struct bpf_program *prog = lsm_prog(b, i);
+	char pin[PATH_MAX], tmp[PATH_MAX];
+	struct bpf_link *link;
+	int old, rc = 0;
+
+	snprintf(pin, sizeof(pin), "%s/global/%s", b->pin_root, lsm_pins[i]);
+	snprintf(tmp, sizeof(tmp), "%s/global/%s_new", b->pin_root, lsm_pins[i]);
+	old = bpf_obj_get(pin);
+	if (old >= 0 && (!replace || !bpf_link_update(old, bpf_program__fd(prog), NULL)))
+		goto out;
+	/* Tracing (LSM) links cannot be updated: a new one, pinned over the old. */
+	link = bpf_program__attach_lsm(prog);
+	if (!link) {
+		rc = -errno;
+		snprintf(err, errlen, "attaching %s (BPF LSM): %s", bpf_program__name(prog),
+			 strerror(errno));
+		goto out;
+	}
+	unlink(tmp);
+	rc = bpf_link__pin(link, tmp);
+	if (!rc && rename(tmp, pin))
+		rc = -errno;
+	if (rc) {
+		snprintf(err, errlen, "pinning %s: %s", pin, strerror(-rc));
+		unlink(tmp);
+	}
+	/* Pinned, the link stays attached when our fd closes; unpinned, it goes. */
+	bpf_link__destroy(link);
+	/*
+	 * The replaced link: its pin is gone and our fd is its last reference (most kernels cannot
+	 * detach a tracing link otherwise: EOPNOTSUPP).
+	 */
+	if (!rc && old >= 0)
+		bpf_link_detach(old);
+out:
+	if (old >= 0)
+		close(old);
+	return rc;
+}
+
+/* The host-wide guard (no-op without BPF LSM); see attach_lsm_one(). */
+static int attach_lsm(struct ag_bpf *b, bool replace, char *err, size_t errlen)
+{
+	for (size_t i = 0; i < NLSM && b->lsm; i++) {
+		int rc = attach_lsm_one(b, i, replace, err, errlen);
+
+		if (rc)
+			return rc;
+	}
+	return 0;
+}
+
 static int on_event(void *ctx, void *data, size_t len)
 {
 	struct ag_bpf *b = ctx;
@@ -56,11 +187,40 @@ static int on_event(void *ctx, void *data, size_t len)
 	return b->fn ? b->fn(b->fn_ctx, data) : 0;
 }
 
+/* Opens and loads the skeleton into b->skel (NULL on failure), the LSM guard only with lsm. */
+static int open_and_load(struct ag_bpf *b, const struct ag_bpf_opts *opts, bool lsm, char *err,
+			 size_t errlen)
+{
+	LIBBPF_OPTS(bpf_object_open_opts, oopts, .pin_root_path = b->pin_root);
+	int rc;
+
+	b->skel = agentgate_bpf__open_opts(&oopts);
+	if (!b->skel) {
+		rc = -errno;
+		snprintf(err, errlen, "opening the BPF object: %s", strerror(errno));
+		return rc;
+	}
+	b->skel->rodata->gw_port = opts->port;
+	b->skel->rodata->daemon_mark = opts->mark;
+	b->skel->rodata->daemon_tgid = getpid();
+	for (size_t i = 0; i < NLSM && !lsm; i++)
+		bpf_program__set_autoload(lsm_prog(b, i), false);
+	rc = agentgate_bpf__load(b->skel);
+	if (rc) {
+		snprintf(err, errlen,
+			 "loading the BPF programs: %s (the verifier's log is above; pins of an "
+			 "incompatible version under %s are removed by 'agctl prog detach')",
+			 strerror(-rc), b->pin_root);
+		agentgate_bpf__destroy(b->skel);
+		b->skel = NULL;
+	}
+	return rc;
+}
+
 struct ag_bpf *ag_bpf_load(const struct ag_bpf_opts *opts, ag_bpf_event_fn fn, void *ctx,
 			   char *err, size_t errlen)
 {
-	LIBBPF_OPTS(bpf_object_open_opts, oopts);
-	char path[PATH_MAX];
+	char path[PATH_MAX], why[256];
 	struct ag_bpf *b;
 	int rc, pfd, mfd;
 
@@ -81,23 +241,21 @@ struct ag_bpf *ag_bpf_load(const struct ag_bpf_opts *opts, ag_bpf_event_fn fn, v
 	if (rc)
 		goto fail;
 
-	oopts.pin_root_path = b->pin_root;
-	b->skel = agentgate_bpf__open_opts(&oopts);
-	if (!b->skel) {
-		snprintf(err, errlen, "opening the BPF object: %s", strerror(errno));
-		goto fail;
+	b->lsm = bpf_lsm_usable(why, sizeof(why));
+	rc = open_and_load(b, opts, b->lsm, err, errlen);
+	if (rc && b->lsm) {
+		/* The guard is a second line: never the reason the data path is down. */
+		pr_warn("%s; loading again without the BPF LSM guard", err);
+		snprintf(why, sizeof(why), "its programs failed to load");
+		b->lsm = false;
+		rc = open_and_load(b, opts, false, err, errlen);
 	}
-	b->skel->rodata->gw_port = opts->port;
-	b->skel->rodata->daemon_mark = opts->mark;
-	b->skel->rodata->daemon_tgid = getpid();
-	rc = agentgate_bpf__load(b->skel);
-	if (rc) {
-		snprintf(err, errlen,
-			 "loading the BPF programs: %s (the verifier's log is above; pins of an "
-			 "incompatible version under %s are removed by 'agctl prog detach')",
-			 strerror(-rc), b->pin_root);
+	if (rc)
 		goto fail;
-	}
+	if (!b->lsm)
+		pr_warn("BPF LSM not active: sockets created outside tagged cgroups are not "
+			"covered (%s)",
+			why);
 
 	/* sk_msg verdict on the sockhash; re-attaching replaces a previous daemon's program. */
 	pfd = bpf_program__fd(b->skel->progs.ag_sk_msg);
@@ -110,6 +268,14 @@ struct ag_bpf *ag_bpf_load(const struct ag_bpf_opts *opts, ag_bpf_event_fn fn, v
 	unlink(path);
 	if (bpf_obj_pin(pfd, path))
 		pr_warn("pinning %s: %s", path, strerror(errno));
+
+	/*
+	 * A previous daemon's guard runs its programs (its tgid exempt, not ours): ours now. With
+	 * none there, the guard comes with the first tagged cgroup (ag_bpf_tag).
+	 */
+	snprintf(path, sizeof(path), "%s/global/%s", b->pin_root, lsm_pins[0]);
+	if (b->lsm && !access(path, F_OK) && attach_lsm(b, true, err, errlen))
+		goto fail;
 
 	if (ag_bpf_set_fastpath(b, opts->fastpath)) {
 		snprintf(err, errlen, "writing the config map: %s", strerror(errno));
@@ -204,6 +370,10 @@ int ag_bpf_tag(struct ag_bpf *b, const char *cg_root, const char *rel, uint64_t 
 		goto out;
 	/* After an 'agctl prog detach' the pin folders are gone: make them again. */
 	rc = ag_pins_prepare(b->pin_root, err, errlen);
+	if (rc)
+		goto out;
+	/* The guard before the tag: a socket made outside must not slip through meanwhile. */
+	rc = attach_lsm(b, false, err, errlen);
 	if (rc)
 		goto out;
 	/* Tag first: a connect that runs the hook must find its agent. */

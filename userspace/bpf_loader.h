@@ -29,7 +29,11 @@ struct ag_bpf *ag_bpf_load(const struct ag_bpf_opts *opts, ag_bpf_event_fn fn, v
 /* Frees userspace state only: pinned links and maps stay, so enforcement outlives the daemon. */
 void ag_bpf_free(struct ag_bpf *b);
 
-/* Attaches (or re-points) connect4, connect6 and sockops on the cgroup; marks it tagged. */
+/*
+ * Attaches (or re-points) connect4, connect6 and sockops on the cgroup; marks it tagged. The
+ * host-wide BPF LSM guard (sockets made outside tagged cgroups) comes with the first tag, if
+ * the kernel runs BPF LSM programs; a daemon finding a previous one's re-points it at load.
+ */
 int ag_bpf_tag(struct ag_bpf *b, const char *cg_root, const char *rel, uint64_t *cgid, char *err,
 	       size_t errlen);
 /* Detaches and unpins the cgroup's links; untags it. */

@@ -18,7 +18,9 @@
 #include "agentgate.h"
 #include "pins.h"
 
-int ag_pins_links(const char *root, struct ag_pinned_link **out, size_t *n)
+/* Links pinned in root/sub: per cgroup (<cgroup id>_<hook>) or global (<hook>). */
+static int list_links(const char *root, const char *sub, bool global, struct ag_pinned_link **out,
+		      size_t *n)
 {
 	char dir[PATH_MAX];
 	struct ag_pinned_link *links = NULL;
@@ -28,7 +30,7 @@ int ag_pins_links(const char *root, struct ag_pinned_link **out, size_t *n)
 
 	*out = NULL;
 	*n = 0;
-	snprintf(dir, sizeof(dir), "%s/links", root);
+	snprintf(dir, sizeof(dir), "%s/%s", root, sub);
 	d = opendir(dir);
 	if (!d)
 		return errno == ENOENT ? 0 : -errno;
@@ -36,14 +38,16 @@ int ag_pins_links(const char *root, struct ag_pinned_link **out, size_t *n)
 		struct bpf_link_info info = {};
 		__u32 ilen = sizeof(info);
 		struct ag_pinned_link *l;
-		const char *dot;
+		const char *hook = de->d_name;
 		int fd;
 
 		if (de->d_name[0] == '.')
 			continue;
-		dot = strchr(de->d_name, '_');
-		if (!dot)
-			continue;
+		if (!global) {
+			hook = strchr(de->d_name, '_');
+			if (!hook++)
+				continue;
+		}
 		if (cnt == cap) {
 			struct ag_pinned_link *nl;
 
@@ -59,8 +63,8 @@ int ag_pins_links(const char *root, struct ag_pinned_link **out, size_t *n)
 		l = &links[cnt];
 		memset(l, 0, sizeof(*l));
 		snprintf(l->pin, sizeof(l->pin), "%s/%s", dir, de->d_name);
-		snprintf(l->hook, sizeof(l->hook), "%s", dot + 1);
-		l->cgroup_id = strtoull(de->d_name, NULL, 10);
+		snprintf(l->hook, sizeof(l->hook), "%s", hook);
+		l->cgroup_id = global ? 0 : strtoull(de->d_name, NULL, 10);
 		fd = bpf_obj_get(l->pin);
 		if (fd >= 0) {
 			if (!bpf_obj_get_info_by_fd(fd, &info, &ilen)) {
@@ -71,6 +75,8 @@ int ag_pins_links(const char *root, struct ag_pinned_link **out, size_t *n)
 					if (info.cgroup.cgroup_id)
 						l->cgroup_id = info.cgroup.cgroup_id;
 					l->attach_type = info.cgroup.attach_type;
+				} else if (info.type == BPF_LINK_TYPE_TRACING) {
+					l->attach_type = info.tracing.attach_type;
 				}
 			}
 			close(fd);
@@ -81,6 +87,16 @@ int ag_pins_links(const char *root, struct ag_pinned_link **out, size_t *n)
 	*out = links;
 	*n = cnt;
 	return 0;
+}
+
+int ag_pins_links(const char *root, struct ag_pinned_link **out, size_t *n)
+{
+	return list_links(root, "links", false, out, n);
+}
+
+int ag_pins_global_links(const char *root, struct ag_pinned_link **out, size_t *n)
+{
+	return list_links(root, "global", true, out, n);
 }
 
 int ag_pins_stats(const char *root, uint64_t *stats, size_t nstats)
@@ -115,27 +131,24 @@ int ag_pins_stats(const char *root, uint64_t *stats, size_t nstats)
 	return err;
 }
 
-int ag_pins_detach_all(const char *root, char *err, size_t errlen)
+/* Detaches and unpins each link of links[n]; the last problem in err. 0 or -errno. */
+static int detach_links(struct ag_pinned_link *links, size_t n, char *err, size_t errlen)
 {
-	struct ag_pinned_link *links;
-	char path[PATH_MAX];
-	struct dirent *de;
-	size_t n;
-	int rc, ret = 0;
-	DIR *d;
+	int ret = 0;
 
-	if (err && errlen)
-		err[0] = '\0';
-	rc = ag_pins_links(root, &links, &n);
-	if (rc)
-		return rc;
 	for (size_t i = 0; i < n; i++) {
 		int fd = bpf_obj_get(links[i].pin);
 
 		if (fd >= 0) {
-			if (bpf_link_detach(fd) && errno != EINVAL && errno != ENOLINK) {
+			/*
+			 * Tracing (LSM) links may not support detach (EOPNOTSUPP): they go with
+			 * their last reference, the pin removed below.
+			 */
+			if (bpf_link_detach(fd) && errno != EINVAL && errno != ENOLINK &&
+			    errno != EOPNOTSUPP) {
 				ret = -errno;
-				snprintf(err, errlen, "detach %s: %s", links[i].pin, strerror(errno));
+				snprintf(err, errlen, "detach %s: %s", links[i].pin,
+					 strerror(errno));
 			}
 			close(fd);
 		}
@@ -144,7 +157,36 @@ int ag_pins_detach_all(const char *root, char *err, size_t errlen)
 			snprintf(err, errlen, "unpin %s: %s", links[i].pin, strerror(errno));
 		}
 	}
+	return ret;
+}
+
+int ag_pins_detach_all(const char *root, char *err, size_t errlen)
+{
+	struct ag_pinned_link *links, *global;
+	char path[PATH_MAX];
+	struct dirent *de;
+	size_t n, ng;
+	int rc, ret = 0;
+	DIR *d;
+
+	if (err && errlen)
+		err[0] = '\0';
+	rc = ag_pins_links(root, &links, &n);
+	if (rc)
+		return rc;
+	rc = ag_pins_global_links(root, &global, &ng);
+	if (rc) {
+		free(links);
+		return rc;
+	}
+	rc = detach_links(links, n, err, errlen);
+	if (rc)
+		ret = rc;
+	rc = detach_links(global, ng, err, errlen);
+	if (rc)
+		ret = rc;
 	free(links);
+	free(global);
 
 	/* The sk_msg verdict lives on the sockhash; detach it before dropping the pins. */
 	snprintf(path, sizeof(path), "%s/progs/sk_msg", root);
@@ -165,6 +207,8 @@ int ag_pins_detach_all(const char *root, char *err, size_t errlen)
 	snprintf(path, sizeof(path), "%s/progs", root);
 	rmdir(path);
 	snprintf(path, sizeof(path), "%s/links", root);
+	rmdir(path);
+	snprintf(path, sizeof(path), "%s/global", root);
 	rmdir(path);
 
 	d = opendir(root);
@@ -214,6 +258,11 @@ int ag_pins_prepare(const char *root, char *err, size_t errlen)
 		return -errno;
 	}
 	snprintf(path, sizeof(path), "%s/progs", root);
+	if (mkdir(path, 0700) && errno != EEXIST) {
+		snprintf(err, errlen, "mkdir %s: %s", path, strerror(errno));
+		return -errno;
+	}
+	snprintf(path, sizeof(path), "%s/global", root);
 	if (mkdir(path, 0700) && errno != EEXIST) {
 		snprintf(err, errlen, "mkdir %s: %s", path, strerror(errno));
 		return -errno;

@@ -7,7 +7,9 @@
  * server files, function calls that reach files, large objects, other backends or settings,
  * EXPLAIN ANALYZE (which runs its statement) and PREPARE (whose statement runs later). Text is
  * never matched: comments, case, quoting, dollar quoting and unicode escapes are the parser's
- * business. Then the policy's sql rules decide (first match wins, no match denies).
+ * business. Then the policy's sql rules decide (first match wins, no match denies): a deny or
+ * approve rule matches a statement when any of its classes is listed, an allow or observe rule
+ * only when every one is covered (see "How a rule's when: matches" below).
  *
  * Why JSON and not the protobuf output: on this libpg_query (15-4.0), for a pgbench-sized
  * statement, the protobuf path costs about 18 µs to serialize and 10 µs to unpack (protobuf-c
@@ -65,12 +67,66 @@ const char *const ag_sql_command_names[AG_SQL_NCLASSES + 1] = {
 _Static_assert(AG_SQL_EMPTY == 1ULL << (AG_SQL_NCLASSES - 1), "one name per class bit");
 _Static_assert(AG_SQL_REFRESH == 1ULL << 31 && AG_SQL_VACUUM == 1ULL << 38, "bit order");
 
+/* Bit numbers in the order of their names (all lower case), for a binary search. */
+static uint8_t name_order[AG_SQL_NCLASSES];
+static pthread_once_t name_order_once = PTHREAD_ONCE_INIT;
+
+static int name_order_cmp(const void *a, const void *b)
+{
+	return strcmp(ag_sql_command_names[*(const uint8_t *)a],
+		      ag_sql_command_names[*(const uint8_t *)b]);
+}
+
+static void name_order_init(void)
+{
+	for (int i = 0; i < AG_SQL_NCLASSES; i++)
+		name_order[i] = i;
+	qsort(name_order, AG_SQL_NCLASSES, sizeof(name_order[0]), name_order_cmp);
+}
+
+/* Every decision looks up each name of a rule's command: list, so not one by one. */
 uint64_t ag_sql_class_by_name(const char *name)
 {
-	for (int i = 0; name && i < AG_SQL_NCLASSES; i++)
-		if (!strcasecmp(name, ag_sql_command_names[i]))
-			return 1ULL << i;
+	int lo = 0, hi = AG_SQL_NCLASSES;
+	char low[16];
+	size_t i;
+
+	if (!name)
+		return 0;
+	for (i = 0; name[i]; i++) {
+		if (i == sizeof(low) - 1)
+			return 0; /* longer than any class name */
+		low[i] = tolower((unsigned char)name[i]);
+	}
+	low[i] = '\0';
+	pthread_once(&name_order_once, name_order_init);
+	while (lo < hi) {
+		int mid = (lo + hi) / 2, c;
+
+		c = strcmp(low, ag_sql_command_names[name_order[mid]]);
+		if (!c)
+			return 1ULL << name_order[mid];
+		if (c < 0)
+			hi = mid;
+		else
+			lo = mid + 1;
+	}
 	return 0;
+}
+
+/*
+ * Appends sep (when buf has something) and s to the string in buf, at o, its length; whole or
+ * not at all. The new length, or len when it did not fit (and buf is unchanged).
+ */
+static size_t append(char *buf, size_t len, size_t o, const char *sep, const char *s)
+{
+	size_t ls = o ? strlen(sep) : 0, n = strlen(s);
+
+	if (o >= len || ls + n >= len - o)
+		return len;
+	memcpy(buf + o, sep, ls);
+	memcpy(buf + o + ls, s, n + 1);
+	return o + ls + n;
 }
 
 char *ag_sql_class_names(uint64_t classes, char *buf, size_t len)
@@ -81,16 +137,11 @@ char *ag_sql_class_names(uint64_t classes, char *buf, size_t len)
 		return buf;
 	buf[0] = '\0';
 	for (int i = 0; i < AG_SQL_NCLASSES; i++) {
-		int n;
-
 		if (!(classes & (1ULL << i)))
 			continue;
-		n = snprintf(buf + o, len - o, "%s%s", o ? "," : "", ag_sql_command_names[i]);
-		if (n < 0 || (size_t)n >= len - o) {
-			buf[o] = '\0'; /* never half a name */
-			break;
-		}
-		o += n;
+		o = append(buf, len, o, ",", ag_sql_command_names[i]);
+		if (o == len)
+			break; /* never half a name */
 	}
 	return buf;
 }
@@ -1257,7 +1308,6 @@ static int classify_tree(const struct jv *root, struct ag_sql_result *out)
 static int classify_here(const char *sql, struct ag_sql_result *out)
 {
 	PgQueryParseResult pr;
-	PgQueryFingerprintResult fp;
 	struct arena a = { 0 };
 	struct jv *root;
 	int err;
@@ -1284,14 +1334,7 @@ static int classify_here(const char *sql, struct ag_sql_result *out)
 		err = classify_tree(root, out);
 	}
 	arena_free(&a);
-	if (err)
-		return err;
-
-	fp = pg_query_fingerprint(sql);
-	if (!fp.error)
-		out->fingerprint = fp.fingerprint;
-	pg_query_free_fingerprint_result(fp);
-	return 0;
+	return err;
 }
 
 /* ---- running on a stack deep enough ---- */
@@ -1319,7 +1362,19 @@ static size_t stack_left(void)
 	return (uintptr_t)&here > stack_lo ? (uintptr_t)&here - stack_lo : 0;
 }
 
+/* The fingerprint of sql, computed on the current stack; 0 when libpg_query cannot. */
+static int fingerprint_here(const char *sql, struct ag_sql_result *out)
+{
+	PgQueryFingerprintResult fp;
+
+	fp = pg_query_fingerprint(sql);
+	out->fingerprint = fp.error ? 0 : fp.fingerprint;
+	pg_query_free_fingerprint_result(fp);
+	return 0;
+}
+
 struct job {
+	int (*fn)(const char *sql, struct ag_sql_result *out);
 	const char *sql;
 	struct ag_sql_result *out;
 	int ret;
@@ -1329,16 +1384,121 @@ static void *job_main(void *arg)
 {
 	struct job *j = arg;
 
-	j->ret = classify_here(j->sql, j->out);
+	j->ret = j->fn(j->sql, j->out);
 	return NULL;
 }
 
-int ag_sql_classify_uncached(const char *sql, struct ag_sql_result *out)
+/* A byte that continues a name (PostgreSQL's ident_cont, with the bytes of UTF-8). */
+static bool ident_char(unsigned char c)
 {
-	size_t len, need;
+	return isalnum(c) || c == '_' || c == '$' || c >= 0x80;
+}
+
+/*
+ * Deeper nesting of parentheses and brackets than AG_SQL_MAX_NESTING is refused before
+ * libpg_query sees it (bison itself gives up near 10000 levels; nothing a person or a program
+ * writes nests a thousand). The scan skips what the lexer does not read as nesting: string
+ * literals ('...', and E'...' with its backslash escapes), quoted names, dollar quoting, -- and
+ * nested block comments. It only ever refuses: where it reads a string differently from the
+ * lexer, the worst is the refusal of a statement nesting a thousand brackets inside a literal.
+ * true when sql nests too deep, *at the byte that went over.
+ */
+static bool nests_too_deep(const char *s, size_t len, size_t *at)
+{
+	int depth = 0;
+
+	for (size_t i = 0; i < len; i++) {
+		unsigned char c = s[i];
+
+		switch (c) {
+		case '(':
+		case '[':
+			if (++depth > AG_SQL_MAX_NESTING) {
+				*at = i;
+				return true;
+			}
+			break;
+		case ')':
+		case ']':
+			if (depth)
+				depth--;
+			break;
+		case '-':
+			if (i + 1 < len && s[i + 1] == '-')
+				while (i + 1 < len && s[i + 1] != '\n')
+					i++;
+			break;
+		case '/':
+			if (i + 1 < len && s[i + 1] == '*') {
+				int nest = 1;
+
+				for (i += 2; i < len && nest; i++) {
+					if (s[i] == '/' && i + 1 < len && s[i + 1] == '*')
+						nest++, i++;
+					else if (s[i] == '*' && i + 1 < len && s[i + 1] == '/')
+						nest--, i++;
+				}
+				i--;
+			}
+			break;
+		case '\'': {
+			/* E'...' (not the tail of a name like somE'...') takes backslash escapes. */
+			bool esc = i && (s[i - 1] == 'e' || s[i - 1] == 'E') &&
+				   (i < 2 || !ident_char(s[i - 2]));
+
+			for (i++; i < len; i++) {
+				if (esc && s[i] == '\\')
+					i++;
+				else if (s[i] == '\'' && i + 1 < len && s[i + 1] == '\'')
+					i++;
+				else if (s[i] == '\'')
+					break;
+			}
+			break;
+		}
+		case '"':
+			for (i++; i < len; i++) {
+				if (s[i] == '"' && i + 1 < len && s[i + 1] == '"')
+					i++;
+				else if (s[i] == '"')
+					break;
+			}
+			break;
+		case '$': {
+			size_t j = i + 1;
+			const char *end;
+
+			/* a$b is a name, $1 a parameter; $tag$ or $$ opens a dollar quote */
+			if ((i && ident_char(s[i - 1])) ||
+			    (j < len && isdigit((unsigned char)s[j])))
+				break;
+			while (j < len && s[j] != '$' && ident_char(s[j]))
+				j++;
+			if (j >= len || s[j] != '$')
+				break;
+			end = memmem(s + j + 1, len - j - 1, s + i, j - i + 1);
+			if (!end)
+				return false; /* unterminated: the parser says so */
+			i = end - s + (j - i);
+			break;
+		}
+		}
+	}
+	return false;
+}
+
+/*
+ * Runs fn (classify_here or fingerprint_here) on a stack deep enough for sql: this one when it
+ * is, else a short-lived thread of its own. Long and too deeply nested SQL is refused first.
+ */
+static int run_sized(int (*fn)(const char *, struct ag_sql_result *), const char *sql,
+		     struct ag_sql_result *out)
+{
+	size_t len, need, at;
 	pthread_attr_t attr;
 	pthread_t t;
 	struct job j;
+	char msg[128];
 	int err;
 
 	memset(out, 0, sizeof(*out));
@@ -1346,19 +1506,23 @@ int ag_sql_classify_uncached(const char *sql, struct ag_sql_result *out)
 		return -EINVAL;
 	len = strlen(sql);
 	if (len > AG_SQL_MAX_LEN) {
-		char msg[96];
-
 		snprintf(msg, sizeof(msg),
 			 "SQL of %zu bytes is over the %u KiB classification limit", len,
 			 AG_SQL_MAX_LEN >> 10);
 		return set_error(out, msg, 0);
 	}
+	if (nests_too_deep(sql, len, &at)) {
+		snprintf(msg, sizeof(msg),
+			 "nesting too deep: over %d levels of parentheses or brackets",
+			 AG_SQL_MAX_NESTING);
+		return set_error(out, msg, at + 1);
+	}
 	need = len * STACK_PER_BYTE + (size_t)MAX_DEPTH * STACK_PER_LEVEL + STACK_MARGIN;
 	if (need <= stack_left())
-		return classify_here(sql, out);
+		return fn(sql, out);
 
 	/* A long statement: its own thread, with a stack sized for it (touched only as used). */
-	j = (struct job){ .sql = sql, .out = out };
+	j = (struct job){ .fn = fn, .sql = sql, .out = out };
 	if (pthread_attr_init(&attr))
 		return -ENOMEM;
 	err = pthread_attr_setstacksize(&attr, need + (1u << 20));
@@ -1371,6 +1535,11 @@ int ag_sql_classify_uncached(const char *sql, struct ag_sql_result *out)
 	return j.ret;
 }
 
+int ag_sql_classify_uncached(const char *sql, struct ag_sql_result *out)
+{
+	return run_sized(classify_here, sql, out);
+}
+
 /* ---- the per-thread cache ---- */
 
 struct cache_slot {
@@ -1379,6 +1548,8 @@ struct cache_slot {
 	char *text;
 	struct ag_sql_result r; /* ret -EINVAL: r.error holds the message */
 	int ret;
+	bool has_fp; /* fp computed (ag_sql_fingerprint) */
+	uint64_t fp;
 };
 
 struct cache {
@@ -1534,6 +1705,48 @@ int ag_sql_classify(const char *sql, struct ag_sql_result *out)
 	return ret;
 }
 
+/* The cache slot holding sql's result, or NULL. */
+static struct cache_slot *cache_find(const char *sql, size_t len)
+{
+	struct cache_slot *s;
+	uint64_t h;
+
+	if (!tcache || len > CACHE_MAX_TEXT)
+		return NULL;
+	h = hash_text(sql, len);
+	s = &tcache->slot[h % CACHE_SLOTS];
+	return s->text && s->hash == h && s->len == len && !memcmp(s->text, sql, len) ? s : NULL;
+}
+
+/*
+ * Computed only here, on request: it is a second parse (about 40% of a cache miss), and the
+ * classification does not need it. Classifying first bounds the tree the fingerprint walks and
+ * puts the statement in the cache, where its fingerprint is kept next to its classes.
+ */
+uint64_t ag_sql_fingerprint(const char *sql)
+{
+	struct ag_sql_result r;
+	struct cache_slot *s;
+	uint64_t fp;
+	int err;
+
+	err = ag_sql_classify(sql, &r);
+	ag_sql_result_free(&r);
+	if (err)
+		return 0;
+	s = cache_find(sql, strlen(sql));
+	if (s && s->has_fp)
+		return s->fp;
+	err = run_sized(fingerprint_here, sql, &r);
+	fp = err ? 0 : r.fingerprint;
+	ag_sql_result_free(&r);
+	if (s && !err) {
+		s->fp = fp;
+		s->has_fp = true;
+	}
+	return fp;
+}
+
 void ag_sql_result_free(struct ag_sql_result *r)
 {
 	if (!r)
@@ -1589,26 +1802,133 @@ why_add(char *why, size_t len, const char *fmt, ...)
 	va_end(ap);
 }
 
+/* "a, b, c" of a list, as many whole names as fit. */
 static void list_str(const struct ag_kv *kv, char *buf, size_t len)
 {
 	size_t o = 0;
 
 	buf[0] = '\0';
 	for (size_t i = 0; i < kv->nlist && o < len; i++)
-		o += snprintf(buf + o, len - o, "%s%s", i ? ", " : "", kv->list[i]);
+		o = append(buf, len, o, ", ", kv->list[i]);
+}
+
+/*
+ * How a rule's when: matches a statement depends on what the rule does with it.
+ *
+ * deny and approve stop a statement: they match when ANY class of the statement is listed in
+ * command:, and when ANY of its tables matches a glob of tables:. A statement carries the
+ * umbrella class of what it does (CREATE TABLE is create,ddl,write; BEGIN is
+ * begin,transaction; LISTEN is listen,notify,utility), so a deny of [ddl] stops every schema
+ * change.
+ *
+ * allow and observe let a statement run: they match only when EVERY class of the statement is
+ * covered by command:, and when EVERY table of it matches a glob of tables: (a statement
+ * without tables, SELECT 1, has none left uncovered). Otherwise an allow of [select] would let
+ * through all a SELECT can also do: a DELETE in a CTE, pg_read_file, lo_export, dblink,
+ * set_config('role', ...), FOR UPDATE. A class of the statement is covered when
+ *  - it is listed;
+ *  - a listed umbrella implies it (umbrellas[] below: [ddl] covers create, alter, drop and
+ *    comment; [transaction] begin, commit, rollback and savepoint; ...);
+ *  - it is an umbrella or write, and a class of the same statement that brings it is covered
+ *    ([begin] covers BEGIN's transaction, [insert] INSERT's write, [create] CREATE TABLE's ddl
+ *    and write, [ddl] the write of a schema change).
+ * The dangerous classes are implied by no umbrella: file, program, system, role, function, do
+ * and lock are covered only where listed. A statement without any class is never covered.
+ */
+#define DANGEROUS                                                                                  \
+	(AG_SQL_FILE | AG_SQL_PROGRAM | AG_SQL_SYSTEM | AG_SQL_ROLE | AG_SQL_FUNCTION |            \
+	 AG_SQL_DO | AG_SQL_LOCK)
+#define TX_KINDS (AG_SQL_BEGIN | AG_SQL_COMMIT | AG_SQL_ROLLBACK | AG_SQL_SAVEPOINT)
+#define SCHEMA_KINDS (AG_SQL_CREATE | AG_SQL_ALTER | AG_SQL_DROP | AG_SQL_COMMENT)
+#define UTIL_KINDS                                                                                 \
+	(AG_SQL_VACUUM | AG_SQL_ANALYZE | AG_SQL_CLUSTER | AG_SQL_REINDEX | AG_SQL_LISTEN |        \
+	 AG_SQL_UNLISTEN)
+
+static const struct umbrella {
+	uint64_t bit;	  /* the umbrella's own class */
+	uint64_t implies; /* covered where the umbrella is listed (never a DANGEROUS one) */
+	uint64_t from;	  /* the bit is covered where the statement has one of these covered */
+} umbrellas[] = {
+	{ AG_SQL_DDL, SCHEMA_KINDS, SCHEMA_KINDS },
+	{ AG_SQL_TRANSACTION, TX_KINDS, TX_KINDS },
+	{ AG_SQL_SET, AG_SQL_SHOW | AG_SQL_RESET, AG_SQL_SHOW | AG_SQL_RESET },
+	{ AG_SQL_UTILITY, UTIL_KINDS, UTIL_KINDS },
+	{ AG_SQL_NOTIFY, AG_SQL_LISTEN | AG_SQL_UNLISTEN, AG_SQL_LISTEN | AG_SQL_UNLISTEN },
+	/*
+	 * write is no umbrella (listing it covers only itself) but comes with what changes data
+	 * or schema; last, after ddl. nextval() and setval() are select,write: list write.
+	 */
+	{ AG_SQL_WRITE, 0,
+	  AG_SQL_INSERT | AG_SQL_UPDATE | AG_SQL_DELETE | AG_SQL_MERGE | AG_SQL_TRUNCATE |
+		  AG_SQL_REFRESH | AG_SQL_DDL | SCHEMA_KINDS | AG_SQL_GRANT | AG_SQL_REVOKE |
+		  AG_SQL_ROLE | AG_SQL_FILE | AG_SQL_PROGRAM },
+};
+
+/* The classes of stmt (a statement's bits) that a command: list covers. */
+static uint64_t covered_classes(const struct ag_kv *cmd, uint64_t stmt)
+{
+	uint64_t listed = 0, cov;
+	size_t i;
+
+	for (i = 0; i < cmd->nlist; i++)
+		listed |= ag_sql_class_by_name(cmd->list[i]);
+	cov = listed;
+	for (i = 0; i < sizeof(umbrellas) / sizeof(umbrellas[0]); i++)
+		if (listed & umbrellas[i].bit)
+			cov |= umbrellas[i].implies & ~(uint64_t)DANGEROUS;
+	for (i = 0; i < sizeof(umbrellas) / sizeof(umbrellas[0]); i++)
+		if ((stmt & umbrellas[i].bit) && (stmt & umbrellas[i].from & cov))
+			cov |= umbrellas[i].bit;
+	return cov & stmt;
+}
+
+static bool lets_run(enum ag_action a)
+{
+	return a == AG_ACT_ALLOW || a == AG_ACT_OBSERVE;
+}
+
+/*
+ * The allow or observe rule that came closest to matching and what it left uncovered, for the
+ * default's why (put in words only then: this runs for every statement).
+ */
+struct near_miss {
+	const char *rule;  /* NULL: none had a say */
+	uint64_t classes;  /* the classes it did not cover, or 0 and */
+	const char *table; /* the table it did not */
+	int left;	   /* how many things it left uncovered */
+};
+
+static void near_miss(struct near_miss *m, const char *rule, uint64_t classes, const char *table)
+{
+	int left = table ? 1 : __builtin_popcountll(classes);
+
+	if (!m->rule || left < m->left)
+		*m = (struct near_miss){ rule, classes, table, left };
 }
 
 /* Does every condition of r's when: hold for s? why gets what matched. */
 static bool rule_matches(const struct ag_policy_stmt_rule *r, const struct ag_sql_stmt *s,
-			 char *why, size_t len)
+			 char *why, size_t len, struct near_miss *miss)
 {
 	const struct ag_kv *cmd = ag_kv_get(r->when, r->nwhen, "command");
 	const struct ag_kv *tabs = ag_kv_get(r->when, r->nwhen, "tables");
 	const struct ag_kv *where = ag_kv_get(r->when, r->nwhen, "where");
-	char list[192];
+	bool every = lets_run(r->then);
+	char list[192], names[256];
 
 	why[0] = '\0';
-	if (cmd) {
+	if (cmd && every) {
+		uint64_t cov = covered_classes(cmd, s->classes);
+
+		if (!s->classes || cov != s->classes) {
+			if (cov)
+				near_miss(miss, r->name, s->classes & ~cov, NULL);
+			return false;
+		}
+		list_str(cmd, list, sizeof(list));
+		why_add(why, len, "command %s covered by [%s]",
+			ag_sql_class_names(s->classes, names, sizeof(names)), list);
+	} else if (cmd) {
 		const char *hit = NULL;
 
 		for (size_t i = 0; i < cmd->nlist && !hit; i++)
@@ -1619,7 +1939,24 @@ static bool rule_matches(const struct ag_policy_stmt_rule *r, const struct ag_sq
 		list_str(cmd, list, sizeof(list));
 		why_add(why, len, "command %s in [%s]", hit, list);
 	}
-	if (tabs) {
+	if (tabs && every) {
+		for (size_t i = 0; i < s->ntables; i++) {
+			size_t j;
+
+			for (j = 0; j < tabs->nlist; j++)
+				if (table_matches(tabs->list[j], s->tables[i]))
+					break;
+			if (j == tabs->nlist) {
+				near_miss(miss, r->name, 0, s->tables[i]);
+				return false;
+			}
+		}
+		list_str(tabs, list, sizeof(list));
+		if (s->ntables)
+			why_add(why, len, "every table in [%s]", list);
+		else
+			why_add(why, len, "no table outside [%s]", list);
+	} else if (tabs) {
 		const char *t = NULL, *g = NULL;
 
 		for (size_t i = 0; i < s->ntables && !g; i++)
@@ -1647,7 +1984,8 @@ static bool rule_matches(const struct ag_policy_stmt_rule *r, const struct ag_sq
 void ag_sql_decide_stmt(const struct ag_policy_rule *rule, const struct ag_sql_stmt *s,
 			struct ag_sql_decision *d)
 {
-	char names[256];
+	struct near_miss miss = { 0 };
+	char names[256], left[192] = "";
 
 	memset(d, 0, sizeof(*d));
 	d->action = AG_ACT_DENY;
@@ -1657,7 +1995,7 @@ void ag_sql_decide_stmt(const struct ag_policy_rule *rule, const struct ag_sql_s
 		return;
 	}
 	for (size_t i = 0; i < rule->nsql; i++)
-		if (rule_matches(&rule->sql[i], s, d->why, sizeof(d->why))) {
+		if (rule_matches(&rule->sql[i], s, d->why, sizeof(d->why), &miss)) {
 			d->action = rule->sql[i].then;
 			d->rule = rule->sql[i].name;
 			return;
@@ -1668,9 +2006,16 @@ void ag_sql_decide_stmt(const struct ag_policy_rule *rule, const struct ag_sql_s
 		snprintf(d->why, sizeof(d->why), "empty query, nothing runs");
 		return;
 	}
-	snprintf(d->why, sizeof(d->why), "no sql rule matches %s",
+	if (miss.table)
+		snprintf(left, sizeof(left), " (%s does not cover table %s)", miss.rule,
+			 miss.table);
+	else if (miss.rule)
+		snprintf(left, sizeof(left), " (%s does not cover %s)", miss.rule,
+			 ag_sql_class_names(miss.classes, names, sizeof(names)));
+	snprintf(d->why, sizeof(d->why), "no sql rule matches %s%s",
 		 s->classes ? ag_sql_class_names(s->classes, names, sizeof(names))
-			    : "(an unclassified statement)");
+			    : "(an unclassified statement)",
+		 left);
 }
 
 static int restrictiveness(enum ag_action a)

@@ -78,6 +78,11 @@ extern const char *const ag_sql_command_names[AG_SQL_NCLASSES + 1];
 
 /* Longer SQL strings are refused (-EINVAL) rather than classified. */
 #define AG_SQL_MAX_LEN (1u << 20)
+/*
+ * So are strings nesting parentheses and brackets deeper than this (outside literals, quoted
+ * names and comments), by a scan before libpg_query: "nesting too deep".
+ */
+#define AG_SQL_MAX_NESTING 1000
 
 struct ag_sql_stmt {
 	uint64_t classes;
@@ -97,7 +102,7 @@ struct ag_sql_stmt {
 struct ag_sql_result {
 	struct ag_sql_stmt *stmts;
 	size_t nstmts;
-	uint64_t fingerprint; /* libpg_query fingerprint of the whole string */
+	uint64_t fingerprint; /* 0: not computed here (a second parse); see ag_sql_fingerprint() */
 	char *error;	      /* parse error (NULL when parsed) */
 	int error_pos;	      /* 1-based cursor position of the error, 0 if unknown */
 	/*
@@ -110,14 +115,21 @@ struct ag_sql_result {
 /*
  * 0 when parsed (out filled, at least one statement: an empty or comment-only string is one
  * AG_SQL_EMPTY statement); -EINVAL with out->error set for unparseable SQL (and for SQL over
- * AG_SQL_MAX_LEN or nested too deep to classify safely); -ENOMEM. Results are cached per
- * thread by statement text (4 KiB and shorter); out is always the caller's own copy.
+ * AG_SQL_MAX_LEN or AG_SQL_MAX_NESTING, or nested too deep to classify safely); -ENOMEM.
+ * Results are cached per thread by statement text (4 KiB and shorter); out is always the
+ * caller's own copy.
  * Statements too long for the caller's stack are parsed on a short-lived thread of their own.
  */
 int ag_sql_classify(const char *sql, struct ag_sql_result *out);
 /* The same without the cache (benchmarks, tests). */
 int ag_sql_classify_uncached(const char *sql, struct ag_sql_result *out);
 void ag_sql_result_free(struct ag_sql_result *r);
+/*
+ * libpg_query's fingerprint of the whole string (the same for the same statement with other
+ * constants, case, spacing or comments), or 0 when it does not classify. Computed only when
+ * asked, and kept in the calling thread's cache next to the classification.
+ */
+uint64_t ag_sql_fingerprint(const char *sql);
 /* A deep copy of src, a result of ag_sql_classify(), into dst (overwritten). 0 or -ENOMEM. */
 int ag_sql_result_copy(const struct ag_sql_result *src, struct ag_sql_result *dst);
 /* Frees the calling thread's cache (it is freed at thread exit anyway). */
@@ -146,12 +158,18 @@ const struct ag_policy_rule *ag_sql_rule_for(const struct ag_policy *p, const ch
  * (deny > approve > observe > allow; the first statement at that level decides). rule may be
  * NULL (no rule for this agent and target: deny). A result with an error is denied.
  *
- * A rule's when: conditions must all hold: `command` when any listed class bit is set on the
- * statement (so an allow of [select] also matches a SELECT whose CTE deletes: put the denies
- * first); `tables` when any table matches any glob (fnmatch; x also matches public.x and
- * public.x matches x); `where: absent` when an UPDATE or DELETE in it has no WHERE, `where:
- * present` when it updates or deletes and every such part has one. An empty query that no
- * rule matched is allowed by "default" (nothing runs; JDBC pings with one).
+ * A rule's when: conditions must all hold. For a deny or approve rule (one that stops the
+ * statement): `command` when ANY class of the statement is listed; `tables` when ANY of its
+ * tables matches a glob. For an allow or observe rule (one that lets it run): `command` only
+ * when EVERY class of the statement is covered (listed, implied by a listed umbrella such as
+ * ddl or transaction, or brought by a covered class, as insert brings write; file, program,
+ * system, role, function, do and lock only where listed; a statement with no class never);
+ * `tables` only when EVERY table matches a glob (none: covered). So an allow of [select] does
+ * not let through a SELECT whose CTE deletes, that calls pg_read_file or that locks rows. The
+ * umbrellas are a table in sql.c and policies/README.md. Globs are fnmatch's; x also matches
+ * public.x and public.x matches x. `where: absent` when an UPDATE or DELETE in it has no
+ * WHERE, `where: present` when it updates or deletes and every such part has one. An empty
+ * query that no rule matched is allowed by "default" (nothing runs; JDBC pings with one).
  */
 void ag_sql_decide(const struct ag_policy_rule *rule, const struct ag_sql_result *r,
 		   struct ag_sql_decision *d);

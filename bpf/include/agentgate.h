@@ -11,7 +11,7 @@
 #include <linux/types.h>
 #endif
 
-#define AG_ABI_VERSION		1
+#define AG_ABI_VERSION		2
 #define AG_COMM_LEN		16
 #define AG_MAX_CGROUP_DEPTH	32
 /* Marks the daemon's own upstream sockets (SO_MARK); the connect hooks let them through. */
@@ -27,7 +27,12 @@ enum ag_deny_reason {
 	AG_DENY_NONE = 0,
 	AG_DENY_NO_DAEMON = 1, /* nothing listens on the gateway port in the caller's netns */
 	AG_DENY_PROTO = 2,     /* not TCP (SCTP, any socket type); MPTCP connects on TCP subflows */
-	AG_DENY_NO_STORAGE = 3 /* could not record the caller: refuse rather than lose identity */
+	AG_DENY_NO_STORAGE = 3, /* could not record the caller: refuse rather than lose identity */
+	/*
+	 * BPF LSM: a tagged task connecting a socket made outside every tagged cgroup (before it
+	 * moved in, or received over SCM_RIGHTS), which the cgroup hooks never see.
+	 */
+	AG_DENY_FOREIGN_SOCKET = 4,
 };
 
 /* Counters in the per-CPU "stats" array. */
@@ -39,6 +44,7 @@ enum ag_stat {
 	AG_STAT_CONNS_UNLINKED,
 	AG_STAT_FASTPATH_REDIRECTS,
 	AG_STAT_FASTPATH_FALLBACKS,
+	AG_STAT_FOREIGN_SOCKET, /* refused by the LSM guard (AG_DENY_FOREIGN_SOCKET); in DENIED too */
 	AG_STAT_MAX
 };
 

@@ -24,6 +24,11 @@
  *    from redirect to TCP keeps the order (the older bytes are the ones read first); going from
  *    TCP to redirect is only safe once the peer has read every byte sent over TCP
  *    (ag_fp_drained()), else newer redirected bytes would overtake older ones.
+ *    A sender that streams without pause never gets there (it always has bytes in flight), and
+ *    neither does an agent that sent before the gateway joined and does not know yet where the
+ *    gateway's socket lives (it learns that from a redirect or from the gateway's first send).
+ *    Its sends would pay for tcp_bpf and gain nothing: an agent that sent AG_FP_SOLO_MAX bytes
+ *    over TCP in a row leaves the sockhash (rule 4) for plain TCP.
  * 4. Dropping a socket's psock (leaving the sockhash) frees what waits in its ingress queue, so
  *    an agent only leaves while that queue is empty and the one socket that could redirect into
  *    it is settled on TCP (a cmpxchg on its state) — all under the agent's socket lock, which
@@ -46,6 +51,8 @@
 #define AG_SK_USER_DATA_PSOCK 4UL
 /* A receiver may hold this much redirected data even when its receive buffer is smaller. */
 #define AG_FP_QUEUE_MIN (1U << 20)
+/* TCP bytes in a row after which an agent gives up on the redirect (rule 3). */
+#define AG_FP_SOLO_MAX (1ULL << 20)
 
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;

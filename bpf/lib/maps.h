@@ -10,16 +10,18 @@
 #include "agentgate.h"
 
 enum ag_fp_state {
-	AG_FP_NEW = 0,	/* nothing decided yet: behaves as SLOW whose TCP bytes are all read */
-	AG_FP_SLOW = 1, /* sends go through loopback TCP for now */
-	AG_FP_FAST = 2, /* sends go straight into the peer's ingress queue */
-	AG_FP_OFF = 3,	/* loopback TCP for good */
+	AG_FP_NEW = 0,	 /* nothing decided yet: behaves as SLOW whose TCP bytes are all read */
+	AG_FP_SLOW = 1,	 /* sends go through loopback TCP for now */
+	AG_FP_FAST = 2,	 /* sends go straight into the peer's ingress queue */
+	AG_FP_OFF = 3,	 /* loopback TCP for good */
+	AG_FP_LEAVE = 4, /* the agent's socket: TCP for good, and out of the sockhash (sockops) */
 };
 
 struct ag_fp_entry {
-	__u64 state; /* enum ag_fp_state; moved with cmpxchg where both ends may race */
-	__u64 sk;    /* this socket's struct sock, for the peer's checks (read-only casts only) */
-	__u64 peer;  /* the peer's struct sock, learnt at the first redirect */
+	__u64 state;	 /* enum ag_fp_state; moved with cmpxchg where both ends may race */
+	__u64 sk;	 /* this socket's struct sock, for the peer's checks (read-only casts) */
+	__u64 peer;	 /* the peer's struct sock, learnt at the first redirect */
+	__u64 slow_mark; /* the socket's bytes_sent when it last took TCP */
 };
 
 /* The identity recorded at connect, owned by the agent's socket (freed with it). */

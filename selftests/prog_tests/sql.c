@@ -506,6 +506,96 @@ static void subtest_deep_nesting(void)
 	}
 }
 
+/* "(" n times, middle, ")" n times: a string the caller frees. */
+static char *nest(const char *head, const char *open, size_t n, const char *mid, const char *close,
+		  const char *tail)
+{
+	size_t hl = strlen(head), ol = strlen(open), ml = strlen(mid), cl = strlen(close);
+	char *s = malloc(hl + (ol + cl) * n + ml + strlen(tail) + 1), *p = s;
+
+	if (!s)
+		return NULL;
+	p = stpcpy(p, head);
+	for (size_t i = 0; i < n; i++)
+		p = stpcpy(p, open);
+	p = stpcpy(p, mid);
+	for (size_t i = 0; i < n; i++)
+		p = stpcpy(p, close);
+	strcpy(p, tail);
+	return s;
+}
+
+/*
+ * More than AG_SQL_MAX_NESTING levels of parentheses and brackets are refused by a scan before
+ * libpg_query; brackets in literals, quoted names and comments do not count.
+ */
+static void subtest_nesting_too_deep(void)
+{
+	static const struct {
+		const char *name, *head, *open;
+		size_t n; /* AG_SQL_MAX_NESTING + this */
+		const char *mid, *close, *tail;
+		bool ok;
+		int pos; /* of the refusal, when not 0 */
+	} deep[] = {
+		{ "parens at the limit", "SELECT ", "(", 0, "1", ")", "", true },
+		{ "parens over it", "SELECT ", "(", 1, "1", ")", "", false,
+		  8 + AG_SQL_MAX_NESTING },
+		{ "brackets", "SELECT ", "ARRAY[", 1, "1", "]", "", false },
+		{ "mixed", "SELECT ", "(ARRAY[", 1, "1", "])", "", false },
+		{ "subqueries", "SELECT ", "(SELECT ", 1, "1", ")", "", false },
+		{ "never closed", "SELECT ", "(", 1, "", "", "", false },
+		{ "in a literal", "SELECT '", "(", 5000, "", "", "'", true },
+		{ "in an E literal", "SELECT E'\\'", "(", 5000, "", "", "'", true },
+		{ "in a quoted name", "SELECT 1 AS \"", "(", 5000, "", "", "\"", true },
+		{ "in dollar quotes", "SELECT $x$", "(", 5000, "", "", "$x$", true },
+		{ "in empty-tag dollar quotes", "SELECT $$ $a$", "(", 5000, "", "", "$$", true },
+		{ "in a line comment", "SELECT 1 -- ", "(", 5000, "", "", "\n", true },
+		{ "in a nested block comment", "SELECT 1 /* /* */ ", "(", 5000, "", "", " */",
+		  true },
+		{ "after a literal", "SELECT 'it''s (', ", "(", 1, "1", ")", "", false },
+		{ "after a backslash literal", "SELECT 'a\\', ", "(", 1, "1", ")", "", false },
+		{ "after a name with $", "SELECT 1 AS a$x$, ", "(", 1, "1", ")", "", false },
+		{ "after a parameter", "SELECT $1, ", "(", 1, "1", ")", "", false },
+		{ "after a comment", "SELECT /* ( */ 1, ", "(", 1, "1", ")", "", false },
+	};
+	struct ag_sql_result r;
+
+	for (size_t i = 0; i < N_ELEMS(deep); i++) {
+		char *sql = nest(deep[i].head, deep[i].open, AG_SQL_MAX_NESTING + deep[i].n,
+				 deep[i].mid, deep[i].close, deep[i].tail);
+		int err;
+
+		if (!ASSERT_OK_PTR(sql, "alloc"))
+			return;
+		err = ag_sql_classify(sql, &r);
+		if (deep[i].ok) {
+			if (!ASSERT_OK(err, deep[i].name))
+				fprintf(stdout, "  %s: %s\n", deep[i].name, r.error);
+		} else if (ASSERT_EQ(err, -EINVAL, deep[i].name)) {
+			if (!ASSERT_HAS_SUBSTR(r.error, "nesting too deep", deep[i].name))
+				fprintf(stdout, "  %s: %s\n", deep[i].name, r.error);
+			if (deep[i].pos)
+				ASSERT_EQ(r.error_pos, deep[i].pos, "position of the refusal");
+			ASSERT_EQ(r.nstmts, 0, "no statements");
+		}
+		ag_sql_result_free(&r);
+		free(sql);
+	}
+
+	/* A whole 1 MiB of them: refused by the scan, not by bison's stack. */
+	{
+		char *sql = nest("SELECT ", "(", (AG_SQL_MAX_LEN - 16) / 2, "1", ")", "");
+
+		if (!ASSERT_OK_PTR(sql, "alloc"))
+			return;
+		ASSERT_EQ(ag_sql_classify_uncached(sql, &r), -EINVAL, "1 MiB of nesting");
+		ASSERT_HAS_SUBSTR(r.error, "nesting too deep", "the scan refused it");
+		ag_sql_result_free(&r);
+		free(sql);
+	}
+}
+
 /* Long statements are parsed on a thread of their own; over AG_SQL_MAX_LEN they are refused. */
 static void subtest_long_statement(void)
 {
@@ -549,7 +639,8 @@ static void subtest_cache(void)
 	ASSERT_EQ(m1 - m0, 1, "one miss");
 	ASSERT_EQ(h1 - h0, 1, "one hit");
 	ASSERT_TRUE(a.stmts != b.stmts, "each caller gets its own copy");
-	ASSERT_EQ(a.fingerprint, b.fingerprint, "fingerprint");
+	ASSERT_EQ(a.fingerprint, 0, "no fingerprint unless asked");
+	ASSERT_EQ(b.fingerprint, 0, "not from the cache either");
 	ASSERT_EQ(b.nstmts, 1, "one statement");
 	ASSERT_EQ(b.stmts[0].classes, a.stmts[0].classes, "classes");
 	ASSERT_TRUE(same_tables(&b.stmts[0], "users,orders"), "tables of the copy");
@@ -568,20 +659,51 @@ static void subtest_cache(void)
 	ag_sql_cache_flush();
 }
 
+/* Only on request (ag_sql_fingerprint): a second parse that a classification does not need. */
 static void subtest_fingerprint(void)
 {
-	struct ag_sql_result a, b, c;
+	const char *sql = "SELECT * FROM users WHERE id = 1";
+	uint64_t a, b, c, again;
+	struct ag_sql_result r;
+	char *l1, *l2;
 
-	if (!ASSERT_OK(ag_sql_classify("SELECT * FROM users WHERE id = 1", &a), "a"))
-		return;
-	ASSERT_OK(ag_sql_classify("select *  from users where id = 42 -- c", &b), "b");
-	ASSERT_OK(ag_sql_classify("SELECT * FROM orders WHERE id = 1", &c), "c");
-	ASSERT_NEQ(a.fingerprint, 0, "set");
-	ASSERT_EQ(a.fingerprint, b.fingerprint, "constants and case do not count");
-	ASSERT_NEQ(a.fingerprint, c.fingerprint, "another table does");
-	ag_sql_result_free(&a);
-	ag_sql_result_free(&b);
-	ag_sql_result_free(&c);
+	ag_sql_cache_flush();
+	if (ASSERT_OK(ag_sql_classify(sql, &r), "classify"))
+		ASSERT_EQ(r.fingerprint, 0, "not computed by a classification");
+	ag_sql_result_free(&r);
+	a = ag_sql_fingerprint(sql);
+	b = ag_sql_fingerprint("select *  from users where id = 42 -- c");
+	c = ag_sql_fingerprint("SELECT * FROM orders WHERE id = 1");
+	ASSERT_NEQ(a, 0, "set");
+	ASSERT_EQ(a, b, "constants and case do not count");
+	ASSERT_NEQ(a, c, "another table does");
+	again = ag_sql_fingerprint(sql);
+	ASSERT_EQ(again, a, "kept in the cache");
+	if (ASSERT_OK(ag_sql_classify(sql, &r), "classify again"))
+		ASSERT_EQ(r.fingerprint, 0, "still not in a classification");
+	ag_sql_result_free(&r);
+	ag_sql_cache_flush();
+	ASSERT_EQ(ag_sql_fingerprint(sql), a, "the same computed afresh");
+
+	/* Too long for the cache: computed every time, the same. */
+	l1 = repeat("SELECT 1", ", 1", 3000, " FROM users");
+	l2 = repeat("SELECT 2", ", 7", 3000, " FROM users");
+	if (ASSERT_OK_PTR(l1, "alloc") && ASSERT_OK_PTR(l2, "alloc")) {
+		a = ag_sql_fingerprint(l1);
+		ASSERT_NEQ(a, 0, "long statement");
+		ASSERT_EQ(ag_sql_fingerprint(l2), a, "long statement, other constants");
+	}
+	free(l1);
+	free(l2);
+
+	/* What does not classify has none. */
+	ASSERT_EQ(ag_sql_fingerprint("SELECT * FORM users"), 0, "unparseable");
+	ASSERT_EQ(ag_sql_fingerprint(NULL), 0, "NULL");
+	l1 = repeat("SELECT ", "(", AG_SQL_MAX_NESTING + 1, "1");
+	if (ASSERT_OK_PTR(l1, "alloc"))
+		ASSERT_EQ(ag_sql_fingerprint(l1), 0, "nesting too deep");
+	free(l1);
+	ag_sql_cache_flush();
 }
 
 static void subtest_class_names(void)
@@ -827,6 +949,8 @@ void test_sql_classify(void)
 		subtest_unparseable();
 	if (test__start_subtest("deep_nesting"))
 		subtest_deep_nesting();
+	if (test__start_subtest("nesting_too_deep"))
+		subtest_nesting_too_deep();
 	if (test__start_subtest("long_statement"))
 		subtest_long_statement();
 	if (test__start_subtest("cache"))
@@ -842,12 +966,21 @@ void test_sql_classify(void)
 
 /* ---- decisions ---- */
 
+/*
+ * deny and approve rules match when ANY class (or table) of a statement is listed; allow and
+ * observe rules only when EVERY class is covered (listed, or implied by a listed umbrella) and
+ * EVERY table matches. Each hole of the any-class matching is its own case (allow_select_*).
+ */
 #define DECIDE_POLICY                                                                              \
 	"apiVersion: agentgate/v1\n"                                                               \
 	"agents: [{ name: ci, cgroup: /agents.slice }, { name: bot, cgroup: /bots.slice }]\n"      \
 	"targets:\n"                                                                               \
 	"  - { name: db, protocol: postgres, address: \"127.0.0.2:5432\" }\n"                      \
 	"  - { name: other, protocol: postgres, address: \"127.0.0.3:5432\" }\n"                   \
+	"  - { name: locks, protocol: postgres, address: \"127.0.0.4:5432\" }\n"                   \
+	"  - { name: shop, protocol: postgres, address: \"127.0.0.5:5432\" }\n"                    \
+	"  - { name: guard, protocol: postgres, address: \"127.0.0.6:5432\" }\n"                   \
+	"  - { name: umbrella, protocol: postgres, address: \"127.0.0.7:5432\" }\n"                \
 	"rules:\n"                                                                                 \
 	"  - agent: ci\n"                                                                          \
 	"    target: db\n"                                                                         \
@@ -860,8 +993,30 @@ void test_sql_classify(void)
 	"      - { name: bounded-writes, when: { command: [update, delete], where: present, "      \
 	"tables: [orders] }, then: approve }\n"                                                    \
 	"      - { name: ddl, when: { command: [ddl] }, then: approve }\n"                         \
-	"      - { name: watch-copy, when: { command: [copy] }, then: observe }\n"                 \
 	"      - { name: reads, when: { command: [SELECT] }, then: allow }\n"                      \
+	"      - { name: watch-copy, when: { command: [copy, select] }, then: observe }\n"         \
+	"  - agent: ci\n"                                                                          \
+	"    target: locks\n"                                                                      \
+	"    sql: [{ name: select-lock, when: { command: [select, lock] }, then: allow }]\n"       \
+	"  - agent: ci\n"                                                                          \
+	"    target: shop\n"                                                                       \
+	"    sql:\n"                                                                               \
+	"      - { name: shop-reads, when: { command: [select], tables: [\"shop.*\", orders] }, "  \
+	"then: allow }\n"                                                                          \
+	"  - agent: ci\n"                                                                          \
+	"    target: guard\n"                                                                      \
+	"    sql:\n"                                                                               \
+	"      - { name: no-delete, when: { command: [delete] }, then: deny }\n"                   \
+	"      - { name: review-files, when: { command: [file] }, then: approve }\n"               \
+	"      - { name: reads, when: { command: [select] }, then: allow }\n"                      \
+	"  - agent: ci\n"                                                                          \
+	"    target: umbrella\n"                                                                   \
+	"    sql:\n"                                                                               \
+	"      - { name: schema, when: { command: [ddl] }, then: allow }\n"                        \
+	"      - { name: tx, when: { command: [transaction] }, then: allow }\n"                    \
+	"      - { name: writes, when: { command: [insert] }, then: allow }\n"                     \
+	"      - { name: settings, when: { command: [set] }, then: observe }\n"                    \
+	"      - { name: maint, when: { command: [utility] }, then: allow }\n"                     \
 	"  - agent: \"*\"\n"                                                                       \
 	"    target: \"*\"\n"                                                                      \
 	"    sql:\n"                                                                               \
@@ -886,15 +1041,16 @@ static const struct decide_case decide_cases[] = {
 	{ "default_deny", "ci", "db", "INSERT INTO orders VALUES (1)", AG_ACT_DENY, "default", 0,
 	  "no sql rule matches insert,write" },
 	{ "select_allowed", "ci", "db", "SELECT * FROM orders", AG_ACT_ALLOW, "reads", 0,
-	  "command select" },
+	  "command select covered by [select]" },
 	{ "command_case_insensitive", "ci", "db", "select 1", AG_ACT_ALLOW, "reads", 0, NULL },
 	{ "most_restrictive_statement", "ci", "db",
 	  "SELECT 1; ALTER TABLE t ADD c int; TRUNCATE t; COPY t TO STDOUT", AG_ACT_DENY, "no-drop",
 	  2, NULL },
+	/* watch-copy is [copy, select] after reads: COPY TO STDOUT is copy,select */
 	{ "approve_over_observe", "ci", "db", "COPY t TO STDOUT; SELECT 1; CREATE TABLE x (a int)",
 	  AG_ACT_APPROVE, "ddl", 2, NULL },
 	{ "observe_over_allow", "ci", "db", "SELECT 1; COPY t TO STDOUT", AG_ACT_OBSERVE,
-	  "watch-copy", 1, NULL },
+	  "watch-copy", 1, "command select,copy covered by [copy, select]" },
 	{ "first_of_equals_decides", "ci", "db", "SELECT 1; SELECT 2", AG_ACT_ALLOW, "reads", 0,
 	  NULL },
 	{ "tables_glob_qualified", "ci", "db", "SELECT * FROM public.secrets", AG_ACT_DENY,
@@ -921,8 +1077,107 @@ static const struct decide_case decide_cases[] = {
 	{ "wildcard_target", "ci", "other", "DROP TABLE orders", AG_ACT_ALLOW, "anything", 0, NULL },
 	{ "empty_query", "ci", "db", "-- nothing", AG_ACT_ALLOW, "default", 0, "empty" },
 	{ "unclassified_execute", "ci", "db", "EXECUTE p", AG_ACT_DENY, "default", 0, "execute" },
+
+	/* allow [select] lets nothing through that also does something else */
+	{ "allow_select_cte_delete_denied", "ci", "db",
+	  "WITH d AS (DELETE FROM users WHERE id = 1 RETURNING *) SELECT * FROM d", AG_ACT_DENY,
+	  "default", 0, "reads does not cover delete,write" },
+	{ "allow_select_pg_read_file_denied", "ci", "db", "SELECT pg_read_file('/etc/passwd')",
+	  AG_ACT_DENY, "default", 0, "reads does not cover file" },
+	{ "allow_select_lo_export_denied", "ci", "db", "SELECT lo_export(16384, '/tmp/dump')",
+	  AG_ACT_DENY, "default", 0, "reads does not cover file,write" },
+	{ "allow_select_dblink_denied", "ci", "db",
+	  "SELECT * FROM dblink('host=evil.example', 'DELETE FROM t') AS t(a int)", AG_ACT_DENY,
+	  "default", 0, "reads does not cover system" },
+	{ "allow_select_set_config_role_denied", "ci", "db",
+	  "SELECT set_config('role', 'postgres', false)", AG_ACT_DENY, "default", 0,
+	  "reads does not cover role,set" },
+	{ "allow_select_for_update_needs_lock", "ci", "db",
+	  "SELECT * FROM accounts WHERE id = 1 FOR UPDATE", AG_ACT_DENY, "default", 0,
+	  "reads does not cover lock" },
+	{ "allow_select_lock_listed", "ci", "locks",
+	  "SELECT * FROM accounts WHERE id = 1 FOR UPDATE", AG_ACT_ALLOW, "select-lock", 0,
+	  "command select,lock covered by [select, lock]" },
+	{ "allow_select_nextval_needs_write", "ci", "db", "SELECT nextval('orders_id_seq')",
+	  AG_ACT_DENY, "default", 0, "reads does not cover write" },
+	{ "allow_select_in_multi_statement", "ci", "db", "SELECT 1; SELECT pg_read_file('x')",
+	  AG_ACT_DENY, "default", 1, NULL },
+	{ "observe_every_class_covered", "ci", "db",
+	  "COPY (DELETE FROM users WHERE id = 1 RETURNING *) TO STDOUT", AG_ACT_DENY, "default", 0,
+	  "watch-copy does not cover delete,write" },
+
+	/* allow with tables: every table must match */
+	{ "allow_tables_all_must_match", "ci", "shop", "SELECT * FROM orders JOIN users ON true",
+	  AG_ACT_DENY, "default", 0, "shop-reads does not cover table users" },
+	{ "allow_tables_subquery_must_match", "ci", "shop",
+	  "SELECT * FROM shop.items WHERE id IN (SELECT item FROM vault.keys)", AG_ACT_DENY,
+	  "default", 0, "does not cover table vault.keys" },
+	{ "allow_tables_all_match", "ci", "shop",
+	  "SELECT * FROM orders o JOIN shop.items i ON true WHERE i.id IN "
+	  "(SELECT id FROM public.orders)", AG_ACT_ALLOW, "shop-reads", 0,
+	  "every table in [shop.*, orders]" },
+	{ "allow_tables_none_covered", "ci", "shop", "SELECT 1", AG_ACT_ALLOW, "shop-reads", 0,
+	  "no table outside" },
+
+	/* deny and approve: any class, any table */
+	{ "deny_any_class_matches", "ci", "guard",
+	  "WITH d AS (DELETE FROM t WHERE id = 1 RETURNING *) SELECT * FROM d", AG_ACT_DENY,
+	  "no-delete", 0, "command delete in [delete]" },
+	{ "approve_any_class_matches", "ci", "guard", "SELECT pg_read_file('/etc/hosts')",
+	  AG_ACT_APPROVE, "review-files", 0, "command file in [file]" },
+	{ "deny_any_table_matches", "ci", "db", "SELECT * FROM orders JOIN vault.keys ON true",
+	  AG_ACT_DENY, "secrets", 0, "table vault.keys matches vault.*" },
+
+	/* umbrellas */
+	{ "allow_ddl_umbrella_covers_create", "ci", "umbrella", "CREATE TABLE t (a int)",
+	  AG_ACT_ALLOW, "schema", 0, "command ddl,create,write covered by [ddl]" },
+	{ "allow_ddl_umbrella_covers_alter_drop_comment", "ci", "umbrella",
+	  "ALTER TABLE t ADD b int; DROP INDEX i; COMMENT ON TABLE t IS 'x'", AG_ACT_ALLOW,
+	  "schema", 0, NULL },
+	{ "allow_ddl_umbrella_not_function", "ci", "umbrella",
+	  "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'", AG_ACT_DENY, "default", 0,
+	  "schema does not cover function" },
+	{ "allow_ddl_umbrella_not_system", "ci", "umbrella", "CREATE EXTENSION dblink",
+	  AG_ACT_DENY, "default", 0, "schema does not cover system" },
+	{ "allow_ddl_umbrella_not_role", "ci", "umbrella", "CREATE ROLE x SUPERUSER", AG_ACT_DENY,
+	  "default", 0, "schema does not cover role" },
+	{ "allow_transaction_umbrella", "ci", "umbrella",
+	  "BEGIN; SAVEPOINT a; ROLLBACK TO SAVEPOINT a; RELEASE a; COMMIT", AG_ACT_ALLOW, "tx", 0,
+	  "covered by [transaction]" },
+	{ "allow_insert_covers_write", "ci", "umbrella", "INSERT INTO t VALUES (1)", AG_ACT_ALLOW,
+	  "writes", 0, "command insert,write covered by [insert]" },
+	{ "allow_insert_not_file", "ci", "umbrella",
+	  "INSERT INTO t SELECT pg_read_file('/etc/shadow')", AG_ACT_DENY, "default", 0,
+	  "writes does not cover file" },
+	{ "allow_insert_not_update", "ci", "umbrella",
+	  "INSERT INTO t VALUES (1) ON CONFLICT (a) DO UPDATE SET a = 2", AG_ACT_DENY, "default", 0,
+	  "writes does not cover update" },
+	{ "allow_set_umbrella_covers_show", "ci", "umbrella", "SHOW work_mem; RESET work_mem",
+	  AG_ACT_OBSERVE, "settings", 0, NULL },
+	{ "allow_set_umbrella_not_role", "ci", "umbrella", "SET ROLE admin", AG_ACT_DENY,
+	  "default", 0, "settings does not cover role" },
+	{ "allow_utility_umbrella", "ci", "umbrella", "VACUUM t; CHECKPOINT; LISTEN jobs",
+	  AG_ACT_ALLOW, "maint", 0, NULL },
+	{ "allow_utility_umbrella_not_notify", "ci", "umbrella", "NOTIFY jobs", AG_ACT_DENY,
+	  "default", 0, NULL },
 };
 /* clang-format on */
+
+/* A statement of no class: no command: list covers it (only a rule without one matches). */
+static void subtest_unclassified(const struct ag_policy *pol)
+{
+	struct ag_sql_stmt s = { 0 };
+	struct ag_sql_decision d;
+
+	ag_sql_decide_stmt(ag_sql_rule_for(pol, "ci", "db"), &s, &d);
+	ASSERT_EQ(d.action, AG_ACT_DENY, "denied");
+	ASSERT_STREQ(d.rule, "default", "by default");
+	ASSERT_HAS_SUBSTR(d.why, "unclassified", "why");
+	ag_sql_decide_stmt(ag_sql_rule_for(pol, "ci", "umbrella"), &s, &d);
+	ASSERT_EQ(d.action, AG_ACT_DENY, "no umbrella covers it");
+	ag_sql_decide_stmt(ag_sql_rule_for(pol, "bot", "db"), &s, &d);
+	ASSERT_EQ(d.action, AG_ACT_ALLOW, "a rule without conditions does");
+}
 
 static void subtest_no_rule(void)
 {
@@ -1019,6 +1274,8 @@ void test_sql_decide(void)
 	}
 	if (test__start_subtest("no_rule"))
 		subtest_no_rule();
+	if (test__start_subtest("allow_unclassified_denied"))
+		subtest_unclassified(pol);
 	if (test__start_subtest("policy_command_names"))
 		subtest_policy_command_names();
 	ag_policy_free(pol);
@@ -1217,6 +1474,26 @@ out:
 	yajl_tree_free(v);
 }
 
+/* SELECTs that do more than read, each denied by the example policy. */
+static const struct {
+	const char *name, *sql, *classes, *why;
+} disguises[] = {
+	{ "select_cte_delete_denied",
+	  "WITH d AS (DELETE FROM users WHERE id = 1 RETURNING *) SELECT * FROM d",
+	  "classes:  select,delete,write", "reads does not cover delete,write" },
+	{ "select_pg_read_file_denied", "SELECT pg_read_file('/etc/passwd')",
+	  "classes:  select,file", "reads does not cover file" },
+	{ "select_lo_export_denied", "SELECT lo_export(16384, '/tmp/dump')",
+	  "classes:  select,file,write", "reads does not cover file,write" },
+	{ "select_dblink_denied",
+	  "SELECT * FROM dblink('host=evil.example', 'DROP TABLE users') AS t(a int)",
+	  "classes:  select,system", "reads does not cover system" },
+	{ "select_set_config_role_denied", "SELECT set_config('role', 'postgres', false)",
+	  "classes:  select,role,set", "reads does not cover role,set" },
+	{ "select_for_update_denied", "SELECT * FROM users WHERE id = 1 FOR UPDATE",
+	  "classes:  select,lock", "reads does not cover lock" },
+};
+
 void test_agctl_policy_explain(void)
 {
 	struct run_result *r = malloc(sizeof(*r));
@@ -1235,6 +1512,13 @@ void test_agctl_policy_explain(void)
 	if (test__start_subtest("ddl_approve"))
 		explain_plain(r, "/* migrate */ ALTER TABLE orders ADD note text",
 			      "approve by rule ddl-needs-review", "alter");
+	/* The example's reads rule is an allow of [select]: it covers nothing else a SELECT does. */
+	for (size_t i = 0; i < N_ELEMS(disguises); i++) {
+		if (!test__start_subtest(disguises[i].name))
+			continue;
+		explain_plain(r, disguises[i].sql, "deny by rule default", disguises[i].classes);
+		ASSERT_HAS_SUBSTR(r->out, disguises[i].why, "why");
+	}
 	if (test__start_subtest("json"))
 		explain_json(r);
 	if (test__start_subtest("unparseable")) {

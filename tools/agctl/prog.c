@@ -3,7 +3,8 @@
  * agctl prog: what agentgate left in the kernel, read from its pins under the bpffs, so that it
  * works while the daemon is down (enforcement outlives the daemon: that is when an operator
  * most needs to see it, and to remove it). `show` lists the pinned links with their programs
- * and cgroups, the pinned programs (sk_msg), the pinned maps and the per-CPU counters summed;
+ * and cgroups (the host-wide BPF LSM guard's links too), the pinned programs (sk_msg), the
+ * pinned maps and the per-CPU counters summed;
  * `detach` removes enforcement, through the daemon if it runs, else straight from the pins.
  */
 #include <dirent.h>
@@ -32,6 +33,7 @@ struct link_row {
 	uint32_t prog_id;
 	uint32_t attach_type;
 	uint64_t cgroup_id;
+	bool global; /* host-wide (the LSM guard): no cgroup */
 	char prog_name[BPF_OBJ_NAME_LEN];
 	char cgroup[PATH_MAX]; /* "" when the cgroup is gone or unknown */
 };
@@ -68,6 +70,7 @@ static const char *const stat_names[AG_STAT_MAX] = {
 	[AG_STAT_CONNS_UNLINKED] = "conns_unlinked",
 	[AG_STAT_FASTPATH_REDIRECTS] = "fastpath_redirects",
 	[AG_STAT_FASTPATH_FALLBACKS] = "fastpath_fallbacks",
+	[AG_STAT_FOREIGN_SOCKET] = "foreign_socket",
 };
 
 /* What kind of BPF object an fd is, from its anon inode's name (as bpftool does). */
@@ -116,32 +119,12 @@ static int cmp_map(const void *a, const void *b)
 	return strcmp(((const struct obj_row *)a)->name, ((const struct obj_row *)b)->name);
 }
 
-static int collect_links(struct inventory *inv)
+/* Appends the rows of pl[n] (global ones have no cgroup) to inv->links. */
+static void add_links(struct inventory *inv, const struct ag_pinned_link *pl, size_t n, bool global,
+		      const char *cgroot)
 {
-	struct ag_pinned_link *pl = NULL;
-	char cgroot[PATH_MAX];
-	bool have_cgroot;
-	size_t i, n = 0;
-	int err;
-
-	err = ag_pins_links(inv->root, &pl, &n);
-	if (err) {
-		p_err("reading the links pinned under %s: %s", inv->root, strerror(-err));
-		return err;
-	}
-	if (!n) {
-		free(pl);
-		return 0;
-	}
-	inv->links = calloc(n, sizeof(*inv->links));
-	if (!inv->links) {
-		free(pl);
-		p_err("out of memory");
-		return -ENOMEM;
-	}
-	have_cgroot = !ag_cgroup2_root(cgroot, sizeof(cgroot));
-	for (i = 0; i < n; i++) {
-		struct link_row *l = &inv->links[i];
+	for (size_t i = 0; i < n; i++) {
+		struct link_row *l = &inv->links[inv->nlinks++];
 		struct bpf_prog_info pi;
 
 		snprintf(l->pin, sizeof(l->pin), "%s", pl[i].pin);
@@ -150,16 +133,46 @@ static int collect_links(struct inventory *inv)
 		l->prog_id = pl[i].prog_id;
 		l->attach_type = pl[i].attach_type;
 		l->cgroup_id = pl[i].cgroup_id;
+		l->global = global;
 		if (l->prog_id && !prog_info_by_id(l->prog_id, &pi))
 			snprintf(l->prog_name, sizeof(l->prog_name), "%s", pi.name);
-		if (have_cgroot && l->cgroup_id &&
+		if (!global && cgroot && l->cgroup_id &&
 		    ag_cgroup_path_of_id(cgroot, l->cgroup_id, l->cgroup, sizeof(l->cgroup)))
 			l->cgroup[0] = '\0';
 	}
-	inv->nlinks = n;
-	free(pl);
+}
+
+static int collect_links(struct inventory *inv)
+{
+	struct ag_pinned_link *pl = NULL, *gl = NULL;
+	char cgroot[PATH_MAX];
+	bool have_cgroot;
+	size_t n = 0, ng = 0;
+	int err;
+
+	err = ag_pins_links(inv->root, &pl, &n);
+	if (!err)
+		err = ag_pins_global_links(inv->root, &gl, &ng);
+	if (err) {
+		p_err("reading the links pinned under %s: %s", inv->root, strerror(-err));
+		goto out;
+	}
+	if (!n && !ng)
+		goto out;
+	inv->links = calloc(n + ng, sizeof(*inv->links));
+	if (!inv->links) {
+		p_err("out of memory");
+		err = -ENOMEM;
+		goto out;
+	}
+	have_cgroot = !ag_cgroup2_root(cgroot, sizeof(cgroot));
+	add_links(inv, gl, ng, true, NULL);
+	add_links(inv, pl, n, false, have_cgroot ? cgroot : NULL);
 	qsort(inv->links, inv->nlinks, sizeof(*inv->links), cmp_link);
-	return 0;
+out:
+	free(pl);
+	free(gl);
+	return err;
 }
 
 /* Does the prog sit on map fd's attach point (sk_msg on the sockhash)? 1, 0, or -1 unknown. */
@@ -413,6 +426,7 @@ static void show_json(const struct inventory *inv)
 				   str_or(libbpf_bpf_attach_type_str(l->attach_type), "unknown"));
 		jsonw_uint_field(json_wtr, "prog_id", l->prog_id);
 		jsonw_string_field(json_wtr, "prog_name", l->prog_name);
+		jsonw_bool_field(json_wtr, "global", l->global);
 		jsonw_uint_field(json_wtr, "cgroup_id", l->cgroup_id);
 		if (l->cgroup[0])
 			jsonw_string_field(json_wtr, "cgroup", l->cgroup);
@@ -464,7 +478,10 @@ static void show_plain(const struct inventory *inv)
 			snprintf(c, sizeof(c), "%" PRIu64, l->cgroup_id);
 			table_add(t, a, l->hook,
 				  str_or(libbpf_bpf_attach_type_str(l->attach_type), "unknown"), b,
-				  l->prog_name, c, l->cgroup[0] ? l->cgroup : "(gone)");
+				  l->prog_name, l->global ? "-" : c,
+				  l->global	 ? "(host-wide)"
+				  : l->cgroup[0] ? l->cgroup
+						 : "(gone)");
 		}
 		table_print(t, stdout);
 		table_free(t);
@@ -605,9 +622,12 @@ static int detach_local(void)
 			jsonw_string_field(json_wtr, "kind", "link");
 			jsonw_uint_field(json_wtr, "id", l->id);
 			jsonw_string_field(json_wtr, "hook", l->hook);
+			jsonw_bool_field(json_wtr, "global", l->global);
 			jsonw_uint_field(json_wtr, "cgroup_id", l->cgroup_id);
 			jsonw_string_field(json_wtr, "pin", l->pin);
 			jsonw_end_object(json_wtr);
+		} else if (l->global) {
+			printf("detached link %u (%s, host-wide)\n", l->id, l->hook);
 		} else {
 			printf("detached link %u (%s on cgroup %s)\n", l->id, l->hook,
 			       l->cgroup[0] ? l->cgroup : "(gone)");

@@ -1,0 +1,434 @@
+#!/bin/sh
+# SPDX-License-Identifier: GPL-2.0
+# The PostgreSQL bench: pgbench against one throwaway PostgreSQL 15 (initdb as the postgres
+# user into a temp dir, listening on 127.0.0.2 only, fsync off, pgbench -i -s 10) in three
+# modes, side by side in one run:
+#   direct     the client talks to the server;
+#   pgbouncer  through PgBouncer in session mode (127.0.0.3, its own config, as postgres);
+#   agentgate  the client in a tagged cgroup, through agentgated with full enforcement: a rule
+#              with sql: rules allowing pgbench's statements and a mask: (a column rule and
+#              the value detectors, so masking is active), and the daemon's session log.
+# Workloads: -S (simple), -S -M prepared, TPC-B -M prepared, at a fixed client count; then one
+# client (-S simple and -S prepared) for the added latency (pgbench's average, and p50/p99 from
+# its per-transaction log), direct vs agentgate. Each workload runs in the modes back to back,
+# in turns, so that a noisy neighbour hits all of them alike; the tables give the median of the
+# rounds. Targets (DESIGN.md): >= 0.80 of direct TPS and ahead of PgBouncer; p50 +<30 us, p99
+# +<100 us.
+#
+# Installs nothing, needs no terminal, and removes its server, PgBouncer, daemon, cgroups and
+# pins on every exit; stops itself after AGBENCH_PG_LIMIT seconds (default 340).
+#
+# Environment: AGBENCH_PG_T (seconds per run, default 8), AGBENCH_PG_ROUNDS (2),
+# AGBENCH_PG_CLIENTS (8), AGBENCH_PG_THREADS (2), AGBENCH_PG_SCALE (10), AGBENCH_PG_LAT (1:
+# run the one-client latency part), AGBENCH_BUILD (build), AGBENCH_PG_KEEP=FILE keeps the raw
+# results (scripts/bench_pg.sh --table FILE formats them again), AGBENCH_PG_DAEMON_ARGS (extra agentgated arguments).
+set -u
+
+cd "$(dirname "$0")/.." || exit 1
+B=${AGBENCH_BUILD:-build}
+T=${AGBENCH_PG_T:-8}
+ROUNDS=${AGBENCH_PG_ROUNDS:-2}
+CLIENTS=${AGBENCH_PG_CLIENTS:-8}
+THREADS=${AGBENCH_PG_THREADS:-2}
+SCALE=${AGBENCH_PG_SCALE:-10}
+LAT=${AGBENCH_PG_LAT:-1}
+LIMIT=${AGBENCH_PG_LIMIT:-340}
+PGBIN=/usr/lib/postgresql/15/bin
+PGBENCH=/usr/bin/pgbench
+PSQL=/usr/bin/psql
+PGBOUNCER=/usr/sbin/pgbouncer
+PGADDR=127.0.0.2
+PBADDR=127.0.0.3
+DB=bench
+
+fail() {
+	echo "bench_pg: $*" >&2
+	exit 1
+}
+
+# The tables from "mode workload metric value" lines in file $1.
+table() {
+	awk -v clients="$CLIENTS" -v threads="$THREADS" -v t="$T" -v rounds="$ROUNDS" '
+function median(key,    n, i, j, v, x) {
+	n = cnt[key]
+	for (i = 1; i <= n; i++)
+		v[i] = val[key, i]
+	for (i = 2; i <= n; i++)
+		for (j = i; j > 1 && v[j - 1] > v[j]; j--) {
+			x = v[j]; v[j] = v[j - 1]; v[j - 1] = x
+		}
+	if (!n)
+		return -1
+	return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+}
+$1 == "param" { clients = $2; threads = $3; t = $4; rounds = $5; next }
+{ key = $1 SUBSEP $2 SUBSEP $3; val[key, ++cnt[key]] = $4 }
+END {
+	split("S SP TP", wls, " ")
+	split("-S (simple)|-S -M prepared|TPC-B -M prepared", names, "|")
+	printf "\nTPS, pgbench -c %d -j %d -T %d, median of %d round(s)\n", clients, threads, t, rounds
+	printf "%-20s %10s %10s %8s %10s %8s  %s\n", "workload", "direct", "pgbouncer", "ratio", \
+		"agentgate", "ratio", "target: >= 0.80 and ahead of pgbouncer"
+	for (i = 1; i <= 3; i++) {
+		w = wls[i]
+		d = median("direct" SUBSEP w SUBSEP "tps")
+		p = median("pgbouncer" SUBSEP w SUBSEP "tps")
+		g = median("agentgate" SUBSEP w SUBSEP "tps")
+		rp = d > 0 ? p / d : 0
+		rg = d > 0 ? g / d : 0
+		printf "%-20s %10.1f %10.1f %7.2fx %10.1f %7.2fx  %s, %s\n", names[i], d, p, rp, g, rg, \
+			(rg >= 0.80) ? "ok" : "MISSED", (g > p) ? "ahead ok" : "behind MISSED"
+	}
+	if (!cnt["direct" SUBSEP "S1" SUBSEP "tps"])
+		exit
+	printf "\nlatency, one client (-c 1 -j 1 -T %d), median of %d round(s); target: p50 +<30 us, p99 +<100 us\n", t, rounds
+	printf "%-20s %-10s %9s %9s %9s %9s\n", "workload", "mode", "TPS", "avg us", "p50 us", "p99 us"
+	split("S1 SP1", lw, " ")
+	split("-S (simple)|-S -M prepared", ln, "|")
+	for (i = 1; i <= 2; i++) {
+		w = lw[i]
+		for (k = 1; k <= 2; k++) {
+			m = k == 1 ? "direct" : "agentgate"
+			tp[m] = median(m SUBSEP w SUBSEP "tps")
+			av[m] = median(m SUBSEP w SUBSEP "lat_ms") * 1000
+			p50[m] = median(m SUBSEP w SUBSEP "p50_us")
+			p99[m] = median(m SUBSEP w SUBSEP "p99_us")
+			printf "%-20s %-10s %9.1f %9.1f %9.1f %9.1f\n", k == 1 ? ln[i] : "", m, tp[m], \
+				av[m], p50[m], p99[m]
+		}
+		d50 = p50["agentgate"] - p50["direct"]
+		d99 = p99["agentgate"] - p99["direct"]
+		printf "%-20s %-10s %9s %+9.1f %+9.1f %+9.1f  p50 %s, p99 %s\n", "", "added", "", \
+			av["agentgate"] - av["direct"], d50, d99, (d50 < 30) ? "ok" : "MISSED", \
+			(d99 < 100) ? "ok" : "MISSED"
+	}
+}' "$1"
+}
+
+# scripts/bench_pg.sh --table FILE: only format the results kept in FILE (AGBENCH_PG_KEEP).
+if [ "${1:-}" = --table ] && [ -n "${2:-}" ]; then
+	table "$2"
+	exit
+fi
+
+[ "$(id -u)" -eq 0 ] || fail "must run as root (BPF programs and cgroups)"
+for f in agentgated agctl; do
+	[ -x "$B/$f" ] || fail "$B/$f is missing: run make first"
+done
+for f in "$PGBIN/initdb" "$PGBIN/pg_ctl" "$PGBENCH" "$PSQL" "$PGBOUNCER" /usr/sbin/runuser; do
+	[ -x "$f" ] || fail "$f is missing (PostgreSQL 15, its client, pgbouncer)"
+done
+id postgres >/dev/null 2>&1 || fail "no postgres user"
+CGROOT=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
+[ -n "$CGROOT" ] || fail "no cgroup2 mount in /proc/mounts"
+grep -qs ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf ||
+	fail "no bpffs at /sys/fs/bpf"
+
+export PGCONNECT_TIMEOUT=10
+TAG=agbenchpg-$$
+WORK=$(mktemp -d "/tmp/$TAG.XXXXXX") || fail "mktemp failed"
+CG_SRV=$CGROOT/$TAG-srv	 # PostgreSQL and PgBouncer
+CG_CLI=$CGROOT/$TAG-cli	 # clients of the direct and pgbouncer modes (not tagged)
+CG_AGENT=$CGROOT/$TAG-agent # clients of the agentgate mode (tagged by the policy)
+PINS=/sys/fs/bpf/$TAG
+WATCHDOG=
+CHILD=
+DPID=
+
+kill_cgroup() { # dir
+	[ -d "$1" ] || return 0
+	for _ in 1 2 3; do
+		for p in $(cat "$1/cgroup.procs" 2>/dev/null); do
+			kill -KILL "$p" 2>/dev/null
+		done
+		i=0
+		while ! rmdir "$1" 2>/dev/null && [ $i -lt 20 ]; do
+			sleep 0.1
+			i=$((i + 1))
+		done
+		[ -d "$1" ] || return 0
+	done
+	echo "bench_pg: could not remove $1" >&2
+}
+
+cleanup() {
+	trap - EXIT INT TERM HUP
+	[ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
+	[ -n "$CHILD" ] && kill -KILL "$CHILD" 2>/dev/null
+	if [ -n "$DPID" ]; then
+		kill -TERM "$DPID" 2>/dev/null
+		i=0
+		while kill -0 "$DPID" 2>/dev/null && [ $i -lt 50 ]; do
+			sleep 0.1
+			i=$((i + 1))
+		done
+		kill -KILL "$DPID" 2>/dev/null
+		wait "$DPID" 2>/dev/null
+	fi
+	if [ -d "$PINS" ]; then
+		"$B/agctl" -B "$PINS" prog detach >/dev/null 2>&1
+		rm -rf "$PINS"
+	fi
+	if [ -f "$WORK/data/postmaster.pid" ]; then
+		runuser -u postgres -- "$PGBIN/pg_ctl" stop -s -m immediate -w -t 10 \
+			-D "$WORK/data" >/dev/null 2>&1 </dev/null
+	fi
+	kill_cgroup "$CG_AGENT"
+	kill_cgroup "$CG_CLI"
+	kill_cgroup "$CG_SRV"
+	rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'echo "bench_pg: interrupted" >&2; exit 130' INT TERM HUP
+
+# Runs a command in the background and waits for it, so that a signal (the watchdog's) is
+# handled at once instead of after the command. Its exit code.
+run() {
+	"$@" </dev/null &
+	CHILD=$!
+	wait "$CHILD"
+	rc=$?
+	CHILD=
+	return $rc
+}
+
+# A command in cgroup $1 (a directory), as the user $2 ("-": root).
+in_cgroup() {
+	cg=$1 user=$2
+	shift 2
+	if [ "$user" = - ]; then
+		sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' sh "$cg" "$@"
+	else
+		sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec runuser -u "$0" -- "$@"' \
+			"$user" "$cg" "$@"
+	fi
+}
+
+PICKED=
+free_port() { # a port nothing listens on, outside the ephemeral range
+	while :; do
+		p=$((20000 + $(od -An -N2 -tu2 /dev/urandom) % 10000))
+		case " $PICKED " in *" $p "*) continue ;; esac
+		hex=$(printf '%04X' "$p")
+		if ! awk -v h=":$hex" '$4 == "0A" && substr($2, length($2) - 4) == h { f = 1 }
+			END { exit !f }' /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
+			PICKED="$PICKED $p"
+			PORT=$p
+			return
+		fi
+	done
+}
+
+(
+	trap 'kill "$spid" 2>/dev/null; exit 0' TERM
+	sleep "$LIMIT" &
+	spid=$!
+	wait "$spid" && echo "bench_pg: time limit ($LIMIT s) reached" >&2 && kill -TERM $$
+) &
+WATCHDOG=$!
+
+mkdir "$CG_SRV" "$CG_CLI" "$CG_AGENT" || fail "cannot create cgroups under $CGROOT"
+chown postgres "$WORK" && chmod 700 "$WORK" || fail "chown $WORK"
+
+# --- PostgreSQL ---------------------------------------------------------------------------------
+free_port
+PGPORT=$PORT
+run in_cgroup "$CG_SRV" postgres "$PGBIN/initdb" -D "$WORK/data" -A trust -U postgres -E UTF8 \
+	--locale=C --no-sync >"$WORK/initdb.log" 2>&1 || {
+	cat "$WORK/initdb.log" >&2
+	fail "initdb failed"
+}
+cat >>"$WORK/data/postgresql.conf" <<EOF
+listen_addresses = '$PGADDR'
+port = $PGPORT
+unix_socket_directories = '$WORK'
+max_connections = 50
+shared_buffers = 128MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+autovacuum = off
+checkpoint_timeout = 30min
+max_wal_size = 4GB
+log_min_messages = warning
+EOF
+printf 'local all all trust\nhost all all 127.0.0.0/8 trust\n' >"$WORK/data/pg_hba.conf"
+run in_cgroup "$CG_SRV" postgres "$PGBIN/pg_ctl" start -w -s -t 60 -D "$WORK/data" \
+	-l "$WORK/server.log" >/dev/null 2>&1 || {
+	cat "$WORK/server.log" >&2
+	fail "PostgreSQL did not start"
+}
+run "$PSQL" -X -q -h "$WORK" -p "$PGPORT" -U postgres -d postgres -c "CREATE DATABASE $DB" \
+	>/dev/null || fail "CREATE DATABASE failed"
+echo "bench_pg: pgbench -i -s $SCALE ..."
+run in_cgroup "$CG_CLI" - "$PGBENCH" -i -q -s "$SCALE" -h "$PGADDR" -p "$PGPORT" -U postgres \
+	"$DB" >"$WORK/init.log" 2>&1 || {
+	cat "$WORK/init.log" >&2
+	fail "pgbench -i failed"
+}
+
+# --- PgBouncer, session mode ------------------------------------------------------------------
+free_port
+PBPORT=$PORT
+printf '"postgres" ""\n' >"$WORK/userlist.txt"
+cat >"$WORK/pgbouncer.ini" <<EOF
+[databases]
+$DB = host=$PGADDR port=$PGPORT dbname=$DB
+[pgbouncer]
+listen_addr = $PBADDR
+listen_port = $PBPORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $WORK/userlist.txt
+pool_mode = session
+max_client_conn = 100
+default_pool_size = 20
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+ignore_startup_parameters = extra_float_digits
+EOF
+chown postgres "$WORK/userlist.txt" "$WORK/pgbouncer.ini"
+in_cgroup "$CG_SRV" postgres "$PGBOUNCER" -q "$WORK/pgbouncer.ini" </dev/null \
+	>"$WORK/pgbouncer.out" 2>&1 &
+i=0
+until "$PSQL" -X -q -A -t -h "$PBADDR" -p "$PBPORT" -U postgres -d "$DB" -c 'SELECT 1' \
+	</dev/null >/dev/null 2>&1; do
+	if [ $i -ge 50 ]; then
+		cat "$WORK/pgbouncer.out" "$WORK/pgbouncer.log" >&2 2>/dev/null
+		fail "PgBouncer did not start"
+	fi
+	sleep 0.2
+	i=$((i + 1))
+done
+
+# --- agentgated, full enforcement ------------------------------------------------------------
+mkdir -p "$WORK/gw/state" || fail "mkdir"
+free_port
+GWPORT=$PORT
+cat >"$WORK/gw/policy.yaml" <<EOF
+apiVersion: agentgate/v1
+agents:
+  - name: bench
+    cgroup: /$TAG-agent
+    mode: enforce
+targets:
+  - name: db
+    protocol: postgres
+    address: $PGADDR:$PGPORT
+rules:
+  - agent: bench
+    target: db
+    sql:
+      - { name: no-unbounded-writes, when: { command: [update, delete], where: absent }, then: deny }
+      - { name: pgbench, when: { command: [select, insert, update, begin, commit, set, show] }, then: allow }
+    mask:
+      columns: [pgbench_accounts.filler, "*.ssn"]
+      detectors: [email, credit-card, ssn, phone, jwt, aws-key, private-key]
+      style: redact
+default: deny
+EOF
+# shellcheck disable=SC2086
+"$B/agentgated" --foreground --config "$WORK/gw/policy.yaml" --state-dir "$WORK/gw/state" \
+	--socket "$WORK/gw/ctl.sock" --bpffs "$PINS" --port "$GWPORT" \
+	${AGBENCH_PG_DAEMON_ARGS:-} >"$WORK/gw/log" 2>&1 </dev/null &
+DPID=$!
+i=0
+until grep -qs 'listening on' "$WORK/gw/log"; do
+	if ! kill -0 "$DPID" 2>/dev/null || [ $i -ge 100 ]; then
+		cat "$WORK/gw/log" >&2
+		fail "agentgated did not start"
+	fi
+	sleep 0.1
+	i=$((i + 1))
+done
+# The gateway answers, with masking: a value the detectors catch comes back redacted.
+out=$(run in_cgroup "$CG_AGENT" - "$PSQL" -X -q -A -t -h "$PGADDR" -p "$PGPORT" -U postgres \
+	-d "$DB" -c "SELECT 'x@example.com'" 2>&1)
+[ "$out" = "[REDACTED:email]" ] || {
+	tail -20 "$WORK/gw/log" >&2
+	fail "the gateway did not mask as expected (got: $out)"
+}
+
+# --- the runs ------------------------------------------------------------------------------------
+RES=$WORK/results
+echo "param $CLIENTS $THREADS $T $ROUNDS" >"$RES"
+
+# pgbench in a mode; "mode workload round" and the result lines go to $RES.
+# Workloads: S, SP, TP; S1 and SP1 are S and SP at one client, with per-transaction logs.
+pgb() { # mode workload round clients threads [log prefix]
+	# (sh has no locals: the names here are used nowhere else)
+	p_mode=$1 p_wl=$2 p_round=$3 p_c=$4 p_j=$5 p_log=${6:-}
+	case $p_wl in
+	S | S1) args="-S" ;;
+	SP | SP1) args="-S -M prepared" ;;
+	TP) args="-M prepared" ;;
+	esac
+	case $p_mode in
+	direct) p_cg=$CG_CLI p_host=$PGADDR p_port=$PGPORT ;;
+	pgbouncer) p_cg=$CG_CLI p_host=$PBADDR p_port=$PBPORT ;;
+	agentgate) p_cg=$CG_AGENT p_host=$PGADDR p_port=$PGPORT ;;
+	esac
+	[ -n "$p_log" ] && args="$args -l --log-prefix=$p_log"
+	# shellcheck disable=SC2086
+	run in_cgroup "$p_cg" - "$PGBENCH" -n $args -c "$p_c" -j "$p_j" -T "$T" \
+		-h "$p_host" -p "$p_port" -U postgres "$DB" >"$WORK/out" 2>"$WORK/err"
+	rc=$?
+	tps=$(awk '/^tps = / { print $3; exit }' "$WORK/out")
+	lat=$(awk '/^latency average = / { print $4; exit }' "$WORK/out")
+	failed=$(awk '/^number of failed transactions: / { print $5; exit }' "$WORK/out")
+	if [ $rc -ne 0 ] || [ -z "$tps" ] || [ "${failed:-0}" != 0 ]; then
+		cat "$WORK/out" "$WORK/err" >&2
+		[ "$p_mode" = agentgate ] && tail -20 "$WORK/gw/log" >&2
+		fail "pgbench $args failed in mode $p_mode (round $p_round)"
+	fi
+	echo "$p_mode $p_wl tps $tps" >>"$RES"
+	echo "$p_mode $p_wl lat_ms $lat" >>"$RES"
+	if [ -n "$p_log" ]; then
+		cat "$p_log".* | awk '{ print $3 }' | sort -n | awk -v m="$p_mode" -v w="$p_wl" '
+			{ v[NR] = $1 }
+			END {
+				if (!NR)
+					exit
+				i50 = int(NR * 0.50); if (i50 < 1) i50 = 1
+				i99 = int(NR * 0.99); if (i99 < 1) i99 = 1
+				printf "%s %s p50_us %s\n%s %s p99_us %s\n", m, w, v[i50], m, w, v[i99]
+			}' >>"$RES"
+		rm -f "$p_log".*
+	fi
+}
+
+echo "agentgate PostgreSQL bench: pgbench -c $CLIENTS -j $THREADS -T $T, scale $SCALE," \
+	"$ROUNDS round(s); modes run back to back in turns"
+order="direct pgbouncer agentgate"
+r=1
+while [ "$r" -le "$ROUNDS" ]; do
+	for wl in S SP TP; do
+		for m in $order; do
+			pgb "$m" "$wl" "$r" "$CLIENTS" "$THREADS"
+		done
+		order="${order#* } ${order%% *}"
+	done
+	echo "  round $r of $ROUNDS done"
+	r=$((r + 1))
+done
+if [ "$LAT" = 1 ]; then
+	order="direct agentgate"
+	r=1
+	while [ "$r" -le "$ROUNDS" ]; do
+		for wl in S SP; do
+			for m in $order; do
+				pgb "$m" "${wl}1" "$r" 1 1 "$WORK/lat-$m-$wl"
+			done
+			order="${order#* } ${order%% *}"
+		done
+		r=$((r + 1))
+	done
+	echo "  latency runs done"
+fi
+
+table "$RES"
+st=$(grep -c '"event": *"end"' "$WORK/gw/state/sessions.log" 2>/dev/null)
+echo
+echo "agentgate sessions logged: ${st:-0} ended; daemon: $(grep -c . "$WORK/gw/log") log lines"
+[ -n "${AGBENCH_PG_KEEP:-}" ] && cp "$RES" "$AGBENCH_PG_KEEP"
+exit 0
