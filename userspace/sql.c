@@ -740,6 +740,10 @@ static struct func_class funcs[] = {
 	{ "database_to_xmlschema", AG_SQL_FUNCTION },
 	{ "database_to_xml_and_xmlschema", AG_SQL_FUNCTION },
 	{ "ts_stat", AG_SQL_FUNCTION },
+	{ "ts_rewrite", AG_SQL_FUNCTION }, /* ts_rewrite(tsquery, text): the text is a query */
+	/* FETCH from a cursor whose query this statement does not show */
+	{ "cursor_to_xml", AG_SQL_FUNCTION },
+	{ "cursor_to_xmlschema", AG_SQL_FUNCTION },
 };
 
 static int func_cmp(const void *a, const void *b)
@@ -752,18 +756,15 @@ static bool is_role_setting(const char *s)
 	return !strcasecmp(s, "role") || !strcasecmp(s, "session_authorization");
 }
 
-/* A FuncCall's fields: its name decides; set_config of a role setting is a role change. */
-static void check_func(struct walk *w, const struct jv *fc)
+/*
+ * A call of the function name (its last part) with args (NULL when not known): its name decides;
+ * set_config of a role setting, or of a setting not given as a constant, is a role change.
+ */
+static void check_func_name(struct walk *w, const char *name, const struct jv *args)
 {
-	const struct jv *names = jget(fc, "funcname"), *last = NULL, *args;
 	struct func_class key, *f;
-	const char *name, *type, *setting = NULL;
+	const char *type, *setting = NULL;
 
-	if (!names || names->t != J_ARR)
-		return;
-	for (const struct jv *k = names->kids; k; k = k->next)
-		last = k;
-	name = jstring_node(last);
 	if (!name)
 		return;
 	/* dblink, dblink_exec, dblink_connect_u, ...: a connection out of the server */
@@ -779,7 +780,6 @@ static void check_func(struct walk *w, const struct jv *fc)
 	if (f->classes != AG_SQL_SET)
 		return;
 	/* The setting's name as a constant string, or anything else: assume the worst. */
-	args = jget(fc, "args");
 	if (args && args->t == J_ARR && args->kids) {
 		const struct jv *c = jnode(args->kids, &type);
 
@@ -788,6 +788,33 @@ static void check_func(struct walk *w, const struct jv *fc)
 	}
 	if (!setting || is_role_setting(setting))
 		add_class(w, AG_SQL_ROLE);
+}
+
+/* A FuncCall's fields. */
+static void check_func(struct walk *w, const struct jv *fc)
+{
+	const struct jv *names = jget(fc, "funcname"), *last = NULL;
+
+	if (!names || names->t != J_ARR)
+		return;
+	for (const struct jv *k = names->kids; k; k = k->next)
+		last = k;
+	check_func_name(w, jstring_node(last), jget(fc, "args"));
+}
+
+/*
+ * PostgreSQL's attribute notation: a one-argument function func(x) is also x.func and (x).func
+ * (ParseFuncOrColumn tries a function when a field name is not a column). So a String in an
+ * A_Indirection's list, or in a ColumnRef after its first field, is checked as a call; a column
+ * that happens to share a listed function's name is denied too (failing closed).
+ */
+static void check_attr_names(struct walk *w, const struct jv *list, bool skip_first)
+{
+	if (!list || list->t != J_ARR)
+		return;
+	for (const struct jv *k = list->kids; k; k = k->next)
+		if (!skip_first || k != list->kids)
+			check_func_name(w, jstring_node(k), NULL);
 }
 
 /* ---- statements and the nodes that classify them ---- */
@@ -1024,6 +1051,10 @@ static void visit_node(struct walk *w, const char *type, const struct jv *f, boo
 
 	/* Expression nodes are most of a tree, and none of them is listed but these three. */
 	len = strlen(type);
+	if (type[0] == 'A' && !strcmp(type, "A_Indirection"))
+		check_attr_names(w, jget(f, "indirection"), false);
+	else if (type[0] == 'C' && !strcmp(type, "ColumnRef"))
+		check_attr_names(w, jget(f, "fields"), true);
 	if ((len < 4 || memcmp(type + len - 4, "Stmt", 4)) && strcmp(type, "FuncCall") &&
 	    strcmp(type, "LockingClause") && strcmp(type, "MergeWhenClause"))
 		n = NULL;

@@ -185,6 +185,28 @@ static const struct cls_case cases[] = {
 	{ "pg_cancel_backend", "SELECT pg_catalog.pg_cancel_backend(42)", SEL | AG_SQL_SYSTEM, 0,
 	  "", ANY },
 	{ "nextval", "SELECT nextval('orders_id_seq')", SEL | WR, 0, "", ANY },
+	/* attribute notation: x.f and (x).f call f(x) */
+	{ "attr_notation_advisory_lock", "SELECT (1::bigint).pg_advisory_lock",
+	  SEL | AG_SQL_LOCK, 0, "", ANY },
+	{ "attr_notation_lo_create", "SELECT (0::oid).lo_create", SEL | AG_SQL_FILE | WR, 0, "",
+	  ANY },
+	{ "attr_notation_cancel_backend", "SELECT (pg_backend_pid()).pg_cancel_backend",
+	  SEL | AG_SQL_SYSTEM, 0, "", ANY },
+	{ "attr_notation_read_file", "SELECT ('/etc/passwd'::text).pg_read_file",
+	  SEL | AG_SQL_FILE, WR, "", ANY },
+	{ "columnref_notation_read_file",
+	  "SELECT t.pg_read_file FROM (SELECT '/etc/passwd'::text) t", SEL | AG_SQL_FILE, WR, "",
+	  ANY },
+	{ "columnref_plain_column", "SELECT lo_create, t.id FROM t", SEL,
+	  AG_SQL_FILE | WR | AG_SQL_FUNCTION | AG_SQL_SYSTEM | AG_SQL_LOCK, "t", ANY },
+	/* functions that run a query given as text */
+	{ "ts_rewrite_query",
+	  "SELECT ts_rewrite('a & b'::tsquery, 'SELECT t, s FROM pg_read_file(''x'') t(t), s')",
+	  SEL | AG_SQL_FUNCTION, 0, "", ANY },
+	{ "cursor_to_xml", "SELECT cursor_to_xml('c', 10, false, false, '')",
+	  SEL | AG_SQL_FUNCTION, 0, "", ANY },
+	{ "table_to_xml", "SELECT table_to_xml('secrets', false, false, '')",
+	  SEL | AG_SQL_FUNCTION, 0, "", ANY },
 	/* EXPLAIN, PREPARE, EXECUTE */
 	{ "explain_analyze_delete", "EXPLAIN ANALYZE DELETE FROM users",
 	  AG_SQL_EXPLAIN | DEL | WR, 0, "users", ABSENT },
@@ -1492,6 +1514,8 @@ static const struct {
 	  "classes:  select,role,set", "reads does not cover role,set" },
 	{ "select_for_update_denied", "SELECT * FROM users WHERE id = 1 FOR UPDATE",
 	  "classes:  select,lock", "reads does not cover lock" },
+	{ "select_attr_notation_read_file_denied", "SELECT ('/etc/passwd'::text).pg_read_file",
+	  "classes:  select,file", "reads does not cover file" },
 };
 
 void test_agctl_policy_explain(void)

@@ -1,0 +1,282 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Hostile-agent probes against the PostgreSQL enforcement: statements smuggled through the
+ * extended protocol, multi-statement strings, PREPARE/EXECUTE name reuse, dynamic SQL, the
+ * FunctionCall message, and masked columns read back through other paths. Each subtest
+ * asserts that the attack is blocked or masked.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "pgwire.h"
+#include "../pg.h"
+#include "../test_progs.h"
+
+#define ATK_RULES                                                                                  \
+	"    sql:\n"                                                                               \
+	"      - { name: no-unbounded-writes, when: { command: [update, delete], where: absent }," \
+	" then: deny }\n"                                                                          \
+	"      - { name: rw, when: { command: [select, insert, update, delete, begin, commit,"     \
+	" rollback, set, show, create, ddl, copy, prepare, execute, deallocate, notify, listen],"  \
+	" tables: [orders, users, public.orders, public.users, v*, t*] }, then: allow }\n"         \
+	"    mask:\n"                                                                              \
+	"      columns: [users.email, \"*.ssn\"]\n"                                                \
+	"      detectors: [email, credit-card, ssn, phone, jwt, aws-key, private-key]\n"           \
+	"      style: redact\n"
+
+static char out[65536], err[16384];
+
+static int psql(struct th_pg_gate *g, const char *sql)
+{
+	out[0] = err[0] = 0;
+	return th_pg_psql(&g->pg, g->tagged, sql, out, sizeof(out), err, sizeof(err));
+}
+
+static void m_bind(struct ag_buf *b, const char *portal, const char *stmt)
+{
+	struct pg_wr w;
+
+	pg_wr_begin(&w, b, 'B');
+	pg_wr_str(&w, portal);
+	pg_wr_str(&w, stmt);
+	pg_wr_u16(&w, 0);
+	pg_wr_u16(&w, 0);
+	pg_wr_u16(&w, 0);
+	pg_wr_end(&w);
+}
+
+static void m_execute(struct ag_buf *b, const char *portal)
+{
+	struct pg_wr w;
+
+	pg_wr_begin(&w, b, 'E');
+	pg_wr_str(&w, portal);
+	pg_wr_u32(&w, 0);
+	pg_wr_end(&w);
+}
+
+static void m_simple(struct ag_buf *b, char type)
+{
+	struct pg_wr w;
+
+	pg_wr_begin(&w, b, type);
+	pg_wr_end(&w);
+}
+
+static int raw_connect(struct th_pg_gate *g)
+{
+	int fd = th_pg_connect_from(g->tagged, g->pg.addr, g->pg.port);
+
+	if (fd < 0)
+		return fd;
+	if (th_pg_raw_startup(fd, TH_PG_USER, TH_PG_DB, TH_PG_PASSWORD)) {
+		close(fd);
+		return -EACCES;
+	}
+	return fd;
+}
+
+static int xchg(int fd, struct ag_buf *b, int n, char *types, char *st, char *msg)
+{
+	int rc = th_send_all(fd, ag_buf_head(b), ag_buf_len(b), 10000);
+
+	ag_buf_free(b);
+	if (rc)
+		return rc;
+	return th_pg_raw_collect(fd, n, types, 256, st, msg, 512, 10000);
+}
+
+static long long orders_count(struct th_pg_gate *g)
+{
+	char buf[64] = "";
+
+	th_pg_admin(&g->pg, "SELECT count(*) FROM orders", buf, sizeof(buf));
+	return atoll(buf);
+}
+
+static void blocked(struct th_pg_gate *g, const char *sql, const char *what)
+{
+	long long before = orders_count(g);
+
+	ASSERT_NEQ(psql(g, sql), 0, what);
+	ASSERT_HAS_SUBSTR(err, "agentgate: blocked", what);
+	ASSERT_EQ(orders_count(g), before, "orders untouched");
+}
+
+static void subtest_statements(struct th_pg_gate *g)
+{
+	blocked(g, "SELECT 1; DELETE FROM orders", "multi-statement");
+	blocked(g, "PREPARE p AS SELECT 1; DEALLOCATE p; PREPARE p AS DELETE FROM orders",
+		"re-PREPARE");
+	blocked(g, "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'DELETE FROM orders RETURNING 1'",
+		"create function");
+	blocked(g, "CREATE RULE r AS ON INSERT TO orders DO ALSO DELETE FROM orders", "create rule");
+	blocked(g, "DO $$BEGIN RAISE NOTICE '%', (SELECT email FROM users LIMIT 1); END$$", "DO");
+	blocked(g, "SELECT lo_from_bytea(0, 'x')", "lo_*");
+	blocked(g, "SELECT query_to_xml('select email from users', true, false, '')", "query_to_xml");
+	blocked(g, "SELECT format('DELETE FROM orders%s', '') \\gexec", "gexec re-checked");
+	blocked(g, "COPY (SELECT email, ssn FROM users) TO STDOUT", "COPY (query) of masked");
+}
+
+static void subtest_masked_paths(struct th_pg_gate *g)
+{
+	static const char *const sqls[] = {
+		"SELECT array_agg(email), string_agg(ssn, ',') FROM users",
+		"SELECT email::int FROM users",
+		"SELECT ssn, email FROM \"public\".\"users\"",
+		"BEGIN; DECLARE c CURSOR FOR SELECT * FROM users; FETCH ALL FROM c; COMMIT",
+		"UPDATE users SET note = note WHERE id = 1 RETURNING email, ssn",
+		"LISTEN x; SELECT pg_notify('x', email) FROM users",
+		"SELECT (SELECT email FROM users WHERE id=1), (SELECT ssn FROM users WHERE id=1)",
+	};
+
+	for (size_t i = 0; i < sizeof(sqls) / sizeof(sqls[0]); i++) {
+		psql(g, sqls[i]);
+		ASSERT_TRUE(!strstr(out, "alice@example.com") && !strstr(err, "alice@example.com") &&
+				    !strstr(out, "123-45-6789") && !strstr(err, "123-45-6789"),
+			    sqls[i]);
+	}
+}
+
+static void subtest_function_call(struct th_pg_gate *g)
+{
+	struct ag_buf b = { 0 };
+	struct pg_wr w;
+	char types[256], st[8], msg[512];
+	int fd = raw_connect(g);
+
+	if (!ASSERT_GE(fd, 0, "connect"))
+		return;
+	pg_wr_begin(&w, &b, 'F');
+	pg_wr_u32(&w, 1299); /* now() */
+	pg_wr_u16(&w, 0);
+	pg_wr_u16(&w, 0);
+	pg_wr_u16(&w, 0);
+	pg_wr_end(&w);
+	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "answers");
+	ASSERT_STREQ(st, "42501", "FunctionCall refused");
+	close(fd);
+}
+
+static void subtest_extended(struct th_pg_gate *g)
+{
+	struct ag_buf b = { 0 };
+	char types[256], st[8], msg[512];
+	long long before = orders_count(g);
+	int fd = raw_connect(g);
+
+	if (!ASSERT_GE(fd, 0, "connect"))
+		return;
+	/* Named statement given again with a denied query. */
+	pg_put_parse(&b, "s1", "SELECT 1");
+	m_simple(&b, 'S');
+	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "parse s1");
+	pg_put_parse(&b, "s1", "DELETE FROM orders");
+	m_bind(&b, "", "s1");
+	m_execute(&b, "");
+	m_simple(&b, 'S');
+	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "re-parse s1");
+	ASSERT_STREQ(st, "42501", "re-parse refused");
+	/* The unnamed statement: allowed, then a denied one, then Bind to it. */
+	pg_put_parse(&b, "", "SELECT 1");
+	m_bind(&b, "", "");
+	m_execute(&b, "");
+	m_simple(&b, 'S');
+	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "unnamed");
+	pg_put_parse(&b, "", "DELETE FROM orders");
+	m_simple(&b, 'S');
+	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "unnamed denied");
+	ASSERT_STREQ(st, "42501", "unnamed refused");
+	m_bind(&b, "", "");
+	m_execute(&b, "");
+	m_simple(&b, 'S');
+	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "bind after refused");
+	ASSERT_STREQ(st, "26000", "no unnamed statement left");
+	/* Bind to a name whose Parse was refused. */
+	pg_put_parse(&b, "s2", "DELETE FROM orders");
+	m_simple(&b, 'S');
+	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "s2");
+	m_bind(&b, "", "s2");
+	m_execute(&b, "");
+	m_simple(&b, 'S');
+	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "bind s2");
+	ASSERT_STREQ(st, "26000", "s2 does not exist");
+	/* A Sync-less pipeline, then Terminate. */
+	pg_put_parse(&b, "", "DELETE FROM orders");
+	m_bind(&b, "", "");
+	m_execute(&b, "");
+	m_simple(&b, 'X');
+	th_send_all(fd, ag_buf_head(&b), ag_buf_len(&b), 5000);
+	ag_buf_free(&b);
+	close(fd);
+	usleep(300000);
+	ASSERT_EQ(orders_count(g), before, "orders untouched");
+}
+
+static void subtest_query_during_copy_in(struct th_pg_gate *g)
+{
+	struct ag_buf b = { 0 };
+	struct th_pg_msg m;
+	char types[256], st[8], msg[512];
+	long long before = orders_count(g);
+	int fd = raw_connect(g), rc;
+
+	if (!ASSERT_GE(fd, 0, "connect"))
+		return;
+	pg_put_query(&b, "COPY orders FROM STDIN");
+	th_send_all(fd, ag_buf_head(&b), ag_buf_len(&b), 5000);
+	ag_buf_free(&b);
+	rc = th_pg_read_msg(fd, &m, 5000);
+	printf("copy: rc=%d type=%c\n", rc, rc ? '?' : m.type);
+	if (!rc)
+		th_pg_msg_free(&m);
+	pg_put_query(&b, "DELETE FROM orders");
+	th_send_all(fd, ag_buf_head(&b), ag_buf_len(&b), 5000);
+	ag_buf_free(&b);
+	for (int i = 0; i < 6; i++) {
+		rc = th_pg_read_msg(fd, &m, 3000);
+		if (rc) {
+			printf("copy: read rc=%d\n", rc);
+			break;
+		}
+		printf("copy: got %c %s %s\n", m.type, m.type == 'E' ? th_pg_err_field(&m, 'C') : "",
+		       m.type == 'E' ? th_pg_err_field(&m, 'M') : "");
+		th_pg_msg_free(&m);
+	}
+	for (int k = 0; k < 3; k++) {
+		pg_put_query(&b, k == 1 ? "SELECT email, ssn FROM users" : "SELECT 1");
+		rc = xchg(fd, &b, 1, types, st, msg);
+		printf("copy: after q%d rc=%d types=%s st=%s msg=%s\n", k, rc, types, st, msg);
+	}
+	close(fd);
+	ASSERT_EQ(orders_count(g), before, "a Query during COPY IN did not run");
+}
+
+void test_pg_attack(void)
+{
+	struct th_pg_gate g;
+
+	if (!ASSERT_OK(th_pg_gate_start(&g, "127.0.0.23", "trust", "enforce", ATK_RULES),
+		       "gate"))
+		goto out;
+	th_pg_admin(&g.pg,
+		    "CREATE TABLE secrets (s text); INSERT INTO secrets VALUES ('topsecret42');"
+		    "ALTER TABLE secrets OWNER TO agent; CREATE TABLE orders_bak AS SELECT * FROM orders; GRANT ALL ON orders_bak TO agent",
+		    NULL, 0);
+	if (test__start_subtest("statements_blocked"))
+		subtest_statements(&g);
+	if (test__start_subtest("masked_paths"))
+		subtest_masked_paths(&g);
+	if (test__start_subtest("function_call_refused"))
+		subtest_function_call(&g);
+	if (test__start_subtest("extended_smuggling"))
+		subtest_extended(&g);
+	if (test__start_subtest("query_during_copy_in"))
+		subtest_query_during_copy_in(&g);
+out:
+	test__end_subtest();
+	th_pg_gate_cleanup(&g);
+}
