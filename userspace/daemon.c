@@ -245,6 +245,7 @@ int ag_daemon_set_policy(struct ag_daemon *d, struct ag_policy *p, char *err, si
 	pthread_mutex_lock(&d->pol_lock);
 	old = d->pol;
 	d->pol = r;
+	__atomic_add_fetch(&d->policy_gen, 1, __ATOMIC_RELEASE);
 	pthread_mutex_unlock(&d->pol_lock);
 	ag_policy_put(old);
 	return rc;

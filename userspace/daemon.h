@@ -62,6 +62,7 @@ struct ag_daemon {
 
 	pthread_mutex_t pol_lock;
 	struct ag_policy_ref *pol;
+	uint64_t policy_gen; /* bumped on every swap: live sessions compare it to pick reloads up */
 
 	pthread_rwlock_t tag_lock;
 	struct ag_tag *tags;

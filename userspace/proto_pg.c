@@ -169,6 +169,7 @@ struct pg {
 	int negotiations; /* SSLRequest/GSSENCRequest answered */
 
 	const struct ag_policy_rule *rule;
+	uint64_t policy_gen; /* the daemon's policy generation rule was taken from */
 	struct ag_masker *masker;
 	struct pg_masking mk; /* mk.m NULL: no masking */
 	struct pg_catalog *cat;
@@ -738,9 +739,9 @@ static int decide(struct ag_session *s, const char *sql, size_t len, struct verd
 	}
 	ag_sql_decide(pg->rule, &view, &d);
 	free(adj);
-	ag_sql_class_names(v->classes, classes, sizeof(classes));
 	if (d.action == AG_ACT_ALLOW || d.action == AG_ACT_OBSERVE)
 		return 0;
+	ag_sql_class_names(v->classes, classes, sizeof(classes));
 	sql_excerpt(sql, len, ex, sizeof(ex));
 	if (s->observe) {
 		pr_info("session %llu: observe mode, would %s by rule %s (%s): %s",
@@ -1219,22 +1220,29 @@ static int on_bind(struct ag_session *s, struct fwd *f, const uint8_t *msg, size
 		stmt = pg_rd_str(&rd, NULL);
 		if (rd.bad)
 			return -EPROTO;
-		p = (struct pg_portal *)map_del(&pg->portals, portal);
-		portal_free(p);
-		if (pg->portals.n >= PG_MAX_NAMED)
-			return -E2BIG;
-		p = calloc(1, sizeof(*p));
-		if (!p || !(p->nm.name = strdup(portal))) {
-			free(p);
-			return -ENOMEM;
+		p = (struct pg_portal *)map_get(&pg->portals, portal);
+		if (p) {
+			/* Bound again (the unnamed portal of every -M prepared Execute): reused. */
+			stmt_unref(p->stmt);
+			pg_shape_unref(p->shape);
+			p->stmt = NULL;
+			p->shape = NULL;
+		} else {
+			if (pg->portals.n >= PG_MAX_NAMED)
+				return -E2BIG;
+			p = calloc(1, sizeof(*p));
+			if (!p || !(p->nm.name = strdup(portal))) {
+				free(p);
+				return -ENOMEM;
+			}
+			if (map_put(&pg->portals, &p->nm)) {
+				portal_free(p);
+				return -ENOMEM;
+			}
 		}
 		p->stmt = stmt_find(pg, stmt);
 		if (p->stmt)
 			p->stmt->refs++;
-		if (map_put(&pg->portals, &p->nm)) {
-			portal_free(p);
-			return -ENOMEM;
-		}
 	}
 	fwd_keep(f, msg - f->base, total);
 	return pq_push(pg, PQ_SIMPLE, 0, NULL, NULL);
@@ -1614,6 +1622,88 @@ static long agent_startup(struct ag_session *s, struct fwd *f, const uint8_t *da
 	}
 }
 
+static bool kv_equal(const struct ag_kv *a, size_t na, const struct ag_kv *b, size_t nb)
+{
+	if (na != nb)
+		return false;
+	for (size_t i = 0; i < na; i++) {
+		if (strcmp(a[i].key, b[i].key) || !a[i].value != !b[i].value ||
+		    (a[i].value && strcmp(a[i].value, b[i].value)) || a[i].nlist != b[i].nlist ||
+		    !kv_equal(a[i].map, a[i].nmap, b[i].map, b[i].nmap))
+			return false;
+		for (size_t j = 0; j < a[i].nlist; j++)
+			if (strcmp(a[i].list[j], b[i].list[j]))
+				return false;
+	}
+	return true;
+}
+
+/*
+ * A policy reload reaches live sessions: at the next message from the agent the session takes
+ * the new rule, and every statement it has prepared is decided again under it. What the new
+ * rule would refuse, or a change of masking (results in flight were shaped by the old one),
+ * ends the session (fail closed): the agent reconnects under the new policy.
+ */
+static int policy_refresh(struct ag_session *s)
+{
+	struct pg *pg = PG(s);
+	uint64_t gen = __atomic_load_n(&ag_d->policy_gen, __ATOMIC_ACQUIRE);
+	const struct ag_policy_target *t;
+	const struct ag_policy_rule *rule;
+	struct ag_policy_ref *r;
+	const char *why = NULL;
+	char buf[200];
+
+	if (gen == pg->policy_gen)
+		return 0;
+	r = ag_policy_get(ag_d);
+	if (!r)
+		return 0;
+	t = ag_policy_target_by_name(r->p, s->target_name);
+	rule = ag_sql_rule_for(r->p, s->agent, s->target_name);
+	if (!t || t->protocol != AG_PROTO_POSTGRES) {
+		why = "its target is no longer a postgres target of the policy";
+	} else if (!pg->rule != !rule || (rule && !kv_equal(pg->rule->mask, pg->rule->nmask,
+							      rule->mask, rule->nmask))) {
+		why = "its masking changed";
+	} else {
+		for (size_t b = 0; !why && b < pg->stmts.nb; b++) {
+			for (struct pg_named *n = pg->stmts.b[b]; !why && n; n = n->next) {
+				struct pg_stmt *st = (struct pg_stmt *)n;
+				struct ag_sql_stmt one = { .classes = st->classes,
+							   .tables = st->tables,
+							   .ntables = st->ntables,
+							   .where_absent = st->where_absent };
+				struct ag_sql_result view = { .stmts = &one, .nstmts = 1 };
+				struct ag_sql_decision d;
+
+				if (!st->classes || st->classes == AG_SQL_EMPTY)
+					continue;
+				ag_sql_decide(rule, &view, &d);
+				if (d.action == AG_ACT_DENY || d.action == AG_ACT_APPROVE) {
+					snprintf(buf, sizeof(buf),
+						 "its prepared statement \"%s\" is refused by rule %s now",
+						 n->name, d.rule ? d.rule : "default");
+					why = buf;
+				}
+			}
+		}
+	}
+	if (why && (!s->observe || !t)) {
+		ag_policy_put(r);
+		return (int)pg_fatal(s, NULL, PG_SQLSTATE_INSUFFICIENT_PRIVILEGE,
+				     "the policy was reloaded and %s: reconnect", why);
+	}
+	ag_policy_put(s->pol);
+	s->pol = r;
+	s->target = t;
+	pg->rule = rule;
+	pg->policy_gen = gen;
+	pr_info("session %llu: policy reload applied to the live session",
+		(unsigned long long)s->id);
+	return 0;
+}
+
 static long agent_process(struct ag_session *s, const uint8_t *data, size_t len)
 {
 	struct pg *pg = PG(s);
@@ -1633,6 +1723,8 @@ static long agent_process(struct ag_session *s, const uint8_t *data, size_t len)
 	}
 	if (pg->phase == PH_CANCEL)
 		return len; /* nothing more is read on a cancel connection */
+	if (pg->phase == PH_READY && off == 0 && policy_refresh(s) < 0)
+		return -1;
 	return agent_messages(s, &f, data, len, off);
 }
 
@@ -2177,6 +2269,8 @@ static int pg_init(struct ag_session *s)
 		memcpy(rnd, &s->id, sizeof(rnd));
 	for (int i = 0; i < 8; i++)
 		snprintf(pg->nonce + 2 * i, 3, "%02x", rnd[i]);
+	/* Read before the rule: a swap in between only makes the first check refresh again. */
+	pg->policy_gen = __atomic_load_n(&ag_d->policy_gen, __ATOMIC_ACQUIRE);
 	pg->rule = ag_sql_rule_for(s->pol->p, s->agent, s->target_name);
 	if (pg->rule && pg->rule->mask) {
 		pthread_once(&mask_key_once, mask_key_load);
