@@ -10,24 +10,29 @@
 #              the value detectors, so masking is active), and the daemon's session log.
 # Workloads: -S (simple), -S -M prepared, TPC-B -M prepared, at a fixed client count; then one
 # client (-S simple and -S prepared) for the added latency (pgbench's average, and p50/p99 from
-# its per-transaction log), direct vs agentgate. Each workload runs in the modes back to back,
-# in turns, so that a noisy neighbour hits all of them alike; the tables give the median of the
-# rounds. Targets (DESIGN.md): >= 0.80 of direct TPS and ahead of PgBouncer; p50 +<30 us, p99
-# +<100 us.
+# its per-transaction log). Each workload runs in the modes back to back, in turns, so that a
+# noisy neighbour hits all of them alike; the tables give the median of the rounds, and the
+# proxies' CPU time per transaction (user + system, from /proc), which a busy machine disturbs
+# less than it does TPS. Targets (DESIGN.md): >= 0.80 of direct TPS and ahead of PgBouncer;
+# p50 +<30 us, p99 +<100 us.
 #
 # Installs nothing, needs no terminal, and removes its server, PgBouncer, daemon, cgroups and
-# pins on every exit; stops itself after AGBENCH_PG_LIMIT seconds (default 340).
+# pins on every exit; stops itself after AGBENCH_PG_LIMIT seconds (default 340; a default run
+# takes about 4.5 minutes).
 #
-# Environment: AGBENCH_PG_T (seconds per run, default 8), AGBENCH_PG_ROUNDS (2),
-# AGBENCH_PG_CLIENTS (8), AGBENCH_PG_THREADS (2), AGBENCH_PG_SCALE (10), AGBENCH_PG_LAT (1:
-# run the one-client latency part), AGBENCH_BUILD (build), AGBENCH_PG_KEEP=FILE keeps the raw
-# results (scripts/bench_pg.sh --table FILE formats them again), AGBENCH_PG_DAEMON_ARGS (extra agentgated arguments).
+# Environment: AGBENCH_PG_T (seconds per throughput run, default 5), AGBENCH_PG_LAT_T (seconds
+# per latency run, 4), AGBENCH_PG_ROUNDS (3), AGBENCH_PG_CLIENTS (8), AGBENCH_PG_THREADS (2),
+# AGBENCH_PG_SCALE (10), AGBENCH_PG_LAT (1: run the one-client part, 0: skip it),
+# AGBENCH_BUILD (build), AGBENCH_PG_DAEMON_ARGS (extra agentgated arguments, e.g.
+# "--fastpath on"), AGBENCH_PG_KEEP=FILE keeps the raw results (scripts/bench_pg.sh --table FILE
+# formats them again).
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
 B=${AGBENCH_BUILD:-build}
-T=${AGBENCH_PG_T:-8}
-ROUNDS=${AGBENCH_PG_ROUNDS:-2}
+T=${AGBENCH_PG_T:-5}
+LAT_T=${AGBENCH_PG_LAT_T:-4}
+ROUNDS=${AGBENCH_PG_ROUNDS:-3}
 CLIENTS=${AGBENCH_PG_CLIENTS:-8}
 THREADS=${AGBENCH_PG_THREADS:-2}
 SCALE=${AGBENCH_PG_SCALE:-10}
@@ -48,7 +53,7 @@ fail() {
 
 # The tables from "mode workload metric value" lines in file $1.
 table() {
-	awk -v clients="$CLIENTS" -v threads="$THREADS" -v t="$T" -v rounds="$ROUNDS" '
+	awk '
 function median(key,    n, i, j, v, x) {
 	n = cnt[key]
 	for (i = 1; i <= n; i++)
@@ -61,46 +66,49 @@ function median(key,    n, i, j, v, x) {
 		return -1
 	return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
 }
-$1 == "param" { clients = $2; threads = $3; t = $4; rounds = $5; next }
+function m(mode, w, metric) { return median(mode SUBSEP w SUBSEP metric) }
+$1 == "param" { clients = $2; threads = $3; t = $4; rounds = $5; lt = $6; next }
 { key = $1 SUBSEP $2 SUBSEP $3; val[key, ++cnt[key]] = $4 }
 END {
 	split("S SP TP", wls, " ")
 	split("-S (simple)|-S -M prepared|TPC-B -M prepared", names, "|")
-	printf "\nTPS, pgbench -c %d -j %d -T %d, median of %d round(s)\n", clients, threads, t, rounds
-	printf "%-20s %10s %10s %8s %10s %8s  %s\n", "workload", "direct", "pgbouncer", "ratio", \
-		"agentgate", "ratio", "target: >= 0.80 and ahead of pgbouncer"
+	printf "\nTPS, pgbench -c %d -j %d -T %d, median of %d round(s); target: agentgate >= 0.80x direct and ahead of pgbouncer\n", clients, threads, t, rounds
+	printf "%-18s %9s %10s %6s %10s %6s  %-18s %s\n", "workload", "direct", "pgbouncer", "ratio", \
+		"agentgate", "ratio", "target", "proxy CPU us/txn: pgbouncer, agentgate"
 	for (i = 1; i <= 3; i++) {
 		w = wls[i]
-		d = median("direct" SUBSEP w SUBSEP "tps")
-		p = median("pgbouncer" SUBSEP w SUBSEP "tps")
-		g = median("agentgate" SUBSEP w SUBSEP "tps")
+		d = m("direct", w, "tps"); p = m("pgbouncer", w, "tps"); g = m("agentgate", w, "tps")
 		rp = d > 0 ? p / d : 0
 		rg = d > 0 ? g / d : 0
-		printf "%-20s %10.1f %10.1f %7.2fx %10.1f %7.2fx  %s, %s\n", names[i], d, p, rp, g, rg, \
-			(rg >= 0.80) ? "ok" : "MISSED", (g > p) ? "ahead ok" : "behind MISSED"
+		verdict = ((rg >= 0.80) ? "ok" : "MISSED") ", " ((g > p) ? "ahead" : "behind")
+		printf "%-18s %9.1f %10.1f %5.2fx %10.1f %5.2fx  %-18s %.1f, %.1f\n", names[i], d, p, rp, \
+			g, rg, verdict, m("pgbouncer", w, "cpu_us"), m("agentgate", w, "cpu_us")
 	}
 	if (!cnt["direct" SUBSEP "S1" SUBSEP "tps"])
 		exit
-	printf "\nlatency, one client (-c 1 -j 1 -T %d), median of %d round(s); target: p50 +<30 us, p99 +<100 us\n", t, rounds
-	printf "%-20s %-10s %9s %9s %9s %9s\n", "workload", "mode", "TPS", "avg us", "p50 us", "p99 us"
+	printf "\nlatency, one client (-c 1 -j 1 -T %d), median of %d round(s); target: agentgate p50 +<30 us, p99 +<100 us\n", lt, rounds
+	printf "%-18s %-10s %9s %8s %8s %8s  %8s %8s %8s\n", "workload", "mode", "TPS", "avg us", \
+		"p50 us", "p99 us", "+avg", "+p50", "+p99"
 	split("S1 SP1", lw, " ")
 	split("-S (simple)|-S -M prepared", ln, "|")
+	split("direct pgbouncer agentgate", lm, " ")
 	for (i = 1; i <= 2; i++) {
 		w = lw[i]
-		for (k = 1; k <= 2; k++) {
-			m = k == 1 ? "direct" : "agentgate"
-			tp[m] = median(m SUBSEP w SUBSEP "tps")
-			av[m] = median(m SUBSEP w SUBSEP "lat_ms") * 1000
-			p50[m] = median(m SUBSEP w SUBSEP "p50_us")
-			p99[m] = median(m SUBSEP w SUBSEP "p99_us")
-			printf "%-20s %-10s %9.1f %9.1f %9.1f %9.1f\n", k == 1 ? ln[i] : "", m, tp[m], \
-				av[m], p50[m], p99[m]
+		a0 = m("direct", w, "lat_ms") * 1000
+		p0 = m("direct", w, "p50_us"); q0 = m("direct", w, "p99_us")
+		for (k = 1; k <= 3; k++) {
+			mo = lm[k]
+			av = m(mo, w, "lat_ms") * 1000
+			p50 = m(mo, w, "p50_us"); p99 = m(mo, w, "p99_us")
+			printf "%-18s %-10s %9.1f %8.1f %8.1f %8.1f", k == 1 ? ln[i] : "", mo, \
+				m(mo, w, "tps"), av, p50, p99
+			if (k == 1)
+				printf "\n"
+			else
+				printf "  %+8.1f %+8.1f %+8.1f%s\n", av - a0, p50 - p0, p99 - q0, \
+					mo != "agentgate" ? "" : sprintf("  p50 %s, p99 %s", \
+					(p50 - p0 < 30) ? "ok" : "MISSED", (p99 - q0 < 100) ? "ok" : "MISSED")
 		}
-		d50 = p50["agentgate"] - p50["direct"]
-		d99 = p99["agentgate"] - p99["direct"]
-		printf "%-20s %-10s %9s %+9.1f %+9.1f %+9.1f  p50 %s, p99 %s\n", "", "added", "", \
-			av["agentgate"] - av["direct"], d50, d99, (d50 < 30) ? "ok" : "MISSED", \
-			(d99 < 100) ? "ok" : "MISSED"
 	}
 }' "$1"
 }
@@ -115,7 +123,8 @@ fi
 for f in agentgated agctl; do
 	[ -x "$B/$f" ] || fail "$B/$f is missing: run make first"
 done
-for f in "$PGBIN/initdb" "$PGBIN/pg_ctl" "$PGBENCH" "$PSQL" "$PGBOUNCER" /usr/sbin/runuser; do
+for f in "$PGBIN/initdb" "$PGBIN/pg_ctl" "$PGBENCH" "$PSQL" "$PGBOUNCER" /usr/sbin/runuser \
+	/usr/bin/timeout; do
 	[ -x "$f" ] || fail "$f is missing (PostgreSQL 15, its client, pgbouncer)"
 done
 id postgres >/dev/null 2>&1 || fail "no postgres user"
@@ -291,7 +300,7 @@ chown postgres "$WORK/userlist.txt" "$WORK/pgbouncer.ini"
 in_cgroup "$CG_SRV" postgres "$PGBOUNCER" -q "$WORK/pgbouncer.ini" </dev/null \
 	>"$WORK/pgbouncer.out" 2>&1 &
 i=0
-until "$PSQL" -X -q -A -t -h "$PBADDR" -p "$PBPORT" -U postgres -d "$DB" -c 'SELECT 1' \
+until timeout 10 "$PSQL" -X -q -A -t -h "$PBADDR" -p "$PBPORT" -U postgres -d "$DB" -c 'SELECT 1' \
 	</dev/null >/dev/null 2>&1; do
 	if [ $i -ge 50 ]; then
 		cat "$WORK/pgbouncer.out" "$WORK/pgbouncer.log" >&2 2>/dev/null
@@ -342,7 +351,7 @@ until grep -qs 'listening on' "$WORK/gw/log"; do
 	i=$((i + 1))
 done
 # The gateway answers, with masking: a value the detectors catch comes back redacted.
-out=$(run in_cgroup "$CG_AGENT" - "$PSQL" -X -q -A -t -h "$PGADDR" -p "$PGPORT" -U postgres \
+out=$(in_cgroup "$CG_AGENT" - timeout 20 "$PSQL" -X -q -A -t -h "$PGADDR" -p "$PGPORT" -U postgres \
 	-d "$DB" -c "SELECT 'x@example.com'" 2>&1)
 [ "$out" = "[REDACTED:email]" ] || {
 	tail -20 "$WORK/gw/log" >&2
@@ -351,13 +360,24 @@ out=$(run in_cgroup "$CG_AGENT" - "$PSQL" -X -q -A -t -h "$PGADDR" -p "$PGPORT" 
 
 # --- the runs ------------------------------------------------------------------------------------
 RES=$WORK/results
-echo "param $CLIENTS $THREADS $T $ROUNDS" >"$RES"
+echo "param $CLIENTS $THREADS $T $ROUNDS $LAT_T" >"$RES"
 
-# pgbench in a mode; "mode workload round" and the result lines go to $RES.
-# Workloads: S, SP, TP; S1 and SP1 are S and SP at one client, with per-transaction logs.
-pgb() { # mode workload round clients threads [log prefix]
+TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
+# CPU time of a process so far, in clock ticks (0 without one).
+cpu_ticks() {
+	if [ -n "$1" ] && [ -r "/proc/$1/stat" ]; then
+		# The fields after the command (which may hold spaces): utime and stime.
+		sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+	else
+		echo 0
+	fi
+}
+
+# pgbench in a mode; its results go to $RES as "mode workload metric value" lines. Workloads:
+# S, SP, TP; S1 and SP1 are S and SP at one client, with per-transaction logs.
+pgb() { # mode workload round clients threads seconds [log prefix]
 	# (sh has no locals: the names here are used nowhere else)
-	p_mode=$1 p_wl=$2 p_round=$3 p_c=$4 p_j=$5 p_log=${6:-}
+	p_mode=$1 p_wl=$2 p_round=$3 p_c=$4 p_j=$5 p_t=$6 p_log=${7:-}
 	case $p_wl in
 	S | S1) args="-S" ;;
 	SP | SP1) args="-S -M prepared" ;;
@@ -369,11 +389,19 @@ pgb() { # mode workload round clients threads [log prefix]
 	agentgate) p_cg=$CG_AGENT p_host=$PGADDR p_port=$PGPORT ;;
 	esac
 	[ -n "$p_log" ] && args="$args -l --log-prefix=$p_log"
+	p_pid=
+	case $p_mode in
+	pgbouncer) p_pid=$(cat "$WORK/pgbouncer.pid" 2>/dev/null) ;;
+	agentgate) p_pid=$DPID ;;
+	esac
+	p_cpu0=$(cpu_ticks "$p_pid")
 	# shellcheck disable=SC2086
-	run in_cgroup "$p_cg" - "$PGBENCH" -n $args -c "$p_c" -j "$p_j" -T "$T" \
+	run in_cgroup "$p_cg" - "$PGBENCH" -n $args -c "$p_c" -j "$p_j" -T "$p_t" \
 		-h "$p_host" -p "$p_port" -U postgres "$DB" >"$WORK/out" 2>"$WORK/err"
 	rc=$?
+	p_cpu1=$(cpu_ticks "$p_pid")
 	tps=$(awk '/^tps = / { print $3; exit }' "$WORK/out")
+	txns=$(awk '/^number of transactions actually processed: / { print $6; exit }' "$WORK/out")
 	lat=$(awk '/^latency average = / { print $4; exit }' "$WORK/out")
 	failed=$(awk '/^number of failed transactions: / { print $5; exit }' "$WORK/out")
 	if [ $rc -ne 0 ] || [ -z "$tps" ] || [ "${failed:-0}" != 0 ]; then
@@ -383,6 +411,10 @@ pgb() { # mode workload round clients threads [log prefix]
 	fi
 	echo "$p_mode $p_wl tps $tps" >>"$RES"
 	echo "$p_mode $p_wl lat_ms $lat" >>"$RES"
+	# The proxy's CPU time (user + system, all threads) per transaction.
+	[ -n "$p_pid" ] && [ "${txns:-0}" -gt 0 ] &&
+		awk -v m="$p_mode" -v w="$p_wl" -v t=$((p_cpu1 - p_cpu0)) -v hz="$TCK" -v n="$txns" \
+			'BEGIN { printf "%s %s cpu_us %.1f\n", m, w, t * 1000000 / hz / n }' >>"$RES"
 	if [ -n "$p_log" ]; then
 		cat "$p_log".* | awk '{ print $3 }' | sort -n | awk -v m="$p_mode" -v w="$p_wl" '
 			{ v[NR] = $1 }
@@ -404,7 +436,7 @@ r=1
 while [ "$r" -le "$ROUNDS" ]; do
 	for wl in S SP TP; do
 		for m in $order; do
-			pgb "$m" "$wl" "$r" "$CLIENTS" "$THREADS"
+			pgb "$m" "$wl" "$r" "$CLIENTS" "$THREADS" "$T"
 		done
 		order="${order#* } ${order%% *}"
 	done
@@ -412,12 +444,12 @@ while [ "$r" -le "$ROUNDS" ]; do
 	r=$((r + 1))
 done
 if [ "$LAT" = 1 ]; then
-	order="direct agentgate"
+	order="direct pgbouncer agentgate"
 	r=1
 	while [ "$r" -le "$ROUNDS" ]; do
 		for wl in S SP; do
 			for m in $order; do
-				pgb "$m" "${wl}1" "$r" 1 1 "$WORK/lat-$m-$wl"
+				pgb "$m" "${wl}1" "$r" 1 1 "$LAT_T" "$WORK/lat-$m-$wl"
 			done
 			order="${order#* } ${order%% *}"
 		done

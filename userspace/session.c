@@ -447,7 +447,12 @@ static void side_readable(struct ag_session *s, enum ag_side i)
 		if (s->state == AG_SESS_CLOSED)
 			return;
 		side_update_events(s, i);
-		if (c->paused)
+		/*
+		 * A short read emptied the socket: no recv() just to hear EAGAIN (a third of
+		 * the syscalls of a request/response round trip). The epoll is level-triggered:
+		 * whatever arrives from now on, a FIN included, is reported again.
+		 */
+		if (c->paused || n < AG_READ_CHUNK)
 			break;
 	}
 	if (s->state == AG_SESS_CLOSED)
