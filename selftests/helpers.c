@@ -2112,3 +2112,106 @@ bool th_json_int(yajl_val obj, const char *key, long long *out)
 	*out = YAJL_GET_INTEGER(v);
 	return true;
 }
+
+static void agctl_drain(int *fd, char *buf, size_t cap, size_t *len)
+{
+	ssize_t n;
+
+	if (*len + 1 >= cap) {
+		char sink[512];
+
+		n = read(*fd, sink, sizeof(sink));
+	} else {
+		n = read(*fd, buf + *len, cap - 1 - *len);
+		if (n > 0)
+			*len += n;
+	}
+	if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN)) {
+		close(*fd);
+		*fd = -1;
+	}
+}
+
+int th_agctl_run(struct th_agctl_result *r, const char *const *args)
+{
+	char bin[PATH_MAX], root[PATH_MAX];
+	const char *argv[32];
+	int out[2], err[2], n = 0, st;
+	size_t olen = 0, elen = 0;
+	time_t deadline;
+	pid_t pid;
+
+	memset(r, 0, sizeof(*r));
+	snprintf(bin, sizeof(bin), "%s/agctl", th_build_dir());
+	snprintf(root, sizeof(root), "%s/..", th_build_dir());
+	if (access(bin, X_OK)) {
+		r->status = -errno;
+		fprintf(stdout, "%s: %s\n", bin, strerror(errno));
+		return r->status;
+	}
+	argv[n++] = bin;
+	while (*args && n < (int)(sizeof(argv) / sizeof(argv[0])) - 1)
+		argv[n++] = *args++;
+	argv[n] = NULL;
+
+	if (pipe2(out, O_CLOEXEC))
+		return r->status = -errno;
+	if (pipe2(err, O_CLOEXEC)) {
+		close(out[0]);
+		close(out[1]);
+		return r->status = -errno;
+	}
+	pid = fork();
+	if (pid < 0) {
+		r->status = -errno;
+		close(out[0]);
+		close(out[1]);
+		close(err[0]);
+		close(err[1]);
+		return r->status;
+	}
+	if (pid == 0) {
+		int devnull = open("/dev/null", O_RDONLY);
+
+		dup2(devnull, 0);
+		dup2(out[1], 1);
+		dup2(err[1], 2);
+		if (chdir(root))
+			_exit(126);
+		execv(bin, (char *const *)argv);
+		_exit(127);
+	}
+	close(out[1]);
+	close(err[1]);
+	deadline = time(NULL) + 10;
+	while (out[0] >= 0 || err[0] >= 0) {
+		struct pollfd p[2] = { { .fd = out[0], .events = POLLIN },
+				       { .fd = err[0], .events = POLLIN } };
+
+		if (time(NULL) > deadline) {
+			kill(pid, SIGKILL);
+			break;
+		}
+		if (poll(p, 2, 1000) < 0 && errno != EINTR)
+			break;
+		if (out[0] >= 0 && p[0].revents)
+			agctl_drain(&out[0], r->out, sizeof(r->out), &olen);
+		if (err[0] >= 0 && p[1].revents)
+			agctl_drain(&err[0], r->err, sizeof(r->err), &elen);
+	}
+	if (out[0] >= 0)
+		close(out[0]);
+	if (err[0] >= 0)
+		close(err[0]);
+	r->out[olen] = '\0';
+	r->err[elen] = '\0';
+	while (waitpid(pid, &st, 0) < 0) {
+		if (errno != EINTR)
+			return r->status = -errno;
+	}
+	r->status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+	if (test__verbose())
+		fprintf(stdout, "agctl exit %d\n--- stdout\n%s--- stderr\n%s---\n", r->status,
+			r->out, r->err);
+	return r->status;
+}

@@ -182,6 +182,21 @@ struct th_daemon {
 	bool initialized;
 };
 
+/* build/agctl run with no daemon in mind: stdout and stderr apart. */
+struct th_agctl_result {
+	int status; /* exit code; 128+N if killed by signal N; -errno if it could not run */
+	char out[32768];
+	char err[16384];
+};
+
+/*
+ * Runs build/agctl ARGS (NULL-terminated) from the repository root (build/..), stdin from
+ * /dev/null, 10 s at most; output past a buffer's size is read and dropped so agctl never
+ * blocks on a full pipe. Returns r->status.
+ */
+int th_agctl_run(struct th_agctl_result *r, const char *const *args);
+#define TH_AGCTL(r, ...) th_agctl_run((r), (const char *const[]){ __VA_ARGS__, NULL })
+
 /*
  * Writes policy_yaml into a fresh temp dir, picks a free port and starts build/agentgated in the
  * foreground (stderr to d->log); waits up to 10 s for its control socket to answer. When the

@@ -23,117 +23,11 @@
 #define NO_DAEMON_SOCKET "/nonexistent/agentgate.sock"
 #define N_ELEMS(a) (sizeof(a) / sizeof((a)[0]))
 
-struct agctl_result {
-	int status; /* exit code; 128+N if killed by signal N; -errno if it could not run */
-	char out[16384];
-	char err[16384];
-};
 
-static void drain(int *fd, char *buf, size_t cap, size_t *len)
-{
-	ssize_t n;
-
-	if (*len + 1 >= cap) {
-		char sink[512];
-
-		n = read(*fd, sink, sizeof(sink));
-	} else {
-		n = read(*fd, buf + *len, cap - 1 - *len);
-		if (n > 0)
-			*len += n;
-	}
-	if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN)) {
-		close(*fd);
-		*fd = -1;
-	}
-}
-
-/* Runs build/agctl with args (NULL-terminated); 10 s at most. */
-static int run_agctl(struct agctl_result *r, const char *const *args)
-{
-	char bin[PATH_MAX];
-	const char *argv[32];
-	int out[2], err[2], n = 0, st;
-	size_t olen = 0, elen = 0;
-	time_t deadline;
-	pid_t pid;
-
-	memset(r, 0, sizeof(*r));
-	snprintf(bin, sizeof(bin), "%s/agctl", th_build_dir());
-	if (access(bin, X_OK)) {
-		r->status = -errno;
-		fprintf(stdout, "%s: %s\n", bin, strerror(errno));
-		return r->status;
-	}
-	argv[n++] = bin;
-	while (*args && n < (int)N_ELEMS(argv) - 1)
-		argv[n++] = *args++;
-	argv[n] = NULL;
-
-	if (pipe2(out, O_CLOEXEC))
-		return r->status = -errno;
-	if (pipe2(err, O_CLOEXEC)) {
-		close(out[0]);
-		close(out[1]);
-		return r->status = -errno;
-	}
-	pid = fork();
-	if (pid < 0) {
-		r->status = -errno;
-		close(out[0]);
-		close(out[1]);
-		close(err[0]);
-		close(err[1]);
-		return r->status;
-	}
-	if (pid == 0) {
-		int devnull = open("/dev/null", O_RDONLY);
-
-		dup2(devnull, 0);
-		dup2(out[1], 1);
-		dup2(err[1], 2);
-		execv(bin, (char *const *)argv);
-		_exit(127);
-	}
-	close(out[1]);
-	close(err[1]);
-	deadline = time(NULL) + 10;
-	while (out[0] >= 0 || err[0] >= 0) {
-		struct pollfd p[2] = { { .fd = out[0], .events = POLLIN },
-				       { .fd = err[0], .events = POLLIN } };
-
-		if (time(NULL) > deadline) {
-			kill(pid, SIGKILL);
-			break;
-		}
-		if (poll(p, 2, 1000) < 0 && errno != EINTR)
-			break;
-		if (out[0] >= 0 && p[0].revents)
-			drain(&out[0], r->out, sizeof(r->out), &olen);
-		if (err[0] >= 0 && p[1].revents)
-			drain(&err[0], r->err, sizeof(r->err), &elen);
-	}
-	if (out[0] >= 0)
-		close(out[0]);
-	if (err[0] >= 0)
-		close(err[0]);
-	r->out[olen] = '\0';
-	r->err[elen] = '\0';
-	while (waitpid(pid, &st, 0) < 0) {
-		if (errno != EINTR)
-			return r->status = -errno;
-	}
-	r->status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-	if (test__verbose())
-		fprintf(stdout, "agctl exit %d\n--- stdout\n%s--- stderr\n%s---\n", r->status,
-			r->out, r->err);
-	return r->status;
-}
-
-#define AGCTL(r, ...) run_agctl((r), (const char *const[]){ __VA_ARGS__, NULL })
+#define AGCTL TH_AGCTL
 
 /* stdout holds exactly one JSON object with a string "error". */
-static void assert_json_error(const struct agctl_result *r, const char *substr, const char *what)
+static void assert_json_error(const struct th_agctl_result *r, const char *substr, const char *what)
 {
 	static const char *path[] = { "error", NULL };
 	char errbuf[256];
@@ -153,7 +47,7 @@ static void assert_json_error(const struct agctl_result *r, const char *substr, 
 static void subtest_version(void)
 {
 	static const char *path[] = { "version", NULL };
-	struct agctl_result *r = malloc(sizeof(*r));
+	struct th_agctl_result *r = malloc(sizeof(*r));
 	char errbuf[256];
 	yajl_val v;
 
@@ -178,7 +72,7 @@ static void subtest_help_grammar(void)
 {
 	static const char *const objects[] = { "session", "cgroup", "policy",
 					       "prog",	  "run",    "socket" };
-	struct agctl_result *r = malloc(sizeof(*r));
+	struct th_agctl_result *r = malloc(sizeof(*r));
 	char want[64];
 
 	if (!ASSERT_OK_PTR(r, "alloc"))
@@ -211,7 +105,7 @@ static void subtest_help_grammar(void)
 
 static void subtest_unknown_object(void)
 {
-	struct agctl_result *r = malloc(sizeof(*r));
+	struct th_agctl_result *r = malloc(sizeof(*r));
 
 	if (!ASSERT_OK_PTR(r, "alloc"))
 		return;
@@ -237,7 +131,7 @@ static void subtest_unknown_object(void)
 
 static void subtest_json_error(void)
 {
-	struct agctl_result *r = malloc(sizeof(*r));
+	struct th_agctl_result *r = malloc(sizeof(*r));
 
 	if (!ASSERT_OK_PTR(r, "alloc"))
 		return;
@@ -259,7 +153,7 @@ static void subtest_json_error(void)
 
 static void subtest_prefix_matching(void)
 {
-	struct agctl_result *a = malloc(sizeof(*a)), *b = malloc(sizeof(*b));
+	struct th_agctl_result *a = malloc(sizeof(*a)), *b = malloc(sizeof(*b));
 
 	if (!ASSERT_OK_PTR(a, "alloc") || !ASSERT_OK_PTR(b, "alloc"))
 		goto out;
@@ -289,7 +183,7 @@ out:
 
 static void subtest_no_daemon_error(void)
 {
-	struct agctl_result *r = malloc(sizeof(*r));
+	struct th_agctl_result *r = malloc(sizeof(*r));
 	const char *nl;
 
 	if (!ASSERT_OK_PTR(r, "alloc"))
@@ -313,7 +207,7 @@ static void subtest_no_daemon_error(void)
 static void subtest_policy_check_ok(void)
 {
 	static const char *path[] = { "ok", NULL };
-	struct agctl_result *r = malloc(sizeof(*r));
+	struct th_agctl_result *r = malloc(sizeof(*r));
 	char file[PATH_MAX], want[PATH_MAX + 16], errbuf[256];
 	yajl_val v;
 
@@ -345,7 +239,7 @@ static void subtest_policy_check_bad(void)
 				  "agents:\n"
 				  "  - name: ci\n"
 				  "    cgroupp: /agents.slice\n";
-	struct agctl_result *r = malloc(sizeof(*r));
+	struct th_agctl_result *r = malloc(sizeof(*r));
 	char file[] = "/tmp/agctl-bad-XXXXXX.yaml", want[64];
 	int fd;
 

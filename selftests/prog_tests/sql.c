@@ -1306,111 +1306,13 @@ void test_sql_decide(void)
 
 /* ---- agctl policy explain ---- */
 
-struct run_result {
-	int status; /* exit code; 128+N if killed by signal N; -errno if it could not run */
-	char out[32768];
-	char err[8192];
-};
-
-static void drain(int *fd, char *buf, size_t cap, size_t *len)
-{
-	ssize_t n = read(*fd, buf + *len, cap - 1 - *len);
-
-	if (n > 0)
-		*len += n;
-	if (n == 0 || *len + 1 >= cap || (n < 0 && errno != EINTR && errno != EAGAIN)) {
-		close(*fd);
-		*fd = -1;
-	}
-}
-
-/* build/agctl ARGS from the repository root (build/..), stdout and stderr apart; 10 s at most. */
-static int run_agctl(struct run_result *r, const char *const *args)
-{
-	const char *argv[16];
-	char bin[PATH_MAX], root[PATH_MAX];
-	int out[2], err[2], n = 0, st;
-	size_t olen = 0, elen = 0;
-	time_t deadline;
-	pid_t pid;
-
-	memset(r, 0, sizeof(*r));
-	snprintf(bin, sizeof(bin), "%s/agctl", th_build_dir());
-	snprintf(root, sizeof(root), "%s/..", th_build_dir());
-	if (access(bin, X_OK))
-		return r->status = -errno;
-	argv[n++] = bin;
-	while (*args && n < (int)N_ELEMS(argv) - 1)
-		argv[n++] = *args++;
-	argv[n] = NULL;
-	if (pipe2(out, O_CLOEXEC))
-		return r->status = -errno;
-	if (pipe2(err, O_CLOEXEC)) {
-		close(out[0]);
-		close(out[1]);
-		return r->status = -errno;
-	}
-	pid = fork();
-	if (pid < 0) {
-		r->status = -errno;
-		close(out[0]);
-		close(out[1]);
-		close(err[0]);
-		close(err[1]);
-		return r->status;
-	}
-	if (pid == 0) {
-		int devnull = open("/dev/null", O_RDONLY);
-
-		dup2(devnull, 0);
-		dup2(out[1], 1);
-		dup2(err[1], 2);
-		if (chdir(root))
-			_exit(126);
-		execv(bin, (char *const *)argv);
-		_exit(127);
-	}
-	close(out[1]);
-	close(err[1]);
-	deadline = time(NULL) + 10;
-	while (out[0] >= 0 || err[0] >= 0) {
-		struct pollfd p[2] = { { .fd = out[0], .events = POLLIN },
-				       { .fd = err[0], .events = POLLIN } };
-
-		if (time(NULL) > deadline) {
-			kill(pid, SIGKILL);
-			break;
-		}
-		if (poll(p, 2, 1000) < 0 && errno != EINTR)
-			break;
-		if (out[0] >= 0 && p[0].revents)
-			drain(&out[0], r->out, sizeof(r->out), &olen);
-		if (err[0] >= 0 && p[1].revents)
-			drain(&err[0], r->err, sizeof(r->err), &elen);
-	}
-	if (out[0] >= 0)
-		close(out[0]);
-	if (err[0] >= 0)
-		close(err[0]);
-	r->out[olen] = '\0';
-	r->err[elen] = '\0';
-	while (waitpid(pid, &st, 0) < 0)
-		if (errno != EINTR)
-			return r->status = -errno;
-	r->status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-	if (test__verbose())
-		fprintf(stdout, "agctl exit %d\n--- stdout\n%s--- stderr\n%s---\n", r->status,
-			r->out, r->err);
-	return r->status;
-}
-
 #define EXAMPLE "policies/example.yaml"
-#define AGCTL(r, ...) run_agctl((r), (const char *const[]){ __VA_ARGS__, NULL })
+#define AGCTL TH_AGCTL
 #define EXPLAIN(r, ...)                                                                            \
 	AGCTL((r), "policy", "explain", EXAMPLE, "--agent", "ci", "--target", "orders-db",         \
 	      __VA_ARGS__)
 
-static void explain_plain(struct run_result *r, const char *sql, const char *first_line,
+static void explain_plain(struct th_agctl_result *r, const char *sql, const char *first_line,
 			  const char *classes)
 {
 	if (!ASSERT_EQ(EXPLAIN(r, "--sql", sql), 0, "exit 0"))
@@ -1453,7 +1355,7 @@ static size_t jlen(yajl_val v, const char *key)
 	return a ? YAJL_GET_ARRAY(a)->len : 0;
 }
 
-static void explain_json(struct run_result *r)
+static void explain_json(struct th_agctl_result *r)
 {
 	yajl_val v, s;
 	char errbuf[256];
@@ -1520,7 +1422,7 @@ static const struct {
 
 void test_agctl_policy_explain(void)
 {
-	struct run_result *r = malloc(sizeof(*r));
+	struct th_agctl_result *r = malloc(sizeof(*r));
 	char errbuf[256];
 	yajl_val v;
 
