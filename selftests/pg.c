@@ -916,3 +916,57 @@ int th_pg_gate_counters(struct th_pg_gate *g, int pid, long long *statements, lo
 	yajl_tree_free(root);
 	return rc;
 }
+
+int th_pg_raw_connect(struct th_pg_gate *g)
+{
+	int fd = th_pg_connect_from(g->tagged, g->pg.addr, g->pg.port);
+
+	if (fd < 0)
+		return fd;
+	if (th_pg_raw_startup(fd, TH_PG_USER, TH_PG_DB, TH_PG_PASSWORD)) {
+		close(fd);
+		return -EACCES;
+	}
+	return fd;
+}
+
+void th_pg_m_bind(struct ag_buf *b, const char *portal, const char *stmt, int nparams,
+		  const char *const *params, int result_format)
+{
+	struct pg_wr w;
+
+	pg_wr_begin(&w, b, 'B');
+	pg_wr_str(&w, portal);
+	pg_wr_str(&w, stmt);
+	pg_wr_u16(&w, 0); /* parameters in text */
+	pg_wr_u16(&w, nparams);
+	for (int i = 0; i < nparams; i++) {
+		pg_wr_u32(&w, strlen(params[i]));
+		pg_wr_bytes(&w, params[i], strlen(params[i]));
+	}
+	if (result_format < 0) {
+		pg_wr_u16(&w, 0);
+	} else {
+		pg_wr_u16(&w, 1);
+		pg_wr_u16(&w, result_format);
+	}
+	pg_wr_end(&w);
+}
+
+void th_pg_m_execute(struct ag_buf *b, const char *portal)
+{
+	struct pg_wr w;
+
+	pg_wr_begin(&w, b, 'E');
+	pg_wr_str(&w, portal);
+	pg_wr_u32(&w, 0);
+	pg_wr_end(&w);
+}
+
+void th_pg_m_simple(struct ag_buf *b, char type)
+{
+	struct pg_wr w;
+
+	pg_wr_begin(&w, b, type);
+	pg_wr_end(&w);
+}

@@ -122,6 +122,21 @@ int th_pg_gate_start(struct th_pg_gate *g, const char *addr, const char *auth, c
 /* Rewrites the policy with other rules and reloads the daemon (waits for it to apply). */
 int th_pg_gate_rules(struct th_pg_gate *g, const char *mode, const char *rules);
 void th_pg_gate_cleanup(struct th_pg_gate *g);
+/* A raw protocol connection from g's tagged cgroup, started up as the agent role; fd or -errno. */
+int th_pg_raw_connect(struct th_pg_gate *g);
+
+/* ---- raw protocol messages, appended to b ---- */
+
+struct ag_buf;
+/*
+ * Bind portal to stmt with nparams text parameters; result_format >= 0 sends one result
+ * format code for every column, < 0 sends none (all text).
+ */
+void th_pg_m_bind(struct ag_buf *b, const char *portal, const char *stmt, int nparams,
+		  const char *const *params, int result_format);
+void th_pg_m_execute(struct ag_buf *b, const char *portal);
+/* A message with no body: Sync ('S'), Flush ('H'), Terminate ('X'). */
+void th_pg_m_simple(struct ag_buf *b, char type);
 /* The daemon is still alive and answers agctl. */
 bool th_pg_gate_alive(struct th_pg_gate *g);
 /*

@@ -35,50 +35,6 @@ static int psql(struct th_pg_gate *g, const char *sql)
 	return th_pg_psql(&g->pg, g->tagged, sql, out, sizeof(out), err, sizeof(err));
 }
 
-static void m_bind(struct ag_buf *b, const char *portal, const char *stmt)
-{
-	struct pg_wr w;
-
-	pg_wr_begin(&w, b, 'B');
-	pg_wr_str(&w, portal);
-	pg_wr_str(&w, stmt);
-	pg_wr_u16(&w, 0);
-	pg_wr_u16(&w, 0);
-	pg_wr_u16(&w, 0);
-	pg_wr_end(&w);
-}
-
-static void m_execute(struct ag_buf *b, const char *portal)
-{
-	struct pg_wr w;
-
-	pg_wr_begin(&w, b, 'E');
-	pg_wr_str(&w, portal);
-	pg_wr_u32(&w, 0);
-	pg_wr_end(&w);
-}
-
-static void m_simple(struct ag_buf *b, char type)
-{
-	struct pg_wr w;
-
-	pg_wr_begin(&w, b, type);
-	pg_wr_end(&w);
-}
-
-static int raw_connect(struct th_pg_gate *g)
-{
-	int fd = th_pg_connect_from(g->tagged, g->pg.addr, g->pg.port);
-
-	if (fd < 0)
-		return fd;
-	if (th_pg_raw_startup(fd, TH_PG_USER, TH_PG_DB, TH_PG_PASSWORD)) {
-		close(fd);
-		return -EACCES;
-	}
-	return fd;
-}
-
 static int xchg(int fd, struct ag_buf *b, int n, char *types, char *st, char *msg)
 {
 	int rc = th_send_all(fd, ag_buf_head(b), ag_buf_len(b), 10000);
@@ -146,7 +102,7 @@ static void subtest_function_call(struct th_pg_gate *g)
 	struct ag_buf b = { 0 };
 	struct pg_wr w;
 	char types[256], st[8], msg[512];
-	int fd = raw_connect(g);
+	int fd = th_pg_raw_connect(g);
 
 	if (!ASSERT_GE(fd, 0, "connect"))
 		return;
@@ -166,49 +122,49 @@ static void subtest_extended(struct th_pg_gate *g)
 	struct ag_buf b = { 0 };
 	char types[256], st[8], msg[512];
 	long long before = orders_count(g);
-	int fd = raw_connect(g);
+	int fd = th_pg_raw_connect(g);
 
 	if (!ASSERT_GE(fd, 0, "connect"))
 		return;
 	/* Named statement given again with a denied query. */
 	pg_put_parse(&b, "s1", "SELECT 1");
-	m_simple(&b, 'S');
+	th_pg_m_simple(&b, 'S');
 	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "parse s1");
 	pg_put_parse(&b, "s1", "DELETE FROM orders");
-	m_bind(&b, "", "s1");
-	m_execute(&b, "");
-	m_simple(&b, 'S');
+	th_pg_m_bind(&b, "", "s1", 0, NULL, -1);
+	th_pg_m_execute(&b, "");
+	th_pg_m_simple(&b, 'S');
 	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "re-parse s1");
 	ASSERT_STREQ(st, "42501", "re-parse refused");
 	/* The unnamed statement: allowed, then a denied one, then Bind to it. */
 	pg_put_parse(&b, "", "SELECT 1");
-	m_bind(&b, "", "");
-	m_execute(&b, "");
-	m_simple(&b, 'S');
+	th_pg_m_bind(&b, "", "", 0, NULL, -1);
+	th_pg_m_execute(&b, "");
+	th_pg_m_simple(&b, 'S');
 	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "unnamed");
 	pg_put_parse(&b, "", "DELETE FROM orders");
-	m_simple(&b, 'S');
+	th_pg_m_simple(&b, 'S');
 	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "unnamed denied");
 	ASSERT_STREQ(st, "42501", "unnamed refused");
-	m_bind(&b, "", "");
-	m_execute(&b, "");
-	m_simple(&b, 'S');
+	th_pg_m_bind(&b, "", "", 0, NULL, -1);
+	th_pg_m_execute(&b, "");
+	th_pg_m_simple(&b, 'S');
 	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "bind after refused");
 	ASSERT_STREQ(st, "26000", "no unnamed statement left");
 	/* Bind to a name whose Parse was refused. */
 	pg_put_parse(&b, "s2", "DELETE FROM orders");
-	m_simple(&b, 'S');
+	th_pg_m_simple(&b, 'S');
 	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "s2");
-	m_bind(&b, "", "s2");
-	m_execute(&b, "");
-	m_simple(&b, 'S');
+	th_pg_m_bind(&b, "", "s2", 0, NULL, -1);
+	th_pg_m_execute(&b, "");
+	th_pg_m_simple(&b, 'S');
 	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "bind s2");
 	ASSERT_STREQ(st, "26000", "s2 does not exist");
 	/* A Sync-less pipeline, then Terminate. */
 	pg_put_parse(&b, "", "DELETE FROM orders");
-	m_bind(&b, "", "");
-	m_execute(&b, "");
-	m_simple(&b, 'X');
+	th_pg_m_bind(&b, "", "", 0, NULL, -1);
+	th_pg_m_execute(&b, "");
+	th_pg_m_simple(&b, 'X');
 	th_send_all(fd, ag_buf_head(&b), ag_buf_len(&b), 5000);
 	ag_buf_free(&b);
 	close(fd);
@@ -222,7 +178,7 @@ static void subtest_query_during_copy_in(struct th_pg_gate *g)
 	struct th_pg_msg m;
 	char types[256], st[8], msg[512];
 	long long before = orders_count(g);
-	int fd = raw_connect(g), rc;
+	int fd = th_pg_raw_connect(g), rc;
 
 	if (!ASSERT_GE(fd, 0, "connect"))
 		return;
@@ -357,7 +313,7 @@ static void subtest_reload_tightens(struct th_pg_gate *g)
 
 	if (!ASSERT_OK(th_pg_gate_rules(g, "enforce", ATK_RULES), "policy: select+delete"))
 		return;
-	fd = raw_connect(g);
+	fd = th_pg_raw_connect(g);
 	if (!ASSERT_GE(fd, 0, "connect"))
 		return;
 	rc = query1(fd, "DELETE FROM orders WHERE id = 5", val, sizeof(val), sev, st, msg);
@@ -391,18 +347,18 @@ static void subtest_reload_prepared(struct th_pg_gate *g)
 	if (!ASSERT_OK(th_pg_gate_rules(g, "enforce", ATK_RULES), "policy: select+delete"))
 		return;
 	ASSERT_TRUE(order_exists(g, 3), "row 3 there before");
-	fd = raw_connect(g);
+	fd = th_pg_raw_connect(g);
 	if (!ASSERT_GE(fd, 0, "connect"))
 		return;
 	pg_put_parse(&b, "s_del", "DELETE FROM orders WHERE id = 3");
-	m_simple(&b, 'S');
+	th_pg_m_simple(&b, 'S');
 	ASSERT_OK(xchg(fd, &b, 1, types, st, msg), "parse s_del");
 	ASSERT_STREQ(st, "", "s_del allowed when prepared");
 	if (!ASSERT_OK(th_pg_gate_rules(g, "enforce", RO_RULES), "reload: select only"))
 		goto out;
-	m_bind(&b, "", "s_del");
-	m_execute(&b, "");
-	m_simple(&b, 'S');
+	th_pg_m_bind(&b, "", "s_del", 0, NULL, -1);
+	th_pg_m_execute(&b, "");
+	th_pg_m_simple(&b, 'S');
 	ASSERT_OK(th_send_all(fd, ag_buf_head(&b), ag_buf_len(&b), 10000), "send bind/execute");
 	ag_buf_free(&b);
 	ASSERT_OK(drain_to_eof(fd, sev, st, msg), "connection ended");
@@ -427,7 +383,7 @@ static void subtest_reload_unrelated(struct th_pg_gate *g)
 
 	if (!ASSERT_OK(th_pg_gate_rules(g, "enforce", ATK_RULES), "policy"))
 		return;
-	fd = raw_connect(g);
+	fd = th_pg_raw_connect(g);
 	if (!ASSERT_GE(fd, 0, "connect"))
 		return;
 	ASSERT_OK(query1(fd, "SELECT 1", val, sizeof(val), sev, st, msg), "select before");

@@ -32,63 +32,12 @@ static void m_parse(struct ag_buf *b, const char *name, const char *sql)
 	pg_put_parse(b, name, sql);
 }
 
-static void m_bind(struct ag_buf *b, const char *portal, const char *stmt, int nparams,
-		   const char *const *params, int16_t result_format)
-{
-	struct pg_wr w;
-
-	pg_wr_begin(&w, b, 'B');
-	pg_wr_str(&w, portal);
-	pg_wr_str(&w, stmt);
-	pg_wr_u16(&w, 0); /* parameters in text */
-	pg_wr_u16(&w, nparams);
-	for (int i = 0; i < nparams; i++) {
-		pg_wr_u32(&w, strlen(params[i]));
-		pg_wr_bytes(&w, params[i], strlen(params[i]));
-	}
-	pg_wr_u16(&w, 1);
-	pg_wr_u16(&w, result_format);
-	pg_wr_end(&w);
-}
-
-static void m_execute(struct ag_buf *b, const char *portal)
-{
-	struct pg_wr w;
-
-	pg_wr_begin(&w, b, 'E');
-	pg_wr_str(&w, portal);
-	pg_wr_u32(&w, 0);
-	pg_wr_end(&w);
-}
-
-static void m_simple(struct ag_buf *b, char type)
-{
-	struct pg_wr w;
-
-	pg_wr_begin(&w, b, type);
-	pg_wr_end(&w);
-}
-
 static int send_buf(int fd, struct ag_buf *b)
 {
 	int rc = th_send_all(fd, ag_buf_head(b), ag_buf_len(b), 10000);
 
 	ag_buf_free(b);
 	return rc;
-}
-
-/* A raw connection from the tagged cgroup, started up as the agent role (password auth). */
-static int raw_connect(struct th_pg_gate *g)
-{
-	int fd = th_pg_connect_from(g->tagged, g->pg.addr, g->pg.port);
-
-	if (fd < 0)
-		return fd;
-	if (th_pg_raw_startup(fd, TH_PG_USER, TH_PG_DB, TH_PG_PASSWORD)) {
-		close(fd);
-		return -EACCES;
-	}
-	return fd;
 }
 
 /* Sends b, collects up to n ReadyForQuery; checks the message types and first SQLSTATE. */
@@ -114,70 +63,70 @@ static void subtest_pipeline(struct th_pg_gate *g)
 {
 	struct ag_buf b = { 0 };
 	const char *p1[] = { "2" };
-	int fd = raw_connect(g);
+	int fd = th_pg_raw_connect(g);
 
 	if (!ASSERT_GE(fd, 0, "raw connection"))
 		return;
 	/* 1: allowed statement, described; 2: blocked Parse; then its Bind/Execute, Sync. */
 	m_parse(&b, "", "SELECT email FROM users WHERE id = $1");
-	m_bind(&b, "", "", 1, p1, 0);
+	th_pg_m_bind(&b, "", "", 1, p1, 0);
 	pg_put_describe(&b, 'P', "");
-	m_execute(&b, "");
+	th_pg_m_execute(&b, "");
 	m_parse(&b, "", "DELETE FROM orders");
-	m_bind(&b, "", "", 0, NULL, 0);
-	m_execute(&b, "");
-	m_simple(&b, 'S');
+	th_pg_m_bind(&b, "", "", 0, NULL, 0);
+	th_pg_m_execute(&b, "");
+	th_pg_m_simple(&b, 'S');
 	expect(fd, &b, 1, "12TDCEZ", "42501", "answers before the block, the error, RFQ");
 
 	/* The same connection goes on. */
 	m_parse(&b, "", "SELECT count(*) FROM orders");
-	m_bind(&b, "", "", 0, NULL, 0);
-	m_execute(&b, "");
-	m_simple(&b, 'S');
+	th_pg_m_bind(&b, "", "", 0, NULL, 0);
+	th_pg_m_execute(&b, "");
+	th_pg_m_simple(&b, 'S');
 	expect(fd, &b, 1, "12DCZ", NULL, "next pipeline");
 
 	/* Blocked first: nothing but the error and RFQ. */
 	m_parse(&b, "", "UPDATE orders SET amount = 0");
-	m_bind(&b, "", "", 0, NULL, 0);
+	th_pg_m_bind(&b, "", "", 0, NULL, 0);
 	pg_put_describe(&b, 'P', "");
-	m_execute(&b, "");
-	m_simple(&b, 'S');
+	th_pg_m_execute(&b, "");
+	th_pg_m_simple(&b, 'S');
 	expect(fd, &b, 1, "EZ", "42501", "blocked first");
 
 	/* A real error earlier in the pipeline wins; the blocked Parse is skipped like the rest. */
 	m_parse(&b, "", "SELECT * FROM no_such_table");
-	m_bind(&b, "", "", 0, NULL, 0);
-	m_execute(&b, "");
+	th_pg_m_bind(&b, "", "", 0, NULL, 0);
+	th_pg_m_execute(&b, "");
 	m_parse(&b, "", "DELETE FROM orders");
-	m_simple(&b, 'S');
+	th_pg_m_simple(&b, 'S');
 	expect(fd, &b, 1, "EZ", "42P01", "the earlier error");
 
 	/* Three Syncs, the middle group blocked. */
 	m_parse(&b, "", "SELECT 1");
-	m_bind(&b, "", "", 0, NULL, 0);
-	m_execute(&b, "");
-	m_simple(&b, 'S');
+	th_pg_m_bind(&b, "", "", 0, NULL, 0);
+	th_pg_m_execute(&b, "");
+	th_pg_m_simple(&b, 'S');
 	m_parse(&b, "", "DELETE FROM orders");
-	m_bind(&b, "", "", 0, NULL, 0);
-	m_execute(&b, "");
-	m_simple(&b, 'S');
+	th_pg_m_bind(&b, "", "", 0, NULL, 0);
+	th_pg_m_execute(&b, "");
+	th_pg_m_simple(&b, 'S');
 	m_parse(&b, "", "SELECT 2");
-	m_bind(&b, "", "", 0, NULL, 0);
-	m_execute(&b, "");
-	m_simple(&b, 'S');
+	th_pg_m_bind(&b, "", "", 0, NULL, 0);
+	th_pg_m_execute(&b, "");
+	th_pg_m_simple(&b, 'S');
 	expect(fd, &b, 3, "12DCZEZ12DCZ", "42501", "three groups");
 
 	/* Flush instead of Sync: the error comes at once, the skip still ends at Sync. */
 	m_parse(&b, "", "DELETE FROM orders");
-	m_simple(&b, 'H');
-	m_bind(&b, "", "", 0, NULL, 0);
-	m_simple(&b, 'S');
+	th_pg_m_simple(&b, 'H');
+	th_pg_m_bind(&b, "", "", 0, NULL, 0);
+	th_pg_m_simple(&b, 'S');
 	expect(fd, &b, 1, "EZ", "42501", "blocked before a Flush");
 
 	/* Close and named portals. */
 	m_parse(&b, "n1", "SELECT id FROM users ORDER BY id");
-	m_bind(&b, "p1", "n1", 0, NULL, 0);
-	m_execute(&b, "p1");
+	th_pg_m_bind(&b, "p1", "n1", 0, NULL, 0);
+	th_pg_m_execute(&b, "p1");
 	{
 		struct pg_wr w;
 
@@ -186,14 +135,14 @@ static void subtest_pipeline(struct th_pg_gate *g)
 		pg_wr_str(&w, "n1");
 		pg_wr_end(&w);
 	}
-	m_simple(&b, 'S');
+	th_pg_m_simple(&b, 'S');
 	expect(fd, &b, 1, "12DDDC3Z", NULL, "named statement and portal, Close");
 
 	{
 		char rows[4096];
 		ssize_t n;
 
-		m_simple(&b, 'X');
+		th_pg_m_simple(&b, 'X');
 		send_buf(fd, &b);
 		n = th_recv_all(fd, rows, sizeof(rows), 5000);
 		ASSERT_EQ(n, 0, "closed after Terminate");
@@ -206,23 +155,23 @@ static void subtest_named_many(struct th_pg_gate *g)
 {
 	struct ag_buf b = { 0 };
 	char got[2048], st[8];
-	int fd = raw_connect(g);
+	int fd = th_pg_raw_connect(g);
 
 	if (!ASSERT_GE(fd, 0, "raw connection"))
 		return;
 	/* Prepared once, executed 200 times in one pipeline. */
 	m_parse(&b, "q", "SELECT $1::int + 1");
-	m_simple(&b, 'S');
+	th_pg_m_simple(&b, 'S');
 	expect(fd, &b, 1, "1Z", NULL, "prepared");
 	for (int i = 0; i < 200; i++) {
 		char v[16];
 		const char *p[] = { v };
 
 		snprintf(v, sizeof(v), "%d", i);
-		m_bind(&b, "", "q", 1, p, 0);
-		m_execute(&b, "");
+		th_pg_m_bind(&b, "", "q", 1, p, 0);
+		th_pg_m_execute(&b, "");
 	}
-	m_simple(&b, 'S');
+	th_pg_m_simple(&b, 'S');
 	ASSERT_OK(send_buf(fd, &b), "send");
 	ASSERT_OK(th_pg_raw_collect(fd, 1, got, sizeof(got), st, NULL, 0, 10000), "answers");
 	ASSERT_EQ(strlen(got), 601, "2DC per execute, then Z");
@@ -231,7 +180,7 @@ static void subtest_named_many(struct th_pg_gate *g)
 	pg_put_query(&b, "EXECUTE q(41)");
 	expect(fd, &b, 1, "TDCZ", NULL, "EXECUTE q by SQL");
 	m_parse(&b, "d", "DELETE FROM orders WHERE id = -1");
-	m_simple(&b, 'S');
+	th_pg_m_simple(&b, 'S');
 	expect(fd, &b, 1, "1Z", NULL, "a bounded delete prepared");
 	close(fd);
 }
@@ -241,17 +190,17 @@ static void subtest_txn(struct th_pg_gate *g)
 	struct ag_buf b = { 0 };
 	char got[256], st[8];
 	struct th_pg_msg m;
-	int fd = raw_connect(g);
+	int fd = th_pg_raw_connect(g);
 
 	if (!ASSERT_GE(fd, 0, "raw connection"))
 		return;
 	pg_put_query(&b, "BEGIN");
 	expect(fd, &b, 1, "CZ", NULL, "begin");
 	m_parse(&b, "", "INSERT INTO orders VALUES (500, 1, 1, 'x', '2024-01-01')");
-	m_bind(&b, "", "", 0, NULL, 0);
-	m_execute(&b, "");
+	th_pg_m_bind(&b, "", "", 0, NULL, 0);
+	th_pg_m_execute(&b, "");
 	m_parse(&b, "", "DELETE FROM orders");
-	m_simple(&b, 'S');
+	th_pg_m_simple(&b, 'S');
 	ASSERT_OK(send_buf(fd, &b), "send");
 	/* Read to the RFQ, keeping its status. */
 	for (int i = 0; i < 10; i++) {
@@ -304,7 +253,7 @@ static void subtest_function_call(struct th_pg_gate *g)
 {
 	struct ag_buf b = { 0 };
 	struct pg_wr w;
-	int fd = raw_connect(g);
+	int fd = th_pg_raw_connect(g);
 
 	if (!ASSERT_GE(fd, 0, "raw connection"))
 		return;
@@ -336,7 +285,7 @@ static void subtest_many_parses(struct th_pg_gate *g)
 {
 	struct ag_buf b = { 0 };
 	char got[8];
-	int fd = raw_connect(g), n = 0;
+	int fd = th_pg_raw_connect(g), n = 0;
 	long before = daemon_peak_kb(g);
 
 	if (!ASSERT_GE(fd, 0, "raw connection"))
@@ -344,7 +293,7 @@ static void subtest_many_parses(struct th_pg_gate *g)
 	/* 100k Parse messages and one Sync, written before a byte is read back. */
 	for (int i = 0; i < 100000; i++)
 		m_parse(&b, "", "SELECT 1");
-	m_simple(&b, 'S');
+	th_pg_m_simple(&b, 'S');
 	if (!ASSERT_OK(send_buf(fd, &b), "send 100k Parses"))
 		goto out;
 	for (;;) {
