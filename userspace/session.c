@@ -349,6 +349,25 @@ static void on_side_eof(struct ag_session *s, enum ag_side from)
 		ag_session_shutdown(s, other(from));
 }
 
+static void read_failed(struct ag_session *s, enum ag_side i)
+{
+	ag_session_fail(s, true, "%s: %s", i == AG_SIDE_AGENT ? "agent" : "upstream",
+			errno == ECONNRESET ? "connection reset" : strerror(errno));
+}
+
+/* After reading: end a session both sides have finished, else re-arm both sides' events. */
+static void settle(struct ag_session *s)
+{
+	if (s->state == AG_SESS_CLOSED)
+		return;
+	if (session_done(s)) {
+		session_end(s, false);
+		return;
+	}
+	side_update_events(s, AG_SIDE_AGENT);
+	side_update_events(s, AG_SIDE_UPSTREAM);
+}
+
 /*
  * Can side i's bytes go socket → pipe → socket? A raw handler, the upstream up, nothing
  * half-consumed, and not on the sk_msg fast path (splice reads the TCP receive queue only, not
@@ -388,9 +407,7 @@ static void side_splice(struct ag_session *s, enum ag_side i)
 				continue;
 			if (errno == EAGAIN)
 				break;
-			ag_session_fail(s, true, "%s: %s",
-					i == AG_SIDE_AGENT ? "agent" : "upstream",
-					errno == ECONNRESET ? "connection reset" : strerror(errno));
+			read_failed(s, i);
 			return;
 		}
 		if (n == 0) {
@@ -407,14 +424,7 @@ static void side_splice(struct ag_session *s, enum ag_side i)
 		if (s->side[o].piped)
 			break; /* the other side is full: wait for EPOLLOUT there */
 	}
-	if (s->state == AG_SESS_CLOSED)
-		return;
-	if (session_done(s)) {
-		session_end(s, false);
-		return;
-	}
-	side_update_events(s, AG_SIDE_AGENT);
-	side_update_events(s, AG_SIDE_UPSTREAM);
+	settle(s);
 }
 
 static void side_readable(struct ag_session *s, enum ag_side i)
@@ -434,9 +444,7 @@ static void side_readable(struct ag_session *s, enum ag_side i)
 				continue;
 			if (errno == EAGAIN)
 				break;
-			ag_session_fail(s, true, "%s: %s",
-					i == AG_SIDE_AGENT ? "agent" : "upstream",
-					errno == ECONNRESET ? "connection reset" : strerror(errno));
+			read_failed(s, i);
 			return;
 		}
 		if (n == 0) {
@@ -455,14 +463,7 @@ static void side_readable(struct ag_session *s, enum ag_side i)
 		if (c->paused || n < AG_READ_CHUNK)
 			break;
 	}
-	if (s->state == AG_SESS_CLOSED)
-		return;
-	if (session_done(s)) {
-		session_end(s, false);
-		return;
-	}
-	side_update_events(s, AG_SIDE_AGENT);
-	side_update_events(s, AG_SIDE_UPSTREAM);
+	settle(s);
 }
 
 static void upstream_connected(struct ag_session *s)
