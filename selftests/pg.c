@@ -291,10 +291,13 @@ static const char *password_encryption(const char *auth)
 
 int th_pg_set_auth(struct th_pg *pg, const char *auth)
 {
-	char path[256], hba[1024], sql[256], port[16];
+	char path[256], hba[1024], sql[256], port[16], method[sizeof(pg->auth)];
 	char *argv[] = { TH_PG_BIN "/pg_ctl", "reload", "-s", "-D", pg->data, NULL };
 	int rc;
 
+	/* auth may be pg->auth itself (th_pg_set_ssl keeps the method). */
+	snprintf(method, sizeof(method), "%s", auth);
+	auth = method;
 	snprintf(pg->auth, sizeof(pg->auth), "%s", auth);
 	snprintf(path, sizeof(path), "%s/pg_hba.conf", pg->data);
 	snprintf(hba, sizeof(hba),

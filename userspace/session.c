@@ -592,9 +592,8 @@ static void tls_failed(struct ag_session *s, enum ag_side i, const char *why)
 {
 	char reason[sizeof(s->reason)];
 
+	/* Logged once, with the session's end (or by the handler that tells the agent). */
 	snprintf(reason, sizeof(reason), "%s TLS: %s", side_name(i), why);
-	pr_warn("session %llu (%s → %s): %s", (unsigned long long)s->id, s->agent, s->orig_dst,
-		reason);
 	if (s->proto->tls_done)
 		s->proto->tls_done(s, i, why);
 	if (s->state != AG_SESS_CLOSED)
