@@ -557,6 +557,10 @@ int ag_session_start_tls(struct ag_session *s, enum ag_side side)
 
 	if (c->ssl)
 		return 0;
+	if (!side_open(c)) {
+		ag_session_fail(s, true, "%s TLS: the connection is gone", side_name(side));
+		return -EPIPE;
+	}
 	if (side == AG_SIDE_AGENT) {
 		orig_ip(s, ip, sizeof(ip));
 		ssl = ag_tls_server_new(ip, err, sizeof(err));
