@@ -98,7 +98,8 @@ END {
 		split("-S, kept connections (TPS)|-S -C, handshakes per second", tn, "|")
 		for (i = 1; i <= 2; i++) {
 			d = m("direct-tls", tw[i], "tps"); g = m("agentgate-tls", tw[i], "tps")
-			printf "%-30s %11.1f %11.1f %5.2fx  %.1f\n", tn[i], d, g, d > 0 ? g / d : 0, \
+			rg = d > 0 ? g / d : 0
+			printf "%-30s %11.1f %11.1f %5.2fx  %.1f\n", tn[i], d, g, rg, \
 				m("agentgate-tls", tw[i], "cpu_us")
 		}
 	}

@@ -688,6 +688,12 @@ static void tls_readable(struct ag_session *s, enum ag_side i)
 		if (s->state == AG_SESS_CLOSED)
 			return;
 		side_update_events(s, i);
+		/*
+		 * Nothing decrypted or read ahead is left in OpenSSL: what else there is waits in
+		 * the socket, and the level-triggered epoll reports it. No read just for EAGAIN.
+		 */
+		if (!SSL_has_pending(c->ssl))
+			break;
 	}
 	settle(s);
 }

@@ -455,12 +455,12 @@ static SSL_CTX *ctx_new(const SSL_METHOD *m)
 	SSL_CTX_set_max_proto_version(c, TLS1_3_VERSION);
 	/*
 	 * No renegotiation; a peer that closes without close_notify is an EOF (most HTTP clients
-	 * do); partial writes from a buffer that may move between retries (our queues grow).
+	 * do); partial writes from a buffer that may move between retries (our queues grow). The
+	 * record buffers stay (SSL_MODE_RELEASE_BUFFERS costs a malloc/free per record).
 	 */
 	SSL_CTX_set_options(c, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF |
 				       SSL_OP_NO_COMPRESSION);
-	SSL_CTX_set_mode(c, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
-				    SSL_MODE_RELEASE_BUFFERS);
+	SSL_CTX_set_mode(c, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
 	return c;
 }
 
