@@ -140,8 +140,7 @@ static X509 *ca_create(EVP_PKEY *key)
 	    !X509_set_issuer_name(x, n) || !X509_set_pubkey(x, key) ||
 	    add_ext(x, x, NID_basic_constraints, "critical,CA:TRUE,pathlen:0") ||
 	    add_ext(x, x, NID_key_usage, "critical,keyCertSign,cRLSign") ||
-	    add_ext(x, x, NID_subject_key_identifier, "hash") ||
-	    !X509_sign(x, key, EVP_sha256())) {
+	    add_ext(x, x, NID_subject_key_identifier, "hash") || !X509_sign(x, key, EVP_sha256())) {
 		X509_free(x);
 		return NULL;
 	}
@@ -164,8 +163,7 @@ static int write_pem(const char *path, mode_t mode, bool key, void *obj, char *e
 		close(fd);
 		return -ENOMEM;
 	}
-	ok = key ? PEM_write_PrivateKey(f, obj, NULL, NULL, 0, NULL, NULL)
-		 : PEM_write_X509(f, obj);
+	ok = key ? PEM_write_PrivateKey(f, obj, NULL, NULL, 0, NULL, NULL) : PEM_write_X509(f, obj);
 	if (fflush(f) || fsync(fileno(f)))
 		ok = 0;
 	fclose(f);
@@ -196,8 +194,9 @@ static int load_pair(const char *crt, const char *keyp, char *err, size_t errlen
 	g.ca_key = PEM_read_PrivateKey(f, NULL, NULL, NULL);
 	fclose(f);
 	if (!g.ca || !g.ca_key) {
-		ssl_errs(err, errlen, g.ca ? "CA key: not a PEM private key"
-					   : "CA certificate: not a PEM certificate");
+		ssl_errs(err, errlen,
+			 g.ca ? "CA key: not a PEM private key"
+			      : "CA certificate: not a PEM certificate");
 		return -EINVAL;
 	}
 	if (!X509_check_private_key(g.ca, g.ca_key)) {

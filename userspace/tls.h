@@ -16,10 +16,10 @@
 
 /* What a target's tls.upstream asks of the upstream leg. */
 enum ag_tls_upstream {
-	AG_TLS_UP_NONE = 0,	/* no tls: block, or upstream: disable|off */
-	AG_TLS_UP_VERIFY_FULL,	/* chain and name (the default when tls: is present) */
-	AG_TLS_UP_VERIFY_CA,	/* chain only */
-	AG_TLS_UP_REQUIRE,	/* encrypted, not verified (explicitly asked for) */
+	AG_TLS_UP_NONE = 0,    /* no tls: block, or upstream: disable|off */
+	AG_TLS_UP_VERIFY_FULL, /* chain and name (the default when tls: is present) */
+	AG_TLS_UP_VERIFY_CA,   /* chain only */
+	AG_TLS_UP_REQUIRE,     /* encrypted, not verified (explicitly asked for) */
 };
 
 /*

@@ -26,6 +26,13 @@
 #define PG_ADDR "127.0.0.41"
 #define WEB_ADDR "127.0.0.42"
 #define ECHO_ADDR "127.0.0.43"
+#define WEBCA_ADDR "127.0.0.44"
+#define WEBBAD_ADDR "127.0.0.45"
+#define MTLS_ADDR "127.0.0.46"
+#define BIG_BYTES (6 << 20)
+
+/* The python3 HTTPS servers: as their target's tls: asks, and what each proves. */
+enum { WEB = 0, WEB_CA, WEB_BAD, WEB_MTLS, NWEB };
 
 static char out[65536], err[65536];
 
@@ -33,8 +40,8 @@ struct tls_env {
 	struct th_pg_gate g;
 	char dir[128]; /* test CA, certificates */
 	char gw_ca[256];
-	pid_t web_pid;
-	int web_port;
+	pid_t web_pid[NWEB];
+	int web_port[NWEB];
 	struct th_server *echo;
 };
 
@@ -58,7 +65,7 @@ static int make_certs(struct tls_env *e)
 		"leaf() { openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
 		"-keyout $1.key -out $1.csr -subj /CN=$1 2>/dev/null\n"
 		"  printf 'subjectAltName=%%s\\nbasicConstraints=CA:FALSE\\n"
-		"extendedKeyUsage=serverAuth\\n' $2 > $1.ext\n"
+		"extendedKeyUsage=serverAuth,clientAuth\\n' $2 > $1.ext\n"
 		"  openssl x509 -req -in $1.csr -CA $3.crt -CAkey $3.key -CAcreateserial -days 2 "
 		"-extfile $1.ext -out $1.crt 2>/dev/null; }\n"
 		"ca testca; ca otherca\n"
@@ -66,6 +73,9 @@ static int make_certs(struct tls_env *e)
 		"leaf pg_wrongname DNS:wrong.example testca\n"
 		"leaf pg_unknown IP:" PG_ADDR " otherca\n"
 		"leaf web IP:" WEB_ADDR ",DNS:web.test testca\n"
+		"leaf wrongname DNS:wrong.example testca\n"
+		"leaf mtls IP:" MTLS_ADDR " testca\n"
+		"leaf client DNS:agentgate.client testca\n"
 		"chmod 0644 *.crt *.key\n";
 	char script[2048];
 
@@ -81,36 +91,58 @@ static int make_certs(struct tls_env *e)
 	return 0;
 }
 
-/* A python3 HTTPS server on WEB_ADDR: TLS 1.2+, answers every GET with one line. */
-static int web_start(struct tls_env *e)
+/*
+ * A python3 HTTPS server on addr with certificate `cert` (TLS 1.2+; with mtls, a client
+ * certificate from the test CA is required). GET answers one line naming the path, GET /big
+ * BIG_BYTES of a known pattern, POST the length and SHA-256 of the body it read.
+ */
+static int web_start(struct tls_env *e, int idx, const char *addr, const char *cert, bool mtls)
 {
-	char script[2048], portfile[200], buf[32] = "";
+	char script[4096], portfile[200], buf[32] = "";
 	FILE *f;
 
-	snprintf(portfile, sizeof(portfile), "%s/web.port", e->dir);
+	snprintf(portfile, sizeof(portfile), "%s/web%d.port", e->dir, idx);
 	snprintf(script, sizeof(script),
-		 "import http.server, ssl\n"
+		 "import http.server, ssl, hashlib, os\n"
+		 "big = bytes(i %% 251 for i in range(%d))\n"
 		 "class H(http.server.BaseHTTPRequestHandler):\n"
-		 "    def do_GET(self):\n"
-		 "        b = b'hello from the tls server, path ' + self.path.encode() + b'\\n'\n"
+		 "    protocol_version = 'HTTP/1.1'\n"
+		 "    def reply(self, b):\n"
 		 "        self.send_response(200)\n"
 		 "        self.send_header('Content-Length', str(len(b)))\n"
 		 "        self.end_headers()\n"
 		 "        self.wfile.write(b)\n"
+		 "    def do_GET(self):\n"
+		 "        if self.path == '/big':\n"
+		 "            return self.reply(big)\n"
+		 "        self.reply(b'hello from the tls server, path ' + self.path.encode() + "
+		 "b'\\n')\n"
+		 "    def do_POST(self):\n"
+		 "        n = int(self.headers['Content-Length'])\n"
+		 "        h = hashlib.sha256(); left = n\n"
+		 "        while left:\n"
+		 "            d = self.rfile.read(min(left, 65536))\n"
+		 "            if not d: break\n"
+		 "            h.update(d); left -= len(d)\n"
+		 "        self.reply(('got %%d %%s\\n' %% (n - left, h.hexdigest())).encode())\n"
 		 "    def log_message(self, *a):\n"
 		 "        pass\n"
 		 "s = http.server.ThreadingHTTPServer(('%s', 0), H)\n"
 		 "c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n"
-		 "c.load_cert_chain('%s/web.crt', '%s/web.key')\n"
+		 "c.load_cert_chain('%s/%s.crt', '%s/%s.key')\n"
+		 "if %d:\n"
+		 "    c.verify_mode = ssl.CERT_REQUIRED\n"
+		 "    c.load_verify_locations('%s/testca.crt')\n"
 		 "s.socket = c.wrap_socket(s.socket, server_side=True)\n"
 		 "open('%s.tmp', 'w').write(str(s.server_address[1]))\n"
-		 "import os; os.rename('%s.tmp', '%s')\n"
+		 "os.rename('%s.tmp', '%s')\n"
 		 "s.serve_forever()\n",
-		 WEB_ADDR, e->dir, e->dir, portfile, portfile, portfile);
-	e->web_pid = fork();
-	if (e->web_pid < 0)
+		 BIG_BYTES, addr, e->dir, cert, e->dir, cert, mtls, e->dir, portfile, portfile,
+		 portfile);
+	e->web_pid[idx] = fork();
+	if (e->web_pid[idx] < 0)
 		return -errno;
-	if (!e->web_pid) {
+	if (!e->web_pid[idx]) {
 		execl("/usr/bin/python3", "python3", "-c", script, (char *)NULL);
 		_exit(127);
 	}
@@ -118,9 +150,9 @@ static int web_start(struct tls_env *e)
 		f = fopen(portfile, "r");
 		if (f) {
 			if (fgets(buf, sizeof(buf), f))
-				e->web_port = atoi(buf);
+				e->web_port[idx] = atoi(buf);
 			fclose(f);
-			if (e->web_port > 0)
+			if (e->web_port[idx] > 0)
 				return 0;
 		}
 		usleep(50 * 1000);
@@ -131,7 +163,7 @@ static int web_start(struct tls_env *e)
 static int env_start(struct tls_env *e)
 {
 	struct th_pg_gate *g = &e->g;
-	char path[2][256], tls[512];
+	char path[2][256], tls[512], tls_ca[512], tls_mtls[768];
 	int rc, n;
 
 	memset(e, 0, sizeof(*e));
@@ -149,7 +181,13 @@ static int env_start(struct tls_env *e)
 	rc = th_pg_set_ssl(&g->pg, path[0], path[1]);
 	if (rc)
 		return rc;
-	rc = web_start(e);
+	rc = web_start(e, WEB, WEB_ADDR, "web", false);
+	if (!rc)
+		rc = web_start(e, WEB_CA, WEBCA_ADDR, "wrongname", false);
+	if (!rc)
+		rc = web_start(e, WEB_BAD, WEBBAD_ADDR, "wrongname", false);
+	if (!rc)
+		rc = web_start(e, WEB_MTLS, MTLS_ADDR, "mtls", true);
 	if (rc)
 		return rc;
 	e->echo = th_server_start(TH_SRV_ECHO, AF_INET, ECHO_ADDR);
@@ -158,6 +196,13 @@ static int env_start(struct tls_env *e)
 	snprintf(tls, sizeof(tls),
 		 "    tls: { client: terminate, upstream: verify-full, ca_file: %s/testca.crt }\n",
 		 e->dir);
+	snprintf(tls_ca, sizeof(tls_ca),
+		 "    tls: { client: terminate, upstream: verify-ca, ca_file: %s/testca.crt }\n",
+		 e->dir);
+	snprintf(tls_mtls, sizeof(tls_mtls),
+		 "    tls: { client: terminate, upstream: verify-full, ca_file: %s/testca.crt,\n"
+		 "           cert_file: %s/client.crt, key_file: %s/client.key }\n",
+		 e->dir, e->dir, e->dir);
 	n = snprintf(g->policy, sizeof(g->policy),
 		     "apiVersion: agentgate/v1\n"
 		     "agents:\n"
@@ -173,14 +218,25 @@ static int env_start(struct tls_env *e)
 		     "  - name: echo\n"
 		     "    protocol: tcp\n"
 		     "    address: %s:%d\n%s"
+		     "  - name: webca\n"
+		     "    protocol: tcp\n"
+		     "    address: %s:%d\n%s"
+		     "  - name: webbad\n"
+		     "    protocol: tcp\n"
+		     "    address: %s:%d\n%s"
+		     "  - name: mtls\n"
+		     "    protocol: tcp\n"
+		     "    address: %s:%d\n%s"
 		     "rules:\n"
 		     "  - agent: t\n"
 		     "    target: db\n"
 		     "    sql:\n"
 		     "      - { name: all, when: { command: [select, set, show] }, then: allow }\n"
 		     "default: deny\n",
-		     g->tagged, PG_ADDR, g->pg.port, tls, WEB_ADDR, e->web_port, tls, ECHO_ADDR,
-		     th_server_port(e->echo), tls);
+		     g->tagged, PG_ADDR, g->pg.port, tls, WEB_ADDR, e->web_port[WEB], tls,
+		     ECHO_ADDR, th_server_port(e->echo), tls, WEBCA_ADDR, e->web_port[WEB_CA],
+		     tls_ca, WEBBAD_ADDR, e->web_port[WEB_BAD], tls, MTLS_ADDR,
+		     e->web_port[WEB_MTLS], tls_mtls);
 	if (n < 0 || (size_t)n >= sizeof(g->policy))
 		return -ENOSPC;
 	rc = th_daemon_start(&g->d, g->policy, NULL);
@@ -194,9 +250,11 @@ static void env_stop(struct tls_env *e)
 {
 	th_pg_gate_cleanup(&e->g);
 	th_server_stop(e->echo);
-	if (e->web_pid > 0) {
-		kill(e->web_pid, SIGKILL);
-		waitpid(e->web_pid, NULL, 0);
+	for (int i = 0; i < NWEB; i++) {
+		if (e->web_pid[i] > 0) {
+			kill(e->web_pid[i], SIGKILL);
+			waitpid(e->web_pid[i], NULL, 0);
+		}
 	}
 	if (e->dir[0])
 		th_rm_rf(e->dir);
@@ -241,8 +299,8 @@ static void subtest_pg_verify_full(struct tls_env *e)
 	/* The server takes the agent role over TLS only (hostssl): clear, direct, is refused. */
 	{
 		char conn[300];
-		char *argv[] = { "/usr/bin/psql", "-X", "-A", "-t", "-d", conn, "-c", "SELECT 1",
-				 NULL };
+		char *argv[] = { "/usr/bin/psql", "-X", "-A", "-t", "-d", conn, "-c",
+				 "SELECT 1",	  NULL };
 
 		snprintf(conn, sizeof(conn), "host=%s port=%d user=%s dbname=%s sslmode=disable",
 			 PG_ADDR, e->g.pg.port, TH_PG_USER, TH_PG_DB);
@@ -313,7 +371,8 @@ static void subtest_https_curl(struct tls_env *e)
 		 "PATH=/usr/bin:/bin; curl -sS --max-time 20 --cacert %s https://%s:%d/one && "
 		 "curl -sS --max-time 20 --cacert %s --resolve web.test:%d:%s "
 		 "https://web.test:%d/two",
-		 e->gw_ca, WEB_ADDR, e->web_port, e->gw_ca, e->web_port, WEB_ADDR, e->web_port);
+		 e->gw_ca, WEB_ADDR, e->web_port[WEB], e->gw_ca, e->web_port[WEB], WEB_ADDR,
+		 e->web_port[WEB]);
 	rc = sh(e->g.tagged, script, 60000);
 	if (!ASSERT_EQ(rc, 0, "curl over HTTPS through the gateway"))
 		printf("stderr: %s\n", err);
@@ -330,7 +389,7 @@ static void subtest_leaf_names(struct tls_env *e)
 		 "PATH=/usr/bin:/bin; echo | openssl s_client -connect %s:%d "
 		 "-servername sni.example -CAfile %s -verify_return_error 2>/dev/null | "
 		 "openssl x509 -noout -ext subjectAltName -issuer -dates",
-		 WEB_ADDR, e->web_port, e->gw_ca);
+		 WEB_ADDR, e->web_port[WEB], e->gw_ca);
 	rc = sh(e->g.tagged, script, 30000);
 	if (!ASSERT_EQ(rc, 0, "s_client"))
 		printf("stderr: %s\n", err);
@@ -349,14 +408,14 @@ static void subtest_tls11_refused(struct tls_env *e)
 	snprintf(script, sizeof(script),
 		 "PATH=/usr/bin:/bin; echo | openssl s_client -connect %s:%d -tls1_1 "
 		 "-cipher DEFAULT@SECLEVEL=0 2>&1",
-		 WEB_ADDR, e->web_port);
+		 WEB_ADDR, e->web_port[WEB]);
 	rc = sh(e->g.tagged, script, 30000);
 	ASSERT_NEQ(rc, 0, "TLS 1.1 handshake fails");
 	ASSERT_HAS_SUBSTR(out, "protocol version", "for its version");
 	snprintf(script, sizeof(script),
 		 "PATH=/usr/bin:/bin; echo | openssl s_client -connect %s:%d -tls1_2 "
 		 "-CAfile %s -verify_return_error 2>&1",
-		 WEB_ADDR, e->web_port, e->gw_ca);
+		 WEB_ADDR, e->web_port[WEB], e->gw_ca);
 	rc = sh(e->g.tagged, script, 30000);
 	ASSERT_EQ(rc, 0, "TLS 1.2 works");
 	ASSERT_HAS_SUBSTR(out, "Protocol  : TLSv1.2", "negotiated 1.2");
@@ -382,7 +441,7 @@ static void subtest_clear_stream(struct tls_env *e)
 static void subtest_bad_client_hello(struct tls_env *e)
 {
 	static const char junk[] = "\x16\x03\x01\x00\x20this is not a client hello at all!!";
-	int fd = th_pg_connect_from(e->g.tagged, WEB_ADDR, e->web_port);
+	int fd = th_pg_connect_from(e->g.tagged, WEB_ADDR, e->web_port[WEB]);
 	char buf[256];
 	ssize_t n;
 
@@ -396,6 +455,70 @@ static void subtest_bad_client_hello(struct tls_env *e)
 	ASSERT_TRUE(log_has(e, "agent TLS: handshake failed"), "logged");
 	ASSERT_TRUE(th_pg_gate_alive(&e->g), "the daemon lives on");
 	subtest_https_curl(e);
+}
+
+/* Megabytes both ways through TLS on both legs: backpressure and partial TLS writes. */
+static void subtest_bulk_both_ways(struct tls_env *e)
+{
+	char script[1024], want[128];
+	int rc;
+
+	snprintf(script, sizeof(script),
+		 "PATH=/usr/bin:/bin; curl -sS --max-time 60 --cacert %s https://%s:%d/big | "
+		 "sha256sum | cut -c1-64; "
+		 "head -c %d /dev/zero | tr '\\0' 'z' | curl -sS --max-time 60 --cacert %s "
+		 "--data-binary @- https://%s:%d/up; "
+		 "python3 -c \"import hashlib,sys; print(hashlib.sha256(bytes(i %% 251 for i in "
+		 "range(%d))).hexdigest()); print(hashlib.sha256(b'z' * %d).hexdigest())\"",
+		 e->gw_ca, WEB_ADDR, e->web_port[WEB], BIG_BYTES, e->gw_ca, WEB_ADDR,
+		 e->web_port[WEB], BIG_BYTES, BIG_BYTES);
+	rc = sh(e->g.tagged, script, 120000);
+	if (!ASSERT_EQ(rc, 0, "curl down and up"))
+		printf("stderr: %s\n", err);
+	printf("%s", out);
+	{
+		char down[80] = "", got[200] = "", exp_down[80] = "", exp_up[80] = "";
+
+		if (!ASSERT_EQ(
+			    sscanf(out, "%79s\n%199[^\n]\n%79s\n%79s", down, got, exp_down, exp_up),
+			    4, "four lines"))
+			return;
+		ASSERT_STREQ(down, exp_down, "6 MiB down, intact");
+		snprintf(want, sizeof(want), "got %d %s", BIG_BYTES, exp_up);
+		ASSERT_STREQ(got, want, "6 MiB up, intact");
+	}
+}
+
+static void subtest_verify_ca_and_mtls(struct tls_env *e)
+{
+	char script[1024];
+	int rc;
+
+	/* verify-ca: the chain only, so a certificate for another name passes. */
+	snprintf(script, sizeof(script),
+		 "PATH=/usr/bin:/bin; curl -sS --max-time 20 --cacert %s https://%s:%d/ca",
+		 e->gw_ca, WEBCA_ADDR, e->web_port[WEB_CA]);
+	rc = sh(e->g.tagged, script, 30000);
+	if (!ASSERT_EQ(rc, 0, "verify-ca accepts another name"))
+		printf("stderr: %s\n", err);
+	ASSERT_HAS_SUBSTR(out, "path /ca", "answered");
+	/* verify-full: the same certificate is refused; the agent's TLS ends, the log says why. */
+	snprintf(script, sizeof(script),
+		 "PATH=/usr/bin:/bin; curl -sS --max-time 20 --cacert %s https://%s:%d/bad",
+		 e->gw_ca, WEBBAD_ADDR, e->web_port[WEB_BAD]);
+	rc = sh(e->g.tagged, script, 30000);
+	ASSERT_NEQ(rc, 0, "verify-full refuses it");
+	ASSERT_TRUE(!strstr(out, "path /bad"), "nothing from the server");
+	ASSERT_TRUE(log_has(e, "upstream TLS: certificate verify failed: IP address mismatch"),
+		    "logged with the reason");
+	/* mTLS: the server requires a client certificate; the gateway shows tls.cert_file. */
+	snprintf(script, sizeof(script),
+		 "PATH=/usr/bin:/bin; curl -sS --max-time 20 --cacert %s https://%s:%d/mtls",
+		 e->gw_ca, MTLS_ADDR, e->web_port[WEB_MTLS]);
+	rc = sh(e->g.tagged, script, 30000);
+	if (!ASSERT_EQ(rc, 0, "mTLS upstream"))
+		printf("stderr: %s\n", err);
+	ASSERT_HAS_SUBSTR(out, "path /mtls", "answered");
 }
 
 static void subtest_ca_files(struct tls_env *e)
@@ -462,6 +585,10 @@ void test_tls(void)
 		subtest_pg_server_says_n(&e);
 	if (test__start_subtest("https_curl_through_tcp_target"))
 		subtest_https_curl(&e);
+	if (test__start_subtest("bulk_both_ways_through_tls"))
+		subtest_bulk_both_ways(&e);
+	if (test__start_subtest("upstream_verify_ca_verify_full_mtls"))
+		subtest_verify_ca_and_mtls(&e);
 	if (test__start_subtest("leaf_san_is_sni_and_orig_ip"))
 		subtest_leaf_names(&e);
 	if (test__start_subtest("tls11_refused"))
