@@ -252,7 +252,8 @@ int main(int argc, char **argv)
 	d->slog_fd = -1;
 	d->ctl_io.fd = -1;
 
-	while ((opt = getopt_long(argc, argv, "c:s:S:fl:B:P:m:F:w:M:C:K:Vh", longopts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "c:s:S:fl:B:P:m:F:w:M:C:K:Vh", longopts, NULL)) !=
+	       -1) {
 		char *end;
 		unsigned long v;
 		enum ag_log_level lvl;

@@ -1555,9 +1555,9 @@ static long pg_tls_answer(struct ag_session *s, const uint8_t *data, size_t len)
 	if (data[0] == 'S')
 		return ag_session_start_tls(s, AG_SIDE_UPSTREAM) ? -1 : 1;
 	/* Never a silent downgrade: the policy asked for TLS upstream. */
-	return pg_fatal(s, NULL, PG_TLS_SQLSTATE,
-			"upstream TLS refused: the server %s to SSLRequest", data[0] == 'N'
-			? "does not accept TLS (answered 'N')" : "answered something else");
+	return pg_fatal(s, NULL, PG_TLS_SQLSTATE, "upstream TLS refused: the server %s",
+			data[0] == 'N' ? "does not accept TLS (answered 'N' to SSLRequest)"
+				       : "answered SSLRequest with neither 'S' nor 'N'");
 }
 
 static void pg_tls_done(struct ag_session *s, enum ag_side side, const char *err)
@@ -1567,8 +1567,8 @@ static void pg_tls_done(struct ag_session *s, enum ag_side side, const char *err
 	if (!err || side != AG_SIDE_UPSTREAM)
 		return;
 	if (!strncmp(err, verify, sizeof(verify) - 1))
-		pg_fatal(s, NULL, PG_TLS_SQLSTATE,
-			 "upstream TLS verification failed: %s", err + sizeof(verify) - 1);
+		pg_fatal(s, NULL, PG_TLS_SQLSTATE, "upstream TLS verification failed: %s",
+			 err + sizeof(verify) - 1);
 	else
 		pg_fatal(s, NULL, PG_TLS_SQLSTATE, "upstream TLS failed: %s", err);
 }
