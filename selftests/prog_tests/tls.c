@@ -20,6 +20,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "policy.h"
+#include "tls.h"
 #include "../pg.h"
 #include "../test_progs.h"
 
@@ -567,6 +569,93 @@ static void subtest_ca_files(struct tls_env *e)
 	}
 }
 
+/* --ca-cert/--ca-key: that CA is the one shown; a key of another CA stops the start. */
+static void subtest_supplied_ca(struct tls_env *e)
+{
+	struct th_daemon d = {};
+	char cg[256], policy[1024], args[600], file[300];
+	int rc;
+
+	if (!ASSERT_OK(th_cgroup_create("tls1", cg, sizeof(cg)), "cgroup") ||
+	    !ASSERT_OK(th_policy_tcp(policy, sizeof(policy), cg, "x", "127.0.0.47:9", NULL),
+		       "policy"))
+		return;
+	snprintf(args, sizeof(args), "--ca-cert %s/testca.crt --ca-key %s/testca.key", e->dir,
+		 e->dir);
+	rc = th_daemon_start(&d, policy, args);
+	if (ASSERT_OK(rc, "daemon with a supplied CA")) {
+		char script[400];
+
+		ASSERT_EQ(th_agctl(&d, out, sizeof(out), "ca show"), 0, "agctl ca show");
+		snprintf(file, sizeof(file), "%s/shown.crt", e->dir);
+		{
+			FILE *f = fopen(file, "w");
+
+			if (f) {
+				fputs(out, f);
+				fclose(f);
+			}
+		}
+		snprintf(script, sizeof(script), "/usr/bin/cmp %s %s/testca.crt", file, e->dir);
+		ASSERT_EQ(sh(NULL, script, 10000), 0, "the supplied CA, byte for byte");
+		snprintf(file, sizeof(file), "%s/ca/ca.key", d.state_dir);
+		ASSERT_NEQ(access(file, F_OK), 0, "no CA created in the state dir");
+	}
+	th_daemon_cleanup(&d);
+	snprintf(args, sizeof(args), "--ca-cert %s/testca.crt --ca-key %s/otherca.key", e->dir,
+		 e->dir);
+	rc = th_daemon_start(&d, policy, args);
+	ASSERT_EQ(rc, -ECHILD, "a key that does not match refuses to start");
+	if (rc == -ECHILD) {
+		static char log[65536];
+
+		th_daemon_read_log(&d, log, sizeof(log));
+		ASSERT_HAS_SUBSTR(log, "does not match the certificate", "and says why");
+	}
+	th_daemon_cleanup(&d);
+}
+
+/* tls: keys as the session layer reads them. */
+static void subtest_policy_modes(void)
+{
+	static const struct {
+		const char *tls;
+		bool terminate;
+		enum ag_tls_upstream up;
+	} cases[] = {
+		{ "", false, AG_TLS_UP_NONE },
+		{ "    tls: { client: terminate }\n", true, AG_TLS_UP_VERIFY_FULL },
+		{ "    tls: { upstream: verify-ca }\n", false, AG_TLS_UP_VERIFY_CA },
+		{ "    tls: { client: terminate, upstream: disable }\n", true, AG_TLS_UP_NONE },
+		{ "    tls: { upstream: off }\n", false, AG_TLS_UP_NONE },
+		{ "    tls: { upstream: require }\n", false, AG_TLS_UP_REQUIRE },
+	};
+	char yaml[1024], perr[512];
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct ag_policy *p;
+		const struct ag_policy_target *t;
+
+		snprintf(yaml, sizeof(yaml),
+			 "apiVersion: agentgate/v1\n"
+			 "agents: [{ name: a, cgroup: /x }]\n"
+			 "targets:\n"
+			 "  - name: t\n"
+			 "    protocol: tcp\n"
+			 "    address: 127.0.0.9:443\n%s",
+			 cases[i].tls);
+		p = ag_policy_parse(yaml, strlen(yaml), "t.yaml", perr, sizeof(perr));
+		if (!ASSERT_OK_PTR(p, cases[i].tls)) {
+			printf("%s\n", perr);
+			continue;
+		}
+		t = ag_policy_target_by_name(p, "t");
+		ASSERT_EQ(ag_tls_client_terminates(t), cases[i].terminate, cases[i].tls);
+		ASSERT_EQ(ag_tls_upstream_mode(t), cases[i].up, cases[i].tls);
+		ag_policy_free(p);
+	}
+}
+
 void test_tls(void)
 {
 	static struct tls_env e;
@@ -597,6 +686,10 @@ void test_tls(void)
 		subtest_clear_stream(&e);
 	if (test__start_subtest("malformed_client_hello_one_session"))
 		subtest_bad_client_hello(&e);
+	if (test__start_subtest("supplied_ca_cert_and_key"))
+		subtest_supplied_ca(&e);
+	if (test__start_subtest("policy_tls_modes"))
+		subtest_policy_modes();
 out:
 	test__end_subtest();
 	env_stop(&e);
