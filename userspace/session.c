@@ -34,6 +34,8 @@
 #define AG_READ_CHUNK (64 * 1024)
 #define AG_HIGH_WM (256 * 1024)
 #define AG_CONNECT_TIMEOUT_MS 10000
+/* A peer that starts a handshake and stalls holds the session no longer than this. */
+#define AG_TLS_HANDSHAKE_TIMEOUT_MS 10000
 
 #ifndef SO_NETNS_COOKIE
 #define SO_NETNS_COOKIE 71
@@ -281,6 +283,7 @@ static int tls_flush_clear(struct ag_session *s, enum ag_side i)
 	}
 	if (!c->clear_out && c->ssl && c->tls == AG_TLS_HOLD) {
 		c->tls = AG_TLS_HANDSHAKE;
+		c->tls_deadline_ms = mono_ms() + AG_TLS_HANDSHAKE_TIMEOUT_MS;
 		/* The client speaks first; a server waits for its hello. */
 		c->tls_want = SSL_is_server(c->ssl) ? EPOLLIN : EPOLLOUT;
 	}
@@ -1302,6 +1305,18 @@ static bool connect_expired(const struct ag_session *s, void *arg)
 	       m->now > s->connect_deadline_ms;
 }
 
+static bool handshake_expired(const struct ag_session *s, void *arg)
+{
+	const struct tick_match *m = arg;
+
+	if (s->w != m->w || s->state == AG_SESS_CLOSED)
+		return false;
+	for (int i = 0; i < 2; i++)
+		if (s->side[i].tls == AG_TLS_HANDSHAKE && m->now > s->side[i].tls_deadline_ms)
+			return true;
+	return false;
+}
+
 /* Connect timeouts: a worker tick scans the daemon table for its own connecting sessions. */
 static void worker_tick(void *arg)
 {
@@ -1312,6 +1327,12 @@ static void worker_tick(void *arg)
 	/* Each one failed leaves the table. */
 	while ((s = table_find(w->d, connect_expired, &m)))
 		ag_session_fail(s, true, "upstream %s: connect timed out", s->orig_dst);
+	while ((s = table_find(w->d, handshake_expired, &m))) {
+		const struct ag_side_conn *a = &s->side[AG_SIDE_AGENT];
+		bool agent = a->tls == AG_TLS_HANDSHAKE && m.now > a->tls_deadline_ms;
+
+		tls_failed(s, agent ? AG_SIDE_AGENT : AG_SIDE_UPSTREAM, "handshake timed out");
+	}
 	/* Listeners paused for want of fds (on_listener) try again. */
 	for (int k = 0; k < 2; k++)
 		if (w->lis[k].fd >= 0 && w->lis[k].loop && !w->lis[k].events)

@@ -49,6 +49,7 @@ struct ag_side_conn {
 	uint8_t tls;	    /* enum ag_tls_phase */
 	uint32_t tls_want;  /* epoll events the handshake (or an SSL_read) waits for */
 	size_t clear_out;   /* head bytes of out still to go in clear before the handshake */
+	uint64_t tls_deadline_ms; /* the handshake's end at the latest (monotonic) */
 };
 
 struct ag_session {

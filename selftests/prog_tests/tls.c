@@ -569,6 +569,22 @@ static void subtest_ca_files(struct tls_env *e)
 	}
 }
 
+/* A client that starts a handshake and goes quiet is cut off (10 s), not kept forever. */
+static void subtest_stalled_handshake(struct tls_env *e)
+{
+	int fd = th_pg_connect_from(e->g.tagged, WEB_ADDR, e->web_port[WEB]);
+	char buf[64];
+	ssize_t n;
+
+	if (!ASSERT_GE(fd, 0, "connect"))
+		return;
+	ASSERT_OK(th_send_all(fd, "\x16\x03\x01", 3, 5000), "three bytes of a record header");
+	n = th_recv_all(fd, buf, sizeof(buf), 40000);
+	ASSERT_TRUE(n == 0 || n == -ECONNRESET, "the gateway ended it");
+	close(fd);
+	ASSERT_TRUE(log_has(e, "agent TLS: handshake timed out"), "and logged why");
+}
+
 /* --ca-cert/--ca-key: that CA is the one shown; a key of another CA stops the start. */
 static void subtest_supplied_ca(struct tls_env *e)
 {
@@ -686,6 +702,8 @@ void test_tls(void)
 		subtest_clear_stream(&e);
 	if (test__start_subtest("malformed_client_hello_one_session"))
 		subtest_bad_client_hello(&e);
+	if (test__start_subtest("stalled_handshake_times_out"))
+		subtest_stalled_handshake(&e);
 	if (test__start_subtest("supplied_ca_cert_and_key"))
 		subtest_supplied_ca(&e);
 	if (test__start_subtest("policy_tls_modes"))
