@@ -15,10 +15,15 @@
 # proxies' CPU time per transaction (user + system, from /proc), which a busy machine disturbs
 # less than it does TPS. Targets (DESIGN.md): >= 0.80 of direct TPS and ahead of PgBouncer;
 # p50 +<30 us, p99 +<100 us.
+# Then TLS on both legs (AGBENCH_PG_TLS=1, the default): the server gets ssl = on with a
+# certificate from a CA made here, the target tls: { client: terminate, upstream: verify-full };
+# pgbench with sslmode=verify-full against the gateway CA (direct: against the test CA), -S on
+# kept connections, and -S -C (a new connection, so a new handshake — two through the gateway —
+# per transaction: handshakes per second), as ratios to direct TLS in a third table.
 #
 # Installs nothing, needs no terminal, and removes its server, PgBouncer, daemon, cgroups and
 # pins on every exit; stops itself after AGBENCH_PG_LIMIT seconds (default 340; a default run
-# takes about 4.5 minutes).
+# takes about 4.5 minutes, 5.5 with the TLS part).
 #
 # Environment: AGBENCH_PG_T (seconds per throughput run, default 5), AGBENCH_PG_LAT_T (seconds
 # per latency run, 4), AGBENCH_PG_ROUNDS (3), AGBENCH_PG_CLIENTS (8), AGBENCH_PG_THREADS (2),
@@ -37,7 +42,8 @@ CLIENTS=${AGBENCH_PG_CLIENTS:-8}
 THREADS=${AGBENCH_PG_THREADS:-2}
 SCALE=${AGBENCH_PG_SCALE:-10}
 LAT=${AGBENCH_PG_LAT:-1}
-LIMIT=${AGBENCH_PG_LIMIT:-340}
+TLS=${AGBENCH_PG_TLS:-1}
+LIMIT=${AGBENCH_PG_LIMIT:-440}
 PGBIN=/usr/lib/postgresql/15/bin
 PGBENCH=/usr/bin/pgbench
 PSQL=/usr/bin/psql
@@ -83,6 +89,19 @@ END {
 		verdict = ((rg >= 0.80) ? "ok" : "MISSED") ", " ((g > p) ? "ahead" : "behind")
 		printf "%-18s %9.1f %10.1f %5.2fx %10.1f %5.2fx  %-18s %.1f, %.1f\n", names[i], d, p, rp, \
 			g, rg, verdict, m("pgbouncer", w, "cpu_us"), m("agentgate", w, "cpu_us")
+	}
+	if (cnt["direct-tls" SUBSEP "S" SUBSEP "tps"]) {
+		printf "\nTLS on both legs (verify-full), pgbench -c %d -j %d -T %d, median of %d round(s)\n", clients, threads, t, rounds
+		printf "%-30s %11s %11s %6s  %s\n", "workload", "direct TLS", "agentgate", "ratio", \
+			"agentgate CPU us/txn"
+		split("S SC", tw, " ")
+		split("-S, kept connections (TPS)|-S -C, handshakes per second", tn, "|")
+		for (i = 1; i <= 2; i++) {
+			d = m("direct-tls", tw[i], "tps"); g = m("agentgate-tls", tw[i], "tps")
+			rg = d > 0 ? g / d : 0
+			printf "%-30s %11.1f %11.1f %5.2fx  %.1f\n", tn[i], d, g, rg, \
+				m("agentgate-tls", tw[i], "cpu_us")
+		}
 	}
 	if (!cnt["direct" SUBSEP "S1" SUBSEP "tps"])
 		exit
@@ -380,23 +399,29 @@ pgb() { # mode workload round clients threads seconds [log prefix]
 	p_mode=$1 p_wl=$2 p_round=$3 p_c=$4 p_j=$5 p_t=$6 p_log=${7:-}
 	case $p_wl in
 	S | S1) args="-S" ;;
+	SC) args="-S -C" ;;
 	SP | SP1) args="-S -M prepared" ;;
 	TP) args="-M prepared" ;;
 	esac
+	p_env=PGSSLMODE=prefer
 	case $p_mode in
 	direct) p_cg=$CG_CLI p_host=$PGADDR p_port=$PGPORT ;;
 	pgbouncer) p_cg=$CG_CLI p_host=$PBADDR p_port=$PBPORT ;;
 	agentgate) p_cg=$CG_AGENT p_host=$PGADDR p_port=$PGPORT ;;
+	direct-tls) p_cg=$CG_CLI p_host=$PGADDR p_port=$PGPORT
+		p_env="PGSSLMODE=verify-full PGSSLROOTCERT=$WORK/tls/ca.crt" ;;
+	agentgate-tls) p_cg=$CG_AGENT p_host=$PGADDR p_port=$PGPORT
+		p_env="PGSSLMODE=verify-full PGSSLROOTCERT=$WORK/gw/state/ca/ca.crt" ;;
 	esac
 	[ -n "$p_log" ] && args="$args -l --log-prefix=$p_log"
 	p_pid=
 	case $p_mode in
 	pgbouncer) p_pid=$(cat "$WORK/pgbouncer.pid" 2>/dev/null) ;;
-	agentgate) p_pid=$DPID ;;
+	agentgate | agentgate-tls) p_pid=$DPID ;;
 	esac
 	p_cpu0=$(cpu_ticks "$p_pid")
 	# shellcheck disable=SC2086
-	run in_cgroup "$p_cg" - "$PGBENCH" -n $args -c "$p_c" -j "$p_j" -T "$p_t" \
+	run in_cgroup "$p_cg" - env $p_env "$PGBENCH" -n $args -c "$p_c" -j "$p_j" -T "$p_t" \
 		-h "$p_host" -p "$p_port" -U postgres "$DB" >"$WORK/out" 2>"$WORK/err"
 	rc=$?
 	p_cpu1=$(cpu_ticks "$p_pid")
@@ -406,7 +431,7 @@ pgb() { # mode workload round clients threads seconds [log prefix]
 	failed=$(awk '/^number of failed transactions: / { print $5; exit }' "$WORK/out")
 	if [ $rc -ne 0 ] || [ -z "$tps" ] || [ "${failed:-0}" != 0 ]; then
 		cat "$WORK/out" "$WORK/err" >&2
-		[ "$p_mode" = agentgate ] && tail -20 "$WORK/gw/log" >&2
+		case $p_mode in agentgate*) tail -20 "$WORK/gw/log" >&2 ;; esac
 		fail "pgbench $args failed in mode $p_mode (round $p_round)"
 	fi
 	echo "$p_mode $p_wl tps $tps" >>"$RES"
@@ -456,6 +481,65 @@ if [ "$LAT" = 1 ]; then
 		r=$((r + 1))
 	done
 	echo "  latency runs done"
+fi
+
+# --- TLS on both legs ------------------------------------------------------------------------------
+tls_setup() {
+	mkdir -p "$WORK/tls" && cd "$WORK/tls" || return 1
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key \
+		-out ca.crt -subj /CN=bench-ca -days 2 -addext basicConstraints=critical,CA:TRUE \
+		-addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null &&
+	openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key \
+		-out server.csr -subj /CN=bench-db 2>/dev/null &&
+	printf 'subjectAltName=IP:%s\nextendedKeyUsage=serverAuth\n' "$PGADDR" >server.ext &&
+	openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+		-extfile server.ext -out server.crt 2>/dev/null || return 1
+	cd - >/dev/null || return 1
+	chmod 0755 "$WORK/tls" && chmod 0644 "$WORK/tls/ca.crt"
+	cp "$WORK/tls/server.crt" "$WORK/tls/server.key" "$WORK/data/" &&
+		chown postgres "$WORK/data/server.crt" "$WORK/data/server.key" &&
+		chmod 0600 "$WORK/data/server.key" || return 1
+	run "$PSQL" -X -q -h "$WORK" -p "$PGPORT" -U postgres -d postgres \
+		-c "ALTER SYSTEM SET ssl = on" >/dev/null &&
+		run runuser -u postgres -- "$PGBIN/pg_ctl" reload -s -D "$WORK/data" >/dev/null ||
+		return 1
+	awk -v a="    address: $PGADDR:$PGPORT" -v ca="$WORK/tls/ca.crt" '{ print }
+		$0 == a { print "    tls: { client: terminate, upstream: verify-full, ca_file: " ca " }" }' \
+		"$WORK/gw/policy.yaml" >"$WORK/gw/policy.new" &&
+		mv "$WORK/gw/policy.new" "$WORK/gw/policy.yaml" || return 1
+	n=$(grep -c ' reloaded (' "$WORK/gw/log")
+	kill -HUP "$DPID"
+	i=0
+	until [ "$(grep -c ' reloaded (' "$WORK/gw/log")" -gt "$n" ]; do
+		[ $i -ge 50 ] && return 1
+		sleep 0.1
+		i=$((i + 1))
+	done
+	sleep 0.3
+	out=$(in_cgroup "$CG_AGENT" - env PGSSLMODE=verify-full \
+		PGSSLROOTCERT="$WORK/gw/state/ca/ca.crt" timeout 20 "$PSQL" -X -q -A -t \
+		-h "$PGADDR" -p "$PGPORT" -U postgres -d "$DB" \
+		-c "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()" 2>&1)
+	[ "$out" = t ] || {
+		echo "bench_pg: TLS through the gateway: $out" >&2
+		tail -5 "$WORK/gw/log" >&2
+		return 1
+	}
+}
+if [ "$TLS" = 1 ]; then
+	tls_setup || fail "TLS setup failed"
+	order="direct-tls agentgate-tls"
+	r=1
+	while [ "$r" -le "$ROUNDS" ]; do
+		for wl in S SC; do
+			for m in $order; do
+				pgb "$m" "$wl" "$r" "$CLIENTS" "$THREADS" "$T"
+			done
+			order="${order#* } ${order%% *}"
+		done
+		r=$((r + 1))
+	done
+	echo "  TLS runs done"
 fi
 
 table "$RES"

@@ -291,17 +291,20 @@ static const char *password_encryption(const char *auth)
 
 int th_pg_set_auth(struct th_pg *pg, const char *auth)
 {
-	char path[256], hba[1024], sql[256], port[16];
+	char path[256], hba[1024], sql[256], port[16], method[sizeof(pg->auth)];
 	char *argv[] = { TH_PG_BIN "/pg_ctl", "reload", "-s", "-D", pg->data, NULL };
 	int rc;
 
+	/* auth may be pg->auth itself (th_pg_set_ssl keeps the method). */
+	snprintf(method, sizeof(method), "%s", auth);
+	auth = method;
 	snprintf(pg->auth, sizeof(pg->auth), "%s", auth);
 	snprintf(path, sizeof(path), "%s/pg_hba.conf", pg->data);
 	snprintf(hba, sizeof(hba),
 		 "local all all trust\n"
 		 "host all postgres 127.0.0.0/8 trust\n"
-		 "host all %s 127.0.0.0/8 %s\n",
-		 TH_PG_USER, auth);
+		 "%s all %s 127.0.0.0/8 %s\n",
+		 pg->ssl ? "hostssl" : "host", TH_PG_USER, auth);
 	rc = write_file(path, hba, false);
 	if (rc)
 		return rc;
@@ -316,6 +319,67 @@ int th_pg_set_auth(struct th_pg *pg, const char *auth)
 	/* pg_ctl reload only signals: give the postmaster a moment to reread the file. */
 	usleep(300 * 1000);
 	return rc > 0 ? -EIO : rc;
+}
+
+/* Copies src into the data dir as name, the server's own and 0600 (it refuses a readable key). */
+static int copy_private(const struct th_pg *pg, const char *src, const char *name, char *dst,
+			size_t len)
+{
+	char buf[16384];
+	size_t n;
+	uid_t uid;
+	gid_t gid;
+	FILE *in, *out;
+	int rc = postgres_ids(&uid, &gid);
+
+	if (rc)
+		return rc;
+	snprintf(dst, len, "%s/%s", pg->data, name);
+	in = fopen(src, "r");
+	if (!in)
+		return -errno;
+	out = fopen(dst, "w");
+	if (!out) {
+		rc = -errno;
+		fclose(in);
+		return rc;
+	}
+	while ((n = fread(buf, 1, sizeof(buf), in)))
+		fwrite(buf, 1, n, out);
+	fclose(in);
+	if (fchown(fileno(out), uid, gid) || fchmod(fileno(out), 0600))
+		rc = -errno;
+	if (fclose(out))
+		rc = -errno;
+	return rc;
+}
+
+int th_pg_set_ssl(struct th_pg *pg, const char *cert, const char *key)
+{
+	char crt[256], k[256], sql[700];
+	int rc;
+
+	if (cert) {
+		rc = copy_private(pg, cert, "server.crt", crt, sizeof(crt));
+		if (!rc)
+			rc = copy_private(pg, key, "server.key", k, sizeof(k));
+		if (rc) {
+			pg_log("server certificate: %s", strerror(-rc));
+			return rc;
+		}
+		snprintf(sql, sizeof(sql),
+			 "ALTER SYSTEM SET ssl_cert_file = '%s';\n"
+			 "ALTER SYSTEM SET ssl_key_file = '%s';\n"
+			 "ALTER SYSTEM SET ssl = on;\n",
+			 crt, k);
+	} else {
+		snprintf(sql, sizeof(sql), "ALTER SYSTEM SET ssl = off;\n");
+	}
+	rc = th_pg_admin(pg, sql, NULL, 0);
+	if (rc)
+		return rc > 0 ? -EIO : rc;
+	pg->ssl = cert != NULL;
+	return th_pg_set_auth(pg, pg->auth);
 }
 
 static const char setup_sql[] =

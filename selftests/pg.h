@@ -30,6 +30,7 @@ struct th_pg {
 	char addr[32];	  /* 127.0.0.x */
 	char auth[32];	  /* pg_hba method for the agent role over TCP */
 	int port;
+	bool ssl; /* ssl = on, and the agent role's pg_hba line is hostssl */
 	bool running;
 	bool initialized;
 };
@@ -42,6 +43,12 @@ struct th_pg {
 int th_pg_start(struct th_pg *pg, const char *addr, const char *auth);
 /* Rewrites pg_hba for the agent role (and its password's encryption) and reloads. */
 int th_pg_set_auth(struct th_pg *pg, const char *auth);
+/*
+ * TLS on the server: cert and key (PEM files, copied into the data dir) with ssl = on and the
+ * agent role's pg_hba line hostssl (its method kept); cert NULL turns ssl off again (host).
+ * Reloads. 0 or -errno.
+ */
+int th_pg_set_ssl(struct th_pg *pg, const char *cert, const char *key);
 /* Stops the server (immediate), removes its files. Idempotent. */
 void th_pg_stop(struct th_pg *pg);
 /* A libpq connection string for the agent role (host, port, user, dbname, password). */

@@ -26,6 +26,7 @@
 #include "log.h"
 #include "pins.h"
 #include "proto_pg.h"
+#include "tls.h"
 
 #define DRAIN_TIMEOUT_MS 10000
 
@@ -38,7 +39,8 @@ static void usage(FILE *f)
 		"Usage: agentgated [--config FILE] [--state-dir DIR] [--socket PATH] [--foreground]\n"
 		"                  [--log-level error|warn|info|debug] [--bpffs DIR] [--port PORT]\n"
 		"                  [--mark MARK] [--fastpath on|off] [--workers N]\n"
-		"                  [--pg-max-message BYTES] [--version]\n"
+		"                  [--pg-max-message BYTES] [--ca-cert FILE --ca-key FILE]\n"
+		"                  [--version]\n"
 		"\n"
 		"  --config FILE     policy file (default %s)\n"
 		"  --state-dir DIR   state: sessions.log, tags, ... (default %s)\n"
@@ -50,7 +52,9 @@ static void usage(FILE *f)
 		"                    gateway.fastpath, else off)\n"
 		"  --workers N       worker threads (default: one per CPU)\n"
 		"  --pg-max-message BYTES  largest PostgreSQL message accepted from an agent\n"
-		"                    (k/M suffixes; default 64M); a larger one ends its session\n",
+		"                    (k/M suffixes; default 64M); a larger one ends its session\n"
+		"  --ca-cert FILE --ca-key FILE  the CA that signs the leaves shown to agents\n"
+		"                    (default: created at first start in STATE-DIR/ca/)\n",
 		AG_DEFAULT_CONFIG, AG_DEFAULT_STATE_DIR, AG_DEFAULT_SOCKET, AG_DEFAULT_PIN_ROOT,
 		AG_DEFAULT_PORT, AG_DEFAULT_MARK);
 }
@@ -226,6 +230,8 @@ int main(int argc, char **argv)
 		{ "fastpath", required_argument, NULL, 'F' },
 		{ "workers", required_argument, NULL, 'w' },
 		{ "pg-max-message", required_argument, NULL, 'M' },
+		{ "ca-cert", required_argument, NULL, 'C' },
+		{ "ca-key", required_argument, NULL, 'K' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{},
@@ -246,7 +252,8 @@ int main(int argc, char **argv)
 	d->slog_fd = -1;
 	d->ctl_io.fd = -1;
 
-	while ((opt = getopt_long(argc, argv, "c:s:S:fl:B:P:m:F:w:M:Vh", longopts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "c:s:S:fl:B:P:m:F:w:M:C:K:Vh", longopts, NULL)) !=
+	       -1) {
 		char *end;
 		unsigned long v;
 		enum ag_log_level lvl;
@@ -260,6 +267,12 @@ int main(int argc, char **argv)
 			break;
 		case 'S':
 			d->opts.socket = optarg;
+			break;
+		case 'C':
+			d->opts.ca_cert = optarg;
+			break;
+		case 'K':
+			d->opts.ca_key = optarg;
 			break;
 		case 'f':
 			d->opts.foreground = true;
@@ -367,6 +380,12 @@ int main(int argc, char **argv)
 	rc = ag_daemon_seq_init(d);
 	if (rc) {
 		pr_err("state dir %s is not writable: %s", d->opts.state_dir, strerror(-rc));
+		goto out_policy;
+	}
+	/* Before daemon(): relative --ca-cert/--ca-key paths still mean what they said. */
+	rc = ag_tls_init(d->opts.state_dir, d->opts.ca_cert, d->opts.ca_key, err, sizeof(err));
+	if (rc) {
+		pr_err("TLS: %s", err);
 		goto out_policy;
 	}
 	if (d->opts.fastpath >= 0)
@@ -501,5 +520,6 @@ out_policy:
 	if (d->pol)
 		ag_policy_put(d->pol);
 	free(d->tags);
+	ag_tls_fini();
 	return ret;
 }

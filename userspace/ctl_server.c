@@ -21,6 +21,7 @@
 #include "jsonw.h"
 #include "log.h"
 #include "session.h"
+#include "tls.h"
 
 struct ctl_client {
 	struct ag_io io;
@@ -196,6 +197,26 @@ static void do_policy_show(struct ag_daemon *d, Agentgate__Ctl__Response *r)
 	ag_policy_put(pol);
 }
 
+static void do_ca_show(Agentgate__Ctl__Response *r)
+{
+	Agentgate__Ctl__CaInfo *ca = calloc(1, sizeof(*ca));
+	char subject[512], not_after[32], sha[2 * 32 + 1] = "";
+
+	if (!ca || !ag_tls_ready() ||
+	    ag_tls_ca_info(subject, sizeof(subject), not_after, sizeof(not_after), sha,
+			   sizeof(sha))) {
+		free(ca);
+		r->error = strdup("agentgated has no CA loaded");
+		return;
+	}
+	agentgate__ctl__ca_info__init(ca);
+	ca->pem = xstrdup(ag_tls_ca_pem());
+	ca->subject = xstrdup(subject);
+	ca->not_after = xstrdup(not_after);
+	ca->sha256 = xstrdup(sha);
+	r->ca = ca;
+}
+
 static void handle(struct ag_daemon *d, const Agentgate__Ctl__Request *req,
 		   Agentgate__Ctl__Response *r)
 {
@@ -248,6 +269,9 @@ static void handle(struct ag_daemon *d, const Agentgate__Ctl__Request *req,
 			snprintf(msg, sizeof(msg), "detached every link and removed every pin under "
 				 "%s", ag_bpf_pin_root(d->bpf));
 		break;
+	case AGENTGATE__CTL__REQUEST__CMD_CA_SHOW:
+		do_ca_show(r);
+		break;
 	default:
 		snprintf(err, sizeof(err), "unknown request (agctl newer than agentgated?)");
 		break;
@@ -277,6 +301,13 @@ static void response_free(Agentgate__Ctl__Response *r)
 		free(r->status->state_dir);
 		free(r->status->cgroup_root);
 		free(r->status);
+	}
+	if (r->ca) {
+		free(r->ca->pem);
+		free(r->ca->subject);
+		free(r->ca->not_after);
+		free(r->ca->sha256);
+		free(r->ca);
 	}
 	if (r->error != protobuf_c_empty_string)
 		free(r->error);

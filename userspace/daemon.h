@@ -41,6 +41,8 @@ struct ag_daemon_opts {
 	const char *state_dir;
 	const char *socket;
 	const char *pin_root;
+	const char *ca_cert; /* with ca_key: the CA to use instead of STATE/ca/ */
+	const char *ca_key;
 	uint16_t port;
 	uint32_t mark;
 	int fastpath; /* -1: policy decides (default off), 0 off, 1 on */

@@ -351,8 +351,8 @@ static const enum ag_action action_vals[] = { AG_ACT_ALLOW, AG_ACT_DENY, AG_ACT_
 
 static const char *const provider_names[] = { "pg-jit-role", "jwt", "static", NULL };
 static const char *const tls_client_names[] = { "terminate", "passthrough", "off", NULL };
-static const char *const tls_upstream_names[] = { "verify-full", "verify-ca", "require", "off",
-						  NULL };
+static const char *const tls_upstream_names[] = { "verify-full", "verify-ca", "require",
+						  "disable", "off", NULL };
 static const char *const where_names[] = { "absent", "present", NULL };
 /* clang-format off */
 static const char *const detector_names[] = {

@@ -34,6 +34,12 @@ struct ag_proto_ops {
 	/* `from` finished sending (FIN). NULL: half-close is passed on to the other side. */
 	void (*eof)(struct ag_session *s, enum ag_side from);
 	void (*fini)(struct ag_session *s);
+	/*
+	 * A TLS handshake that ag_session_start_tls() began on `side` ended: err NULL (up), or why
+	 * it failed ("certificate verify failed: hostname mismatch"); after a failure
+	 * the session ends when this returns (the handler may tell the agent first). Optional.
+	 */
+	void (*tls_done)(struct ag_session *s, enum ag_side side, const char *err);
 };
 
 /* The handler for a target protocol, or NULL when this build has none for it. */

@@ -45,6 +45,7 @@
 #include "proto_pg.h"
 #include "session.h"
 #include "sql.h"
+#include "tls.h"
 
 #define PG_MAX_MESSAGE_DEFAULT (64u << 20)
 /* Named prepared statements and portals one session may hold. */
@@ -167,6 +168,7 @@ struct pg {
 	uint32_t be_pid, be_key;
 	bool key_registered;
 	int negotiations; /* SSLRequest/GSSENCRequest answered */
+	bool up_tls_wait; /* our SSLRequest is upstream: its 'S' or 'N' comes first */
 
 	const struct ag_policy_rule *rule;
 	uint64_t policy_gen; /* the daemon's policy generation rule was taken from */
@@ -1501,6 +1503,76 @@ static long agent_messages(struct ag_session *s, struct fwd *f, const uint8_t *d
 	return off;
 }
 
+/* --- TLS: SSLRequest both ways (the session layer does the handshakes) --------------------- */
+
+#define PG_TLS_SQLSTATE "08006" /* connection_failure */
+
+/* The agent's SSLRequest is answered 'S' when the target terminates TLS, and not twice. */
+static bool pg_tls_agent_wants(struct ag_session *s)
+{
+	return ag_tls_client_terminates(s->target) && ag_tls_ready() &&
+	       s->side[AG_SIDE_AGENT].tls == AG_TLS_NONE;
+}
+
+static long pg_tls_accept(struct ag_session *s)
+{
+	if (ag_session_send(s, AG_SIDE_AGENT, "S", 1)) {
+		ag_session_fail(s, true, "postgres: agent closed");
+		return -1;
+	}
+	return ag_session_start_tls(s, AG_SIDE_AGENT) ? -1 : 8;
+}
+
+/*
+ * Before the startup packet first goes upstream: our own SSLRequest when the target's
+ * tls.upstream asks for TLS; the startup packet then waits (in clear, queued) for the handshake.
+ */
+static int pg_tls_upstream_begin(struct ag_session *s, struct fwd *f)
+{
+	static const uint8_t ssl_request[8] = { 0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f };
+	struct pg *pg = PG(s);
+
+	if (ag_tls_upstream_mode(s->target) == AG_TLS_UP_NONE)
+		return 0;
+	fwd_flush(f);
+	if (ag_session_send(s, AG_SIDE_UPSTREAM, ssl_request, sizeof(ssl_request)) ||
+	    ag_session_tls_hold(s, AG_SIDE_UPSTREAM)) {
+		ag_session_fail(s, true, "postgres: cannot send the SSLRequest upstream");
+		return -1;
+	}
+	pg->up_tls_wait = true;
+	return 0;
+}
+
+/* The server's one-byte answer to our SSLRequest: 'S' or the session is refused. */
+static long pg_tls_answer(struct ag_session *s, const uint8_t *data, size_t len)
+{
+	struct pg *pg = PG(s);
+
+	if (!len)
+		return 0;
+	pg->up_tls_wait = false;
+	if (data[0] == 'S')
+		return ag_session_start_tls(s, AG_SIDE_UPSTREAM) ? -1 : 1;
+	/* Never a silent downgrade: the policy asked for TLS upstream. */
+	return pg_fatal(s, NULL, PG_TLS_SQLSTATE, "upstream TLS refused: the server %s",
+			data[0] == 'N' ? "does not accept TLS (answered 'N' to SSLRequest)"
+				       : "answered SSLRequest with neither 'S' nor 'N'");
+}
+
+static void pg_tls_done(struct ag_session *s, enum ag_side side, const char *err)
+{
+	static const char verify[] = "certificate verify failed: ";
+
+	if (!err || side != AG_SIDE_UPSTREAM)
+		return;
+	if (!strncmp(err, verify, sizeof(verify) - 1))
+		pg_fatal(s, NULL, PG_TLS_SQLSTATE, "upstream TLS verification failed: %s",
+			 err + sizeof(verify) - 1);
+	else
+		pg_fatal(s, NULL, PG_TLS_SQLSTATE, "upstream TLS failed: %s", err);
+}
+
 static long cancel_request(struct ag_session *s, const uint8_t *pkt)
 {
 	struct pg *pg = PG(s);
@@ -1575,6 +1647,8 @@ static long startup_message(struct ag_session *s, struct fwd *f, const uint8_t *
 		pr_info("session %llu: postgres user %s database %s", (unsigned long long)s->id, u,
 			d);
 	}
+	if (pg_tls_upstream_begin(s, f) < 0)
+		return -1;
 	fwd_keep(f, off, plen);
 	pg->phase = PH_AUTH;
 	return plen;
@@ -1601,7 +1675,9 @@ static long agent_startup(struct ag_session *s, struct fwd *f, const uint8_t *da
 		if (plen != 8 || ++pg->negotiations > 2)
 			return pg_fatal(s, f, PG_SQLSTATE_PROTOCOL_VIOLATION, "invalid %s request",
 					code == PG_SSL_REQUEST ? "SSL" : "GSSAPI encryption");
-		/* No TLS here (TLS termination is its own issue): the client goes on in clear. */
+		if (code == PG_SSL_REQUEST && pg_tls_agent_wants(s))
+			return pg_tls_accept(s);
+		/* Not terminated for this target: the client goes on in clear (or gives up). */
 		if (ag_session_send(s, AG_SIDE_AGENT, "N", 1)) {
 			ag_session_fail(s, true, "postgres: agent closed");
 			return -1;
@@ -2151,6 +2227,8 @@ static long upstream_process(struct ag_session *s, const uint8_t *data, size_t l
 	s->side[AG_SIDE_UPSTREAM].hold = 0;
 	if (pg->phase == PH_CANCEL)
 		return len;
+	if (pg->up_tls_wait)
+		return pg_tls_answer(s, data, len);
 	if (pg->phase == PH_STARTUP) {
 		ag_session_fail(s, true, "postgres: the server spoke before the startup packet");
 		return -1;
@@ -2350,4 +2428,5 @@ const struct ag_proto_ops ag_proto_pg = {
 	.input = pg_input,
 	.eof = pg_eof,
 	.fini = pg_fini,
+	.tls_done = pg_tls_done,
 };

@@ -21,15 +21,21 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
 #include "bpf_loader.h"
 #include "cgroup.h"
 #include "daemon.h"
 #include "log.h"
 #include "session.h"
+#include "tls.h"
 
 #define AG_READ_CHUNK (64 * 1024)
 #define AG_HIGH_WM (256 * 1024)
 #define AG_CONNECT_TIMEOUT_MS 10000
+/* A peer that starts a handshake and stalls holds the session no longer than this. */
+#define AG_TLS_HANDSHAKE_TIMEOUT_MS 10000
 
 #ifndef SO_NETNS_COOKIE
 #define SO_NETNS_COOKIE 71
@@ -185,13 +191,44 @@ static int drain_pipe(struct ag_session *s, enum ag_side i)
 	return 0;
 }
 
+static const char *side_name(enum ag_side i)
+{
+	return i == AG_SIDE_AGENT ? "agent" : "upstream";
+}
+
+/* Bytes through side i's TLS: how much it took before it would block, or -errno. */
+static ssize_t tls_send(struct ag_side_conn *c, const uint8_t *data, size_t len, int *err)
+{
+	size_t off = 0;
+
+	while (off < len) {
+		size_t n = 0;
+		int e;
+
+		ERR_clear_error();
+		if (SSL_write_ex(c->ssl, data + off, len - off, &n)) {
+			off += n;
+			continue;
+		}
+		e = SSL_get_error(c->ssl, 0);
+		if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ)
+			break;
+		*err = e == SSL_ERROR_SYSCALL && errno ? -errno : -EPIPE;
+		ERR_clear_error();
+		break;
+	}
+	return off;
+}
+
 /* Sends what side i takes of data now, counted: how much, or -errno on a write error. */
 static ssize_t send_now(struct ag_session *s, enum ag_side i, const uint8_t *data, size_t len)
 {
 	size_t off = 0;
 	int err = 0;
 
-	while (off < len) {
+	if (s->side[i].tls == AG_TLS_UP)
+		off = tls_send(&s->side[i], data, len, &err);
+	while (s->side[i].tls != AG_TLS_UP && off < len) {
 		ssize_t n = send(s->side[i].io.fd, data + off, len - off,
 				 MSG_NOSIGNAL | MSG_DONTWAIT);
 
@@ -213,6 +250,46 @@ static ssize_t send_now(struct ag_session *s, enum ag_side i, const uint8_t *dat
 	return err ? err : (ssize_t)off;
 }
 
+/* Writes go through now: the side is clear, or its TLS is up. */
+static bool tls_passes(const struct ag_side_conn *c)
+{
+	return c->tls == AG_TLS_NONE || c->tls == AG_TLS_UP;
+}
+
+/* Shuts side i's write half: a close_notify first when it speaks TLS. */
+static void shut_wr(struct ag_side_conn *c)
+{
+	if (c->tls == AG_TLS_UP) {
+		ERR_clear_error();
+		SSL_shutdown(c->ssl);
+		ERR_clear_error();
+	}
+	shutdown(c->io.fd, SHUT_WR);
+	c->wr_shut = true;
+}
+
+/* A held side: its clear bytes out, then the handshake is armed (run from the loop). */
+static int tls_flush_clear(struct ag_session *s, enum ag_side i)
+{
+	struct ag_side_conn *c = &s->side[i];
+
+	if (c->clear_out) {
+		ssize_t n = send_now(s, i, ag_buf_head(&c->out), c->clear_out);
+
+		if (n < 0)
+			return n;
+		ag_buf_consume(&c->out, n);
+		c->clear_out -= n;
+	}
+	if (!c->clear_out && c->ssl && c->tls == AG_TLS_HOLD) {
+		c->tls = AG_TLS_HANDSHAKE;
+		c->tls_deadline_ms = mono_ms() + AG_TLS_HANDSHAKE_TIMEOUT_MS;
+		/* The client speaks first; a server waits for its hello. */
+		c->tls_want = SSL_is_server(c->ssl) ? EPOLLIN : EPOLLOUT;
+	}
+	return 0;
+}
+
 /* Writes what is queued for side i; returns 0, or -errno on a write error. */
 static int flush_side(struct ag_session *s, enum ag_side i)
 {
@@ -221,6 +298,8 @@ static int flush_side(struct ag_session *s, enum ag_side i)
 
 	if (i == AG_SIDE_UPSTREAM && !upstream_ready(s))
 		return 0;
+	if (!tls_passes(c))
+		return tls_flush_clear(s, i);
 	if (ag_buf_len(&c->out)) {
 		n = send_now(s, i, ag_buf_head(&c->out), ag_buf_len(&c->out));
 		if (n < 0)
@@ -235,10 +314,8 @@ static int flush_side(struct ag_session *s, enum ag_side i)
 			return n;
 		}
 	}
-	if (!queued(c) && c->shut_pending && !c->wr_shut) {
-		shutdown(c->io.fd, SHUT_WR);
-		c->wr_shut = true;
-	}
+	if (!queued(c) && c->shut_pending && !c->wr_shut)
+		shut_wr(c);
 	return 0;
 }
 
@@ -249,7 +326,7 @@ int ag_session_send(struct ag_session *s, enum ag_side to, const void *data, siz
 
 	if (!side_open(c) || c->wr_shut)
 		return -EPIPE;
-	if (!queued(c) && (to == AG_SIDE_AGENT || upstream_ready(s))) {
+	if (!queued(c) && (to == AG_SIDE_AGENT || upstream_ready(s)) && tls_passes(c)) {
 		ssize_t n = send_now(s, to, data, len);
 
 		if (n < 0)
@@ -272,10 +349,8 @@ void ag_session_shutdown(struct ag_session *s, enum ag_side to)
 	c->shut_pending = true;
 	if (to == AG_SIDE_UPSTREAM && !upstream_ready(s))
 		return;
-	if (!queued(c)) {
-		shutdown(c->io.fd, SHUT_WR);
-		c->wr_shut = true;
-	}
+	if (!queued(c) && tls_passes(c))
+		shut_wr(c);
 }
 
 void ag_session_fail(struct ag_session *s, bool reset, const char *fmt, ...)
@@ -300,14 +375,19 @@ static void side_update_events(struct ag_session *s, enum ag_side i)
 		ag_loop_mod(&c->io, EPOLLOUT);
 		return;
 	}
+	if (c->tls == AG_TLS_HANDSHAKE) {
+		ag_loop_mod(&c->io, c->tls_want);
+		return;
+	}
 	/* A raw relay reads no more while its pipe could not be emptied into the other side. */
 	c->paused = ag_buf_len(&o->out) >= AG_HIGH_WM || o->piped ||
 		    (ag_buf_len(&c->in) >= AG_HIGH_WM && ag_buf_len(&c->in) >= c->hold);
 	if (!c->rd_eof && !c->paused)
 		ev |= EPOLLIN | EPOLLRDHUP;
-	if (queued(c))
+	/* A held side writes only its clear bytes; an SSL_read may wait to write (tls_want). */
+	if (tls_passes(c) ? queued(c) : c->clear_out > 0)
 		ev |= EPOLLOUT;
-	ag_loop_mod(&c->io, ev);
+	ag_loop_mod(&c->io, ev | c->tls_want);
 }
 
 static bool session_done(const struct ag_session *s)
@@ -315,6 +395,23 @@ static bool session_done(const struct ag_session *s)
 	const struct ag_side_conn *a = &s->side[AG_SIDE_AGENT], *u = &s->side[AG_SIDE_UPSTREAM];
 
 	return a->rd_eof && u->rd_eof && !queued(a) && !queued(u);
+}
+
+/*
+ * Clear bytes left over on a side the handler just switched to TLS were sent after the request
+ * to encrypt and before the handshake (CVE-2021-23214 for PostgreSQL): never taken as data.
+ */
+static bool tls_leftover(struct ag_session *s, enum ag_side from)
+{
+	struct ag_side_conn *c = &s->side[from];
+
+	if (c->tls != AG_TLS_HANDSHAKE && !(c->tls == AG_TLS_HOLD && c->ssl))
+		return false;
+	if (!ag_buf_len(&c->in))
+		return false;
+	ag_session_fail(s, true, "%s: %zu clear bytes sent after the TLS request", side_name(from),
+			ag_buf_len(&c->in));
+	return true;
 }
 
 static void pump_input(struct ag_session *s, enum ag_side from, const uint8_t *data, size_t len)
@@ -331,6 +428,7 @@ static void pump_input(struct ag_session *s, enum ag_side from, const uint8_t *d
 		if (used < 0 || s->state == AG_SESS_CLOSED)
 			return;
 		ag_buf_consume(&c->in, used);
+		tls_leftover(s, from);
 		return;
 	}
 	used = s->proto->input(s, from, data, len);
@@ -338,6 +436,8 @@ static void pump_input(struct ag_session *s, enum ag_side from, const uint8_t *d
 		return;
 	if ((size_t)used < len && ag_buf_append(&c->in, data + used, len - used))
 		ag_session_fail(s, true, "out of memory");
+	else
+		tls_leftover(s, from);
 }
 
 static void on_side_eof(struct ag_session *s, enum ag_side from)
@@ -351,7 +451,7 @@ static void on_side_eof(struct ag_session *s, enum ag_side from)
 
 static void read_failed(struct ag_session *s, enum ag_side i)
 {
-	ag_session_fail(s, true, "%s: %s", i == AG_SIDE_AGENT ? "agent" : "upstream",
+	ag_session_fail(s, true, "%s: %s", side_name(i),
 			errno == ECONNRESET ? "connection reset" : strerror(errno));
 }
 
@@ -378,7 +478,7 @@ static bool can_splice(struct ag_session *s, enum ag_side i)
 	struct ag_side_conn *o = &s->side[other(i)];
 
 	if (!s->proto->raw || s->fastpath || !upstream_ready(s) || ag_buf_len(&s->side[i].in) ||
-	    ag_buf_len(&o->out))
+	    ag_buf_len(&o->out) || s->tls_detect || s->side[i].tls || o->tls)
 		return false;
 	if (o->pipe[0] < 0) {
 		if (pipe2(o->pipe, O_NONBLOCK | O_CLOEXEC)) {
@@ -427,11 +527,214 @@ static void side_splice(struct ag_session *s, enum ag_side i)
 	settle(s);
 }
 
+/* --- TLS ------------------------------------------------------------------------------------ */
+
+static void orig_ip(const struct ag_session *s, char *out, size_t len)
+{
+	const struct ag_endpoint *e = &s->info.orig_dst;
+
+	if (e->family == AF_INET)
+		inet_ntop(AF_INET, e->addr + 12, out, len);
+	else
+		inet_ntop(AF_INET6, e->addr, out, len);
+}
+
+int ag_session_tls_hold(struct ag_session *s, enum ag_side side)
+{
+	struct ag_side_conn *c = &s->side[side];
+
+	if (c->tls != AG_TLS_NONE)
+		return 0;
+	if (c->piped)
+		return -EBUSY; /* a raw relay: no TLS mid-stream */
+	c->tls = AG_TLS_HOLD;
+	c->clear_out = ag_buf_len(&c->out);
+	return 0;
+}
+
+int ag_session_start_tls(struct ag_session *s, enum ag_side side)
+{
+	struct ag_side_conn *c = &s->side[side];
+	char err[160], ip[INET6_ADDRSTRLEN];
+	SSL *ssl;
+
+	if (c->ssl)
+		return 0;
+	if (!side_open(c)) {
+		ag_session_fail(s, true, "%s TLS: the connection is gone", side_name(side));
+		return -EPIPE;
+	}
+	if (side == AG_SIDE_AGENT) {
+		orig_ip(s, ip, sizeof(ip));
+		ssl = ag_tls_server_new(ip, err, sizeof(err));
+	} else if (!s->target) {
+		snprintf(err, sizeof(err), "no target");
+		ssl = NULL;
+	} else {
+		ssl = ag_tls_client_new(s->target, s->target->protocol == AG_PROTO_HTTP, err,
+					sizeof(err));
+	}
+	if (!ssl || ag_session_tls_hold(s, side) || !SSL_set_fd(ssl, c->io.fd)) {
+		SSL_free(ssl);
+		ag_session_fail(s, true, "%s TLS: %s", side_name(side), ssl ? "setup failed" : err);
+		return -EPROTO;
+	}
+	c->ssl = ssl;
+	if (side == AG_SIDE_AGENT)
+		SSL_set_accept_state(ssl);
+	else
+		SSL_set_connect_state(ssl);
+	if (side == AG_SIDE_AGENT || upstream_ready(s))
+		tls_flush_clear(s, side);
+	side_update_events(s, side);
+	return 0;
+}
+
+bool ag_session_tls_up(const struct ag_session *s, enum ag_side side)
+{
+	return s->side[side].tls == AG_TLS_UP;
+}
+
+static void tls_failed(struct ag_session *s, enum ag_side i, const char *why)
+{
+	char reason[sizeof(s->reason)];
+
+	/* Logged once, with the session's end (or by the handler that tells the agent). */
+	snprintf(reason, sizeof(reason), "%s TLS: %s", side_name(i), why);
+	if (s->proto->tls_done)
+		s->proto->tls_done(s, i, why);
+	if (s->state != AG_SESS_CLOSED)
+		ag_session_fail(s, true, "%s", reason);
+}
+
+/* One step of side i's handshake, from the loop. */
+static void tls_handshake(struct ag_session *s, enum ag_side i)
+{
+	struct ag_side_conn *c = &s->side[i];
+	char why[160];
+	int rc, e;
+
+	ERR_clear_error();
+	rc = SSL_do_handshake(c->ssl);
+	if (rc == 1) {
+		c->tls = AG_TLS_UP;
+		c->tls_want = 0;
+		pr_debug("session %llu: %s TLS up: %s %s", (unsigned long long)s->id, side_name(i),
+			 SSL_get_version(c->ssl), SSL_get_cipher_name(c->ssl));
+		if (s->proto->tls_done) {
+			s->proto->tls_done(s, i, NULL);
+			if (s->state == AG_SESS_CLOSED)
+				return;
+		}
+		if (flush_side(s, i)) {
+			ag_session_fail(s, true, "%s: %s", side_name(i), strerror(errno));
+			return;
+		}
+		settle(s);
+		return;
+	}
+	e = SSL_get_error(c->ssl, rc);
+	if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+		c->tls_want = e == SSL_ERROR_WANT_READ ? EPOLLIN : EPOLLOUT;
+		side_update_events(s, i);
+		return;
+	}
+	if (e == SSL_ERROR_SYSCALL && errno && !ERR_peek_error()) {
+		snprintf(why, sizeof(why), "handshake: %s",
+			 errno == ECONNRESET ? "connection reset" : strerror(errno));
+		ERR_clear_error();
+	} else {
+		ag_tls_failure(c->ssl, why, sizeof(why));
+	}
+	tls_failed(s, i, why);
+}
+
+/* Plaintext from side i's TLS, into the handler. */
+static void tls_readable(struct ag_session *s, enum ag_side i)
+{
+	struct ag_side_conn *c = &s->side[i];
+	int budget = 16;
+
+	c->tls_want = 0;
+	while (budget-- > 0 && !c->rd_eof && !c->paused && s->state != AG_SESS_CLOSED) {
+		size_t n = 0;
+		int e;
+
+		ERR_clear_error();
+		if (!SSL_read_ex(c->ssl, s->w->scratch, AG_READ_CHUNK, &n)) {
+			e = SSL_get_error(c->ssl, 0);
+			if (e == SSL_ERROR_WANT_READ)
+				break;
+			if (e == SSL_ERROR_WANT_WRITE) {
+				c->tls_want = EPOLLOUT;
+				break;
+			}
+			if (e == SSL_ERROR_ZERO_RETURN) {
+				on_side_eof(s, i);
+				break;
+			}
+			if (e == SSL_ERROR_SYSCALL && !ERR_peek_error()) {
+				if (!errno)
+					errno = ECONNRESET;
+				read_failed(s, i);
+				return;
+			}
+			{
+				char why[160];
+
+				ag_tls_failure(c->ssl, why, sizeof(why));
+				ag_session_fail(s, true, "%s TLS: %s", side_name(i), why);
+			}
+			return;
+		}
+		pump_input(s, i, s->w->scratch, n);
+		if (s->state == AG_SESS_CLOSED)
+			return;
+		side_update_events(s, i);
+		/*
+		 * Nothing decrypted or read ahead is left in OpenSSL: what else there is waits in
+		 * the socket, and the level-triggered epoll reports it. No read just for EAGAIN.
+		 */
+		if (!SSL_has_pending(c->ssl))
+			break;
+	}
+	settle(s);
+}
+
+/*
+ * HTTPS from the first bytes: a TLS record of type handshake (0x16) starts the server side,
+ * and the upstream's when the target verifies it; anything else stays clear both ways.
+ */
+static bool tls_detect(struct ag_session *s)
+{
+	uint8_t b;
+	ssize_t n = recv(s->side[AG_SIDE_AGENT].io.fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return true;
+	s->tls_detect = false;
+	if (n != 1 || b != 0x16)
+		return false;
+	if (ag_session_start_tls(s, AG_SIDE_AGENT))
+		return true;
+	if (ag_tls_upstream_mode(s->target) != AG_TLS_UP_NONE &&
+	    ag_session_start_tls(s, AG_SIDE_UPSTREAM))
+		return true;
+	settle(s);
+	return true;
+}
+
 static void side_readable(struct ag_session *s, enum ag_side i)
 {
 	struct ag_side_conn *c = &s->side[i];
 	int budget = 16; /* one session cannot hog the loop */
 
+	if (i == AG_SIDE_AGENT && s->tls_detect && tls_detect(s))
+		return;
+	if (c->tls == AG_TLS_UP) {
+		tls_readable(s, i);
+		return;
+	}
 	if (can_splice(s, i)) {
 		side_splice(s, i);
 		return;
@@ -509,6 +812,16 @@ static void on_io(struct ag_session *s, enum ag_side i, uint32_t events)
 			upstream_connected(s);
 		return;
 	}
+	if (c->tls == AG_TLS_HANDSHAKE) {
+		tls_handshake(s, i);
+		return;
+	}
+	/* An SSL_read that had to write first (a TLS 1.3 key update, say). */
+	if (c->tls == AG_TLS_UP && c->tls_want && (events & EPOLLOUT)) {
+		side_readable(s, i);
+		if (s->state == AG_SESS_CLOSED)
+			return;
+	}
 	if (events & EPOLLOUT) {
 		if (flush_side(s, i)) {
 			ag_session_fail(s, true, "%s: %s", i == AG_SIDE_AGENT ? "agent" : "upstream",
@@ -571,6 +884,17 @@ static void close_side(struct ag_session *s, enum ag_side i, bool reset)
 	if (!side_open(c))
 		return;
 	ag_loop_del(&c->io);
+	if (c->ssl) {
+		/* close_notify, best effort (the socket is non-blocking) */
+		if (!reset && c->tls == AG_TLS_UP && !c->wr_shut) {
+			ERR_clear_error();
+			SSL_shutdown(c->ssl);
+		}
+		ERR_clear_error();
+		SSL_free(c->ssl);
+		c->ssl = NULL;
+		c->tls = AG_TLS_NONE;
+	}
 	if (reset) {
 		struct linger lg = { .l_onoff = 1, .l_linger = 0 };
 
@@ -834,6 +1158,9 @@ static bool accept_one(struct ag_worker *w, int lfd)
 	}
 	if (!session_decide(s))
 		goto deny;
+	/* HTTPS is told from the first bytes (tcp and http; postgres asks with SSLRequest). */
+	s->tls_detect = s->target && s->target->protocol != AG_PROTO_POSTGRES &&
+			ag_tls_client_terminates(s->target) && ag_tls_ready();
 	if (d->fastpath)
 		fastpath_join(s, fd, &local, &peer);
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -978,6 +1305,18 @@ static bool connect_expired(const struct ag_session *s, void *arg)
 	       m->now > s->connect_deadline_ms;
 }
 
+static bool handshake_expired(const struct ag_session *s, void *arg)
+{
+	const struct tick_match *m = arg;
+
+	if (s->w != m->w || s->state == AG_SESS_CLOSED)
+		return false;
+	for (int i = 0; i < 2; i++)
+		if (s->side[i].tls == AG_TLS_HANDSHAKE && m->now > s->side[i].tls_deadline_ms)
+			return true;
+	return false;
+}
+
 /* Connect timeouts: a worker tick scans the daemon table for its own connecting sessions. */
 static void worker_tick(void *arg)
 {
@@ -988,6 +1327,12 @@ static void worker_tick(void *arg)
 	/* Each one failed leaves the table. */
 	while ((s = table_find(w->d, connect_expired, &m)))
 		ag_session_fail(s, true, "upstream %s: connect timed out", s->orig_dst);
+	while ((s = table_find(w->d, handshake_expired, &m))) {
+		const struct ag_side_conn *a = &s->side[AG_SIDE_AGENT];
+		bool agent = a->tls == AG_TLS_HANDSHAKE && m.now > a->tls_deadline_ms;
+
+		tls_failed(s, agent ? AG_SIDE_AGENT : AG_SIDE_UPSTREAM, "handshake timed out");
+	}
 	/* Listeners paused for want of fds (on_listener) try again. */
 	for (int k = 0; k < 2; k++)
 		if (w->lis[k].fd >= 0 && w->lis[k].loop && !w->lis[k].events)

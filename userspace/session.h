@@ -16,6 +16,15 @@
 
 struct ag_worker;
 struct ag_policy_ref;
+struct ssl_st;
+
+/* A side's TLS, driven by the session layer (ag_session_start_tls()). */
+enum ag_tls_phase {
+	AG_TLS_NONE = 0,  /* clear */
+	AG_TLS_HOLD,	  /* reads in clear; writes past clear_out wait for the handshake */
+	AG_TLS_HANDSHAKE, /* in progress, non-blocking (tls_want) */
+	AG_TLS_UP,	  /* SSL_read/SSL_write; no splice */
+};
 
 enum ag_session_state {
 	AG_SESS_CONNECTING = 0,
@@ -36,6 +45,11 @@ struct ag_side_conn {
 	size_t hold;	   /* set by the handler: it waits for a message this long; keep reading */
 	int pipe[2];	   /* raw relays: bytes spliced from the other side, on their way here */
 	size_t piped;	   /* bytes in that pipe */
+	struct ssl_st *ssl; /* set once TLS is started on this side */
+	uint8_t tls;	    /* enum ag_tls_phase */
+	uint32_t tls_want;  /* epoll events the handshake (or an SSL_read) waits for */
+	size_t clear_out;   /* head bytes of out still to go in clear before the handshake */
+	uint64_t tls_deadline_ms; /* the handshake's end at the latest (monotonic) */
 };
 
 struct ag_session {
@@ -58,6 +72,7 @@ struct ag_session {
 	char reason[192];
 	bool observe;
 	bool fastpath;
+	bool tls_detect; /* the agent's first byte decides: 0x16 starts a TLS server handshake */
 	bool in_table;
 	int64_t started_ns;
 	int64_t ended_ns;
@@ -77,3 +92,22 @@ void ag_session_shutdown(struct ag_session *s, enum ag_side to);
 void ag_session_fail(struct ag_session *s, bool reset, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 const char *ag_session_state_name(int state);
+
+/*
+ * Side `side` will speak TLS: bytes already queued for it still go in clear (an SSLRequest,
+ * an 'S'), later ones wait, in clear, until its handshake is done. Reads stay in clear until
+ * ag_session_start_tls(). 0 or -errno.
+ */
+int ag_session_tls_hold(struct ag_session *s, enum ag_side side);
+/*
+ * Starts TLS on side (holding it first if not yet held): the agent side as the server (leaf
+ * minted for its SNI and our original destination), the upstream side as the client with the
+ * target's tls: settings and host name. The handshake runs from the event loop once the clear
+ * bytes are out; the handler learns the outcome through proto->tls_done (a failure without that
+ * callback ends the session with the reason). Bytes the handler left unconsumed on that side
+ * when this is called are clear bytes sent after the TLS request: the session ends. 0, or
+ * negative when the session has ended (reason recorded).
+ */
+int ag_session_start_tls(struct ag_session *s, enum ag_side side);
+/* The side's TLS is established. */
+bool ag_session_tls_up(const struct ag_session *s, enum ag_side side);
