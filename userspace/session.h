@@ -77,3 +77,11 @@ void ag_session_shutdown(struct ag_session *s, enum ag_side to);
 void ag_session_fail(struct ag_session *s, bool reset, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 const char *ag_session_state_name(int state);
+/* The worker loop a session lives on (for ag_loop_call() from other threads). */
+struct ag_loop *ag_session_loop(const struct ag_session *s);
+/*
+ * On the session's thread, after the handler stopped consuming `from`'s input for a while (a
+ * statement held for approval): presents what is buffered to the handler again and re-arms the
+ * session's events.
+ */
+void ag_session_resume(struct ag_session *s, enum ag_side from);
