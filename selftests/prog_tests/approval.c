@@ -11,13 +11,16 @@
  * session, or the agent leaving, cancels its approval.
  */
 #include <errno.h>
+#include <grp.h>
 #include <poll.h>
 #include <pwd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "buf.h"
@@ -770,6 +773,220 @@ out:
 		close(fd);
 }
 
+/* The first pending approval's id in agctl -j approval list (polled); true when one came. */
+static bool wait_pending(struct ap_ctx *c, const char *needle, char *id, size_t idlen)
+{
+	for (int i = 0; i < 150; i++) {
+		char out[65536];
+		yajl_val v;
+
+		if (!agctl_as(c, 0, out, sizeof(out), NULL, 0, "-j approval list") &&
+		    (v = th_json_parse(out))) {
+			for (size_t k = 0; YAJL_IS_ARRAY(v) && k < v->u.array.len; k++) {
+				yajl_val a = v->u.array.values[k];
+				const char *st = th_json_str(a, "state");
+				const char *sql = th_json_str(a, "statement");
+
+				if (st && !strcmp(st, "pending") && sql && strstr(sql, needle)) {
+					snprintf(id, idlen, "%s", th_json_str(a, "id"));
+					yajl_tree_free(v);
+					return true;
+				}
+			}
+			yajl_tree_free(v);
+		}
+		usleep(100000);
+	}
+	return false;
+}
+
+struct psql_job {
+	struct ap_ctx *c;
+	int rc;
+	char out[8192];
+};
+
+static int psql_child(void *arg)
+{
+	struct psql_job *j = arg;
+	char cmd[1024], port[16];
+	char *argv[] = { "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+			 "/bin/sh", "-c", cmd, NULL };
+
+	snprintf(port, sizeof(port), "%d", j->c->g.pg.port);
+	snprintf(cmd, sizeof(cmd),
+		 "/usr/bin/psql -X -q -h %s -p %s -U %s -d %s "
+		 "-c 'CREATE TABLE ap_psql (id int)' -c 'SELECT 40 + 2' 2>&1",
+		 j->c->g.pg.addr, port, TH_PG_USER, TH_PG_DB);
+	/* Already in the tagged cgroup: th_pg_exec with NULL stays there. */
+	j->rc = th_pg_exec(NULL, argv, NULL, j->out, sizeof(j->out), NULL, 0, 60000);
+	return 0;
+}
+
+static void subtest_psql(struct ap_ctx *c)
+{
+	struct psql_job *j = th_shared_alloc(sizeof(*j));
+	char id[32];
+	const char *n, *r;
+	pid_t pid;
+
+	if (!ASSERT_OK_PTR(j, "shared memory"))
+		return;
+	j->c = c;
+	j->rc = -1;
+	pid = th_spawn_in_cgroup(c->g.tagged, psql_child, j);
+	if (!ASSERT_GT(pid, 0, "psql as nobody in the agent's cgroup"))
+		goto out;
+	if (ASSERT_TRUE(wait_pending(c, "ap_psql", id, sizeof(id)), "psql's statement is held"))
+		ASSERT_OK(agctl_as(c, 0, NULL, 0, NULL, 0, "approval approve %s", id), "approve");
+	th_wait(pid, 60000);
+	ASSERT_EQ(j->rc, 0, "psql succeeds");
+	n = strstr(j->out, "NOTICE:  agentgate: waiting for approval ap-");
+	r = strstr(j->out, "42\n");
+	ASSERT_OK_PTR(n, "psql shows the notice");
+	ASSERT_OK_PTR(r, "and the result of the next statement");
+	ASSERT_TRUE(n && r && n < r, "the notice first, then the result");
+	ASSERT_TRUE(table_exists(c, "ap_psql"), "the table exists");
+	if (test__verbose() || test__has_failed())
+		printf("psql said:\n%s", j->out);
+out:
+	th_shared_free(j, sizeof(*j));
+}
+
+static void subtest_watch(struct ap_ctx *c)
+{
+	char bin[256], id[32], buf[16384] = "", want1[64], want2[64];
+	size_t len = 0;
+	int p[2], fd = -1;
+	pid_t pid;
+
+	snprintf(bin, sizeof(bin), "%s/agctl", th_build_dir());
+	if (!ASSERT_OK(pipe(p), "pipe"))
+		return;
+	pid = fork();
+	if (pid == 0) {
+		dup2(p[1], 1);
+		close(p[0]);
+		/* An approver who is not root: watch is open to it. */
+		if (setgroups(0, NULL) || setgid(65534) || setuid(DAEMON_UID))
+			_exit(126);
+		execl(bin, bin, "-S", c->g.d.socket, "-j", "approval", "watch", (char *)NULL);
+		_exit(127);
+	}
+	close(p[1]);
+	if (!ASSERT_GT(pid, 0, "agctl approval watch"))
+		goto out;
+	fd = connect_nobody(c);
+	if (!ASSERT_GE(fd, 0, "agent connection"))
+		goto out;
+	if (!ASSERT_OK(send_query(fd, "CREATE TABLE ap_watched (id int)"), "send") ||
+	    !read_hold(fd, "ddl-review", id, sizeof(id)))
+		goto out;
+	ASSERT_OK(agctl_as(c, 0, NULL, 0, NULL, 0, "approval approve %s", id), "approve");
+	expect_result(fd, "CZ", "runs");
+	snprintf(want1, sizeof(want1), "\"id\":\"%s\"", id);
+	snprintf(want2, sizeof(want2), "\"state\":\"approved\"");
+	for (int i = 0; i < 100; i++) {
+		struct pollfd pf = { .fd = p[0], .events = POLLIN };
+		ssize_t n;
+
+		if (poll(&pf, 1, 100) == 1) {
+			n = read(p[0], buf + len, sizeof(buf) - 1 - len);
+			if (n <= 0)
+				break;
+			len += n;
+			buf[len] = '\0';
+		}
+		if (strstr(buf, want1) && strstr(buf, want2))
+			break;
+	}
+	ASSERT_HAS_SUBSTR(buf, want1, "watch shows the request");
+	ASSERT_HAS_SUBSTR(buf, "\"state\":\"pending\"", "pending");
+	ASSERT_HAS_SUBSTR(buf, want2, "then the approval");
+	ASSERT_HAS_SUBSTR(buf, "\"decided_by\":\"root\"", "by root");
+out:
+	if (fd >= 0)
+		close(fd);
+	if (pid > 0) {
+		kill(pid, SIGTERM);
+		waitpid(pid, NULL, 0);
+	}
+	close(p[0]);
+}
+
+struct flood_job {
+	int fd;
+	int n;
+	int rc;
+};
+
+/* Sends n Queries of about 4 KiB each behind the held one, as fast as the gateway reads. */
+static int flood_child(void *arg)
+{
+	struct flood_job *j = arg;
+	struct ag_buf b = { 0 };
+	char sql[4200];
+
+	memset(sql, ' ', sizeof(sql));
+	memcpy(sql, "SELECT 7", 8);
+	sql[sizeof(sql) - 1] = '\0';
+	for (int i = 0; i < j->n && !j->rc; i++) {
+		pg_put_query(&b, sql);
+		if (ag_buf_len(&b) > 65536 || i == j->n - 1) {
+			j->rc = th_send_all(j->fd, ag_buf_head(&b), ag_buf_len(&b), 60000);
+			b.start = b.end = 0;
+		}
+	}
+	ag_buf_free(&b);
+	return 0;
+}
+
+static void subtest_backlog(struct ap_ctx *c)
+{
+	struct flood_job *j = th_shared_alloc(sizeof(*j));
+	char id[32];
+	int fd = connect_nobody(c), done = 0;
+	pid_t pid = -1;
+
+	if (!ASSERT_OK_PTR(j, "shared memory") || !ASSERT_GE(fd, 0, "agent connection"))
+		goto out;
+	if (!ASSERT_OK(send_query(fd, "CREATE TABLE ap_backlog (id int)"), "send") ||
+	    !read_hold(fd, "ddl-review", id, sizeof(id)))
+		goto out;
+	/* 4 MiB behind the held statement: more than the gateway buffers, so it stops reading. */
+	j->fd = fd;
+	j->n = 1000;
+	pid = fork();
+	if (pid == 0)
+		_exit(flood_child(j));
+	if (!ASSERT_GT(pid, 0, "writer"))
+		goto out;
+	ASSERT_TRUE(state_is(c, id, "pending"), "pending under the backlog");
+	ASSERT_TRUE(th_pg_gate_alive(&c->g), "the daemon is fine");
+	ASSERT_OK(agctl_as(c, 0, NULL, 0, NULL, 0, "approval approve %s", id), "approve");
+	expect_result(fd, "CZ", "the held statement");
+	for (done = 0; done < 1000; done++) {
+		char got[16];
+
+		if (th_pg_raw_collect(fd, 1, got, sizeof(got), NULL, NULL, 0, 30000) ||
+		    strcmp(got, "TDCZ"))
+			break;
+	}
+	ASSERT_EQ(done, 1000, "every query behind it ran, in order");
+	th_wait(pid, 30000);
+	pid = -1;
+	ASSERT_OK(j->rc, "the writer got everything out");
+out:
+	if (pid > 0) {
+		kill(pid, SIGKILL);
+		th_wait(pid, 5000);
+	}
+	if (fd >= 0)
+		close(fd);
+	if (j)
+		th_shared_free(j, sizeof(*j));
+}
+
 void test_approval(void)
 {
 	struct ap_ctx *c = calloc(1, sizeof(*c));
@@ -812,6 +1029,12 @@ void test_approval(void)
 		subtest_others_run(c);
 	if (test__start_subtest("extended_parse_held"))
 		subtest_extended(c);
+	if (test__start_subtest("psql_sees_notice_then_result"))
+		subtest_psql(c);
+	if (test__start_subtest("watch_streams_changes"))
+		subtest_watch(c);
+	if (test__start_subtest("backlog_behind_hold_then_runs"))
+		subtest_backlog(c);
 	if (test__start_subtest("notify_gets_json"))
 		subtest_notify(c);
 	if (test__start_subtest("notify_failure_never_blocks"))
