@@ -270,7 +270,7 @@ static void finish_locked(struct ag_approval *a, enum ag_approval_state st)
 {
 	a->info.state = st;
 	a->info.decided_ns = unix_ns();
-	if (a->waiting && st != AG_APPROVAL_CANCELLED) {
+	if (a->waiting) {
 		a->refs++;
 		if (ag_loop_call(a->loop, deliver, a)) {
 			a->refs--;
@@ -630,6 +630,29 @@ void ag_approval_cancel(struct ag_approval *a)
 			(unsigned long long)info.session);
 		fire_hooks(&info);
 	}
+}
+
+int ag_approval_withdraw(uint64_t session, const char *why)
+{
+	struct ag_approval_info fired[8];
+	int n = 0;
+
+	pthread_mutex_lock(&lk);
+	for (struct ag_approval *a = table; a && n < 8; a = a->next) {
+		if (a->info.session != session || a->info.state != AG_APPROVAL_PENDING)
+			continue;
+		snprintf(a->info.decided_by, sizeof(a->info.decided_by), "agent");
+		snprintf(a->info.reason, sizeof(a->info.reason), "%s", why);
+		finish_locked(a, AG_APPROVAL_CANCELLED);
+		fired[n++] = a->info;
+	}
+	pthread_mutex_unlock(&lk);
+	for (int i = 0; i < n; i++) {
+		pr_info("approval %s of session %llu withdrawn by the agent: %s", fired[i].id,
+			(unsigned long long)session, why);
+		fire_hooks(&fired[i]);
+	}
+	return n;
 }
 
 void ag_approval_session_end(uint64_t session)

@@ -64,8 +64,9 @@ struct ag_approval_info {
 };
 
 /*
- * Called on the session's worker thread with the decision (approved, denied or expired) of a
- * request, at most once; never after ag_approval_cancel(). The handle is gone when it returns.
+ * Called on the session's worker thread with the decision (approved, denied, expired, or
+ * cancelled by ag_approval_withdraw()) of a request, at most once; never after
+ * ag_approval_cancel(). The handle is gone when it returns.
  */
 typedef void (*ag_approval_fn)(struct ag_session *s, void *arg, const struct ag_approval_info *a);
 
@@ -82,7 +83,13 @@ struct ag_approval *ag_approval_request(struct ag_session *s, const char *protoc
 					char id[AG_APPROVAL_ID_MAX]);
 /* The session no longer waits (it ends): state cancelled if undecided; fn will not be called. */
 void ag_approval_cancel(struct ag_approval *a);
-/* The session ended: its session-scope grants go, pending approvals of it are cancelled. */
+/*
+ * The agent itself gave up waiting (a PostgreSQL CancelRequest), from any thread: the pending
+ * approvals of session are cancelled and their handlers told (state cancelled, decided_by
+ * "agent", reason why). How many there were.
+ */
+int ag_approval_withdraw(uint64_t session, const char *why);
+/* The session ended: its session-scope grants go. */
 void ag_approval_session_end(uint64_t session);
 /*
  * Does an earlier decision let this statement pass without asking again? A session grant of

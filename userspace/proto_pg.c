@@ -1086,6 +1086,17 @@ static void approval_done(struct ag_session *s, void *arg, const struct ag_appro
 	pg->held = NULL;
 	if (a->state == AG_APPROVAL_APPROVED) {
 		pg->resume = RESUME_ALLOW;
+	} else if (a->state == AG_APPROVAL_CANCELLED) {
+		/* The agent's CancelRequest: answered as the server answers one. */
+		snprintf(detail, sizeof(detail), "agentgate: approval %s withdrawn by the agent.",
+			 a->id);
+		pg->resume = RESUME_REFUSE;
+		refusal_free(pg->resume_refusal);
+		pg->resume_refusal = refusal_new(PG_SQLSTATE_QUERY_CANCELED,
+						 "canceling statement due to user request", detail,
+						 0);
+		pr_info("session %llu: approval %s withdrawn by a CancelRequest",
+			(unsigned long long)s->id, a->id);
 	} else {
 		if (a->state == AG_APPROVAL_EXPIRED)
 			snprintf(msg, sizeof(msg), "agentgate: approval %s timed out after %s", a->id,
@@ -1656,6 +1667,8 @@ static long cancel_request(struct ag_session *s, const uint8_t *pkt)
 	}
 	pr_info("session %llu: CancelRequest for backend %u of session %llu forwarded to %s",
 		(unsigned long long)s->id, pid, (unsigned long long)owner, s->orig_dst);
+	/* A statement of that session held for approval is what the agent gives up on. */
+	ag_approval_withdraw(owner, "CancelRequest");
 	if (ag_session_send(s, AG_SIDE_UPSTREAM, pkt, 16)) {
 		ag_session_fail(s, true, "postgres: cannot forward the CancelRequest");
 		return -1;

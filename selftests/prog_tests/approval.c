@@ -8,7 +8,9 @@
  * non-root users get nothing but the approval commands. Fingerprint and session scopes let later
  * statements pass; other sessions run while one waits; a held Parse in a pipeline; the notify
  * hook gets the request as JSON, and a failing or hanging hook holds nothing up; killing a held
- * session, or the agent leaving, cancels its approval.
+ * session, the agent's CancelRequest (57014) or the agent leaving cancels its approval. Also:
+ * psql shows the notice then the result, `approval watch` streams changes to a non-root user,
+ * and a 4 MiB backlog behind a held statement waits, then runs in order.
  */
 #include <errno.h>
 #include <grp.h>
@@ -754,6 +756,42 @@ static void subtest_kill_cancels(struct ap_ctx *c)
 	ASSERT_FALSE(table_exists(c, "ap_killed"), "not run");
 	close(fd);
 
+	/* The agent's CancelRequest withdraws it: 57014, as the server says for a cancel. */
+	{
+		uint32_t bpid = 0, bkey = 0;
+		uint8_t pkt[16];
+		char got[16], st[8], msg[256];
+		int cfd;
+
+		fd = th_pg_connect_as(c->g.tagged, c->g.pg.addr, c->g.pg.port, NOBODY, 65534);
+		if (!ASSERT_GE(fd, 0, "agent connection") ||
+		    !ASSERT_OK(th_pg_raw_startup_key(fd, TH_PG_USER, TH_PG_DB, TH_PG_PASSWORD,
+						     &bpid, &bkey),
+			       "startup"))
+			goto out;
+		if (!ASSERT_OK(send_query(fd, "CREATE TABLE ap_cancelled (id int)"), "send") ||
+		    !read_hold(fd, "ddl-review", id, sizeof(id)))
+			goto out;
+		pg_put32(pkt, 16);
+		pg_put32(pkt + 4, 80877102);
+		pg_put32(pkt + 8, bpid);
+		pg_put32(pkt + 12, bkey);
+		cfd = th_pg_connect_as(c->g.tagged, c->g.pg.addr, c->g.pg.port, NOBODY, 65534);
+		if (ASSERT_GE(cfd, 0, "cancel connection")) {
+			ASSERT_OK(th_send_all(cfd, pkt, sizeof(pkt), 5000), "CancelRequest");
+			close(cfd);
+		}
+		ASSERT_OK(th_pg_raw_collect(fd, 1, got, sizeof(got), st, msg, sizeof(msg), 15000),
+			  "answer");
+		ASSERT_STREQ(got, "EZ", "the held statement is cancelled");
+		ASSERT_STREQ(st, "57014", "query_canceled");
+		ASSERT_TRUE(wait_state(c, id, "cancelled"), "the approval is cancelled");
+		ASSERT_FALSE(table_exists(c, "ap_cancelled"), "not run");
+		ASSERT_OK(send_query(fd, "SELECT 1"), "send");
+		expect_result(fd, "TDCZ", "the session goes on");
+		close(fd);
+	}
+
 	/* The agent leaves while held. */
 	fd = connect_nobody(c);
 	if (!ASSERT_GE(fd, 0, "agent connection"))
@@ -1039,7 +1077,7 @@ void test_approval(void)
 		subtest_notify(c);
 	if (test__start_subtest("notify_failure_never_blocks"))
 		subtest_notify_fails(c);
-	if (test__start_subtest("kill_or_leave_cancels"))
+	if (test__start_subtest("kill_cancelrequest_or_leave_cancels"))
 		subtest_kill_cancels(c);
 out:
 	test__end_subtest();
