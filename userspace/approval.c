@@ -732,43 +732,20 @@ static bool in_group(const char *user, gid_t primary, gid_t gid)
 	return found;
 }
 
-int ag_approval_authorize(const struct ag_policy *p, uid_t uid, const char *id, char *who,
-			  size_t wholen, char *err, size_t errlen)
+bool ag_approval_is_approver(const struct ag_policy *p, uid_t uid, char *who, size_t wholen)
 {
 	static const char *const root_only[] = { "root" };
 	struct passwd pw, *pwp = NULL;
 	const struct ag_kv *kv;
 	const char *const *list = root_only;
 	size_t nlist = 1;
-	char buf[4096], name[64];
-	uint32_t agent_uid;
-	uint64_t session;
-	struct ag_approval *a;
+	char buf[4096];
 
-	pthread_mutex_lock(&lk);
-	a = find_locked(id);
-	if (a) {
-		agent_uid = a->info.agent_uid;
-		session = a->info.session;
-	}
-	pthread_mutex_unlock(&lk);
-	if (!a) {
-		snprintf(err, errlen, "no approval %s", id);
-		return -ENOENT;
-	}
 	getpwuid_r(uid, &pw, buf, sizeof(buf), &pwp);
 	if (pwp)
-		snprintf(name, sizeof(name), "%s", pwp->pw_name);
+		snprintf(who, wholen, "%s", pwp->pw_name);
 	else
-		snprintf(name, sizeof(name), "uid:%u", (unsigned)uid);
-	snprintf(who, wholen, "%s", name);
-	if (uid == agent_uid) {
-		snprintf(err, errlen,
-			 "%s (uid %u) runs the agent of session %llu: another approver must decide "
-			 "(separation of duties)",
-			 name, (unsigned)uid, (unsigned long long)session);
-		return -EPERM;
-	}
+		snprintf(who, wholen, "uid:%u", (unsigned)uid);
 	kv = p ? ag_kv_get(p->approvals, p->napprovals, "approvers") : NULL;
 	if (kv) {
 		list = (const char *const *)kv->list;
@@ -782,21 +759,57 @@ int ag_approval_authorize(const struct ag_policy *p, uid_t uid, const char *id, 
 			unsigned long v = strtoul(e + 4, &end, 10);
 
 			if (e[4] && !*end && v == uid)
-				return 0;
+				return true;
 		} else if (!strncmp(e, "group:", 6)) {
 			struct group gr, *grp = NULL;
 			char gbuf[8192];
 
 			if (pwp && !getgrnam_r(e + 6, &gr, gbuf, sizeof(gbuf), &grp) && grp &&
 			    in_group(pwp->pw_name, pwp->pw_gid, grp->gr_gid))
-				return 0;
+				return true;
 		} else if (pwp && !strcmp(e, pwp->pw_name)) {
-			return 0;
+			return true;
 		}
 	}
-	snprintf(err, errlen, "%s (uid %u) is not an approver (approvals.approvers%s)", name,
-		 (unsigned)uid, kv ? "" : " is not set: root only");
-	return -EPERM;
+	return false;
+}
+
+int ag_approval_authorize(const struct ag_policy *p, uid_t uid, const char *id, char *who,
+			  size_t wholen, char *err, size_t errlen)
+{
+	uint32_t agent_uid = 0;
+	uint64_t session = 0;
+	struct ag_approval *a;
+	bool listed;
+
+	pthread_mutex_lock(&lk);
+	a = find_locked(id);
+	if (a) {
+		agent_uid = a->info.agent_uid;
+		session = a->info.session;
+	}
+	pthread_mutex_unlock(&lk);
+	if (!a) {
+		snprintf(err, errlen, "no approval %s", id);
+		return -ENOENT;
+	}
+	listed = ag_approval_is_approver(p, uid, who, wholen);
+	if (uid == agent_uid) {
+		snprintf(err, errlen,
+			 "%s (uid %u) runs the agent of session %llu: another approver must decide "
+			 "(separation of duties)",
+			 who, (unsigned)uid, (unsigned long long)session);
+		return -EPERM;
+	}
+	if (!listed) {
+		snprintf(err, errlen, "%s (uid %u) is not an approver (approvals.approvers%s)", who,
+			 (unsigned)uid,
+			 p && ag_kv_get(p->approvals, p->napprovals, "approvers")
+				 ? ""
+				 : " is not set: root only");
+		return -EPERM;
+	}
+	return 0;
 }
 
 int ag_approval_decide(const char *id, bool approve, enum ag_approval_scope scope,

@@ -100,6 +100,11 @@ bool ag_approval_granted(const struct ag_session *s, const char *rule, uint64_t 
 			 char id[AG_APPROVAL_ID_MAX]);
 
 /*
+ * Is uid listed in approvals.approvers of p (a user name, "group:NAME" or "uid:N"; root when
+ * the policy names none)? Its user name (or "uid:N") into who either way.
+ */
+bool ag_approval_is_approver(const struct ag_policy *p, uid_t uid, char *who, size_t wholen);
+/*
  * May the peer uid decide approval id under policy p? It must be listed in approvals.approvers
  * (a user name, "group:NAME" or "uid:N"; root when the policy names none) and must not be the
  * uid the agent runs as. 0 and the approver's name in who, or -EPERM/-ENOENT and why in err.

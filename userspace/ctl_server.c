@@ -2,8 +2,8 @@
 /*
  * The daemon's half of the control protocol (ctl.proto), on the main loop. The socket is open
  * to every local user (mode 0666) and each request is authorized by the peer's SO_PEERCRED uid:
- * root may do anything, other users only the approval commands, and approve/deny only as an
- * approver of the policy (approval.c). Each client sends one framed Request and gets one framed
+ * root may do anything, other users only the approval commands and only as approvers of the
+ * policy (approve/deny never for their own agent's requests: approval.c). Each client sends one framed Request and gets one framed
  * Response; `approval watch` keeps its connection and gets a Response per change. Reads and
  * writes are non-blocking with a per-client buffer, so a stuck client cannot stall the loop.
  */
@@ -354,6 +354,22 @@ static void handle(struct ctl_client *c, const Agentgate__Ctl__Request *req,
 			 (unsigned)c->uid);
 		r->error = strdup(err);
 		return;
+	}
+	/* Statements may carry what only approvers should read: list/show/watch are theirs. */
+	if (c->uid != 0 && req->cmd_case != AGENTGATE__CTL__REQUEST__CMD_APPROVAL_DECIDE) {
+		struct ag_policy_ref *pol = ag_policy_get(d);
+		char who[64];
+		bool ok = ag_approval_is_approver(pol ? pol->p : NULL, c->uid, who, sizeof(who));
+
+		ag_policy_put(pol);
+		if (!ok) {
+			snprintf(err, sizeof(err),
+				 "permission denied: %s (uid %u) is not an approver "
+				 "(approvals.approvers)",
+				 who, (unsigned)c->uid);
+			r->error = strdup(err);
+			return;
+		}
 	}
 	switch (req->cmd_case) {
 	case AGENTGATE__CTL__REQUEST__CMD_APPROVAL_LIST:

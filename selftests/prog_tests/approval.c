@@ -408,14 +408,19 @@ static void subtest_non_approver(struct ap_ctx *c)
 	rc = agctl_as(c, DAEMON_UID, NULL, 0, err, sizeof(err), "approval approve %s", id);
 	ASSERT_EQ(rc, 1, "a user who is no approver cannot approve");
 	ASSERT_HAS_SUBSTR(err, "is not an approver", "and is told why");
-	/* A non-root user gets the approval commands only. */
-	ASSERT_OK(agctl_as(c, DAEMON_UID, out, sizeof(out), NULL, 0, "approval list"),
-		  "a non-root user may list approvals");
+	/* Nor read them: statements are for approvers' eyes. */
+	rc = agctl_as(c, DAEMON_UID, out, sizeof(out), err, sizeof(err), "approval list");
+	ASSERT_EQ(rc, 1, "a user who is no approver cannot list approvals");
+	ASSERT_HAS_SUBSTR(err, "is not an approver", "list refused");
+	ASSERT_FALSE(strstr(out, id), "and sees nothing");
+	/* An approver who is not root gets the approval commands only. */
+	ASSERT_OK(agctl_as(c, NOBODY, out, sizeof(out), NULL, 0, "approval list"),
+		  "a non-root approver may list approvals");
 	ASSERT_HAS_SUBSTR(out, id, "and sees the pending one");
-	rc = agctl_as(c, DAEMON_UID, NULL, 0, err, sizeof(err), "session list");
+	rc = agctl_as(c, NOBODY, NULL, 0, err, sizeof(err), "session list");
 	ASSERT_EQ(rc, 1, "but not the sessions");
 	ASSERT_HAS_SUBSTR(err, "permission denied", "permission denied");
-	rc = agctl_as(c, DAEMON_UID, NULL, 0, err, sizeof(err), "policy reload");
+	rc = agctl_as(c, NOBODY, NULL, 0, err, sizeof(err), "policy reload");
 	ASSERT_EQ(rc, 1, "nor reload the policy");
 	ASSERT_TRUE(state_is(c, id, "pending"), "still pending");
 	ASSERT_OK(agctl_as(c, 0, NULL, 0, NULL, 0, "approval approve %s", id), "root approves");
@@ -906,7 +911,7 @@ static void subtest_watch(struct ap_ctx *c)
 		dup2(p[1], 1);
 		close(p[0]);
 		/* An approver who is not root: watch is open to it. */
-		if (setgroups(0, NULL) || setgid(65534) || setuid(DAEMON_UID))
+		if (setgroups(0, NULL) || setgid(65534) || setuid(NOBODY))
 			_exit(126);
 		execl(bin, bin, "-S", c->g.d.socket, "-j", "approval", "watch", (char *)NULL);
 		_exit(127);
