@@ -151,9 +151,22 @@ char *ag_approval_fmt_duration(uint64_t ms, char *buf, size_t len)
 	return buf;
 }
 
+static void str_or_null(struct jsonw *w, const char *name, const char *s)
+{
+	if (s && *s)
+		jsonw_string_field(w, name, s);
+	else
+		jsonw_null_field(w, name);
+}
+
 void ag_approval_to_json(const struct ag_approval_info *a, struct jsonw *w)
 {
+	bool decided = a->state != AG_APPROVAL_PENDING;
+	bool approved = a->state == AG_APPROVAL_APPROVED;
+	char fp[24];
+
 	jsonw_start_object(w);
+	/* The contract fields (SPEC.md), in its order. */
 	jsonw_string_field(w, "id", a->id);
 	jsonw_uint_field(w, "session", a->session);
 	jsonw_string_field(w, "agent", a->agent);
@@ -164,23 +177,33 @@ void ag_approval_to_json(const struct ag_approval_info *a, struct jsonw *w)
 	jsonw_time_field(w, "requested_at", a->requested_ns);
 	jsonw_time_field(w, "expires_at", a->expires_ns);
 	jsonw_string_field(w, "state", ag_approval_state_name(a->state));
+	/* The decision (null while pending). */
+	str_or_null(w, "decided_by", decided ? a->decided_by : NULL);
+	jsonw_time_field(w, "decided_at", decided ? a->decided_ns : 0);
+	str_or_null(w, "reason", decided ? a->reason : NULL);
+	str_or_null(w, "scope", approved ? ag_approval_scope_name(a->scope) : NULL);
+	if (approved && a->scope == AG_APPROVAL_FINGERPRINT)
+		jsonw_uint_field(w, "ttl_ms", a->ttl_ms);
+	/* Extras. */
 	jsonw_uint_field(w, "agent_uid", a->agent_uid);
-	if (a->state == AG_APPROVAL_PENDING) {
-		jsonw_null_field(w, "decided_by");
-		jsonw_null_field(w, "reason");
-		jsonw_null_field(w, "scope");
+	jsonw_uint_field(w, "timeout_ms", a->timeout_ms);
+	if (a->fingerprint) {
+		snprintf(fp, sizeof(fp), "%016llx", (unsigned long long)a->fingerprint);
+		jsonw_string_field(w, "fingerprint", fp);
 	} else {
-		jsonw_string_field(w, "decided_by", a->decided_by);
-		if (a->reason[0])
-			jsonw_string_field(w, "reason", a->reason);
-		else
-			jsonw_null_field(w, "reason");
-		if (a->state == AG_APPROVAL_APPROVED)
-			jsonw_string_field(w, "scope", ag_approval_scope_name(a->scope));
-		else
-			jsonw_null_field(w, "scope");
+		jsonw_null_field(w, "fingerprint");
 	}
 	jsonw_end_object(w);
+}
+
+int ag_approval_state_parse(const char *s, enum ag_approval_state *out)
+{
+	for (int i = AG_APPROVAL_PENDING; i <= AG_APPROVAL_CANCELLED; i++)
+		if (s && !strcmp(s, ag_approval_state_name(i))) {
+			*out = i;
+			return 0;
+		}
+	return -EINVAL;
 }
 
 /* --- threads ------------------------------------------------------------------------------ */

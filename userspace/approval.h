@@ -139,5 +139,12 @@ const char *ag_approval_scope_name(enum ag_approval_scope s);
 int ag_approval_scope_parse(const char *s, enum ag_approval_scope *out);
 /* "5m", "2s", "1h30m", "500ms": a duration for messages. */
 char *ag_approval_fmt_duration(uint64_t ms, char *buf, size_t len);
-/* The SPEC.md approval object (id, session, agent, ..., state, decided_by, reason, scope). */
+/* "pending", ... → state; -EINVAL otherwise. */
+int ag_approval_state_parse(const char *s, enum ag_approval_state *out);
+/*
+ * The approval as JSON: the SPEC.md fields (id, session, agent, target, protocol, statement,
+ * rule, requested_at, expires_at, state), then decided_by, decided_at, reason, scope (null
+ * while pending), ttl_ms (fingerprint scope), agent_uid, timeout_ms, fingerprint (hex).
+ * agctl's -j output and the approvals.notify input.
+ */
 void ag_approval_to_json(const struct ag_approval_info *a, struct jsonw *w);

@@ -816,6 +816,29 @@ out:
 		close(fd);
 }
 
+/* mode: observe records the hold in the log and lets the statement run. */
+static void subtest_observe(struct ap_ctx *c)
+{
+	char r[2048], out[4096], log[65536];
+	int fd;
+
+	rules(c, r, sizeof(r), "5m", "notify.sh");
+	if (!ASSERT_OK(th_pg_gate_rules(&c->g, "observe", r), "observe mode"))
+		return;
+	fd = connect_nobody(c);
+	if (ASSERT_GE(fd, 0, "agent connection")) {
+		ASSERT_OK(send_query(fd, "CREATE TABLE ap_observed (id int)"), "send");
+		expect_result(fd, "CZ", "runs without a hold");
+		ASSERT_TRUE(table_exists(c, "ap_observed"), "the table exists");
+		close(fd);
+	}
+	th_daemon_read_log(&c->g.d, log, sizeof(log));
+	ASSERT_HAS_SUBSTR(log, "observe mode, would hold by rule ddl-review", "recorded");
+	if (!agctl_as(c, 0, out, sizeof(out), NULL, 0, "approval list"))
+		ASSERT_FALSE(strstr(out, "ap_observed"), "no approval asked");
+	ASSERT_OK(th_pg_gate_rules(&c->g, "enforce", r), "back to enforce");
+}
+
 /* The first pending approval's id in agctl -j approval list (polled); true when one came. */
 static bool wait_pending(struct ap_ctx *c, const char *needle, char *id, size_t idlen)
 {
@@ -1078,6 +1101,8 @@ void test_approval(void)
 		subtest_watch(c);
 	if (test__start_subtest("backlog_behind_hold_then_runs"))
 		subtest_backlog(c);
+	if (test__start_subtest("observe_mode_records_only"))
+		subtest_observe(c);
 	if (test__start_subtest("notify_gets_json"))
 		subtest_notify(c);
 	if (test__start_subtest("notify_failure_never_blocks"))

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "approval.h"
 #include "main.h"
 #include "policy.h"
 
@@ -20,47 +21,31 @@ static const char *or_null(const char *s)
 	return s && *s ? s : NULL;
 }
 
-static void str_or_null(struct jsonw *w, const char *name, const char *s)
+/* The daemon's answer as the library's approval, for its one JSON writer. */
+static void approval_json(struct jsonw *w, const Agentgate__Ctl__Approval *m)
 {
-	if (s && *s)
-		jsonw_string_field(w, name, s);
-	else
-		jsonw_null_field(w, name);
-}
+	struct ag_approval_info a = { 0 };
 
-static void approval_json(struct jsonw *w, const Agentgate__Ctl__Approval *a)
-{
-	char fp[24];
-
-	jsonw_start_object(w);
-	/* The contract fields (SPEC.md), in its order. */
-	jsonw_string_field(w, "id", a->id);
-	jsonw_uint_field(w, "session", a->session);
-	jsonw_string_field(w, "agent", a->agent);
-	jsonw_string_field(w, "target", a->target);
-	jsonw_string_field(w, "protocol", a->protocol);
-	jsonw_string_field(w, "statement", a->statement);
-	jsonw_string_field(w, "rule", a->rule);
-	jsonw_time_field(w, "requested_at", a->requested_at_ns);
-	jsonw_time_field(w, "expires_at", a->expires_at_ns);
-	jsonw_string_field(w, "state", a->state);
-	/* The decision. */
-	str_or_null(w, "decided_by", a->decided_by);
-	jsonw_time_field(w, "decided_at", a->decided_at_ns);
-	str_or_null(w, "reason", a->reason);
-	str_or_null(w, "scope", a->scope);
-	if (a->scope && !strcmp(a->scope, "fingerprint"))
-		jsonw_uint_field(w, "ttl_ms", a->ttl_ms);
-	/* Extras. */
-	jsonw_uint_field(w, "agent_uid", a->agent_uid);
-	jsonw_uint_field(w, "timeout_ms", a->timeout_ms);
-	if (a->fingerprint) {
-		snprintf(fp, sizeof(fp), "%016" PRIx64, a->fingerprint);
-		jsonw_string_field(w, "fingerprint", fp);
-	} else {
-		jsonw_null_field(w, "fingerprint");
-	}
-	jsonw_end_object(w);
+	snprintf(a.id, sizeof(a.id), "%s", m->id);
+	a.session = m->session;
+	a.agent_uid = m->agent_uid;
+	snprintf(a.agent, sizeof(a.agent), "%s", m->agent);
+	snprintf(a.target, sizeof(a.target), "%s", m->target);
+	snprintf(a.protocol, sizeof(a.protocol), "%s", m->protocol);
+	snprintf(a.statement, sizeof(a.statement), "%s", m->statement);
+	snprintf(a.rule, sizeof(a.rule), "%s", m->rule);
+	a.fingerprint = m->fingerprint;
+	a.requested_ns = m->requested_at_ns;
+	a.expires_ns = m->expires_at_ns;
+	a.decided_ns = m->decided_at_ns;
+	a.timeout_ms = m->timeout_ms;
+	if (ag_approval_state_parse(m->state, &a.state))
+		a.state = AG_APPROVAL_PENDING;
+	snprintf(a.decided_by, sizeof(a.decided_by), "%s", m->decided_by);
+	snprintf(a.reason, sizeof(a.reason), "%s", m->reason);
+	ag_approval_scope_parse(m->scope, &a.scope);
+	a.ttl_ms = m->ttl_ms;
+	ag_approval_to_json(&a, w);
 }
 
 static void approvals_plain(Agentgate__Ctl__Approval **as, size_t n)
@@ -170,7 +155,10 @@ static void decided_fields(const ag_ctl_response *resp, const void *arg)
 
 	jsonw_string_field(json_wtr, "id", d->id);
 	jsonw_string_field(json_wtr, "state", d->state);
-	str_or_null(json_wtr, "scope", d->scope);
+	if (d->scope)
+		jsonw_string_field(json_wtr, "scope", d->scope);
+	else
+		jsonw_null_field(json_wtr, "scope");
 }
 
 static int decide(Agentgate__Ctl__ApprovalDecision *dec)
