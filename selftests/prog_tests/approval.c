@@ -33,6 +33,7 @@
 
 #define NOBODY 65534
 #define DAEMON_UID 1 /* a user who is no approver */
+#define BIN_UID 2    /* an approver as a member of group:bin */
 
 #define AP_SQL                                                                                     \
 	"    sql:\n"                                                                               \
@@ -66,7 +67,8 @@ static void rules(struct ap_ctx *c, char *buf, size_t len, const char *timeout,
 
 	if (notify)
 		snprintf(n, sizeof(n), ", notify: \"%s/%s\"", c->dir, notify);
-	snprintf(buf, len, AP_SQL "approvals: { approvers: [root, nobody], timeout: %s%s }\n",
+	snprintf(buf, len,
+		 AP_SQL "approvals: { approvers: [root, nobody, \"group:bin\"], timeout: %s%s }\n",
 		 timeout, n);
 }
 
@@ -423,7 +425,9 @@ static void subtest_non_approver(struct ap_ctx *c)
 	rc = agctl_as(c, NOBODY, NULL, 0, err, sizeof(err), "policy reload");
 	ASSERT_EQ(rc, 1, "nor reload the policy");
 	ASSERT_TRUE(state_is(c, id, "pending"), "still pending");
-	ASSERT_OK(agctl_as(c, 0, NULL, 0, NULL, 0, "approval approve %s", id), "root approves");
+	ASSERT_OK(agctl_as(c, BIN_UID, out, sizeof(out), NULL, 0, "approval approve %s", id),
+		  "a member of an approver group approves");
+	ASSERT_HAS_SUBSTR(out, "approved by bin", "as bin");
 	expect_result(fd, "CZ", "runs");
 out:
 	close(fd);
@@ -1085,7 +1089,7 @@ void test_approval(void)
 		subtest_timeout(c);
 	if (test__start_subtest("own_uid_cannot_approve"))
 		subtest_own_uid(c);
-	if (test__start_subtest("non_approver_refused"))
+	if (test__start_subtest("non_approver_refused_group_approver_ok"))
 		subtest_non_approver(c);
 	if (test__start_subtest("fingerprint_scope"))
 		subtest_fingerprint(c);
