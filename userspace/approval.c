@@ -485,8 +485,8 @@ static void notify_queue(const char *cmd, const struct ag_approval_info *info)
 	pthread_mutex_lock(&nlk);
 	if (nq_len >= NOTIFY_QUEUE_MAX) {
 		pthread_mutex_unlock(&nlk);
-		pr_warn("approvals.notify for %s: %d notifications still queued: not run",
-			info->id, NOTIFY_QUEUE_MAX);
+		pr_warn("approvals.notify for %s: %d notifications still queued: not run", info->id,
+			NOTIFY_QUEUE_MAX);
 		goto drop;
 	}
 	*nq_tail = j;
@@ -638,7 +638,8 @@ void ag_approval_cancel(struct ag_approval *a)
 	a->waiting = false;
 	if (a->info.state == AG_APPROVAL_PENDING) {
 		snprintf(a->info.decided_by, sizeof(a->info.decided_by), "cancelled");
-		snprintf(a->info.reason, sizeof(a->info.reason), "the session ended while it waited");
+		snprintf(a->info.reason, sizeof(a->info.reason),
+			 "the session ended while it waited");
 		finish_locked(a, AG_APPROVAL_CANCELLED);
 		changed = true;
 	}
@@ -835,9 +836,8 @@ int ag_approval_authorize(const struct ag_policy *p, uid_t uid, const char *id, 
 	return 0;
 }
 
-int ag_approval_decide(const char *id, bool approve, enum ag_approval_scope scope,
-		       uint64_t ttl_ms, const char *who, uid_t uid, const char *reason, char *err,
-		       size_t errlen)
+int ag_approval_decide(const char *id, bool approve, enum ag_approval_scope scope, uint64_t ttl_ms,
+		       const char *who, uid_t uid, const char *reason, char *err, size_t errlen)
 {
 	struct ag_approval_info info;
 	struct ag_approval *a;
@@ -857,8 +857,10 @@ int ag_approval_decide(const char *id, bool approve, enum ag_approval_scope scop
 	}
 	if (approve && scope == AG_APPROVAL_FINGERPRINT && !a->info.fingerprint) {
 		pthread_mutex_unlock(&lk);
-		snprintf(err, errlen, "approval %s has no statement fingerprint: use scope once "
-			 "or session", id);
+		snprintf(err, errlen,
+			 "approval %s has no statement fingerprint: use scope once "
+			 "or session",
+			 id);
 		return -EINVAL;
 	}
 	snprintf(a->info.decided_by, sizeof(a->info.decided_by), "%s", who);

@@ -35,9 +35,9 @@ enum ag_approval_state {
 };
 
 enum ag_approval_scope {
-	AG_APPROVAL_ONCE = 0,	     /* this statement only */
-	AG_APPROVAL_SESSION,	     /* the rule, for the rest of the session */
-	AG_APPROVAL_FINGERPRINT,     /* agent + target + statement fingerprint, for a ttl */
+	AG_APPROVAL_ONCE = 0,	 /* this statement only */
+	AG_APPROVAL_SESSION,	 /* the rule, for the rest of the session */
+	AG_APPROVAL_FINGERPRINT, /* agent + target + statement fingerprint, for a ttl */
 };
 
 /* One approval as agctl and the hooks see it: a copy, taken under the table's lock. */
@@ -60,7 +60,7 @@ struct ag_approval_info {
 	uint32_t decided_uid;
 	char reason[256];
 	enum ag_approval_scope scope;
-	uint64_t ttl_ms;	 /* of a fingerprint grant */
+	uint64_t ttl_ms; /* of a fingerprint grant */
 };
 
 /*
@@ -116,9 +116,8 @@ int ag_approval_authorize(const struct ag_policy *p, uid_t uid, const char *id, 
  * default), or deny with a reason (may be NULL). who/uid name the approver, already authorized.
  * 0, or -ENOENT (no such approval), -EALREADY (decided), -EINVAL with a message in err.
  */
-int ag_approval_decide(const char *id, bool approve, enum ag_approval_scope scope,
-		       uint64_t ttl_ms, const char *who, uid_t uid, const char *reason, char *err,
-		       size_t errlen);
+int ag_approval_decide(const char *id, bool approve, enum ag_approval_scope scope, uint64_t ttl_ms,
+		       const char *who, uid_t uid, const char *reason, char *err, size_t errlen);
 
 /* Every approval kept (pending first, then the latest decided), malloc'ed; count in n. */
 struct ag_approval_info *ag_approval_list(size_t *n);

@@ -39,7 +39,7 @@
 	"    sql:\n"                                                                               \
 	"      - { name: no-drop, when: { command: [drop] }, then: deny }\n"                       \
 	"      - { name: ddl-review, when: { command: [ddl] }, then: approve }\n"                  \
-	"      - { name: rw, when: { command: [select, insert, update, delete, begin, commit,"    \
+	"      - { name: rw, when: { command: [select, insert, update, delete, begin, commit,"     \
 	" rollback, set, show] }, then: allow }\n"
 
 struct ap_ctx {
@@ -60,8 +60,7 @@ static int write_script(const char *path, const char *body)
 }
 
 /* The rules plus an approvals: line with this timeout and notify script (NULL: none). */
-static void rules(struct ap_ctx *c, char *buf, size_t len, const char *timeout,
-		  const char *notify)
+static void rules(struct ap_ctx *c, char *buf, size_t len, const char *timeout, const char *notify)
 {
 	char n[300] = "";
 
@@ -76,8 +75,8 @@ static void rules(struct ap_ctx *c, char *buf, size_t len, const char *timeout,
  * build/agctl -S <socket> ARGS (fmt split on spaces) as uid (0: root, else through setpriv),
  * stdout and stderr captured. Its exit code.
  */
-static int agctl_as(struct ap_ctx *c, uid_t uid, char *out, size_t outlen, char *err,
-		    size_t errlen, const char *fmt, ...)
+static int agctl_as(struct ap_ctx *c, uid_t uid, char *out, size_t outlen, char *err, size_t errlen,
+		    const char *fmt, ...)
 {
 	char args[512], bin[256], ru[32], rg[32], *argv[48], *save = NULL, *tok;
 	char o[8192], e[4096];
@@ -102,8 +101,8 @@ static int agctl_as(struct ap_ctx *c, uid_t uid, char *out, size_t outlen, char 
 	for (tok = strtok_r(args, " ", &save); tok && n < 46; tok = strtok_r(NULL, " ", &save))
 		argv[n++] = tok;
 	argv[n] = NULL;
-	rc = th_pg_exec(NULL, argv, NULL, out ? out : o, out ? outlen : sizeof(o),
-			err ? err : e, err ? errlen : sizeof(e), 15000);
+	rc = th_pg_exec(NULL, argv, NULL, out ? out : o, out ? outlen : sizeof(o), err ? err : e,
+			err ? errlen : sizeof(e), 15000);
 	if (test__verbose())
 		printf("agctl(uid %u) %s%s -> %d: %s%s", uid, fmt, "", rc, err ? err : e,
 		       out ? out : o);
@@ -311,9 +310,9 @@ static void subtest_denied(struct ap_ctx *c)
 	if (!ASSERT_OK(send_query(fd, "CREATE TABLE ap_denied (id int)"), "send") ||
 	    !read_hold(fd, "ddl-review", id, sizeof(id)))
 		goto out;
-	ASSERT_OK(agctl_as(c, 0, out, sizeof(out), NULL, 0, "approval deny %s reason not today",
-			   id),
-		  "root denies");
+	ASSERT_OK(
+		agctl_as(c, 0, out, sizeof(out), NULL, 0, "approval deny %s reason not today", id),
+		"root denies");
 	expect_error(fd, "agentgate: denied by root: not today", "the agent hears who and why");
 	ASSERT_FALSE(table_exists(c, "ap_denied"), "the table does not exist");
 	ASSERT_TRUE(state_is(c, id, "denied"), "state denied");
@@ -457,7 +456,8 @@ static void subtest_fingerprint(struct ap_ctx *c)
 	expect_result(fd, "CZ", "the same shape passes without a hold");
 	fd2 = connect_nobody(c);
 	if (ASSERT_GE(fd2, 0, "second connection")) {
-		ASSERT_OK(send_query(fd2, "ALTER TABLE ap_fp ALTER COLUMN x SET DEFAULT 3"), "send");
+		ASSERT_OK(send_query(fd2, "ALTER TABLE ap_fp ALTER COLUMN x SET DEFAULT 3"),
+			  "send");
 		expect_result(fd2, "CZ", "and in another session of the agent");
 	}
 	/* Another shape is held. */
@@ -880,8 +880,14 @@ static int psql_child(void *arg)
 {
 	struct psql_job *j = arg;
 	char cmd[1024], port[16];
-	char *argv[] = { "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-			 "/bin/sh", "-c", cmd, NULL };
+	char *argv[] = { "/usr/bin/setpriv",
+			 "--reuid=65534",
+			 "--regid=65534",
+			 "--clear-groups",
+			 "/bin/sh",
+			 "-c",
+			 cmd,
+			 NULL };
 
 	snprintf(port, sizeof(port), "%d", j->c->g.pg.port);
 	snprintf(cmd, sizeof(cmd),

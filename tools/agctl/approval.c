@@ -50,7 +50,7 @@ static void approval_json(struct jsonw *w, const Agentgate__Ctl__Approval *m)
 
 static void approvals_plain(Agentgate__Ctl__Approval **as, size_t n)
 {
-	static const char *const hdr[] = { "ID",   "SESSION",   "AGENT",   "TARGET",   "RULE",
+	static const char *const hdr[] = { "ID",    "SESSION",	 "AGENT",   "TARGET",	"RULE",
 					   "STATE", "REQUESTED", "EXPIRES", "STATEMENT" };
 	struct table *t = table_new(hdr, ARRAY_SIZE(hdr));
 
@@ -63,8 +63,9 @@ static void approvals_plain(Agentgate__Ctl__Approval **as, size_t n)
 			 strlen(a->statement) > 60 ? "..." : "");
 		table_add(t, a->id, sess, a->agent, a->target, a->rule, a->state,
 			  fmt_start(a->requested_at_ns, req, sizeof(req)),
-			  !strcmp(a->state, "pending") ? fmt_start(a->expires_at_ns, exp, sizeof(exp))
-						       : NULL,
+			  !strcmp(a->state, "pending")
+				  ? fmt_start(a->expires_at_ns, exp, sizeof(exp))
+				  : NULL,
 			  stmt);
 	}
 	table_print(t, stdout);
@@ -269,9 +270,9 @@ static void watch_print(const Agentgate__Ctl__Approval *a)
 		int64_t t = a->decided_at_ns && strcmp(a->state, "pending") ? a->decided_at_ns
 									    : a->requested_at_ns;
 
-		printf("%s %s %s session %" PRIu64 " agent %s target %s rule %s", 
-		       ag_format_time(t, when, sizeof(when)), a->id, a->state, a->session,
-		       a->agent, a->target, a->rule);
+		printf("%s %s %s session %" PRIu64 " agent %s target %s rule %s",
+		       ag_format_time(t, when, sizeof(when)), a->id, a->state, a->session, a->agent,
+		       a->target, a->rule);
 		if (or_null(a->decided_by) && strcmp(a->state, "pending"))
 			printf(" by %s", a->decided_by);
 		if (or_null(a->scope))
@@ -299,8 +300,7 @@ static int do_watch(int argc, char **argv)
 	req.approval_watch = &empty;
 	fd = ag_ctl_connect(ctl_socket);
 	if (fd < 0) {
-		p_err("agentgated is not running (no daemon on %s): %s", ctl_socket,
-		      strerror(-fd));
+		p_err("agentgated is not running (no daemon on %s): %s", ctl_socket, strerror(-fd));
 		return -1;
 	}
 	len = agentgate__ctl__request__get_packed_size(&req);
@@ -354,15 +354,16 @@ static int do_help(int argc, char **argv)
 	}
 	fprintf(help_out,
 		"Usage: %1$s %2$s { list | show } [ID]\n"
-		"       %1$s %2$s approve ID [scope { once | session | fingerprint [ttl DURATION] }]\n"
+		"       %1$s %2$s approve ID [scope SCOPE]\n"
 		"       %1$s %2$s deny ID [reason TEXT]\n"
 		"       %1$s %2$s watch\n"
 		"       %1$s %2$s help\n"
 		"\n"
+		"       SCOPE := { once | session | fingerprint [ttl DURATION] }\n"
 		"       " HELP_SPEC_OPTIONS " }\n"
 		"\n"
-		"Approvers are the users approvals.approvers of the policy names (NAME, group:NAME,\n"
-		"uid:N); the uid an agent runs as never decides its own requests.\n",
+		"Approvers: approvals.approvers of the policy (NAME, group:NAME, uid:N);\n"
+		"the uid an agent runs as never decides its own requests.\n",
 		bin_name, "approval");
 	return 0;
 }
