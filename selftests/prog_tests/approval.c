@@ -820,6 +820,39 @@ out:
 		close(fd);
 }
 
+/* Usage errors are caught before the daemon is asked; unknown ids are its error. */
+static void subtest_usage(struct ap_ctx *c)
+{
+	static const struct {
+		const char *args, *err;
+	} cases[] = {
+		{ "approval approve", "'approve' needs at least 1 argument" },
+		{ "approval approve ap-x scope bogus", "what is 'bogus'?" },
+		{ "approval approve ap-x ttl 1h", "ttl goes with scope fingerprint" },
+		{ "approval approve ap-x scope fingerprint ttl 5x", "invalid duration '5x'" },
+		{ "approval deny ap-x because", "what is 'because'?" },
+		{ "approval deny ap-x reason", "'reason' needs at least 1 argument" },
+		{ "approval show ap-x extra", "what is 'extra'?" },
+		{ "approval bogus", "unknown command 'bogus'" },
+		{ "approval approve ap-nosuch", "no approval ap-nosuch" },
+		{ "approval deny ap-nosuch", "no approval ap-nosuch" },
+		{ "approval show ap-nosuch", "no approval ap-nosuch" },
+	};
+	char out[4096], err[4096];
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		int rc = agctl_as(c, 0, out, sizeof(out), err, sizeof(err), "%s", cases[i].args);
+
+		ASSERT_EQ(rc, 1, cases[i].args);
+		ASSERT_HAS_SUBSTR(err, cases[i].err, cases[i].args);
+	}
+	ASSERT_EQ(agctl_as(c, 0, out, sizeof(out), err, sizeof(err), "-j approval show ap-nosuch"),
+		  1, "-j error");
+	ASSERT_HAS_SUBSTR(out, "{\"error\":\"no approval ap-nosuch\"}", "as JSON");
+	ASSERT_OK(agctl_as(c, 0, out, sizeof(out), NULL, 0, "a l"), "prefixes: a l");
+	ASSERT_HAS_SUBSTR(out, "ID", "a table");
+}
+
 /* mode: observe records the hold in the log and lets the statement run. */
 static void subtest_observe(struct ap_ctx *c)
 {
@@ -1111,6 +1144,8 @@ void test_approval(void)
 		subtest_watch(c);
 	if (test__start_subtest("backlog_behind_hold_then_runs"))
 		subtest_backlog(c);
+	if (test__start_subtest("agctl_usage_errors"))
+		subtest_usage(c);
 	if (test__start_subtest("observe_mode_records_only"))
 		subtest_observe(c);
 	if (test__start_subtest("notify_gets_json"))
