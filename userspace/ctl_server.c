@@ -37,12 +37,19 @@ struct ctl_client {
 
 /* A watcher that reads this far behind is dropped. */
 #define WATCH_MAX_BACKLOG (1u << 20)
+/* Requests of users other than root: the largest, and how many connections at once. */
+#define USER_MAX_FRAME (64u << 10)
+#define USER_MAX_CLIENTS 64
+
+static int user_clients;
 
 static struct ctl_client *watchers;
 static struct ag_daemon *watch_d;
 
 static void client_free(struct ctl_client *c)
 {
+	if (c->uid)
+		user_clients--;
 	if (c->watching) {
 		for (struct ctl_client **pp = &watchers; *pp; pp = &(*pp)->wnext)
 			if (*pp == c) {
@@ -500,7 +507,8 @@ static long frame_ready(struct ctl_client *c)
 	if (ag_buf_len(&c->in) < 4)
 		return -1;
 	len = (size_t)h[0] << 24 | h[1] << 16 | h[2] << 8 | h[3];
-	if (len > AG_CTL_MAX_FRAME)
+	/* Any local user may connect: theirs are small requests, and few at a time. */
+	if (len > (c->uid ? USER_MAX_FRAME : AG_CTL_MAX_FRAME))
 		return -2;
 	return ag_buf_len(&c->in) >= 4 + len ? (long)len : -1;
 }
@@ -640,6 +648,13 @@ static void on_accept(struct ag_io *io, uint32_t events)
 			close(fd);
 			continue;
 		}
+		if (cred.uid && user_clients >= USER_MAX_CLIENTS) {
+			pr_warn("control socket: %d connections of users other than root already: "
+				"refused uid %u",
+				USER_MAX_CLIENTS, (unsigned)cred.uid);
+			close(fd);
+			continue;
+		}
 		c = calloc(1, sizeof(*c));
 		if (!c) {
 			close(fd);
@@ -652,6 +667,8 @@ static void on_accept(struct ag_io *io, uint32_t events)
 			free(c);
 			continue;
 		}
+		if (c->uid)
+			user_clients++;
 		c->io.data = c;
 	}
 }
