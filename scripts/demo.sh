@@ -2,8 +2,9 @@
 # The story in two minutes, on loopback only, against a throwaway PostgreSQL and web service:
 # a tagged "agent" reads through agentgated (identity from the kernel, sensitive values
 # masked), is blocked when it tries something destructive and carries on in the same session,
-# is refused anywhere else, cannot go around the gateway, and stays fenced in while the daemon
-# is down. (Approvals and session replay join as those issues land.)
+# waits for a human's approval before it changes the schema, is refused anywhere else, cannot go
+# around the gateway, and stays fenced in while the daemon is down. (Session replay joins as
+# that issue lands.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -95,12 +96,14 @@ rules:
     sql:
       - { name: no-drop, when: { command: [drop, truncate] }, then: deny }
       - { name: no-unbounded-writes, when: { command: [update, delete], where: absent }, then: deny }
+      - { name: ddl-needs-review, when: { command: [ddl] }, then: approve }
       - { name: reads, when: { command: [select] }, then: allow }
       - { name: small-writes, when: { command: [update], where: present }, then: allow }
     mask:
       columns: [users.email, "*.ssn"]
       detectors: [email, credit-card, ssn]
       style: partial
+approvals: { approvers: [root], timeout: 2m }
 default: deny
 YAML
 cat "$T/policy.yaml"
@@ -126,6 +129,38 @@ SELECT id, total FROM orders ORDER BY id;
 SQL
 run $B/agctl -S "$SOCK" policy explain "$T/policy.yaml" --agent demo --target shop-db \
 	--sql "SELECT pg_read_file('/etc/passwd')"
+
+step "a schema change waits for a human: the agent (uid nobody) is held, root decides"
+chmod 711 "$T"  # approvers who are not root reach the control socket too
+AS_NOBODY="setpriv --reuid=nobody --regid=nogroup --clear-groups"
+pending_id() {
+	local id=""
+	for _ in $(seq 50); do
+		id=$($B/agctl -S "$SOCK" approval list | awk '$6 == "pending" { print $1; exit }')
+		[ -n "$id" ] && break
+		sleep 0.2
+	done
+	echo "$id"
+}
+printf '$ %s\n' "agctl run --agent demo -- $AS_NOBODY psql -c 'CREATE TABLE coupons (...)' &"
+$B/agctl -S "$SOCK" run --agent demo -- $AS_NOBODY $AGPSQL \
+	-c "CREATE TABLE coupons (code text, pct int)" 2>&1 | sed 's/^/    agent| /' &
+AGENT=$!
+ID=$(pending_id)
+run $B/agctl -S "$SOCK" approval list
+run $B/agctl -S "$SOCK" approval show "$ID"
+echo "# the agent's own uid may look, not decide (separation of duties):"
+run $AS_NOBODY $B/agctl -S "$SOCK" approval approve "$ID"
+run $B/agctl -S "$SOCK" approval approve "$ID"
+wait $AGENT || true
+printf '$ %s\n' "agctl run --agent demo -- $AS_NOBODY psql -c 'ALTER TABLE orders ADD note text' &"
+$B/agctl -S "$SOCK" run --agent demo -- $AS_NOBODY $AGPSQL \
+	-c "ALTER TABLE orders ADD note text" 2>&1 | sed 's/^/    agent| /' &
+AGENT=$!
+ID=$(pending_id)
+run $B/agctl -S "$SOCK" approval deny "$ID" reason not during the freeze
+wait $AGENT || true
+run $B/agctl -S "$SOCK" -jp approval show "$ID"
 
 step "the agent reaches its web target: the connection went through the gateway"
 run $B/agctl -S "$SOCK" run --agent demo -- curl -s --max-time 5 http://127.0.0.2:8080/

@@ -611,12 +611,20 @@ struct connect_job {
 	int sock;
 	const char *addr;
 	int port;
+	uid_t uid; /* 0: stays root */
+	gid_t gid;
 };
 
 static int connect_child(void *arg)
 {
 	struct connect_job *j = arg;
-	int fd = th_connect(AF_INET, j->addr, j->port, 10000);
+	int fd;
+
+	if (j->uid && (setgroups(0, NULL) || setgid(j->gid) || setuid(j->uid))) {
+		send_fd(j->sock, -1, -errno);
+		return 1;
+	}
+	fd = th_connect(AF_INET, j->addr, j->port, 10000);
 
 	send_fd(j->sock, fd, fd < 0 ? fd : 0);
 	return 0;
@@ -624,9 +632,14 @@ static int connect_child(void *arg)
 
 int th_pg_connect_from(const char *rel, const char *addr, int port)
 {
+	return th_pg_connect_as(rel, addr, port, 0, 0);
+}
+
+int th_pg_connect_as(const char *rel, const char *addr, int port, uid_t uid, gid_t gid)
+{
 	char cbuf[CMSG_SPACE(sizeof(int))];
 	int sv[2], err = -EIO, fd = -1;
-	struct connect_job j = { .addr = addr, .port = port };
+	struct connect_job j = { .addr = addr, .port = port, .uid = uid, .gid = gid };
 	struct iovec iov = { .iov_base = &err, .iov_len = sizeof(err) };
 	struct msghdr mh = { .msg_iov = &iov,
 			     .msg_iovlen = 1,
@@ -983,7 +996,12 @@ int th_pg_gate_counters(struct th_pg_gate *g, int pid, long long *statements, lo
 
 int th_pg_raw_connect(struct th_pg_gate *g)
 {
-	int fd = th_pg_connect_from(g->tagged, g->pg.addr, g->pg.port);
+	return th_pg_raw_connect_as(g, 0, 0);
+}
+
+int th_pg_raw_connect_as(struct th_pg_gate *g, uid_t uid, gid_t gid)
+{
+	int fd = th_pg_connect_as(g->tagged, g->pg.addr, g->pg.port, uid, gid);
 
 	if (fd < 0)
 		return fd;

@@ -78,6 +78,8 @@ int th_pg_python(const struct th_pg *pg, const char *rel, const char *script, ch
  * back to the test through SCM_RIGHTS: the test then speaks raw protocol on it. -errno.
  */
 int th_pg_connect_from(const char *rel, const char *addr, int port);
+/* The same, made by a process that became uid/gid first (its identity in the kernel's eyes). */
+int th_pg_connect_as(const char *rel, const char *addr, int port, uid_t uid, gid_t gid);
 
 /* ---- a raw protocol client ---- */
 
@@ -131,6 +133,8 @@ int th_pg_gate_rules(struct th_pg_gate *g, const char *mode, const char *rules);
 void th_pg_gate_cleanup(struct th_pg_gate *g);
 /* A raw protocol connection from g's tagged cgroup, started up as the agent role; fd or -errno. */
 int th_pg_raw_connect(struct th_pg_gate *g);
+/* The same, made by a process running as uid/gid (the agent's identity in the kernel). */
+int th_pg_raw_connect_as(struct th_pg_gate *g, uid_t uid, gid_t gid);
 
 /* ---- raw protocol messages, appended to b ---- */
 

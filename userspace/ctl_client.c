@@ -119,7 +119,7 @@ ag_ctl_response *ag_ctl_call(const char *path, const ag_ctl_request *req, int ti
 		if (fd == -ENOENT || fd == -ECONNREFUSED)
 			snprintf(err, errlen, "agentgated is not running (no daemon on %s)", path);
 		else if (fd == -EACCES || fd == -EPERM)
-			snprintf(err, errlen, "%s: permission denied (the control socket is root-only)",
+			snprintf(err, errlen, "%s: permission denied (no access to the control socket)",
 				 path);
 		else
 			snprintf(err, errlen, "%s: %s", path, strerror(-fd));

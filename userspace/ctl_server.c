@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * The daemon's half of the control protocol (ctl.proto), on the main loop. The socket is
- * root-only (mode 0600 and SO_PEERCRED uid 0); each client sends one framed Request and gets one
- * framed Response. Reads and writes are non-blocking with a per-client buffer, so a stuck client
- * cannot stall the loop.
+ * The daemon's half of the control protocol (ctl.proto), on the main loop. The socket is open
+ * to every local user (mode 0666) and each request is authorized by the peer's SO_PEERCRED uid:
+ * root may do anything, other users only the approval commands and only as approvers of the
+ * policy (approve/deny never for their own agent's requests: approval.c). Each client sends one framed Request and gets one framed
+ * Response; `approval watch` keeps its connection and gets a Response per change. Reads and
+ * writes are non-blocking with a per-client buffer, so a stuck client cannot stall the loop.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -14,6 +16,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "approval.h"
 #include "bpf_loader.h"
 #include "buf.h"
 #include "ctl.h"
@@ -28,10 +31,33 @@ struct ctl_client {
 	struct ag_daemon *d;
 	struct ag_buf in, out;
 	bool replied;
+	uid_t uid;		   /* SO_PEERCRED */
+	bool watching;		   /* approval watch: Responses pushed until it closes */
+	struct ctl_client *wnext; /* the watchers, on the main loop's thread only */
 };
+
+/* A watcher that reads this far behind is dropped. */
+#define WATCH_MAX_BACKLOG (1u << 20)
+/* Requests of users other than root: the largest, and how many connections at once. */
+#define USER_MAX_FRAME (64u << 10)
+#define USER_MAX_CLIENTS 64
+
+static int user_clients;
+
+static struct ctl_client *watchers;
+static struct ag_daemon *watch_d;
 
 static void client_free(struct ctl_client *c)
 {
+	if (c->uid)
+		user_clients--;
+	if (c->watching) {
+		for (struct ctl_client **pp = &watchers; *pp; pp = &(*pp)->wnext)
+			if (*pp == c) {
+				*pp = c->wnext;
+				break;
+			}
+	}
 	ag_loop_del(&c->io);
 	close(c->io.fd);
 	ag_buf_free(&c->in);
@@ -217,13 +243,179 @@ static void do_ca_show(Agentgate__Ctl__Response *r)
 	r->ca = ca;
 }
 
-static void handle(struct ag_daemon *d, const Agentgate__Ctl__Request *req,
+static Agentgate__Ctl__Approval *approval_pb(const struct ag_approval_info *a)
+{
+	Agentgate__Ctl__Approval *m = calloc(1, sizeof(*m));
+
+	if (!m)
+		return NULL;
+	agentgate__ctl__approval__init(m);
+	m->id = xstrdup(a->id);
+	m->session = a->session;
+	m->agent = xstrdup(a->agent);
+	m->target = xstrdup(a->target);
+	m->protocol = xstrdup(a->protocol);
+	m->statement = xstrdup(a->statement);
+	m->rule = xstrdup(a->rule);
+	m->requested_at_ns = a->requested_ns;
+	m->expires_at_ns = a->expires_ns;
+	m->state = xstrdup(ag_approval_state_name(a->state));
+	m->decided_by = xstrdup(a->state == AG_APPROVAL_PENDING ? "" : a->decided_by);
+	m->reason = xstrdup(a->reason);
+	m->scope = xstrdup(a->state == AG_APPROVAL_APPROVED ? ag_approval_scope_name(a->scope)
+							     : "");
+	m->fingerprint = a->fingerprint;
+	m->decided_at_ns = a->decided_ns;
+	m->agent_uid = a->agent_uid;
+	m->ttl_ms = a->ttl_ms;
+	m->timeout_ms = a->timeout_ms;
+	return m;
+}
+
+static void approval_pb_free(Agentgate__Ctl__Approval *m)
+{
+	free(m->id);
+	free(m->agent);
+	free(m->target);
+	free(m->protocol);
+	free(m->statement);
+	free(m->rule);
+	free(m->state);
+	free(m->decided_by);
+	free(m->reason);
+	free(m->scope);
+	free(m);
+}
+
+static void approvals_add(Agentgate__Ctl__Response *r, const struct ag_approval_info *a,
+			  size_t n)
+{
+	r->approvals = calloc(n + 1, sizeof(*r->approvals));
+	for (size_t i = 0; r->approvals && i < n; i++) {
+		r->approvals[r->n_approvals] = approval_pb(&a[i]);
+		if (r->approvals[r->n_approvals])
+			r->n_approvals++;
+	}
+}
+
+static void do_approvals(Agentgate__Ctl__Response *r, const char *one)
+{
+	struct ag_approval_info *list, a;
+	size_t n;
+
+	if (one) {
+		if (ag_approval_get(one, &a)) {
+			char buf[128];
+
+			snprintf(buf, sizeof(buf), "no approval %s", one);
+			r->error = strdup(buf);
+			return;
+		}
+		approvals_add(r, &a, 1);
+		return;
+	}
+	list = ag_approval_list(&n);
+	if (list)
+		approvals_add(r, list, n);
+	free(list);
+}
+
+static void do_approval_decide(struct ag_daemon *d, uid_t uid,
+			       const Agentgate__Ctl__ApprovalDecision *dec, char *err,
+			       size_t errlen, char *msg, size_t msglen)
+{
+	enum ag_approval_scope scope = AG_APPROVAL_ONCE;
+	struct ag_policy_ref *pol;
+	char who[64] = "";
+	int rc;
+
+	if (dec->approve && dec->scope && dec->scope[0] &&
+	    ag_approval_scope_parse(dec->scope, &scope)) {
+		snprintf(err, errlen, "unknown scope '%s' (once, session or fingerprint)",
+			 dec->scope);
+		return;
+	}
+	pol = ag_policy_get(d);
+	rc = ag_approval_authorize(pol ? pol->p : NULL, uid, dec->id, who, sizeof(who), err,
+				   errlen);
+	ag_policy_put(pol);
+	if (rc) {
+		if (rc == -EPERM)
+			pr_warn("control socket: uid %u may not decide approval %s: %s",
+				(unsigned)uid, dec->id, err);
+		return;
+	}
+	if (ag_approval_decide(dec->id, dec->approve, scope, dec->ttl_ms, who, uid,
+			       dec->reason && dec->reason[0] ? dec->reason : NULL, err, errlen))
+		return;
+	if (dec->approve)
+		snprintf(msg, msglen, "approval %s approved by %s (scope %s)", dec->id, who,
+			 ag_approval_scope_name(scope));
+	else
+		snprintf(msg, msglen, "approval %s denied by %s", dec->id, who);
+}
+
+static bool root_only(Agentgate__Ctl__Request__CmdCase cmd)
+{
+	switch (cmd) {
+	case AGENTGATE__CTL__REQUEST__CMD_APPROVAL_LIST:
+	case AGENTGATE__CTL__REQUEST__CMD_APPROVAL_SHOW:
+	case AGENTGATE__CTL__REQUEST__CMD_APPROVAL_DECIDE:
+	case AGENTGATE__CTL__REQUEST__CMD_APPROVAL_WATCH:
+		return false;
+	default:
+		return true;
+	}
+}
+
+static void handle(struct ctl_client *c, const Agentgate__Ctl__Request *req,
 		   Agentgate__Ctl__Response *r)
 {
+	struct ag_daemon *d = c->d;
 	char err[512] = "", msg[512] = "";
 	int rc;
 
+	if (c->uid != 0 && root_only(req->cmd_case)) {
+		snprintf(err, sizeof(err),
+			 "permission denied: uid %u may only use the approval commands (the rest "
+			 "is root-only)",
+			 (unsigned)c->uid);
+		r->error = strdup(err);
+		return;
+	}
+	/* Statements may carry what only approvers should read: list/show/watch are theirs. */
+	if (c->uid != 0 && req->cmd_case != AGENTGATE__CTL__REQUEST__CMD_APPROVAL_DECIDE) {
+		struct ag_policy_ref *pol = ag_policy_get(d);
+		char who[64];
+		bool ok = ag_approval_is_approver(pol ? pol->p : NULL, c->uid, who, sizeof(who));
+
+		ag_policy_put(pol);
+		if (!ok) {
+			snprintf(err, sizeof(err),
+				 "permission denied: %s (uid %u) is not an approver "
+				 "(approvals.approvers)",
+				 who, (unsigned)c->uid);
+			r->error = strdup(err);
+			return;
+		}
+	}
 	switch (req->cmd_case) {
+	case AGENTGATE__CTL__REQUEST__CMD_APPROVAL_LIST:
+		do_approvals(r, NULL);
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_APPROVAL_SHOW:
+		do_approvals(r, req->approval_show);
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_APPROVAL_DECIDE:
+		do_approval_decide(d, c->uid, req->approval_decide, err, sizeof(err), msg,
+				   sizeof(msg));
+		break;
+	case AGENTGATE__CTL__REQUEST__CMD_APPROVAL_WATCH:
+		do_approvals(r, NULL);
+		c->watching = true;
+		c->wnext = watchers;
+		watchers = c;
+		break;
 	case AGENTGATE__CTL__REQUEST__CMD_STATUS:
 		do_status(d, r);
 		break;
@@ -294,6 +486,9 @@ static void response_free(Agentgate__Ctl__Response *r)
 		free(r->cgroups[i]);
 	}
 	free(r->cgroups);
+	for (size_t i = 0; i < r->n_approvals; i++)
+		approval_pb_free(r->approvals[i]);
+	free(r->approvals);
 	if (r->status) {
 		free(r->status->version);
 		free(r->status->pin_root);
@@ -343,7 +538,8 @@ static long frame_ready(struct ctl_client *c)
 	if (ag_buf_len(&c->in) < 4)
 		return -1;
 	len = (size_t)h[0] << 24 | h[1] << 16 | h[2] << 8 | h[3];
-	if (len > AG_CTL_MAX_FRAME)
+	/* Any local user may connect: theirs are small requests, and few at a time. */
+	if (len > (c->uid ? USER_MAX_FRAME : AG_CTL_MAX_FRAME))
 		return -2;
 	return ag_buf_len(&c->in) >= 4 + len ? (long)len : -1;
 }
@@ -388,12 +584,23 @@ static void client_io(struct ag_io *io, uint32_t events)
 		if (!req) {
 			r.error = strdup("malformed request");
 		} else {
-			handle(c->d, req, &r);
+			handle(c, req, &r);
 			agentgate__ctl__request__free_unpacked(req, NULL);
 		}
 		reply(c, &r);
 		response_free(&r);
 		ag_loop_mod(io, EPOLLOUT);
+	}
+	if (c->watching && (events & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
+		uint8_t junk[256];
+		ssize_t n = read(io->fd, junk, sizeof(junk));
+
+		/* A watcher says nothing more: anything but EAGAIN ends it. */
+		if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR) ||
+		    (events & (EPOLLHUP | EPOLLERR))) {
+			client_free(c);
+			return;
+		}
 	}
 	while (ag_buf_len(&c->out)) {
 		ssize_t n = send(io->fd, ag_buf_head(&c->out), ag_buf_len(&c->out),
@@ -401,11 +608,53 @@ static void client_io(struct ag_io *io, uint32_t events)
 
 		if (n < 0 && errno == EAGAIN)
 			return;
-		if (n <= 0)
-			break;
+		if (n <= 0) {
+			client_free(c);
+			return;
+		}
 		ag_buf_consume(&c->out, n);
 	}
+	if (c->watching) {
+		ag_loop_mod(io, EPOLLIN);
+		return;
+	}
 	client_free(c);
+}
+
+/* On the main loop: one Response with the changed approval to every watcher. */
+static void watch_push(void *arg)
+{
+	struct ag_approval_info *a = arg;
+	Agentgate__Ctl__Response r = AGENTGATE__CTL__RESPONSE__INIT;
+
+	approvals_add(&r, a, 1);
+	for (struct ctl_client *c = watchers, *next; c; c = next) {
+		next = c->wnext;
+		if (ag_buf_len(&c->out) > WATCH_MAX_BACKLOG) {
+			pr_warn("control socket: an approval watcher fell behind: dropped");
+			client_free(c);
+			continue;
+		}
+		reply(c, &r);
+		ag_loop_mod(&c->io, EPOLLIN | EPOLLOUT);
+	}
+	response_free(&r);
+	free(a);
+}
+
+/* ag_approval_watch_hook: any thread. */
+static void watch_hook(const struct ag_approval_info *a)
+{
+	struct ag_approval_info *copy;
+
+	if (!watch_d || !__atomic_load_n(&watchers, __ATOMIC_RELAXED))
+		return;
+	copy = malloc(sizeof(*copy));
+	if (!copy)
+		return;
+	*copy = *a;
+	if (ag_loop_call(watch_d->loop, watch_push, copy))
+		free(copy);
 }
 
 static void on_accept(struct ag_io *io, uint32_t events)
@@ -425,9 +674,15 @@ static void on_accept(struct ag_io *io, uint32_t events)
 				ag_loop_mod(io, 0); /* main_tick() listens again */
 			return;
 		}
-		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) || cred.uid != 0) {
-			pr_warn("control socket: refused a client with uid %u (root only)",
-				cred.uid);
+		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl)) {
+			pr_warn("control socket: no peer credentials: %s", strerror(errno));
+			close(fd);
+			continue;
+		}
+		if (cred.uid && user_clients >= USER_MAX_CLIENTS) {
+			pr_warn("control socket: %d connections of users other than root already: "
+				"refused uid %u",
+				USER_MAX_CLIENTS, (unsigned)cred.uid);
 			close(fd);
 			continue;
 		}
@@ -437,11 +692,14 @@ static void on_accept(struct ag_io *io, uint32_t events)
 			continue;
 		}
 		c->d = d;
+		c->uid = cred.uid;
 		if (ag_loop_add(d->loop, &c->io, fd, EPOLLIN, client_io)) {
 			close(fd);
 			free(c);
 			continue;
 		}
+		if (c->uid)
+			user_clients++;
 		c->io.data = c;
 	}
 }
@@ -483,7 +741,8 @@ int ag_ctl_server_start(struct ag_daemon *d, char *err, size_t errlen)
 		}
 	}
 	unlink(d->opts.socket);
-	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) || chmod(d->opts.socket, 0600) ||
+	/* Everyone may connect (approvers are not root); each request is authorized by uid. */
+	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) || chmod(d->opts.socket, 0666) ||
 	    listen(fd, 64)) {
 		snprintf(err, errlen, "control socket %s: %s", d->opts.socket, strerror(errno));
 		close(fd);
@@ -494,6 +753,8 @@ int ag_ctl_server_start(struct ag_daemon *d, char *err, size_t errlen)
 		return -errno;
 	}
 	d->ctl_io.data = d;
+	watch_d = d;
+	__atomic_store_n(&ag_approval_watch_hook, watch_hook, __ATOMIC_RELEASE);
 	return 0;
 }
 
@@ -501,6 +762,9 @@ void ag_ctl_server_stop(struct ag_daemon *d)
 {
 	if (d->ctl_io.fd < 0)
 		return;
+	__atomic_store_n(&ag_approval_watch_hook, NULL, __ATOMIC_RELEASE);
+	while (watchers)
+		client_free(watchers);
 	ag_loop_del(&d->ctl_io);
 	close(d->ctl_io.fd);
 	d->ctl_io.fd = -1;

@@ -73,6 +73,7 @@
 #define PG_SQLSTATE_FEATURE_NOT_SUPPORTED "0A000"
 #define PG_SQLSTATE_PROGRAM_LIMIT "54000"
 #define PG_SQLSTATE_INTERNAL "XX000"
+#define PG_SQLSTATE_QUERY_CANCELED "57014"
 
 /* Type OIDs the masking tells apart (pg_type.dat). */
 #define PG_OID_BOOL 16

@@ -435,6 +435,28 @@ static const struct field approvals_fields[] = {
 
 static const struct field any_field = { "", F_ANY };
 
+/* approvals.approvers: user NAME, group:NAME or uid:N (approval.c matches them). */
+static int check_approvers(struct parse_ctx *c, const yaml_node_t *n, const struct ag_policy *p)
+{
+	const struct ag_kv *kv = ag_kv_get(p->approvals, p->napprovals, "approvers");
+
+	for (size_t i = 0; kv && i < kv->nlist; i++) {
+		const char *e = kv->list[i];
+		bool ok = *e;
+
+		if (!strncmp(e, "uid:", 4))
+			ok = e[4] && strspn(e + 4, "0123456789") == strlen(e + 4);
+		else if (!strncmp(e, "group:", 6))
+			ok = e[6];
+		if (!ok)
+			return perr(c, n,
+				    "approvals.approvers: \"%s\" is not a user (NAME, group:NAME or "
+				    "uid:N)",
+				    e);
+	}
+	return 0;
+}
+
 int ag_parse_duration(const char *s, uint64_t *ms)
 {
 	uint64_t total = 0;
@@ -1204,7 +1226,8 @@ static int parse_root(struct parse_ctx *c, const yaml_node_t *root)
 		return -EINVAL;
 	v = map_get(c, root, "approvals");
 	if (v && !is_null(v) &&
-	    build_kv(c, v, "approvals", approvals_fields, &p->approvals, &p->napprovals))
+	    (build_kv(c, v, "approvals", approvals_fields, &p->approvals, &p->napprovals) ||
+	     check_approvers(c, v, p)))
 		return -EINVAL;
 	v = map_get(c, root, "default");
 	if (v) {

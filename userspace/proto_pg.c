@@ -36,6 +36,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "approval.h"
 #include "daemon.h"
 #include "log.h"
 #include "mask.h"
@@ -149,6 +150,7 @@ struct pg_stmt {
 	char **tables;
 	size_t ntables;
 	bool where_absent;
+	bool approved;		   /* its Parse was let through by an approval */
 	struct pg_copy_spec *copy; /* a COPY TO STDOUT (masking only) */
 };
 
@@ -202,7 +204,20 @@ struct pg {
 
 	struct pg_map stmts, portals;
 	struct ag_buf scratch; /* rewritten messages */
+
+	/*
+	 * A statement held for approval: the agent's input stays buffered, unread by us, from the
+	 * held message on until the decision; then that message is decided again with the answer.
+	 */
+	struct ag_approval *held;
+	char held_id[AG_APPROVAL_ID_MAX];
+	int resume;			   /* RESUME_*: the answer for the held message */
+	struct pg_refusal *resume_refusal; /* RESUME_REFUSE: what the agent is told */
 };
+
+enum { RESUME_NONE = 0, RESUME_ALLOW, RESUME_REFUSE };
+/* on_query()/on_parse(): the message is held, not consumed. */
+#define PG_HELD 1
 
 /* --- small helpers -------------------------------------------------------------------------- */
 
@@ -632,6 +647,10 @@ static bool cancel_lookup(struct ag_session *s, uint32_t pid, uint32_t key, uint
 struct verdict {
 	bool refuse;
 	struct pg_refusal *refusal; /* when refused */
+	bool hold;		    /* a `then: approve` rule asks a human first */
+	bool approved;		    /* ... and an approval or a grant of one lets it pass */
+	char rule[64];		    /* hold: the rule */
+	uint64_t fingerprint;	    /* hold: of the whole string */
 	uint64_t classes;	    /* of all statements */
 	size_t nstmts;		    /* not counting empty ones */
 };
@@ -664,8 +683,8 @@ static struct pg_stmt *stmt_find(struct pg *pg, const char *name)
  * free), EXECUTE resolved to what was prepared under its name, then the rule. On success
  * v->refuse says what to do; <0: -ENOMEM. res->nstmts is 0 when the SQL did not parse.
  */
-static int decide(struct ag_session *s, const char *sql, size_t len, struct verdict *v,
-		  struct ag_sql_result *res)
+static int decide_rules(struct ag_session *s, const char *sql, size_t len, struct verdict *v,
+			struct ag_sql_result *res, bool approved)
 {
 	struct pg *pg = PG(s);
 	struct ag_sql_stmt *adj = NULL;
@@ -751,20 +770,59 @@ static int decide(struct ag_session *s, const char *sql, size_t len, struct verd
 			d.rule ? d.rule : "default", classes, ex);
 		return 0;
 	}
+	if (d.action == AG_ACT_APPROVE) {
+		char grant[AG_APPROVAL_ID_MAX];
+
+		v->fingerprint = ag_sql_fingerprint(sql);
+		if (approved) {
+			v->approved = true;
+			pr_info("session %llu: approved, runs (rule %s): %s",
+				(unsigned long long)s->id, d.rule ? d.rule : "default", ex);
+			return 0;
+		}
+		if (ag_approval_granted(s, d.rule, v->fingerprint, grant)) {
+			v->approved = true;
+			pr_info("session %llu: passes by the grant of approval %s (rule %s): %s",
+				(unsigned long long)s->id, grant, d.rule ? d.rule : "default", ex);
+			return 0;
+		}
+		v->hold = true;
+		copy_str(v->rule, sizeof(v->rule), d.rule ? d.rule : "default");
+		return 0;
+	}
 	snprintf(detail, sizeof(detail), "statement class: %s; %s", classes,
 		 d.why[0] ? d.why : "no rule allows it");
-	if (d.action == AG_ACT_APPROVE)
-		snprintf(
-			msg, sizeof(msg),
-			"agentgate: approval required by rule %s (approvals are not available yet)",
-			d.rule ? d.rule : "default");
-	else
-		snprintf(msg, sizeof(msg), "agentgate: blocked by rule %s",
-			 d.rule ? d.rule : "default");
+	snprintf(msg, sizeof(msg), "agentgate: blocked by rule %s", d.rule ? d.rule : "default");
 	pr_info("session %llu: %s (%s): %s", (unsigned long long)s->id, msg + 11, classes, ex);
 	v->refuse = true;
 	v->refusal = refusal_new(PG_SQLSTATE_INSUFFICIENT_PRIVILEGE, msg, detail, 0);
 	return v->refusal ? 0 : -ENOMEM;
+}
+
+/*
+ * decide_rules(), and the answer to a held message when it comes back: approved lets a
+ * `then: approve` decision pass; denied or timed out refuses it whatever the rules say now.
+ */
+static int decide(struct ag_session *s, const char *sql, size_t len, struct verdict *v,
+		  struct ag_sql_result *res)
+{
+	struct pg *pg = PG(s);
+	struct pg_refusal *r = pg->resume_refusal;
+	int resume = pg->resume, rc;
+
+	pg->resume = RESUME_NONE;
+	pg->resume_refusal = NULL;
+	rc = decide_rules(s, sql, len, v, res, resume == RESUME_ALLOW);
+	if (rc || resume != RESUME_REFUSE) {
+		refusal_free(r);
+		return rc;
+	}
+	refusal_free(v->refusal);
+	v->refuse = true;
+	v->hold = false;
+	v->approved = false;
+	v->refusal = r;
+	return r ? 0 : -ENOMEM;
 }
 
 /* Remembers what a name prepares, so that EXECUTE name is decided by it. */
@@ -1013,6 +1071,83 @@ static int refuse_parse(struct ag_session *s, struct fwd *f, const char *name, s
 	return rc;
 }
 
+/* --- statements held for approval ----------------------------------------------------------- */
+
+/*
+ * The decision, on the session's thread: the held message is decided again with it (approved:
+ * it runs; denied or timed out: it is refused as a blocked one is, stand-in and all), and then
+ * whatever the agent sent after it.
+ */
+static void approval_done(struct ag_session *s, void *arg, const struct ag_approval_info *a)
+{
+	struct pg *pg = PG(s);
+	char msg[400], detail[160], dur[32];
+
+	if (!pg)
+		return;
+	pg->held = NULL;
+	if (a->state == AG_APPROVAL_APPROVED) {
+		pg->resume = RESUME_ALLOW;
+	} else if (a->state == AG_APPROVAL_CANCELLED) {
+		/* The agent's CancelRequest: answered as the server answers one. */
+		snprintf(detail, sizeof(detail), "agentgate: approval %s withdrawn by the agent.",
+			 a->id);
+		pg->resume = RESUME_REFUSE;
+		refusal_free(pg->resume_refusal);
+		pg->resume_refusal = refusal_new(PG_SQLSTATE_QUERY_CANCELED,
+						 "canceling statement due to user request", detail,
+						 0);
+		pr_info("session %llu: approval %s withdrawn by a CancelRequest",
+			(unsigned long long)s->id, a->id);
+	} else {
+		if (a->state == AG_APPROVAL_EXPIRED)
+			snprintf(msg, sizeof(msg), "agentgate: approval %s timed out after %s", a->id,
+				 ag_approval_fmt_duration(a->timeout_ms, dur, sizeof(dur)));
+		else if (a->reason[0])
+			snprintf(msg, sizeof(msg), "agentgate: denied by %s: %s", a->decided_by,
+				 a->reason);
+		else
+			snprintf(msg, sizeof(msg), "agentgate: denied by %s", a->decided_by);
+		snprintf(detail, sizeof(detail), "Rule %s asked for an approval (%s).", a->rule,
+			 a->id);
+		pg->resume = RESUME_REFUSE;
+		refusal_free(pg->resume_refusal);
+		pg->resume_refusal =
+			refusal_new(PG_SQLSTATE_INSUFFICIENT_PRIVILEGE, msg, detail, 0);
+		pr_info("session %llu: %s", (unsigned long long)s->id, msg + 11);
+	}
+	ag_session_resume(s, AG_SIDE_AGENT);
+}
+
+/*
+ * Holds the message being decided: an approval is opened, the agent is told at once with a
+ * NoticeResponse, and its input stops being read by us from this message on (what came before
+ * it goes upstream now). The server and every other session carry on.
+ */
+static int hold_begin(struct ag_session *s, struct fwd *f, const char *sql, size_t len,
+		      const struct verdict *v)
+{
+	struct pg *pg = PG(s);
+	char msg[200], hint[120];
+	struct pg_err e = { .severity = "NOTICE", .code = "00000", .message = msg, .hint = hint };
+	struct ag_buf b = { 0 };
+	int rc;
+
+	pg->held = ag_approval_request(s, "postgres", sql, len, v->rule, v->fingerprint,
+				       approval_done, NULL, pg->held_id);
+	if (!pg->held)
+		return -ENOMEM;
+	snprintf(msg, sizeof(msg), "agentgate: waiting for approval %s (rule %s)", pg->held_id,
+		 v->rule);
+	snprintf(hint, sizeof(hint), "An approver runs: agctl approval approve %s", pg->held_id);
+	fwd_flush(f);
+	rc = f->err ? f->err : pg_put_error(&b, PG_B_NOTICE, &e);
+	if (!rc)
+		rc = ag_session_send(s, AG_SIDE_AGENT, ag_buf_head(&b), ag_buf_len(&b));
+	ag_buf_free(&b);
+	return rc ? rc : PG_HELD;
+}
+
 /* --- the catalog query --------------------------------------------------------------------- */
 
 static int catalog_send(struct ag_session *s, struct fwd *f, bool refresh)
@@ -1089,6 +1224,10 @@ static int on_query(struct ag_session *s, struct fwd *f, const uint8_t *msg, siz
 	rc = decide(s, sql, len, &v, &r);
 	if (rc)
 		return rc;
+	if (v.hold) {
+		ag_sql_result_free(&r);
+		return hold_begin(s, f, sql, len, &v);
+	}
 	s->statements += v.nstmts;
 	if (!v.refuse && pg->cat_sql && v.nstmts > 1 && is_ddl(v.classes)) {
 		v.refuse = true;
@@ -1160,6 +1299,12 @@ static int on_parse(struct ag_session *s, struct fwd *f, const uint8_t *msg, siz
 	rc = decide(s, sql, sqllen, &v, &r);
 	if (rc)
 		return rc;
+	if (v.hold) {
+		/* Decided again from the same state once the answer is in. */
+		pg->ext_open = was_open;
+		ag_sql_result_free(&r);
+		return hold_begin(s, f, sql, sqllen, &v);
+	}
 	if (!v.refuse && pg->cat_sql && was_open && pg->cat_dirty) {
 		v.refuse = true;
 		v.refusal = ddl_mix_refusal();
@@ -1186,6 +1331,8 @@ static int on_parse(struct ag_session *s, struct fwd *f, const uint8_t *msg, siz
 	if (*name || pg->mk.m) {
 		struct pg_stmt *st = stmt_record(pg, name, &r, false, &rc);
 
+		if (st && v.approved)
+			st->approved = true;
 		if (st && ncopies && !st->copy) {
 			st->copy = copies[0];
 			copies[0] = NULL;
@@ -1378,7 +1525,7 @@ static long agent_messages(struct ag_session *s, struct fwd *f, const uint8_t *d
 			off += n;
 			continue;
 		}
-		if (pg->stalled)
+		if (pg->stalled || pg->held)
 			break;
 		if (avail < PG_HDR)
 			break;
@@ -1485,6 +1632,8 @@ static long agent_messages(struct ag_session *s, struct fwd *f, const uint8_t *d
 			fwd_keep(f, off, total);
 			break;
 		}
+		if (rc == PG_HELD)
+			break; /* not consumed: it waits in the buffer, with all after it */
 		if (rc == -EPROTO)
 			return pg_fatal(s, f, PG_SQLSTATE_PROTOCOL_VIOLATION,
 					"malformed %c message", type);
@@ -1590,6 +1739,8 @@ static long cancel_request(struct ag_session *s, const uint8_t *pkt)
 	}
 	pr_info("session %llu: CancelRequest for backend %u of session %llu forwarded to %s",
 		(unsigned long long)s->id, pid, (unsigned long long)owner, s->orig_dst);
+	/* A statement of that session held for approval is what the agent gives up on. */
+	ag_approval_withdraw(owner, "CancelRequest");
 	if (ag_session_send(s, AG_SIDE_UPSTREAM, pkt, 16)) {
 		ag_session_fail(s, true, "postgres: cannot forward the CancelRequest");
 		return -1;
@@ -1756,7 +1907,8 @@ static int policy_refresh(struct ag_session *s)
 				if (!st->classes || st->classes == AG_SQL_EMPTY)
 					continue;
 				ag_sql_decide(rule, &view, &d);
-				if (d.action == AG_ACT_DENY || d.action == AG_ACT_APPROVE) {
+				if (d.action == AG_ACT_DENY ||
+				    (d.action == AG_ACT_APPROVE && !st->approved)) {
 					snprintf(buf, sizeof(buf),
 						 "its prepared statement \"%s\" is refused by rule %s now",
 						 n->name, d.rule ? d.rule : "default");
@@ -2207,6 +2359,11 @@ static int agent_kick(struct ag_session *s)
 			return -1;
 		ag_buf_consume(&a->in, used);
 	}
+	if (pg->agent_eof && pg->held) {
+		ag_session_fail(s, false, "postgres: the agent left while approval %s waited",
+				pg->held_id);
+		return -1;
+	}
 	if (pg->agent_eof && !pg->stalled) {
 		if (ag_buf_len(&a->in) || pg->a_pass) {
 			pg_fatal(s, NULL, PG_SQLSTATE_PROTOCOL_VIOLATION,
@@ -2382,6 +2539,13 @@ static void pg_eof(struct ag_session *s, enum ag_side from)
 
 	if (from == AG_SIDE_AGENT) {
 		pg->agent_eof = true;
+		if (pg->held) {
+			/* Nobody is left to run it for: the approval is cancelled (pg_fini). */
+			ag_session_fail(s, false,
+					"postgres: the agent left while approval %s waited",
+					pg->held_id);
+			return;
+		}
 		if (pg->stalled && pg->phase != PH_STARTUP)
 			return; /* what is buffered is decided first; agent_kick() passes the FIN */
 		if (ag_buf_len(&c->in) || pg->a_pass) {
@@ -2406,6 +2570,9 @@ static void pg_fini(struct ag_session *s)
 		return;
 	if (pg->key_registered)
 		cancel_unregister(s->id, pg->be_pid, pg->be_key);
+	ag_approval_cancel(pg->held);
+	pg->held = NULL;
+	refusal_free(pg->resume_refusal);
 	while (pg->pq.n)
 		pq_pop(&pg->pq);
 	free(pg->pq.e);

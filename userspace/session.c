@@ -24,6 +24,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
+#include "approval.h"
 #include "bpf_loader.h"
 #include "cgroup.h"
 #include "daemon.h"
@@ -145,6 +146,7 @@ static struct ag_session *table_find(struct ag_daemon *d,
 
 static void side_update_events(struct ag_session *s, enum ag_side i);
 static void session_end(struct ag_session *s, bool reset);
+static void settle(struct ag_session *s);
 static void pump_input(struct ag_session *s, enum ag_side from, const uint8_t *data, size_t len);
 
 static inline enum ag_side other(enum ag_side i)
@@ -438,6 +440,27 @@ static void pump_input(struct ag_session *s, enum ag_side from, const uint8_t *d
 		ag_session_fail(s, true, "out of memory");
 	else
 		tls_leftover(s, from);
+}
+
+struct ag_loop *ag_session_loop(const struct ag_session *s)
+{
+	return s->w->loop;
+}
+
+void ag_session_resume(struct ag_session *s, enum ag_side from)
+{
+	struct ag_side_conn *c = &s->side[from];
+
+	if (s->state == AG_SESS_CLOSED)
+		return;
+	if (ag_buf_len(&c->in)) {
+		long used = s->proto->input(s, from, ag_buf_head(&c->in), ag_buf_len(&c->in));
+
+		if (used < 0 || s->state == AG_SESS_CLOSED)
+			return;
+		ag_buf_consume(&c->in, used);
+	}
+	settle(s);
 }
 
 static void on_side_eof(struct ag_session *s, enum ag_side from)
@@ -918,6 +941,7 @@ static void session_end(struct ag_session *s, bool reset)
 		flush_side(s, AG_SIDE_AGENT);
 	if (s->proto && s->proto->fini)
 		s->proto->fini(s);
+	ag_approval_session_end(s->id);
 	close_side(s, AG_SIDE_AGENT, reset);
 	close_side(s, AG_SIDE_UPSTREAM, reset);
 	s->ended_ns = unix_ns();

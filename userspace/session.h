@@ -111,3 +111,11 @@ int ag_session_tls_hold(struct ag_session *s, enum ag_side side);
 int ag_session_start_tls(struct ag_session *s, enum ag_side side);
 /* The side's TLS is established. */
 bool ag_session_tls_up(const struct ag_session *s, enum ag_side side);
+/* The worker loop a session lives on (for ag_loop_call() from other threads). */
+struct ag_loop *ag_session_loop(const struct ag_session *s);
+/*
+ * On the session's thread, after the handler stopped consuming `from`'s input for a while (a
+ * statement held for approval): presents what is buffered to the handler again and re-arms the
+ * session's events.
+ */
+void ag_session_resume(struct ag_session *s, enum ag_side from);

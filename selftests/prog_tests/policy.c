@@ -124,6 +124,8 @@ static const struct bad_case bad_cases[] = {
 	  "bad.yaml:2:23:", "bad duration \"5x\"" },
 	{ "unknown_approvals_key", API "approvals: { approver: [root] }\n",
 	  "bad.yaml:2:14:", "unknown key \"approver\"" },
+	{ "bad_approver", API "approvals: { approvers: [root, \"uid:x1\"] }\n",
+	  "bad.yaml:2:12:", "\"uid:x1\" is not a user" },
 	{ "rule_unknown_agent", API PG_DB "rules:\n  - { agent: bob, target: db }\n",
 	  "bad.yaml:4:14:", "unknown agent \"bob\"" },
 	{ "rule_unknown_target", API AGENT_CI "rules:\n  - { agent: ci, target: nope }\n",

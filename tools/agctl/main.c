@@ -392,7 +392,7 @@ static int do_help(int argc, char **argv)
 		"Usage: %s [OPTIONS] OBJECT { COMMAND | help }\n"
 		"       %s version\n"
 		"\n"
-		"       OBJECT := { session | cgroup | policy | prog | run | socket | ca }\n"
+		"       OBJECT := { session | approval | cgroup | policy | prog | run | socket | ca }\n"
 		"       " HELP_SPEC_OPTIONS " |\n"
 		"                    {-V|--version} | {-h|--help} }\n"
 		"\n"
@@ -418,6 +418,7 @@ static int do_version(int argc, char **argv)
 static const struct cmd cmds[] = {
 	{ "help", do_help },
 	{ "session", do_session },
+	{ "approval", do_approval },
 	{ "cgroup", do_cgroup },
 	{ "policy", do_policy },
 	{ "prog", do_prog },

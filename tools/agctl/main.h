@@ -126,6 +126,7 @@ void table_print(const struct table *t, FILE *f);
 void table_free(struct table *t);
 
 int do_session(int argc, char **argv);
+int do_approval(int argc, char **argv);
 int do_cgroup(int argc, char **argv);
 int do_policy(int argc, char **argv);
 int do_prog(int argc, char **argv);
