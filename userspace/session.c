@@ -23,6 +23,7 @@
 
 #include "bpf_loader.h"
 #include "cgroup.h"
+#include "cred.h"
 #include "daemon.h"
 #include "log.h"
 #include "session.h"
@@ -81,6 +82,11 @@ static void format_endpoint(const uint8_t addr[16], uint16_t port, int family, c
 		inet_ntop(AF_INET6, addr, ip, sizeof(ip));
 		snprintf(out, len, "[%s]:%u", ip, port);
 	}
+}
+
+struct ag_loop *ag_session_loop(struct ag_session *s)
+{
+	return s->w->loop;
 }
 
 /* --- the daemon's session table ------------------------------------------------------------ */
@@ -594,6 +600,7 @@ static void session_end(struct ag_session *s, bool reset)
 		flush_side(s, AG_SIDE_AGENT);
 	if (s->proto && s->proto->fini)
 		s->proto->fini(s);
+	ag_cred_session_end(s);
 	close_side(s, AG_SIDE_AGENT, reset);
 	close_side(s, AG_SIDE_UPSTREAM, reset);
 	s->ended_ns = unix_ns();

@@ -16,6 +16,7 @@
 
 struct ag_worker;
 struct ag_policy_ref;
+struct ag_cred;
 
 enum ag_session_state {
 	AG_SESS_CONNECTING = 0,
@@ -67,7 +68,16 @@ struct ag_session {
 	uint64_t bytes_up, bytes_down;
 	uint64_t statements, blocked, masked_values;
 	uint32_t pending_approvals;
+
+	/* credential injection (cred.c): what the agent asked for, and what we log in with */
+	struct ag_cred *cred; /* NULL: the target has no credential, or none was needed yet */
+	char credential[16];  /* provider, "" when none */
+	char db_user[64];     /* the user name the agent's startup packet asked for */
+	char database[64];
 };
+
+/* The worker loop the session lives on (for ag_loop_call() from other threads). */
+struct ag_loop *ag_session_loop(struct ag_session *s);
 
 /* Queues bytes to be written to `to` (writing at once when nothing is queued). 0 or -errno. */
 int ag_session_send(struct ag_session *s, enum ag_side to, const void *data, size_t len);
