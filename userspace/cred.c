@@ -147,9 +147,10 @@ static char *read_secret_file(const char *path, size_t *len, char *err, size_t e
 
 	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 	if (fd < 0) {
-		*rc = -errno;
+		*rc = errno == ELOOP ? -EACCES : -errno;
 		snprintf(err, errlen, "secret file %s: %s", path,
-			 errno == ELOOP ? "is a symbolic link" : strerror(errno));
+			 errno == ELOOP ? "is a symbolic link (name the file itself)"
+					: strerror(errno));
 		return NULL;
 	}
 	if (fstat(fd, &st)) {

@@ -392,7 +392,7 @@ static int do_help(int argc, char **argv)
 		"Usage: %s [OPTIONS] OBJECT { COMMAND | help }\n"
 		"       %s version\n"
 		"\n"
-		"       OBJECT := { session | cgroup | policy | prog | run | socket }\n"
+		"       OBJECT := { session | cgroup | policy | prog | run | socket | cred }\n"
 		"       " HELP_SPEC_OPTIONS " |\n"
 		"                    {-V|--version} | {-h|--help} }\n"
 		"\n"
@@ -423,6 +423,7 @@ static const struct cmd cmds[] = {
 	{ "prog", do_prog },
 	{ "run", do_run },
 	{ "socket", do_socket },
+	{ "cred", do_cred },
 	{ "version", do_version },
 	{ 0 }
 };

@@ -131,3 +131,4 @@ int do_policy(int argc, char **argv);
 int do_prog(int argc, char **argv);
 int do_run(int argc, char **argv);
 int do_socket(int argc, char **argv);
+int do_cred(int argc, char **argv);
