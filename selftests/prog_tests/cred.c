@@ -564,6 +564,7 @@ static void check_no_secrets(struct th_pg_gate *g, const char *const *secrets)
 static int raw_login(struct th_pg_gate *g, char *sqlstate, char *msg, size_t msglen)
 {
 	char types[64];
+	static const char params[] = "user\0agent\0database\0" TH_PG_DB "\0application_name\0raw\0";
 	int fd = th_pg_connect_from(g->tagged, g->pg.addr, g->pg.port), rc;
 	struct ag_buf b = { 0 };
 	uint8_t hdr[8];
@@ -572,8 +573,7 @@ static int raw_login(struct th_pg_gate *g, char *sqlstate, char *msg, size_t msg
 		return fd;
 	pg_put32(hdr + 4, PG_PROTO_V3);
 	ag_buf_append(&b, hdr, 8);
-	ag_buf_append(&b, "user\0agent\0database\0" TH_PG_DB "\0application_name\0raw\0", 48);
-	ag_buf_append(&b, "", 1);
+	ag_buf_append(&b, params, sizeof(params)); /* the literal's own NUL ends the list */
 	pg_put32(b.data, (uint32_t)ag_buf_len(&b));
 	th_send_all(fd, ag_buf_head(&b), ag_buf_len(&b), 10000);
 	ag_buf_free(&b);
@@ -757,8 +757,7 @@ void test_cred_pg_md5(void)
 	}
 	if (!ASSERT_OK(rc, "gate with md5"))
 		goto out;
-	rc = psql_nopw(&g, "SELECT current_user, rolvaliduntil <= now() + interval '2 minutes', "
-			   "(SELECT substr(rolpassword, 1, 3) FROM pg_authid WHERE false) "
+	rc = psql_nopw(&g, "SELECT current_user, rolvaliduntil <= now() + interval '2 minutes', 1 "
 			   "FROM pg_roles WHERE rolname = current_user;");
 	if (!ASSERT_EQ(rc, 0, "psql through the gateway, md5 upstream"))
 		printf("stderr: %s\n", err);
