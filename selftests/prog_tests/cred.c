@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <regex.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -534,6 +535,8 @@ static void check_no_secrets(struct th_pg_gate *g, const char *const *secrets)
 	ssize_t n;
 
 	ASSERT_OK(th_daemon_read_log(&g->d, log, sizeof(log)), "daemon log");
+	if (test__verbose())
+		printf("daemon log:\n%s\n", log);
 	snprintf(path, sizeof(path), "%s/sessions.log", g->d.state_dir);
 	fd = open(path, O_RDONLY);
 	n = fd >= 0 ? read(fd, buf, sizeof(buf) - 1) : -1;
@@ -695,6 +698,56 @@ static void subtest_sweep(struct th_pg_gate *g)
 	ASSERT_TRUE(roles_gone(g, "agentgate\\_s999998\\_old2", 60), "swept at the restart");
 }
 
+/* The daemon dies (SIGKILL) with a session's role alive: the next start drops it. */
+static void subtest_crash_then_sweep(struct th_pg_gate *g)
+{
+	char sqlstate[8], msg[512];
+	int fd = raw_login(g, sqlstate, msg, sizeof(msg));
+
+	if (!ASSERT_GE(fd, 0, "a live session"))
+		return;
+	ASSERT_EQ(role_count(g, "agentgate\\_s%"), 1, "its role exists");
+	ASSERT_EQ(th_daemon_kill(&g->d), 128 + SIGKILL, "SIGKILL the daemon");
+	close(fd);
+	ASSERT_EQ(role_count(g, "agentgate\\_s%"), 1, "the role outlived the daemon");
+	ASSERT_OK(th_daemon_restart(&g->d), "restart");
+	ASSERT_TRUE(roles_gone(g, "agentgate\\_s%", 60), "the restart swept it");
+	ASSERT_TRUE(th_pg_gate_alive(g), "daemon alive");
+}
+
+/* The agent hangs up while its role is being minted: nothing is left behind. */
+static void subtest_agent_leaves_during_mint(struct th_pg_gate *g)
+{
+	static const char params[] = "user\0agent\0database\0" TH_PG_DB "\0";
+	uint8_t pkt[64];
+	int fd;
+
+	for (int i = 0; i < 5; i++) {
+		fd = th_pg_connect_from(g->tagged, g->pg.addr, g->pg.port);
+		if (!ASSERT_GE(fd, 0, "connect"))
+			return;
+		pg_put32(pkt, 8 + sizeof(params));
+		pg_put32(pkt + 4, PG_PROTO_V3);
+		memcpy(pkt + 8, params, sizeof(params));
+		th_send_all(fd, pkt, 8 + sizeof(params), 10000);
+		/* Now or a moment later: before or after the role exists. */
+		if (i % 2)
+			usleep(50 * 1000 * i);
+		close(fd);
+	}
+	ASSERT_TRUE(roles_gone(g, "agentgate\\_s%", 60), "no role left behind");
+	ASSERT_TRUE(th_pg_gate_alive(g), "daemon alive");
+	for (int i = 0; i < 100; i++) {
+		static char list[4096];
+
+		th_agctl(&g->d, list, sizeof(list), "-j cred list");
+		if (strstr(list, "[]"))
+			break;
+		usleep(100 * 1000);
+	}
+	ASSERT_EQ(psql_nopw(g, "SELECT 1;"), 0, "and the next session works");
+}
+
 void test_cred_pg(void)
 {
 	static const char *const secrets[] = { ADMIN_PASSWORD, NULL };
@@ -726,8 +779,15 @@ void test_cred_pg(void)
 		subtest_jit_role(&g);
 	if (test__start_subtest("wrong_admin_password_fatal"))
 		subtest_wrong_admin_password(&g, &c);
-	if (test__start_subtest("secrets_absent"))
+	if (test__start_subtest("agent_leaves_during_mint"))
+		subtest_agent_leaves_during_mint(&g);
+	if (test__start_subtest("crash_then_sweep"))
+		subtest_crash_then_sweep(&g);
+	if (test__start_subtest("secrets_absent")) {
+		/* One session more, so that the logs have something to hide. */
+		ASSERT_EQ(psql_nopw(&g, "SELECT 1;"), 0, "a session");
 		check_no_secrets(&g, secrets);
+	}
 	test__end_subtest();
 out:
 	gate_down(&g, &c);
