@@ -287,6 +287,23 @@ static const char verify_py[] =
 	"assert cl['nbf'] <= now + 1, 'nbf'\n"
 	"print(json.dumps(cl))\n";
 
+/* A policy with one http target "kube" whose credential is a jwt signed with key. */
+static struct ag_policy *jwt_policy(const char *key, const char *ttl)
+{
+	char yaml[1024];
+	struct ag_policy *p;
+
+	snprintf(yaml, sizeof(yaml),
+		 "apiVersion: agentgate/v1\n"
+		 "targets:\n"
+		 "  - { name: kube, protocol: http, address: 127.0.0.9:6443,\n"
+		 "      credential: { provider: jwt, key_file: %s, audience: kube%s%s } }\n",
+		 key, ttl ? ", ttl: " : "", ttl ? ttl : "");
+	p = ag_policy_parse(yaml, strlen(yaml), "p.yaml", err, sizeof(err));
+	ASSERT_OK_PTR(p, "policy");
+	return p;
+}
+
 static struct ag_session *fake_session(const struct ag_policy *p, uint64_t id)
 {
 	struct ag_session *s = calloc(1, sizeof(*s));
@@ -326,7 +343,7 @@ static int bearer_logged(struct ag_session *s, char *tok, size_t toklen, char *l
 
 static void subtest_jwt(const char *dir)
 {
-	char yaml[1024], key[256], pub[256], tok[4096], tok2[4096], log[8192], *ttl = "300";
+	char key[256], pub[256], tok[4096], tok2[4096], log[8192], *ttl = "300";
 	char *argv[] = { "/usr/bin/python3", "-c", (char *)verify_py, tok, pub, "kube", ttl, NULL };
 	struct ag_session *s = NULL, *s2 = NULL;
 	struct ag_policy *p;
@@ -342,14 +359,8 @@ static void subtest_jwt(const char *dir)
 	    !ASSERT_OK(th_run(out, sizeof(out), "openssl pkey -in %s -pubout -out %s", key, pub),
 		       "openssl pkey -pubout"))
 		return;
-	snprintf(yaml, sizeof(yaml),
-		 "apiVersion: agentgate/v1\n"
-		 "targets:\n"
-		 "  - { name: kube, protocol: http, address: 127.0.0.9:6443,\n"
-		 "      credential: { provider: jwt, key_file: %s, audience: kube, ttl: 5m } }\n",
-		 key);
-	p = ag_policy_parse(yaml, strlen(yaml), "p.yaml", err, sizeof(err));
-	if (!ASSERT_OK_PTR(p, "policy"))
+	p = jwt_policy(key, "5m");
+	if (!p)
 		return;
 	s = fake_session(p, 77);
 	s2 = fake_session(p, 78);
@@ -396,7 +407,7 @@ out:
 
 static void subtest_jwt_bad_keys(const char *dir)
 {
-	char yaml[1024], key[256], tok[4096];
+	char key[256], tok[4096];
 	struct ag_session *s = NULL;
 	struct ag_policy *p;
 
@@ -407,14 +418,8 @@ static void subtest_jwt_bad_keys(const char *dir)
 		       "openssl genpkey rsa") ||
 	    !ASSERT_OK(chmod(key, 0600), "chmod"))
 		return;
-	snprintf(yaml, sizeof(yaml),
-		 "apiVersion: agentgate/v1\n"
-		 "targets:\n"
-		 "  - { name: kube, protocol: http, address: 127.0.0.9:6443,\n"
-		 "      credential: { provider: jwt, key_file: %s, audience: kube } }\n",
-		 key);
-	p = ag_policy_parse(yaml, strlen(yaml), "p.yaml", err, sizeof(err));
-	if (!ASSERT_OK_PTR(p, "policy"))
+	p = jwt_policy(key, NULL);
+	if (!p)
 		return;
 	s = fake_session(p, 79);
 	ASSERT_LT(ag_cred_bearer(s, tok, sizeof(tok), err, sizeof(err)), 0, "RSA key refused");
@@ -461,6 +466,21 @@ struct cred_ctx {
 	const char *encryption; /* the admin's and the minted roles' password hashing */
 	bool leftover;		/* a role from a previous life, for the sweep */
 };
+
+/* A temp dir for the secret files; the admin's secret path in it. */
+static bool ctx_init(struct cred_ctx *c, const char *encryption, bool leftover)
+{
+	memset(c, 0, sizeof(*c));
+	c->encryption = encryption;
+	c->leftover = leftover;
+	snprintf(c->dir, sizeof(c->dir), "/tmp/agentgate-credpg-XXXXXX");
+	if (!ASSERT_OK_PTR(mkdtemp(c->dir), "mkdtemp")) {
+		c->dir[0] = '\0';
+		return false;
+	}
+	snprintf(c->secret, sizeof(c->secret), "%s/admin.secret", c->dir);
+	return true;
+}
 
 static int before_daemon(struct th_pg_gate *g, void *arg)
 {
@@ -751,15 +771,13 @@ static void subtest_agent_leaves_during_mint(struct th_pg_gate *g)
 void test_cred_pg(void)
 {
 	static const char *const secrets[] = { ADMIN_PASSWORD, NULL };
-	struct cred_ctx c = { .encryption = "scram-sha-256", .leftover = true };
+	struct cred_ctx c;
 	struct th_pg_gate g;
 	char cred[512];
 	int rc;
 
-	snprintf(c.dir, sizeof(c.dir), "/tmp/agentgate-credpg-XXXXXX");
-	if (!ASSERT_OK_PTR(mkdtemp(c.dir), "mkdtemp"))
+	if (!ctx_init(&c, "scram-sha-256", true))
 		return;
-	snprintf(c.secret, sizeof(c.secret), "%s/admin.secret", c.dir);
 	snprintf(cred, sizeof(cred),
 		 "{ provider: pg-jit-role, admin_secret: %s, grant: [app_ro, app_audit], "
 		 "ttl: 10m }",
@@ -795,16 +813,14 @@ out:
 
 void test_cred_pg_md5(void)
 {
-	struct cred_ctx c = { .encryption = "md5" };
+	struct cred_ctx c;
 	struct th_pg_gate g;
 	static char log[256 * 1024];
 	char role[128] = "";
 	int rc;
 
-	snprintf(c.dir, sizeof(c.dir), "/tmp/agentgate-credpg-XXXXXX");
-	if (!ASSERT_OK_PTR(mkdtemp(c.dir), "mkdtemp"))
+	if (!ctx_init(&c, "md5", false))
 		return;
-	snprintf(c.secret, sizeof(c.secret), "%s/admin.secret", c.dir);
 	{
 		char extra[768];
 
@@ -835,16 +851,14 @@ out:
 void test_cred_pg_static(void)
 {
 	static const char *const secrets[] = { TH_PG_PASSWORD, NULL };
-	struct cred_ctx c = { .encryption = "scram-sha-256" };
+	struct cred_ctx c;
 	struct th_pg_gate g;
 	static char log[256 * 1024], list[8192];
 	char extra[768], sqlstate[8], msg[512];
 	int rc, fd;
 
-	snprintf(c.dir, sizeof(c.dir), "/tmp/agentgate-credpg-XXXXXX");
-	if (!ASSERT_OK_PTR(mkdtemp(c.dir), "mkdtemp"))
+	if (!ctx_init(&c, "scram-sha-256", false))
 		return;
-	snprintf(c.secret, sizeof(c.secret), "%s/admin.secret", c.dir);
 	snprintf(extra, sizeof(extra), "%s/static.secret", c.dir);
 	ASSERT_OK(write_file(extra, "user=" TH_PG_USER " password=" TH_PG_PASSWORD "\n", 0600),
 		  "static secret");
@@ -877,15 +891,13 @@ out:
 void test_cred_pg_refused(void)
 {
 	static char log[65536];
-	struct cred_ctx c = { .encryption = "scram-sha-256" };
+	struct cred_ctx c;
 	struct th_pg_gate g;
 	char extra[768];
 	int rc;
 
-	snprintf(c.dir, sizeof(c.dir), "/tmp/agentgate-credpg-XXXXXX");
-	if (!ASSERT_OK_PTR(mkdtemp(c.dir), "mkdtemp"))
+	if (!ctx_init(&c, "scram-sha-256", false))
 		return;
-	snprintf(c.secret, sizeof(c.secret), "%s/admin.secret", c.dir);
 	ASSERT_OK(write_file(c.secret, "user=x password=" ADMIN_PASSWORD "\n", 0640), "secret");
 	snprintf(extra, sizeof(extra),
 		 "    credential: { provider: pg-jit-role, admin_secret: %s, grant: [app_ro] }\n",
