@@ -524,8 +524,9 @@ static void pq_error(PGconn *conn, const PGresult *res, char *out, size_t len)
 static PGconn *admin_connect(const char *host, const char *port, const struct ag_secret *sec,
 			     char *err, size_t errlen, bool *conn_failed)
 {
-	const char *keys[] = { "host",	   "port",		 "dbname",	    "user",
-			       "password", "sslmode",		 "connect_timeout", "application_name",
+	const char *keys[] = { "host",		  "port",	     "dbname",
+			       "user",		  "password",	     "sslmode",
+			       "connect_timeout", "application_name", "options",
 			       NULL };
 	const char *vals[] = { sec->host[0] ? sec->host : host,
 			       sec->port[0] ? sec->port : port,
@@ -535,6 +536,8 @@ static PGconn *admin_connect(const char *host, const char *port, const struct ag
 			       sec->sslmode[0] ? sec->sslmode : "prefer",
 			       "10",
 			       "agentgate",
+			       /* A role's creation or drop waiting on a lock must not hold forever. */
+			       "-c statement_timeout=15000 -c lock_timeout=10000",
 			       NULL };
 	PGconn *conn;
 

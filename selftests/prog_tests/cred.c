@@ -697,6 +697,10 @@ static void subtest_wrong_admin_password(struct th_pg_gate *g, struct cred_ctx *
 	fd = raw_login(g, sqlstate, msg, sizeof(msg));
 	ASSERT_LT(fd, 0, "group-readable secret: refused");
 	ASSERT_HAS_SUBSTR(msg, "is group-accessible (mode 0640)", "says why");
+	/* A reload is refused for the same reason; the running policy stays. */
+	ASSERT_EQ(th_agctl(&g->d, out, sizeof(out), "policy reload"), 1, "reload refused");
+	th_daemon_read_log(&g->d, out, sizeof(out));
+	ASSERT_HAS_SUBSTR(out, "policy reload refused, the previous policy stays", "logged");
 	chmod(c->secret, 0600);
 	ASSERT_TRUE(th_pg_gate_alive(g), "daemon alive");
 	ASSERT_EQ(psql_nopw(g, "SELECT 1;"), 0, "and it works again");
