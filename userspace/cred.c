@@ -1253,8 +1253,9 @@ static void gen_str(yajl_gen g, const char *s)
 }
 
 /* The claims of a session's token (yajl, so agent-controlled text is escaped). malloc'ed. */
-static char *jwt_claims(const struct ag_session *s, const char *aud, uint64_t ttl_ms,
-			int64_t now, char *sub, size_t sublen, char *jti, size_t jtilen)
+static char *jwt_claims(const struct ag_session *s, const char *iss, const char *aud,
+			uint64_t ttl_ms, int64_t now, char *sub, size_t sublen, char *jti,
+			size_t jtilen)
 {
 	uint8_t rnd[8];
 	const unsigned char *buf;
@@ -1272,7 +1273,7 @@ static char *jwt_claims(const struct ag_session *s, const char *aud, uint64_t tt
 		 rnd[0], rnd[1], rnd[2], rnd[3], rnd[4], rnd[5], rnd[6], rnd[7]);
 	yajl_gen_map_open(g);
 	gen_str(g, "iss");
-	gen_str(g, "agentgate");
+	gen_str(g, iss);
 	gen_str(g, "sub");
 	gen_str(g, sub);
 	gen_str(g, "aud");
@@ -1346,8 +1347,9 @@ static int make_bearer(struct ag_session *s, const char *prov, struct ag_cred *c
 		ttl_ms = 1000;
 	path = kv_value(t, "key_file");
 	{
-		char *claims = jwt_claims(s, kv_value(t, "audience") ? kv_value(t, "audience") : "",
-					  ttl_ms, now, sub, sizeof(sub), jti, sizeof(jti));
+		const char *iss = kv_value(t, "issuer"), *aud = kv_value(t, "audience");
+		char *claims = jwt_claims(s, iss ? iss : "agentgate", aud ? aud : "", ttl_ms, now,
+					  sub, sizeof(sub), jti, sizeof(jti));
 
 		if (!claims) {
 			snprintf(err, errlen, "out of memory");

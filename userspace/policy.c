@@ -881,6 +881,10 @@ static int check_credential(struct parse_ctx *c, const yaml_node_t *v, struct ag
 			    t->name, ag_proto_name(t->protocol));
 	if (!ag_kv_get(t->credential, t->ncredential, needs[idx]))
 		return perr(c, v, "credential provider %s needs %s", prov, needs[idx]);
+	if (idx == 1 && !ag_kv_get(t->credential, t->ncredential, "audience"))
+		return perr(c, v,
+			    "credential provider jwt needs audience (who the token is for: the "
+			    "target checks it)");
 	ttl = kv_str(t->credential, t->ncredential, "ttl");
 	/* A credential outlives its session by at most this: short-lived is the point. */
 	if (ttl && (ag_parse_duration(ttl, &ms) || ms > 24 * 3600 * 1000ULL || ms < 1000))

@@ -222,6 +222,16 @@ static void subtest_policy(const char *dir)
 	ASSERT_HAS_SUBSTR(err, "credential ttl 25h is out of range (1s to 24h)", "and why");
 	ag_policy_free(p);
 
+	snprintf(yaml, sizeof(yaml),
+		 "apiVersion: agentgate/v1\n"
+		 "targets:\n"
+		 "  - { name: kube, protocol: http, address: 127.0.0.9:6443,\n"
+		 "      credential: { provider: jwt, key_file: /k } }\n");
+	p = ag_policy_parse(yaml, strlen(yaml), "bad.yaml", err, sizeof(err));
+	ASSERT_FALSE(p, "a jwt without audience refused");
+	ASSERT_HAS_SUBSTR(err, "credential provider jwt needs audience", "and why");
+	ag_policy_free(p);
+
 	snprintf(path, sizeof(path), "%s/grp", dir);
 	write_file(path, "user=a password=b\n", 0640);
 	snprintf(yaml, sizeof(yaml),
