@@ -706,10 +706,22 @@ static void fail(struct ag_cred *c, int err, const char *sqlstate, const char *f
 	va_end(ap);
 }
 
+/* Does the server hash new passwords with SCRAM-SHA-256 (its password_encryption)? */
+static bool scram_server(PGconn *conn)
+{
+	PGresult *res = PQexec(conn, "SHOW password_encryption");
+	bool yes = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
+		   !strcmp(PQgetvalue(res, 0, 0), "scram-sha-256");
+
+	PQclear(res);
+	return yes;
+}
+
 static void mint_role(struct ag_cred *c)
 {
 	struct ag_secret sec;
-	char err[512], ts[64], pwd[64], *id = NULL, *lit_pw = NULL, *lit_ts = NULL, *enc = NULL;
+	char err[512], ts[64], pwd[64], verifier[256], *id = NULL, *lit_pw = NULL, *lit_ts = NULL;
+	char *enc = NULL;
 	uint8_t raw[32];
 	struct ag_buf sql = { 0 };
 	PGresult *res;
@@ -740,12 +752,23 @@ static void mint_role(struct ag_cred *c)
 	gmtime_r(&until, &tm);
 	strftime(ts, sizeof(ts), "%Y-%m-%d %H:%M:%S+00", &tm);
 
-	/* Hashed here, in the form the server keeps (its password_encryption). */
-	enc = PQencryptPasswordConn(conn, pwd, c->principal, NULL);
+	/*
+	 * Hashed here, in the form the server keeps (its password_encryption). For SCRAM the
+	 * gateway writes the verifier itself, so that it knows the salt and has done the PBKDF2
+	 * work now, on this thread, instead of on the event loop at login.
+	 */
+	if (scram_server(conn)) {
+		if (!ag_scram_salt_password(pwd, NULL, 0, 4096, &c->login.scram) &&
+		    ag_scram_verifier(&c->login.scram, verifier, sizeof(verifier)) > 0)
+			c->login.has_scram = true;
+	}
+	enc = c->login.has_scram ? NULL : PQencryptPasswordConn(conn, pwd, c->principal, NULL);
 	id = PQescapeIdentifier(conn, c->principal, strlen(c->principal));
-	lit_pw = enc ? PQescapeLiteral(conn, enc, strlen(enc)) : NULL;
+	lit_pw = enc ? PQescapeLiteral(conn, enc, strlen(enc))
+	       : c->login.has_scram ? PQescapeLiteral(conn, verifier, strlen(verifier))
+				    : NULL;
 	lit_ts = PQescapeLiteral(conn, ts, strlen(ts));
-	if (!enc || !id || !lit_pw || !lit_ts) {
+	if (!id || !lit_pw || !lit_ts) {
 		pq_error(conn, NULL, err, sizeof(err));
 		fail(c, -EIO, "28000", "preparing the role: %s", err);
 		goto out;
@@ -790,6 +813,7 @@ out:
 		OPENSSL_cleanse((void *)ag_buf_head(&sql), ag_buf_len(&sql));
 	ag_buf_free(&sql);
 	OPENSSL_cleanse(pwd, sizeof(pwd));
+	OPENSSL_cleanse(verifier, sizeof(verifier));
 	if (enc) {
 		OPENSSL_cleanse(enc, strlen(enc));
 		PQfreemem(enc);

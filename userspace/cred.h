@@ -13,6 +13,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "scram.h"
+
 struct ag_session;
 struct ag_policy;
 struct ag_policy_target;
@@ -60,6 +62,9 @@ const char *ag_cred_provider(const struct ag_policy_target *t);
 struct ag_cred_login {
 	char user[64];
 	char password[256];
+	/* A minted role's SCRAM keys, stretched on the minting thread (has_scram: valid). */
+	struct ag_scram_salted scram;
+	bool has_scram;
 };
 
 /*

@@ -29,6 +29,12 @@ void pg_login_init(struct pg_login *l, const char *user, const char *password)
 	snprintf(l->password, sizeof(l->password), "%s", password);
 }
 
+void pg_login_use_salted(struct pg_login *l, const struct ag_scram_salted *k)
+{
+	l->pre = *k;
+	l->have_pre = true;
+}
+
 void pg_login_fini(struct pg_login *l)
 {
 	ag_scram_free(&l->sc);
@@ -114,6 +120,8 @@ static int sasl_start(struct pg_login *l, struct pg_rd *rd, struct ag_buf *reply
 	n = ag_scram_client_first(&l->sc, "", NULL, first, sizeof(first));
 	if (n < 0)
 		return failf(sqlstate, "28000", why, whylen, n, "SCRAM: %s", strerror(-n));
+	if (l->have_pre)
+		ag_scram_use_salted(&l->sc, &l->pre);
 	pg_wr_begin(&w, reply, PG_F_PASSWORD);
 	pg_wr_str(&w, "SCRAM-SHA-256");
 	pg_wr_u32(&w, (uint32_t)n);
@@ -179,6 +187,8 @@ static int auth_request(struct pg_login *l, const uint8_t *body, size_t blen, st
 		pg_wr_bytes(&w, buf, n);
 		OPENSSL_cleanse(buf, sizeof(buf));
 		l->sasl_step = 2;
+		if (l->sc.used_pre)
+			l->method = "SCRAM-SHA-256, keys stretched off the loop";
 		return pg_wr_end(&w) ? -ENOMEM : PG_LOGIN_CONTINUE;
 	case AUTH_SASL_FINAL:
 		if (l->sasl_step != 2)

@@ -19,6 +19,8 @@ struct pg_login {
 	char user[64];
 	char password[256];
 	struct ag_scram sc;
+	struct ag_scram_salted pre; /* keys stretched beforehand (a minted role), if have_pre */
+	bool have_pre;
 	const char *method; /* the one the server asked for: "SCRAM-SHA-256", "md5", ... */
 	int sasl_step;	    /* 0 none, 1 first sent, 2 final sent, 3 server verified */
 };
@@ -30,6 +32,8 @@ enum pg_login_result {
 };
 
 void pg_login_init(struct pg_login *l, const char *user, const char *password);
+/* SCRAM keys computed beforehand: no PBKDF2 at login when the server's salt matches. */
+void pg_login_use_salted(struct pg_login *l, const struct ag_scram_salted *k);
 /* Wipes the password and the SCRAM state. */
 void pg_login_fini(struct pg_login *l);
 /*

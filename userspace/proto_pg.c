@@ -1557,6 +1557,8 @@ static void cred_ready(struct ag_session *s, int err, const char *sqlstate, cons
 		return;
 	}
 	pg_login_init(pg->login, login->user, login->password);
+	if (login->has_scram)
+		pg_login_use_salted(pg->login, &login->scram);
 	rc = pg_login_startup(&b, login->user, pg->database, pg->startup, pg->startup_len);
 	free(pg->startup);
 	pg->startup = NULL;

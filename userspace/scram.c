@@ -57,6 +57,53 @@ static int hmac256(const uint8_t *key, size_t klen, const void *msg, size_t mlen
 	return HMAC(EVP_sha256(), key, (int)klen, msg, mlen, out, &olen) ? 0 : -EIO;
 }
 
+int ag_scram_salt_password(const char *password, const uint8_t *salt, size_t saltlen,
+			   unsigned int iterations, struct ag_scram_salted *out)
+{
+	uint8_t rnd[16];
+
+	memset(out, 0, sizeof(*out));
+	if (!salt) {
+		if (RAND_bytes(rnd, sizeof(rnd)) != 1)
+			return -EIO;
+		salt = rnd;
+		saltlen = sizeof(rnd);
+	}
+	if (ag_b64_encode(salt, saltlen, out->salt, sizeof(out->salt)) < 0)
+		return -ENOSPC;
+	out->iterations = iterations;
+	if (PKCS5_PBKDF2_HMAC(password, (int)strlen(password), salt, (int)saltlen, (int)iterations,
+			      EVP_sha256(), sizeof(out->salted), out->salted) != 1)
+		return -EIO;
+	return 0;
+}
+
+int ag_scram_verifier(const struct ag_scram_salted *k, char *out, size_t outlen)
+{
+	uint8_t ckey[32], stored[32], skey[32];
+	char s64[64], k64[64];
+	int n, rc = -EIO;
+
+	if (hmac256(k->salted, 32, "Client Key", 10, ckey) ||
+	    hmac256(k->salted, 32, "Server Key", 10, skey))
+		goto out;
+	SHA256(ckey, 32, stored);
+	ag_b64_encode(stored, 32, s64, sizeof(s64));
+	ag_b64_encode(skey, 32, k64, sizeof(k64));
+	n = snprintf(out, outlen, "SCRAM-SHA-256$%u:%s$%s:%s", k->iterations, k->salt, s64, k64);
+	rc = n < 0 || (size_t)n >= outlen ? -ENOSPC : n;
+out:
+	OPENSSL_cleanse(ckey, sizeof(ckey));
+	OPENSSL_cleanse(skey, sizeof(skey));
+	return rc;
+}
+
+void ag_scram_use_salted(struct ag_scram *sc, const struct ag_scram_salted *k)
+{
+	sc->pre = *k;
+	sc->have_pre = true;
+}
+
 int ag_scram_client_first(struct ag_scram *sc, const char *user, const char *nonce, char *out,
 			  size_t outlen)
 {
@@ -148,9 +195,14 @@ int ag_scram_client_final(struct ag_scram *sc, const char *password, const char 
 		return -EBADMSG;
 
 	rc = -EIO;
-	if (PKCS5_PBKDF2_HMAC(password, (int)strlen(password), salt, saltlen, (int)iters,
-			      EVP_sha256(), sizeof(salted), salted) != 1)
+	if (sc->have_pre && sc->pre.iterations == iters && strlen(sc->pre.salt) == slen &&
+	    !memcmp(sc->pre.salt, s, slen)) {
+		memcpy(salted, sc->pre.salted, sizeof(salted));
+		sc->used_pre = true;
+	} else if (PKCS5_PBKDF2_HMAC(password, (int)strlen(password), salt, saltlen, (int)iters,
+				     EVP_sha256(), sizeof(salted), salted) != 1) {
 		goto out;
+	}
 	if (hmac256(salted, 32, "Client Key", 10, ckey) ||
 	    hmac256(salted, 32, "Server Key", 10, sc->server_key))
 		goto out;

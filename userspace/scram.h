@@ -12,11 +12,23 @@
  */
 #pragma once
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
 /* Iteration counts above this are refused (a hostile server could make the gateway spin). */
 #define AG_SCRAM_MAX_ITERATIONS 100000
+
+/*
+ * A password's SaltedPassword for one salt and iteration count, computed beforehand (off the
+ * event loop: PBKDF2 is the expensive step). The gateway does this for the roles it mints, whose
+ * verifier it writes itself.
+ */
+struct ag_scram_salted {
+	char salt[32]; /* base64, as the server will send it */
+	unsigned int iterations;
+	uint8_t salted[32];
+};
 
 struct ag_scram {
 	char nonce[64];		 /* client nonce, printable */
@@ -25,7 +37,21 @@ struct ag_scram {
 	uint8_t server_key[32];	 /* to check the server's signature */
 	char auth_message[1024]; /* client-first-bare,server-first,client-final-without-proof */
 	int step;		 /* 0 new, 1 first sent, 2 final sent, 3 server verified */
+	struct ag_scram_salted pre; /* used when the server's salt and count match */
+	bool have_pre;
+	bool used_pre;
 };
+
+/* Salts and stretches password (16 random bytes of salt when salt is NULL). 0 or -errno. */
+int ag_scram_salt_password(const char *password, const uint8_t *salt, size_t saltlen,
+			   unsigned int iterations, struct ag_scram_salted *out);
+/*
+ * The verifier PostgreSQL keeps for it (pg_authid.rolpassword), what CREATE ROLE ... PASSWORD
+ * accepts in place of the password: "SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>".
+ */
+int ag_scram_verifier(const struct ag_scram_salted *k, char *out, size_t outlen);
+/* After ag_scram_client_first(): use k instead of PBKDF2 if the server's salt and count match. */
+void ag_scram_use_salted(struct ag_scram *sc, const struct ag_scram_salted *k);
 
 /*
  * client-first-message into out ("n,,n=<user>,r=<nonce>"; PostgreSQL sends an empty user,

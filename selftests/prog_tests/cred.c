@@ -60,7 +60,31 @@ static void subtest_rfc7677(void)
 	ASSERT_STREQ(buf, RFC_CLIENT_FINAL, "client-final-message with RFC 7677's proof");
 	ASSERT_OK(ag_scram_verify_server(&sc, RFC_SERVER_FINAL, strlen(RFC_SERVER_FINAL)),
 		  "RFC 7677's server signature verifies");
+	ASSERT_FALSE(sc.used_pre, "PBKDF2 done here");
 	ag_scram_free(&sc);
+
+	/* The keys stretched beforehand (a minted role's) give the same proof, without PBKDF2. */
+	{
+		struct ag_scram_salted k;
+		uint8_t salt[16];
+		int sl = ag_b64_decode("W22ZaJ0SNY7soEsUEjb6gQ==", 24, salt, sizeof(salt));
+
+		ASSERT_EQ(sl, 16, "salt");
+		ASSERT_OK(ag_scram_salt_password("pencil", salt, sl, 4096, &k), "salt the password");
+		ASSERT_STREQ(k.salt, "W22ZaJ0SNY7soEsUEjb6gQ==", "salt as the server sends it");
+		ASSERT_GT(ag_scram_verifier(&k, buf, sizeof(buf)), 0, "verifier");
+		ASSERT_EQ(strncmp(buf, "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$", 44), 0,
+			  "PostgreSQL's verifier format");
+		ag_scram_client_first(&sc, "user", RFC_NONCE, buf, sizeof(buf));
+		ag_scram_use_salted(&sc, &k);
+		ag_scram_client_final(&sc, "not-used", RFC_SERVER_FIRST, strlen(RFC_SERVER_FIRST),
+				      buf, sizeof(buf));
+		ASSERT_TRUE(sc.used_pre, "the precomputed keys were used");
+		ASSERT_STREQ(buf, RFC_CLIENT_FINAL, "the same proof");
+		ASSERT_OK(ag_scram_verify_server(&sc, RFC_SERVER_FINAL, strlen(RFC_SERVER_FINAL)),
+			  "and the server verifies");
+		ag_scram_free(&sc);
+	}
 }
 
 static void subtest_wrong_server_signature(void)
@@ -642,6 +666,9 @@ static void subtest_jit_role(struct th_pg_gate *g)
 			  "roles, the agent's application_name, reading through app_ro");
 	sscanf(out, "%127[^|]", role);
 	ASSERT_TRUE(roles_gone(g, role, 60), "the role is dropped after the session");
+	th_daemon_read_log(&g->d, out, sizeof(out));
+	ASSERT_HAS_SUBSTR(out, "(pg-jit-role, SCRAM-SHA-256, keys stretched off the loop)",
+			  "SCRAM with the verifier the gateway wrote: no PBKDF2 on the loop");
 
 	/* A live session: its credential is listed (no secret), the session names it. */
 	fd = raw_login(g, sqlstate, msg, sizeof(msg));
