@@ -45,6 +45,22 @@
 #include "session.h"
 
 enum cred_state { CS_MINTING = 0, CS_ACTIVE, CS_REVOKING, CS_FAILED };
+
+/*
+ * Where and how the admin connects for a target: its address, the secret file, and libpq's TLS
+ * settings from the target's tls: (upstream verify-full/verify-ca/require/off, ca_file,
+ * cert_file, key_file). Copied out of the policy for the threads.
+ */
+struct admin_ep {
+	char target[64];
+	char secret_path[PATH_MAX];
+	char host[256];
+	char port[8];
+	char sslmode[16];
+	char sslrootcert[PATH_MAX];
+	char sslcert[PATH_MAX];
+	char sslkey[PATH_MAX];
+};
 static const char *const state_names[] = { "minting", "active", "revoking", "failed" };
 
 struct ag_cred {
@@ -66,9 +82,7 @@ struct ag_cred {
 	bool role_made;	 /* a role exists on the server */
 
 	/* what the thread needs, copied from the policy at the start */
-	char secret_path[PATH_MAX];
-	char host[256];
-	char port[8];
+	struct admin_ep ep;
 	char **grant;
 	size_t ngrant;
 	uint64_t ttl_ms;
@@ -521,25 +535,67 @@ static void pq_error(PGconn *conn, const PGresult *res, char *out, size_t len)
 	out[n] = '\0';
 }
 
-static PGconn *admin_connect(const char *host, const char *port, const struct ag_secret *sec,
-			     char *err, size_t errlen, bool *conn_failed)
+/* The target's tls: as libpq parameters; no tls: prefer TLS, as libpq does. */
+static void admin_ep_fill(struct admin_ep *ep, const struct ag_policy_target *t,
+			  const char *secret_path)
 {
-	const char *keys[] = { "host",		  "port",	     "dbname",
-			       "user",		  "password",	     "sslmode",
-			       "connect_timeout", "application_name", "options",
-			       NULL };
-	const char *vals[] = { sec->host[0] ? sec->host : host,
-			       sec->port[0] ? sec->port : port,
-			       sec->dbname[0] ? sec->dbname : "postgres",
-			       sec->user,
-			       sec->password,
-			       sec->sslmode[0] ? sec->sslmode : "prefer",
-			       "10",
-			       "agentgate",
-			       /* A role's creation or drop waiting on a lock must not hold forever. */
-			       "-c statement_timeout=15000 -c lock_timeout=10000",
-			       NULL };
+	const struct ag_kv *up = ag_kv_get(t->tls, t->ntls, "upstream");
+	const struct ag_kv *ca = ag_kv_get(t->tls, t->ntls, "ca_file");
+	const struct ag_kv *cert = ag_kv_get(t->tls, t->ntls, "cert_file");
+	const struct ag_kv *key = ag_kv_get(t->tls, t->ntls, "key_file");
+	const char *mode = up && up->value ? up->value : NULL;
+
+	memset(ep, 0, sizeof(*ep));
+	snprintf(ep->target, sizeof(ep->target), "%s", t->name);
+	snprintf(ep->secret_path, sizeof(ep->secret_path), "%s", secret_path ? secret_path : "");
+	snprintf(ep->host, sizeof(ep->host), "%s", t->host);
+	snprintf(ep->port, sizeof(ep->port), "%u", t->port);
+	snprintf(ep->sslmode, sizeof(ep->sslmode), "%s",
+		 !mode			 ? "prefer"
+		 : !strcmp(mode, "off") ? "disable"
+					: mode); /* verify-full, verify-ca, require: libpq's names */
+	if (ca && ca->value)
+		snprintf(ep->sslrootcert, sizeof(ep->sslrootcert), "%s", ca->value);
+	else if (mode && !strncmp(mode, "verify-", 7))
+		/* libpq 15 has no sslrootcert=system: the system store's bundle. */
+		snprintf(ep->sslrootcert, sizeof(ep->sslrootcert),
+			 "/etc/ssl/certs/ca-certificates.crt");
+	if (cert && cert->value)
+		snprintf(ep->sslcert, sizeof(ep->sslcert), "%s", cert->value);
+	if (key && key->value)
+		snprintf(ep->sslkey, sizeof(ep->sslkey), "%s", key->value);
+}
+
+static PGconn *admin_connect(const struct admin_ep *ep, const struct ag_secret *sec, char *err,
+			     size_t errlen, bool *conn_failed)
+{
+	const char *keys[12] = { "host",	    "port",	       "dbname",
+				 "user",	    "password",	       "sslmode",
+				 "connect_timeout", "application_name", "options" };
+	const char *vals[12] = { sec->host[0] ? sec->host : ep->host,
+				 sec->port[0] ? sec->port : ep->port,
+				 sec->dbname[0] ? sec->dbname : "postgres",
+				 sec->user,
+				 sec->password,
+				 sec->sslmode[0] ? sec->sslmode : ep->sslmode,
+				 "10",
+				 "agentgate",
+				 /* Creating or dropping a role waiting on a lock must not hang. */
+				 "-c statement_timeout=15000 -c lock_timeout=10000" };
+	int n = 9;
 	PGconn *conn;
+
+	if (ep->sslrootcert[0]) {
+		keys[n] = "sslrootcert";
+		vals[n++] = ep->sslrootcert;
+	}
+	if (ep->sslcert[0] && ep->sslkey[0]) {
+		keys[n] = "sslcert";
+		vals[n++] = ep->sslcert;
+		keys[n] = "sslkey";
+		vals[n++] = ep->sslkey;
+	}
+	keys[n] = vals[n] = NULL;
 
 	*conn_failed = false;
 	if (!sec->user[0]) {
@@ -597,10 +653,7 @@ static int drop_role(PGconn *conn, const char *role, char *err, size_t errlen)
 
 struct drop_job {
 	struct ag_cred *c; /* NULL for a sweep */
-	char secret_path[PATH_MAX];
-	char host[256];
-	char port[8];
-	char target[64];
+	struct admin_ep ep;
 };
 
 static void *drop_main(void *arg)
@@ -614,11 +667,10 @@ static void *drop_main(void *arg)
 		char err[512] = "";
 		bool conn_failed;
 		PGconn *conn = NULL;
-		int rc = ag_secret_read(j->secret_path, &sec, err, sizeof(err));
+		int rc = ag_secret_read(j->ep.secret_path, &sec, err, sizeof(err));
 
 		if (!rc) {
-			conn = admin_connect(j->host, j->port, &sec, err, sizeof(err),
-					     &conn_failed);
+			conn = admin_connect(&j->ep, &sec, err, sizeof(err), &conn_failed);
 			ag_secret_wipe(&sec);
 		}
 		if (conn) {
@@ -626,16 +678,16 @@ static void *drop_main(void *arg)
 			PQfinish(conn);
 			if (!rc) {
 				pr_info("session %llu: role %s dropped (target %s)",
-					(unsigned long long)c->session, c->principal, j->target);
+					(unsigned long long)c->session, c->principal, j->ep.target);
 				break;
 			}
 		}
 		pr_warn("session %llu: dropping role %s (target %s), attempt %d: %s",
-			(unsigned long long)c->session, c->principal, j->target, attempt, err);
+			(unsigned long long)c->session, c->principal, j->ep.target, attempt, err);
 		if (attempt == 4) {
 			pr_err("session %llu: role %s left on target %s (it expires by itself; the "
 			       "next start sweeps it)",
-			       (unsigned long long)c->session, c->principal, j->target);
+			       (unsigned long long)c->session, c->principal, j->ep.target);
 			break;
 		}
 		sleep(delay);
@@ -660,10 +712,7 @@ static void start_drop(struct ag_cred *c)
 	pthread_mutex_unlock(&cred_lock);
 	if (j) {
 		j->c = c;
-		snprintf(j->secret_path, sizeof(j->secret_path), "%s", c->secret_path);
-		snprintf(j->host, sizeof(j->host), "%s", c->host);
-		snprintf(j->port, sizeof(j->port), "%s", c->port);
-		snprintf(j->target, sizeof(j->target), "%s", c->target);
+		j->ep = c->ep;
 		if (!spawn(drop_main, j))
 			return;
 		free(j);
@@ -731,12 +780,12 @@ static void mint_role(struct ag_cred *c)
 	struct tm tm;
 	int rc;
 
-	rc = ag_secret_read(c->secret_path, &sec, err, sizeof(err));
+	rc = ag_secret_read(c->ep.secret_path, &sec, err, sizeof(err));
 	if (rc) {
 		fail(c, rc, "28000", "%s", err);
 		return;
 	}
-	conn = admin_connect(c->host, c->port, &sec, err, sizeof(err), &conn_failed);
+	conn = admin_connect(&c->ep, &sec, err, sizeof(err), &conn_failed);
 	ag_secret_wipe(&sec);
 	if (!conn) {
 		fail(c, -EACCES, conn_failed ? "08006" : "28000", "%s", err);
@@ -831,7 +880,7 @@ static void read_static(struct ag_cred *c)
 {
 	struct ag_secret sec;
 	char err[512];
-	int rc = ag_secret_read(c->secret_path, &sec, err, sizeof(err));
+	int rc = ag_secret_read(c->ep.secret_path, &sec, err, sizeof(err));
 
 	if (rc) {
 		fail(c, rc, "28000", "%s", err);
@@ -915,9 +964,7 @@ int ag_cred_pg_login(struct ag_session *s, const char *db_user, ag_cred_done_fn 
 	c->loop = ag_session_loop(s);
 	c->done = done;
 	path = kv_value(t, !strcmp(prov, "static") ? "secret_file" : "admin_secret");
-	snprintf(c->secret_path, sizeof(c->secret_path), "%s", path ? path : "");
-	snprintf(c->host, sizeof(c->host), "%s", t->host);
-	snprintf(c->port, sizeof(c->port), "%u", t->port);
+	admin_ep_fill(&c->ep, t, path);
 	snprintf(c->map_user, sizeof(c->map_user), "%s",
 		 kv_value(t, "user") ? kv_value(t, "user") : db_user);
 	c->ttl_ms = AG_CRED_TTL_DEFAULT_MS;
@@ -998,19 +1045,19 @@ static void *sweep_main(void *arg)
 	PGresult *res = NULL;
 	int dropped = 0, failed = 0, rows;
 
-	if (!ag_secret_read(j->secret_path, &sec, err, sizeof(err))) {
-		conn = admin_connect(j->host, j->port, &sec, err, sizeof(err), &conn_failed);
+	if (!ag_secret_read(j->ep.secret_path, &sec, err, sizeof(err))) {
+		conn = admin_connect(&j->ep, &sec, err, sizeof(err), &conn_failed);
 		ag_secret_wipe(&sec);
 	}
 	if (!conn) {
-		pr_warn("credentials: target %s: cannot sweep leftover roles: %s", j->target, err);
+		pr_warn("credentials: target %s: cannot sweep leftover roles: %s", j->ep.target, err);
 		goto out;
 	}
 	res = PQexec(conn, "SELECT rolname FROM pg_roles WHERE rolname LIKE "
 			   "'agentgate\\_s%' ORDER BY 1");
 	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
 		pq_error(conn, res, err, sizeof(err));
-		pr_warn("credentials: target %s: listing leftover roles: %s", j->target, err);
+		pr_warn("credentials: target %s: listing leftover roles: %s", j->ep.target, err);
 		goto out;
 	}
 	rows = PQntuples(res);
@@ -1024,16 +1071,16 @@ static void *sweep_main(void *arg)
 		if (live)
 			continue;
 		if (drop_role(conn, name, err, sizeof(err))) {
-			pr_warn("credentials: target %s: leftover role %s: %s", j->target, name,
+			pr_warn("credentials: target %s: leftover role %s: %s", j->ep.target, name,
 				err);
 			failed++;
 		} else {
-			pr_info("credentials: target %s: leftover role %s dropped", j->target,
+			pr_info("credentials: target %s: leftover role %s dropped", j->ep.target,
 				name);
 			dropped++;
 		}
 	}
-	pr_info("credentials: target %s: startup sweep dropped %d leftover role%s%s", j->target,
+	pr_info("credentials: target %s: startup sweep dropped %d leftover role%s%s", j->ep.target,
 		dropped, dropped == 1 ? "" : "s", failed ? " (some could not be dropped)" : "");
 out:
 	PQclear(res);
@@ -1059,10 +1106,7 @@ void ag_cred_sweep(const struct ag_policy *p)
 			free(j);
 			continue;
 		}
-		snprintf(j->secret_path, sizeof(j->secret_path), "%s", path);
-		snprintf(j->host, sizeof(j->host), "%s", t->host);
-		snprintf(j->port, sizeof(j->port), "%u", t->port);
-		snprintf(j->target, sizeof(j->target), "%s", t->name);
+		admin_ep_fill(&j->ep, t, path);
 		if (spawn(sweep_main, j)) {
 			pr_warn("credentials: target %s: cannot start the sweep", t->name);
 			free(j);

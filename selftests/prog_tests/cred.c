@@ -776,6 +776,32 @@ static void subtest_crash_then_sweep(struct th_pg_gate *g)
 	ASSERT_TRUE(th_pg_gate_alive(g), "daemon alive");
 }
 
+/*
+ * The admin's connection follows the target's tls: (this server speaks no TLS, so verify-full
+ * must fail the minting, never fall back to clear text).
+ */
+static void subtest_admin_follows_tls(struct th_pg_gate *g)
+{
+	char saved[sizeof(g->target_extra)], sqlstate[8], msg[512];
+	int fd;
+
+	memcpy(saved, g->target_extra, sizeof(saved));
+	snprintf(g->target_extra + strlen(g->target_extra),
+		 sizeof(g->target_extra) - strlen(g->target_extra),
+		 "    tls: { upstream: verify-full }\n");
+	if (!ASSERT_OK(th_pg_gate_rules(g, "enforce", CRED_RULES), "reload with tls"))
+		goto out;
+	fd = raw_login(g, sqlstate, msg, sizeof(msg));
+	ASSERT_LT(fd, 0, "refused");
+	if (!ASSERT_TRUE(strstr(msg, "SSL") || strstr(msg, "TLS"), "because of TLS"))
+		printf("message: %s\n", msg);
+	ASSERT_EQ(role_count(g, "agentgate\\_s%"), 0, "no role was made");
+out:
+	memcpy(g->target_extra, saved, sizeof(saved));
+	ASSERT_OK(th_pg_gate_rules(g, "enforce", CRED_RULES), "reload without");
+	ASSERT_EQ(psql_nopw(g, "SELECT 1;"), 0, "and it works again");
+}
+
 /* The agent hangs up while its role is being minted: nothing is left behind. */
 static void subtest_agent_leaves_during_mint(struct th_pg_gate *g)
 {
@@ -842,6 +868,8 @@ void test_cred_pg(void)
 		subtest_agent_leaves_during_mint(&g);
 	if (test__start_subtest("crash_then_sweep"))
 		subtest_crash_then_sweep(&g);
+	if (test__start_subtest("admin_follows_target_tls"))
+		subtest_admin_follows_tls(&g);
 	if (test__start_subtest("secrets_absent")) {
 		/* One session more, so that the logs have something to hide. */
 		ASSERT_EQ(psql_nopw(&g, "SELECT 1;"), 0, "a session");
