@@ -670,6 +670,19 @@ static void subtest_jit_role(struct th_pg_gate *g)
 	ASSERT_HAS_SUBSTR(out, "(pg-jit-role, SCRAM-SHA-256, keys stretched off the loop)",
 			  "SCRAM with the verifier the gateway wrote: no PBKDF2 on the loop");
 
+	/* psycopg2 too: its password (PGPASSWORD is set for it) is never asked for. */
+	rc = th_pg_python(&g->pg, g->tagged,
+			  "import psycopg2\n"
+			  "c = psycopg2.connect('')\n"
+			  "cur = c.cursor()\n"
+			  "cur.execute('SELECT current_user, count(*) FROM orders')\n"
+			  "print('%s|%d' % cur.fetchone())\n",
+			  out, sizeof(out), err, sizeof(err), 30000);
+	if (!ASSERT_EQ(rc, 0, "psycopg2"))
+		printf("stderr: %s\n", err);
+	ASSERT_EQ(strncmp(out, "agentgate_s", 11), 0, "psycopg2 as a minted role");
+	ASSERT_HAS_SUBSTR(out, "_t|5\n", "reading orders through app_ro");
+
 	/* A live session: its credential is listed (no secret), the session names it. */
 	fd = raw_login(g, sqlstate, msg, sizeof(msg));
 	if (!ASSERT_GE(fd, 0, "raw login without a password")) {
