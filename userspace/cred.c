@@ -1053,8 +1053,13 @@ static void *sweep_main(void *arg)
 		pr_warn("credentials: target %s: cannot sweep leftover roles: %s", j->ep.target, err);
 		goto out;
 	}
-	res = PQexec(conn, "SELECT rolname FROM pg_roles WHERE rolname LIKE "
-			   "'agentgate\\_s%' ORDER BY 1");
+	/*
+	 * A role someone is logged in as may be another gateway's, live (several gateways in
+	 * front of one server): left alone unless it has expired.
+	 */
+	res = PQexec(conn, "SELECT rolname FROM pg_roles r WHERE rolname LIKE 'agentgate\\_s%' "
+			   "AND (rolvaliduntil < now() OR NOT EXISTS (SELECT 1 FROM "
+			   "pg_stat_activity a WHERE a.usename = r.rolname)) ORDER BY 1");
 	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
 		pq_error(conn, res, err, sizeof(err));
 		pr_warn("credentials: target %s: listing leftover roles: %s", j->ep.target, err);

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -756,6 +757,72 @@ static void subtest_wrong_admin_password(struct th_pg_gate *g, struct cred_ctx *
 	ASSERT_EQ(psql_nopw(g, "SELECT 1;"), 0, "and it works again");
 }
 
+/* How many startup sweeps the daemon's log reports. */
+static int sweeps_logged(struct th_pg_gate *g)
+{
+	static char log[256 * 1024];
+	int n = 0;
+
+	th_daemon_read_log(&g->d, log, sizeof(log));
+	for (const char *p = log; (p = strstr(p, "startup sweep dropped")); p++)
+		n++;
+	return n;
+}
+
+/* A role someone is logged in as (another gateway's, live) is not swept. */
+static void subtest_sweep_spares_busy(struct th_pg_gate *g)
+{
+	char port[16], o[64];
+	char *argv[] = { "/usr/bin/psql", "-X", "-q", "-h", g->pg.dir, "-p", port, "-U",
+			 "agentgate_s999997_busy", "-d", TH_PG_DB, "-c", "SELECT pg_sleep(60)",
+			 NULL };
+	int before, i;
+	pid_t pid;
+
+	snprintf(port, sizeof(port), "%d", g->pg.port);
+	if (!ASSERT_OK(th_pg_admin(&g->pg, "CREATE ROLE agentgate_s999997_busy LOGIN;", NULL, 0),
+		       "a busy role"))
+		return;
+	pid = fork();
+	if (pid == 0) {
+		int null = open("/dev/null", O_WRONLY);
+
+		dup2(null, 1);
+		dup2(null, 2);
+		execv(argv[0], argv); /* over the unix socket: trust */
+		_exit(127);
+	}
+	if (!ASSERT_GT(pid, 0, "fork"))
+		return;
+	for (i = 0; i < 100; i++) {
+		th_pg_admin(&g->pg,
+			    "SELECT count(*) FROM pg_stat_activity WHERE usename = "
+			    "'agentgate_s999997_busy';",
+			    o, sizeof(o));
+		if (atoi(o) > 0)
+			break;
+		usleep(100 * 1000);
+	}
+	ASSERT_LT(i, 100, "logged in as it");
+	before = sweeps_logged(g);
+	ASSERT_OK(th_daemon_restart(&g->d), "restart");
+	for (i = 0; i < 300 && sweeps_logged(g) <= before; i++)
+		usleep(100 * 1000);
+	ASSERT_GT(sweeps_logged(g), before, "the sweep ran");
+	ASSERT_EQ(role_count(g, "agentgate\\_s999997\\_busy"), 1, "the busy role is left alone");
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+	th_pg_admin(&g->pg,
+		    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = "
+		    "'agentgate_s999997_busy';",
+		    NULL, 0);
+	for (i = 0; i < 100 && role_count(g, "agentgate\\_s999997\\_busy") == 1; i++) {
+		if (!th_pg_admin(&g->pg, "DROP ROLE IF EXISTS agentgate_s999997_busy;", NULL, 0))
+			break;
+		usleep(100 * 1000);
+	}
+}
+
 static void subtest_sweep(struct th_pg_gate *g)
 {
 	static char log[256 * 1024];
@@ -770,6 +837,7 @@ static void subtest_sweep(struct th_pg_gate *g)
 		  "another leftover");
 	ASSERT_OK(th_daemon_restart(&g->d), "restart");
 	ASSERT_TRUE(roles_gone(g, "agentgate\\_s999998\\_old2", 60), "swept at the restart");
+	subtest_sweep_spares_busy(g);
 }
 
 /* The daemon dies (SIGKILL) with a session's role alive: the next start drops it. */
