@@ -1000,7 +1000,7 @@ out:
 
 void test_cred_pg_static(void)
 {
-	static const char *const secrets[] = { TH_PG_PASSWORD, NULL };
+	static const char *const secrets[] = { TH_PG_PASSWORD, "Wr0ng-static-pw", NULL };
 	struct cred_ctx c;
 	struct th_pg_gate g;
 	static char log[256 * 1024], list[8192];
@@ -1032,6 +1032,21 @@ void test_cred_pg_static(void)
 	th_daemon_read_log(&g.d, log, sizeof(log));
 	ASSERT_HAS_SUBSTR(log, "logged in upstream as agent (static, SCRAM-SHA-256)",
 			  "SCRAM upstream with the static password");
+
+	/* The server refuses the static password: its own SQLSTATE, no password in the text. */
+	snprintf(extra, sizeof(extra), "%s/static.secret", c.dir);
+	ASSERT_OK(write_file(extra, "user=" TH_PG_USER " password=Wr0ng-static-pw\n", 0600),
+		  "a wrong static password");
+	fd = raw_login(&g, sqlstate, msg, sizeof(msg));
+	ASSERT_LT(fd, 0, "refused");
+	ASSERT_STREQ(sqlstate, "28P01", "the server's invalid_password");
+	ASSERT_HAS_SUBSTR(msg, "agentgate: upstream login as \"agent\" refused: password "
+			  "authentication failed", "names the reason");
+	ASSERT_FALSE(strstr(msg, "Wr0ng-static-pw"), "without the password");
+	ASSERT_TRUE(th_pg_gate_alive(&g), "daemon alive");
+	ASSERT_OK(write_file(extra, "user=" TH_PG_USER " password=" TH_PG_PASSWORD "\n", 0600),
+		  "the right one again");
+	ASSERT_EQ(psql_nopw(&g, "SELECT 1;"), 0, "works again");
 	check_no_secrets(&g, secrets);
 	test__end_subtest();
 out:
