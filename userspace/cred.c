@@ -19,6 +19,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -566,6 +567,25 @@ static void admin_ep_fill(struct admin_ep *ep, const struct ag_policy_target *t,
 		snprintf(ep->sslkey, sizeof(ep->sslkey), "%s", key->value);
 }
 
+/*
+ * Admin connections open at once, daemon-wide: a burst of new sessions queues here instead of
+ * taking every connection slot of the server.
+ */
+#define ADMIN_CONN_MAX 8
+static sem_t admin_slots;
+static pthread_once_t admin_slots_once = PTHREAD_ONCE_INIT;
+
+static void admin_slots_init(void)
+{
+	sem_init(&admin_slots, 0, ADMIN_CONN_MAX);
+}
+
+static void admin_close(PGconn *conn)
+{
+	PQfinish(conn);
+	sem_post(&admin_slots);
+}
+
 static PGconn *admin_connect(const struct admin_ep *ep, const struct ag_secret *sec, char *err,
 			     size_t errlen, bool *conn_failed)
 {
@@ -585,6 +605,9 @@ static PGconn *admin_connect(const struct admin_ep *ep, const struct ag_secret *
 	int n = 9;
 	PGconn *conn;
 
+	pthread_once(&admin_slots_once, admin_slots_init);
+	while (sem_wait(&admin_slots) && errno == EINTR)
+		;
 	if (ep->sslrootcert[0]) {
 		keys[n] = "sslrootcert";
 		vals[n++] = ep->sslrootcert;
@@ -600,11 +623,13 @@ static PGconn *admin_connect(const struct admin_ep *ep, const struct ag_secret *
 	*conn_failed = false;
 	if (!sec->user[0]) {
 		snprintf(err, errlen, "the admin secret names no user");
+		sem_post(&admin_slots);
 		return NULL;
 	}
 	conn = PQconnectdbParams(keys, vals, 0);
 	if (!conn) {
 		snprintf(err, errlen, "out of memory");
+		sem_post(&admin_slots);
 		return NULL;
 	}
 	if (PQstatus(conn) != CONNECTION_OK) {
@@ -615,7 +640,7 @@ static PGconn *admin_connect(const struct admin_ep *ep, const struct ag_secret *
 		*conn_failed = !strstr(e, "authentication failed") && !strstr(e, "password") &&
 			       !strstr(e, "pg_hba.conf") && !strstr(e, "does not exist");
 		snprintf(err, errlen, "admin login as \"%s\" failed: %s", sec->user, e);
-		PQfinish(conn);
+		admin_close(conn);
 		return NULL;
 	}
 	return conn;
@@ -675,7 +700,7 @@ static void *drop_main(void *arg)
 		}
 		if (conn) {
 			rc = drop_role(conn, c->principal, err, sizeof(err));
-			PQfinish(conn);
+			admin_close(conn);
 			if (!rc) {
 				pr_info("session %llu: role %s dropped (target %s)",
 					(unsigned long long)c->session, c->principal, j->ep.target);
@@ -873,7 +898,7 @@ out:
 	}
 	PQfreemem(id);
 	PQfreemem(lit_ts);
-	PQfinish(conn);
+	admin_close(conn);
 }
 
 static void read_static(struct ag_cred *c)
@@ -1090,7 +1115,7 @@ static void *sweep_main(void *arg)
 out:
 	PQclear(res);
 	if (conn)
-		PQfinish(conn);
+		admin_close(conn);
 	free(j);
 	thread_done();
 	return NULL;

@@ -783,6 +783,7 @@ static void subtest_sweep_spares_busy(struct th_pg_gate *g)
 	if (!ASSERT_OK(th_pg_admin(&g->pg, "CREATE ROLE agentgate_s999997_busy LOGIN;", NULL, 0),
 		       "a busy role"))
 		return;
+	fflush(NULL);
 	pid = fork();
 	if (pid == 0) {
 		int null = open("/dev/null", O_WRONLY);
@@ -883,6 +884,32 @@ out:
 	ASSERT_EQ(psql_nopw(g, "SELECT 1;"), 0, "and it works again");
 }
 
+/* Sessions at once: each its own role (admin connections queue, daemon-wide), all dropped. */
+static void subtest_parallel(struct th_pg_gate *g)
+{
+	enum { N = 12 };
+	pid_t pids[N];
+	int ok = 0;
+
+	fflush(NULL); /* nothing buffered to be written twice by the children */
+	for (int i = 0; i < N; i++) {
+		pids[i] = fork();
+		if (pids[i] == 0)
+			_exit(psql_nopw(g, "SELECT current_user, pg_sleep(0.3);") ||
+			      strncmp(out, "agentgate_s", 11));
+	}
+	for (int i = 0; i < N; i++) {
+		int st = -1;
+
+		if (pids[i] > 0 && waitpid(pids[i], &st, 0) == pids[i] && WIFEXITED(st) &&
+		    !WEXITSTATUS(st))
+			ok++;
+	}
+	ASSERT_EQ(ok, N, "every session logged in as a minted role");
+	ASSERT_TRUE(roles_gone(g, "agentgate\\_s%", 90), "every role dropped");
+	ASSERT_TRUE(th_pg_gate_alive(g), "daemon alive");
+}
+
 /* The agent hangs up while its role is being minted: nothing is left behind. */
 static void subtest_agent_leaves_during_mint(struct th_pg_gate *g)
 {
@@ -949,6 +976,8 @@ void test_cred_pg(void)
 		subtest_agent_leaves_during_mint(&g);
 	if (test__start_subtest("crash_then_sweep"))
 		subtest_crash_then_sweep(&g);
+	if (test__start_subtest("parallel_sessions"))
+		subtest_parallel(&g);
 	if (test__start_subtest("admin_follows_target_tls"))
 		subtest_admin_follows_tls(&g);
 	if (test__start_subtest("secrets_absent")) {
