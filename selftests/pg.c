@@ -181,6 +181,17 @@ static int exec_full(const char *rel, uid_t as_uid, gid_t as_gid, char *const ar
 	return WEXITSTATUS(status);
 }
 
+int th_pg_exec_nopw(const char *rel, char *const argv[], const char *in, char *out,
+		    size_t outlen, char *err, size_t errlen, int timeout_ms)
+{
+	/* putenv() of a bare name removes it: whatever the runner's environment held. */
+	static char pw[] = "PGPASSWORD", pf[] = "PGPASSFILE=/nonexistent", tz[] = "PGTZ=UTC",
+		    ct[] = "PGCONNECT_TIMEOUT=10";
+	char *const env[] = { pw, pf, tz, ct, NULL };
+
+	return exec_full(rel, 0, 0, argv, env, in, out, outlen, err, errlen, timeout_ms);
+}
+
 int th_pg_exec(const char *rel, char *const argv[], const char *in, char *out, size_t outlen,
 	       char *err, size_t errlen, int timeout_ms)
 {
@@ -303,8 +314,9 @@ int th_pg_set_auth(struct th_pg *pg, const char *auth)
 	snprintf(hba, sizeof(hba),
 		 "local all all trust\n"
 		 "host all postgres 127.0.0.0/8 trust\n"
-		 "%s all %s 127.0.0.0/8 %s\n",
-		 pg->ssl ? "hostssl" : "host", TH_PG_USER, auth);
+		 "%s all %s 127.0.0.0/8 %s\n"
+		 "%s all all 127.0.0.0/8 %s\n",
+		 pg->ssl ? "hostssl" : "host", TH_PG_USER, auth, pg->ssl ? "hostssl" : "host", auth);
 	rc = write_file(path, hba, false);
 	if (rc)
 		return rc;
@@ -382,6 +394,33 @@ int th_pg_set_ssl(struct th_pg *pg, const char *cert, const char *key)
 	return th_pg_set_auth(pg, pg->auth);
 }
 
+int th_pg_admin_role(const struct th_pg *pg, const char *role, const char *password,
+		     const char *encryption, const char *secret_path)
+{
+	char sql[512], text[512];
+	int fd, n, rc;
+
+	snprintf(sql, sizeof(sql),
+		 "SET password_encryption = '%s';\n"
+		 "CREATE ROLE %s LOGIN CREATEROLE PASSWORD '%s';\n"
+		 "GRANT pg_signal_backend TO %s;\n"
+		 "ALTER ROLE %s SET password_encryption = '%s';\n",
+		 encryption, role, password, role, role, encryption);
+	rc = th_pg_admin(pg, sql, NULL, 0);
+	if (rc)
+		return rc > 0 ? -EIO : rc;
+	n = snprintf(text, sizeof(text), "# the gateway's admin for the test server\n"
+		     "user=%s password='%s' dbname=%s\n", role, password, TH_PG_DB);
+	fd = open(secret_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return -errno;
+	rc = write(fd, text, n) == n ? 0 : -EIO;
+	if (!rc && fchmod(fd, 0600))
+		rc = -errno;
+	close(fd);
+	return rc;
+}
+
 static const char setup_sql[] =
 	"CREATE TABLE users (id int PRIMARY KEY, email text, ssn text, card text, phone text,\n"
 	"                    note text);\n"
@@ -454,6 +493,7 @@ int th_pg_start(struct th_pg *pg, const char *addr, const char *auth)
 		 "synchronous_commit = off\n"
 		 "full_page_writes = off\n"
 		 "log_min_messages = warning\n"
+		 "password_encryption = 'scram-sha-256'\n"
 		 "log_min_error_statement = error\n",
 		 addr, pg->port, pg->dir);
 	snprintf(path, sizeof(path), "%s/postgresql.conf", pg->data);
@@ -881,13 +921,14 @@ static int gate_policy(struct th_pg_gate *g, const char *mode, const char *rules
 			 "  - name: db\n"
 			 "    protocol: postgres\n"
 			 "    address: %s:%d\n"
+			 "%s"
 			 "rules:\n"
 			 "  - agent: t\n"
 			 "    target: db\n"
 			 "%s"
 			 "default: deny\n",
 			 g->tagged, mode ? mode : "enforce", g->tagged2, g->pg.addr, g->pg.port,
-			 rules);
+			 g->target_extra, rules);
 
 	return n < 0 || (size_t)n >= sizeof(g->policy) ? -ENOSPC : 0;
 }
@@ -895,11 +936,19 @@ static int gate_policy(struct th_pg_gate *g, const char *mode, const char *rules
 int th_pg_gate_start(struct th_pg_gate *g, const char *addr, const char *auth, const char *mode,
 		     const char *rules)
 {
+	return th_pg_gate_start_ext(g, addr, auth, mode, rules, NULL, NULL, NULL);
+}
+
+int th_pg_gate_start_ext(struct th_pg_gate *g, const char *addr, const char *auth,
+			 const char *mode, const char *rules, const char *target_extra,
+			 int (*before_daemon)(struct th_pg_gate *g, void *arg), void *arg)
+{
 	static int n;
 	char name[64], sub[300];
 	int rc;
 
 	memset(g, 0, sizeof(*g));
+	snprintf(g->target_extra, sizeof(g->target_extra), "%s", target_extra ? target_extra : "");
 	snprintf(name, sizeof(name), "pgt%d", n++);
 	rc = th_cgroup_create(name, g->tagged, sizeof(g->tagged));
 	if (rc)
@@ -911,6 +960,11 @@ int th_pg_gate_start(struct th_pg_gate *g, const char *addr, const char *auth, c
 	rc = th_pg_start(&g->pg, addr, auth);
 	if (rc)
 		return rc;
+	if (before_daemon) {
+		rc = before_daemon(g, arg);
+		if (rc)
+			return rc;
+	}
 	rc = gate_policy(g, mode, rules);
 	if (rc)
 		return rc;

@@ -61,6 +61,16 @@ void th_pg_conninfo(const struct th_pg *pg, char *buf, size_t len, const char *e
  */
 int th_pg_exec(const char *rel, char *const argv[], const char *in, char *out, size_t outlen,
 	       char *err, size_t errlen, int timeout_ms);
+/* th_pg_exec() without a password: PGPASSWORD unset, no password file. */
+int th_pg_exec_nopw(const char *rel, char *const argv[], const char *in, char *out,
+		    size_t outlen, char *err, size_t errlen, int timeout_ms);
+/*
+ * An admin role for the gateway's credentials (LOGIN CREATEROLE, pg_signal_backend), its
+ * password stored with encryption (scram-sha-256 | md5, also what it hashes new roles with),
+ * and a libpq-style secret file for it at secret_path (mode 0600). 0 or -errno.
+ */
+int th_pg_admin_role(const struct th_pg *pg, const char *role, const char *password,
+		     const char *encryption, const char *secret_path);
 /* psql -X -A -t -q -v ON_ERROR_STOP=1 with sql on stdin (-c not used: \copy works). */
 int th_pg_psql(const struct th_pg *pg, const char *rel, const char *sql, char *out, size_t outlen,
 	       char *err, size_t errlen);
@@ -117,6 +127,7 @@ struct th_pg_gate {
 	char tagged[256];
 	char tagged2[256]; /* agent "u" (below tagged): no rules, every statement denied */
 	char policy[16384];
+	char target_extra[1024]; /* YAML lines added to target "db" (a credential:) */
 };
 
 /*
@@ -128,6 +139,13 @@ struct th_pg_gate {
  */
 int th_pg_gate_start(struct th_pg_gate *g, const char *addr, const char *auth, const char *mode,
 		     const char *rules);
+/*
+ * th_pg_gate_start() with YAML lines for target "db" (target_extra, indented by four spaces;
+ * NULL: none) and a hook run after PostgreSQL is up and before the daemon starts (NULL: none).
+ */
+int th_pg_gate_start_ext(struct th_pg_gate *g, const char *addr, const char *auth,
+			 const char *mode, const char *rules, const char *target_extra,
+			 int (*before_daemon)(struct th_pg_gate *g, void *arg), void *arg);
 /* Rewrites the policy with other rules and reloads the daemon (waits for it to apply). */
 int th_pg_gate_rules(struct th_pg_gate *g, const char *mode, const char *rules);
 void th_pg_gate_cleanup(struct th_pg_gate *g);

@@ -21,6 +21,7 @@
 #include "agentgate.h"
 #include "bpf_loader.h"
 #include "cgroup.h"
+#include "cred.h"
 #include "ctl.h"
 #include "daemon.h"
 #include "log.h"
@@ -365,6 +366,16 @@ int main(int argc, char **argv)
 		pr_err("%s", err);
 		return 1;
 	}
+	{
+		char warn[1024];
+
+		if (ag_cred_check_policy(pol, err, sizeof(err), warn, sizeof(warn))) {
+			pr_err("%s", err);
+			goto out_policy;
+		}
+		if (warn[0])
+			pr_warn("%s", warn);
+	}
 	if (ag_cgroup2_root(d->cg_root, sizeof(d->cg_root))) {
 		pr_err("no cgroup2 filesystem mounted (none in /proc/mounts): agentgate needs "
 		       "cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup/unified)");
@@ -491,6 +502,7 @@ int main(int argc, char **argv)
 			"cgroup(s), policy %s, fast path %s, control %s",
 			AG_VERSION, d->opts.port, d->opts.port, d->ntags, r->p->path,
 			d->fastpath ? "on" : "off", d->opts.socket);
+		ag_cred_sweep(r->p);
 		ag_policy_put(r);
 	}
 	rc = ag_loop_run(d->loop, 200, main_tick, d);
@@ -501,6 +513,7 @@ int main(int argc, char **argv)
 
 out_workers:
 	ag_workers_stop(d);
+	ag_cred_shutdown(10000);
 	ag_daemon_seq_fini(d);
 	if (d->sig_io.loop) {
 		ag_loop_del(&d->sig_io);

@@ -19,6 +19,7 @@
 #include "approval.h"
 #include "bpf_loader.h"
 #include "buf.h"
+#include "cred.h"
 #include "ctl.h"
 #include "daemon.h"
 #include "jsonw.h"
@@ -100,6 +101,9 @@ static Agentgate__Ctl__Session *session_pb(const struct ag_session *s)
 	m->pending_approvals = s->pending_approvals;
 	m->fastpath = s->fastpath;
 	m->reason = xstrdup(s->reason);
+	m->db_user = xstrdup(s->db_user);
+	m->database = xstrdup(s->database);
+	m->credential = xstrdup(s->credential);
 	return m;
 }
 
@@ -114,7 +118,44 @@ static void session_pb_free(Agentgate__Ctl__Session *m)
 	free(m->upstream);
 	free(m->state);
 	free(m->reason);
+	free(m->db_user);
+	free(m->database);
+	free(m->credential);
 	free(m);
+}
+
+/* agctl cred list: the live credentials, without a secret (cred.c never hands one out). */
+struct cred_acc {
+	Agentgate__Ctl__Response *r;
+	size_t cap;
+};
+
+static void cred_one(const struct ag_cred_info *ci, void *arg)
+{
+	struct cred_acc *a = arg;
+	Agentgate__Ctl__Credential *m;
+
+	if (a->r->n_credentials == a->cap) {
+		size_t cap = a->cap ? 2 * a->cap : 16;
+		void *p = realloc(a->r->credentials, cap * sizeof(*a->r->credentials));
+
+		if (!p)
+			return;
+		a->r->credentials = p;
+		a->cap = cap;
+	}
+	m = calloc(1, sizeof(*m));
+	if (!m)
+		return;
+	agentgate__ctl__credential__init(m);
+	m->session = ci->session;
+	m->target = xstrdup(ci->target);
+	m->provider = xstrdup(ci->provider);
+	m->principal = xstrdup(ci->principal);
+	m->issued_at_ns = ci->issued_ns;
+	m->expires_at_ns = ci->expires_ns;
+	m->state = xstrdup(ci->state);
+	a->r->credentials[a->r->n_credentials++] = m;
 }
 
 static void do_sessions(struct ag_daemon *d, Agentgate__Ctl__Response *r, bool one, uint64_t id)
@@ -456,6 +497,12 @@ static void handle(struct ctl_client *c, const Agentgate__Ctl__Request *req,
 		if (!ag_daemon_reload(d, err, sizeof(err)))
 			snprintf(msg, sizeof(msg), "policy %s reloaded", d->opts.config);
 		break;
+	case AGENTGATE__CTL__REQUEST__CMD_CRED_LIST: {
+		struct cred_acc a = { .r = r };
+
+		ag_cred_list(cred_one, &a);
+		break;
+	}
 	case AGENTGATE__CTL__REQUEST__CMD_PROG_DETACH:
 		if (!ag_daemon_detach_all(d, err, sizeof(err)))
 			snprintf(msg, sizeof(msg), "detached every link and removed every pin under "
@@ -479,6 +526,14 @@ static void response_free(Agentgate__Ctl__Response *r)
 	for (size_t i = 0; i < r->n_sessions; i++)
 		session_pb_free(r->sessions[i]);
 	free(r->sessions);
+	for (size_t i = 0; i < r->n_credentials; i++) {
+		free(r->credentials[i]->target);
+		free(r->credentials[i]->provider);
+		free(r->credentials[i]->principal);
+		free(r->credentials[i]->state);
+		free(r->credentials[i]);
+	}
+	free(r->credentials);
 	for (size_t i = 0; i < r->n_cgroups; i++) {
 		free(r->cgroups[i]->path);
 		free(r->cgroups[i]->agent);

@@ -12,6 +12,7 @@
 
 #include "bpf_loader.h"
 #include "cgroup.h"
+#include "cred.h"
 #include "daemon.h"
 #include "log.h"
 #include "pins.h"
@@ -256,8 +257,9 @@ int ag_daemon_reload(struct ag_daemon *d, char *err, size_t errlen)
 	struct ag_policy *p = ag_policy_load(d->opts.config, err, errlen);
 	int rc;
 
-	if (!p) {
+	if (!p || ag_cred_check_policy(p, err, errlen, NULL, 0)) {
 		pr_err("policy reload refused, the previous policy stays: %s", err);
+		ag_policy_free(p);
 		return -EINVAL;
 	}
 	rc = ag_daemon_set_policy(d, p, err, errlen);

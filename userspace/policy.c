@@ -884,8 +884,9 @@ static int parse_address(struct parse_ctx *c, const yaml_node_t *v, struct ag_po
 static int check_credential(struct parse_ctx *c, const yaml_node_t *v, struct ag_policy_target *t)
 {
 	static const char *const needs[] = { "admin_secret", "key_file", "secret_file" };
-	const char *prov = kv_str(t->credential, t->ncredential, "provider");
+	const char *prov = kv_str(t->credential, t->ncredential, "provider"), *ttl;
 	char hint[128];
+	uint64_t ms;
 	int idx;
 
 	if (!prov)
@@ -902,6 +903,14 @@ static int check_credential(struct parse_ctx *c, const yaml_node_t *v, struct ag
 			    t->name, ag_proto_name(t->protocol));
 	if (!ag_kv_get(t->credential, t->ncredential, needs[idx]))
 		return perr(c, v, "credential provider %s needs %s", prov, needs[idx]);
+	if (idx == 1 && !ag_kv_get(t->credential, t->ncredential, "audience"))
+		return perr(c, v,
+			    "credential provider jwt needs audience (who the token is for: the "
+			    "target checks it)");
+	ttl = kv_str(t->credential, t->ncredential, "ttl");
+	/* A credential outlives its session by at most this: short-lived is the point. */
+	if (ttl && (ag_parse_duration(ttl, &ms) || ms > 24 * 3600 * 1000ULL || ms < 1000))
+		return perr(c, v, "credential ttl %s is out of range (1s to 24h)", ttl);
 	return 0;
 }
 

@@ -37,11 +37,15 @@
 #include <unistd.h>
 
 #include "approval.h"
+#include <openssl/crypto.h>
+
+#include "cred.h"
 #include "daemon.h"
 #include "log.h"
 #include "mask.h"
 #include "pgmask.h"
 #include "pgwire.h"
+#include "pg_login.h"
 #include "proto.h"
 #include "proto_pg.h"
 #include "session.h"
@@ -160,7 +164,8 @@ struct pg_portal {
 	struct pg_shape *shape; /* described (masking only) */
 };
 
-enum pg_phase { PH_STARTUP = 0, PH_AUTH, PH_READY, PH_CANCEL };
+/* PH_LOGIN: the gateway logs in upstream with a credential of its own (pg_login.c). */
+enum pg_phase { PH_STARTUP = 0, PH_LOGIN, PH_AUTH, PH_READY, PH_CANCEL };
 
 struct pg {
 	enum pg_phase phase;
@@ -171,6 +176,9 @@ struct pg {
 	bool key_registered;
 	int negotiations; /* SSLRequest/GSSENCRequest answered */
 	bool up_tls_wait; /* our SSLRequest is upstream: its 'S' or 'N' comes first */
+	struct pg_login *login; /* the target has a credential: the gateway's own login */
+	uint8_t *startup;	/* the agent's startup packet, for its parameters */
+	size_t startup_len;
 
 	const struct ag_policy_rule *rule;
 	uint64_t policy_gen; /* the daemon's policy generation rule was taken from */
@@ -1542,6 +1550,9 @@ static long agent_messages(struct ag_session *s, struct fwd *f, const uint8_t *d
 				s, f, PG_SQLSTATE_PROGRAM_LIMIT,
 				"message too large (%u bytes, type 0x%02x; the limit is %zu)", mlen,
 				type, pg_max_message);
+		if (pg->phase == PH_AUTH && type == PG_F_PASSWORD && pg->login)
+			return pg_fatal(s, f, PG_SQLSTATE_PROTOCOL_VIOLATION,
+					"a password message, but the gateway asked for none");
 		if (pg->phase == PH_AUTH) {
 			if (type != PG_F_PASSWORD && type != PG_F_TERMINATE) {
 				if (!agent_type_known(type))
@@ -1749,6 +1760,104 @@ static long cancel_request(struct ag_session *s, const uint8_t *pkt)
 	return 16;
 }
 
+/* --- the gateway's own login (a target with a credential) --------------------------------------- */
+
+/* The credential is here (on the session's worker): log in upstream with it. */
+static void cred_ready(struct ag_session *s, int err, const char *sqlstate, const char *why,
+		       const struct ag_cred_login *login)
+{
+	struct pg *pg = PG(s);
+	struct ag_buf b = { 0 };
+	int rc;
+
+	if (err) {
+		pg_fatal(s, NULL, sqlstate, "no credential for target %s: %s", s->target_name, why);
+		return;
+	}
+	pg->login = calloc(1, sizeof(*pg->login));
+	if (!pg->login) {
+		pg_fatal(s, NULL, PG_SQLSTATE_INTERNAL, "out of memory");
+		return;
+	}
+	pg_login_init(pg->login, login->user, login->password);
+	if (login->has_scram)
+		pg_login_use_salted(pg->login, &login->scram);
+	rc = pg_login_startup(&b, login->user, pg->database, pg->startup, pg->startup_len);
+	free(pg->startup);
+	pg->startup = NULL;
+	if (!rc)
+		rc = ag_session_send(s, AG_SIDE_UPSTREAM, ag_buf_head(&b), ag_buf_len(&b));
+	ag_buf_free(&b);
+	if (rc)
+		pg_fatal(s, NULL, "08006", "sending the startup packet upstream: %s",
+			 strerror(-rc));
+}
+
+/*
+ * The agent is who the kernel says: its startup packet stays here, and its input waits while
+ * the credential is minted (cred.c) and the gateway logs in with it.
+ */
+static long cred_begin(struct ag_session *s, struct fwd *f, const uint8_t *pkt, size_t plen)
+{
+	struct pg *pg = PG(s);
+	int rc;
+
+	pg->startup = malloc(plen);
+	if (!pg->startup)
+		return pg_fatal(s, f, PG_SQLSTATE_INTERNAL, "out of memory");
+	memcpy(pg->startup, pkt, plen);
+	pg->startup_len = plen;
+	pg->phase = PH_LOGIN;
+	pg->stalled = true;
+	rc = ag_cred_pg_login(s, pg->user, cred_ready);
+	if (rc)
+		return pg_fatal(s, f, "28000", "no credential for target %s: %s", s->target_name,
+				strerror(-rc));
+	return plen;
+}
+
+/* A server message while the gateway logs in: answered here; AuthenticationOk goes on. */
+static int upstream_login(struct ag_session *s, struct fwd *f, const uint8_t *m, size_t off,
+			  size_t total)
+{
+	struct pg *pg = PG(s);
+	char sqlstate[6], why[256];
+	struct ag_buf reply = { 0 };
+	int rc;
+
+	if (!pg->login) {
+		pg_fatal(s, NULL, PG_SQLSTATE_PROTOCOL_VIOLATION,
+			 "the server spoke before the gateway's startup packet");
+		return -ECANCELED;
+	}
+	rc = pg_login_server_msg(pg->login, m, total, &reply, sqlstate, why, sizeof(why));
+	if (rc < 0) {
+		ag_buf_free(&reply);
+		fwd_flush(f);
+		pg_fatal(s, NULL, sqlstate, "%s", why);
+		return -ECANCELED;
+	}
+	if (ag_buf_len(&reply)) {
+		int e = ag_session_send(s, AG_SIDE_UPSTREAM, ag_buf_head(&reply),
+					ag_buf_len(&reply));
+
+		OPENSSL_cleanse(reply.data, reply.cap);
+		ag_buf_free(&reply);
+		if (e)
+			return e;
+	}
+	if (rc == PG_LOGIN_OK) {
+		pr_info("session %llu: logged in upstream as %s (%s, %s)", (unsigned long long)s->id,
+			pg->login->user, s->credential,
+			pg->login->method ? pg->login->method : "trust");
+		pg_login_fini(pg->login);
+		pg->phase = PH_AUTH;
+	}
+	if (rc == PG_LOGIN_OK || rc == PG_LOGIN_PASS)
+		fwd_keep(f, off, total);
+	return 0;
+}
+
 /* The startup packet's parameters: user, database; a replication connection is refused. */
 static long startup_message(struct ag_session *s, struct fwd *f, const uint8_t *pkt, size_t plen,
 			    size_t off)
@@ -1797,9 +1906,13 @@ static long startup_message(struct ag_session *s, struct fwd *f, const uint8_t *
 		sql_excerpt(pg->database, strlen(pg->database), d, sizeof(d));
 		pr_info("session %llu: postgres user %s database %s", (unsigned long long)s->id, u,
 			d);
+		copy_str(s->db_user, sizeof(s->db_user), u);
+		copy_str(s->database, sizeof(s->database), d);
 	}
 	if (pg_tls_upstream_begin(s, f) < 0)
 		return -1;
+	if (ag_cred_provider(s->target))
+		return cred_begin(s, f, pkt, plen);
 	fwd_keep(f, off, plen);
 	pg->phase = PH_AUTH;
 	return plen;
@@ -2430,8 +2543,12 @@ static long upstream_process(struct ag_session *s, const uint8_t *data, size_t l
 		}
 		if (pg->phase == PH_AUTH)
 			rc = upstream_auth(s, &f, m, off, total);
+		else if (pg->phase == PH_LOGIN)
+			rc = upstream_login(s, &f, m, off, total);
 		else
 			rc = upstream_message(s, &f, m, off, total);
+		if (rc == -ECANCELED)
+			return -1; /* the agent was told, the session has ended */
 		if (rc) {
 			fwd_flush(&f);
 			if (rc == -EIO)
@@ -2546,6 +2663,10 @@ static void pg_eof(struct ag_session *s, enum ag_side from)
 					pg->held_id);
 			return;
 		}
+		if (pg->phase == PH_LOGIN) {
+			ag_session_fail(s, false, "postgres: the agent left during the upstream login");
+			return;
+		}
 		if (pg->stalled && pg->phase != PH_STARTUP)
 			return; /* what is buffered is decided first; agent_kick() passes the FIN */
 		if (ag_buf_len(&c->in) || pg->a_pass) {
@@ -2585,6 +2706,11 @@ static void pg_fini(struct ag_session *s)
 	free(pg->cat_sql);
 	ag_masker_free(pg->masker);
 	ag_buf_free(&pg->scratch);
+	if (pg->login) {
+		pg_login_fini(pg->login);
+		free(pg->login);
+	}
+	free(pg->startup);
 	free(pg);
 	s->proto_state = NULL;
 }

@@ -27,6 +27,7 @@
 #include "approval.h"
 #include "bpf_loader.h"
 #include "cgroup.h"
+#include "cred.h"
 #include "daemon.h"
 #include "log.h"
 #include "session.h"
@@ -942,6 +943,7 @@ static void session_end(struct ag_session *s, bool reset)
 	if (s->proto && s->proto->fini)
 		s->proto->fini(s);
 	ag_approval_session_end(s->id);
+	ag_cred_session_end(s);
 	close_side(s, AG_SIDE_AGENT, reset);
 	close_side(s, AG_SIDE_UPSTREAM, reset);
 	s->ended_ns = unix_ns();

@@ -25,6 +25,7 @@ enum ag_tls_phase {
 	AG_TLS_HANDSHAKE, /* in progress, non-blocking (tls_want) */
 	AG_TLS_UP,	  /* SSL_read/SSL_write; no splice */
 };
+struct ag_cred;
 
 enum ag_session_state {
 	AG_SESS_CONNECTING = 0,
@@ -82,6 +83,12 @@ struct ag_session {
 	uint64_t bytes_up, bytes_down;
 	uint64_t statements, blocked, masked_values;
 	uint32_t pending_approvals;
+
+	/* credential injection (cred.c): what the agent asked for, and what we log in with */
+	struct ag_cred *cred; /* NULL: the target has no credential, or none was needed yet */
+	char credential[16];  /* provider, "" when none */
+	char db_user[64];     /* the user name the agent's startup packet asked for */
+	char database[64];
 };
 
 /* Queues bytes to be written to `to` (writing at once when nothing is queued). 0 or -errno. */

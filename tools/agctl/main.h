@@ -133,3 +133,4 @@ int do_prog(int argc, char **argv);
 int do_run(int argc, char **argv);
 int do_socket(int argc, char **argv);
 int do_ca(int argc, char **argv);
+int do_cred(int argc, char **argv);

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "main.h"
+#include "cred.h"
 #include "policy.h"
 #include "sql.h"
 
@@ -71,6 +72,18 @@ static int do_check(int argc, char **argv)
 		/* The parser's line already names FILE:LINE:COL. */
 		p_err("%s", err[0] ? err : "policy refused");
 		return -1;
+	}
+	{
+		/* Secret and key files: what the daemon would refuse (owner, mode). */
+		char warn[1024];
+
+		if (ag_cred_check_policy(p, err, sizeof(err), warn, sizeof(warn))) {
+			p_err("%s", err);
+			ag_policy_free(p);
+			return -1;
+		}
+		if (warn[0])
+			fprintf(stderr, "Warning: %s\n", warn);
 	}
 	if (json_output) {
 		jsonw_start_object(json_wtr);

@@ -11,6 +11,14 @@
 
 #include "main.h"
 
+static void str_or_null(struct jsonw *w, const char *name, const char *v)
+{
+	if (v && v[0])
+		jsonw_string_field(w, name, v);
+	else
+		jsonw_null_field(w, name);
+}
+
 static void session_json(const Agentgate__Ctl__Session *s)
 {
 	jsonw_start_object(json_wtr);
@@ -45,6 +53,10 @@ static void session_json(const Agentgate__Ctl__Session *s)
 		jsonw_string_field(json_wtr, "reason", s->reason);
 	else
 		jsonw_null_field(json_wtr, "reason");
+	/* postgres: what the agent asked for; the credential injected upstream (its provider). */
+	str_or_null(json_wtr, "db_user", s->db_user);
+	str_or_null(json_wtr, "database", s->database);
+	str_or_null(json_wtr, "credential", s->credential);
 	jsonw_end_object(json_wtr);
 }
 
@@ -103,6 +115,11 @@ static void session_plain(const Agentgate__Ctl__Session *s)
 	printf("masked_values: %" PRIu64 "\n", s->masked_values);
 	printf("pending_approvals: %u\n", s->pending_approvals);
 	printf("fastpath: %s\n", s->fastpath ? "yes" : "no");
+	if (s->db_user && s->db_user[0])
+		printf("db_user: %s\n", s->db_user);
+	if (s->database && s->database[0])
+		printf("database: %s\n", s->database);
+	printf("credential: %s\n", or_dash(s->credential));
 }
 
 static int list_all(void)
