@@ -99,13 +99,14 @@ int ag_k8s_parse(const char *method, const char *target, size_t len, struct ag_k
 		p = s ? s + 1 : end;
 	}
 #define IS(k, lit) (plen[k] == sizeof(lit) - 1 && !memcmp(parts[k], lit, sizeof(lit) - 1))
-	if (n < 2 || !(IS(0, "api") || IS(0, "apis")))
+	/* fewer than 3 parts (/api/v1), or 4 for a named group: discovery, not a resource */
+	if (n < 3 || !(IS(0, "api") || IS(0, "apis")))
 		return 0;
 	if (IS(0, "api")) {
 		copy(r->version, sizeof(r->version), parts[1], plen[1]);
 		i = 2;
 	} else {
-		if (n < 3)
+		if (n < 4)
 			return 0;
 		copy(r->group, sizeof(r->group), parts[1], plen[1]);
 		copy(r->version, sizeof(r->version), parts[2], plen[2]);

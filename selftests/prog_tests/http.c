@@ -1,0 +1,293 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * protocol: http end to end, curl and raw sockets from a tagged cgroup against a local API
+ * server: allowed reads, refusals (403 JSON, the connection still usable), the default deny,
+ * pipelined requests answered in order (our refusals in their turn), chunked request bodies,
+ * Expect: 100-continue (allowed: the server's 100 passes; refused: 403 and close), HEAD and
+ * 204 without bodies, the agent's Authorization dropped and the gateway's credential sent in
+ * its place, JSON bodies masked (plain and gzip) and counted on the session.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../http.h"
+#include "../test_progs.h"
+
+#define HTTP_RULES                                                                                 \
+	"    http:\n"                                                                              \
+	"      - { name: no-admin, when: { path: [\"/admin/*\"] }, then: deny }\n"                 \
+	"      - { name: reads, when: { method: [GET, HEAD] }, then: allow }\n"                    \
+	"      - { name: echo-writes, when: { method: [POST, PUT], path: [\"/echo*\"] },"          \
+	" then: allow }\n"                                                                         \
+	"    mask:\n"                                                                              \
+	"      keys: [card]\n"                                                                     \
+	"      detectors: [email, credit-card]\n"                                                  \
+	"      style: redact\n"
+
+static char out[256 * 1024], buf[256 * 1024];
+
+static void subtest_get_allowed(struct th_http_gate *g)
+{
+	if (!ASSERT_OK(th_http_curl(g, out, sizeof(out), "/version", NULL), "curl"))
+		return;
+	ASSERT_HAS_SUBSTR(out, "\"gitVersion\":\"v1.29.0\"", "the server's answer");
+}
+
+static void subtest_denied_403_json(struct th_http_gate *g)
+{
+	if (!ASSERT_OK(th_http_curl(g, out, sizeof(out), "/admin/users", "-i", NULL), "curl"))
+		return;
+	ASSERT_HAS_SUBSTR(out, "HTTP/1.1 403 Forbidden", "403");
+	ASSERT_HAS_SUBSTR(out, "Content-Type: application/json", "json");
+	ASSERT_HAS_SUBSTR(out, "\"message\":\"agentgate: blocked by rule no-admin\"", "rule named");
+	ASSERT_OK(th_http_srvlog(g, buf, sizeof(buf)), "server log");
+	ASSERT_FALSE(strstr(buf, "/admin"), "the refused request never reached the server");
+}
+
+static void subtest_default_deny(struct th_http_gate *g)
+{
+	if (!ASSERT_OK(th_http_curl(g, out, sizeof(out), "/echo", "-i", "-X", "DELETE", NULL),
+		       "curl"))
+		return;
+	ASSERT_HAS_SUBSTR(out, "HTTP/1.1 403", "403");
+	ASSERT_HAS_SUBSTR(out, "no rule allows this request", "default deny named");
+}
+
+/* A refusal leaves the connection usable: the next request on it is answered. */
+static void subtest_keepalive_after_deny(struct th_http_gate *g)
+{
+	static const char req[] = "GET /admin/a HTTP/1.1\r\nHost: x\r\n\r\n"
+				  "GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+	bool closed;
+	char *a, *b;
+
+	ASSERT_GT(th_http_raw(g, req, sizeof(req) - 1, out, sizeof(out), 15000, &closed), 0, "raw");
+	a = strstr(out, "HTTP/1.1 403");
+	b = strstr(out, "HTTP/1.1 200");
+	ASSERT_TRUE(a && b && a < b, "403, then 200 on the same connection");
+	ASSERT_TRUE(closed, "closed after Connection: close");
+}
+
+/* Pipelined requests: answers in the order asked, our 403 in its turn. */
+static void subtest_pipelined_in_order(struct th_http_gate *g)
+{
+	static const char req[] = "GET /echo/first HTTP/1.1\r\nHost: x\r\n\r\n"
+				  "GET /admin/second HTTP/1.1\r\nHost: x\r\n\r\n"
+				  "POST /echo/third HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+				  "GET /echo/fourth HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+	char *p1, *p2, *p3, *p4;
+	bool closed;
+
+	ASSERT_GT(th_http_raw(g, req, sizeof(req) - 1, out, sizeof(out), 15000, &closed), 0, "raw");
+	p1 = strstr(out, "/echo/first");
+	p2 = strstr(out, "blocked by rule no-admin");
+	p3 = strstr(out, "/echo/third");
+	p4 = strstr(out, "/echo/fourth");
+	if (!ASSERT_TRUE(p1 && p2 && p3 && p4, "four answers"))
+		printf("%s\n", out);
+	else
+		ASSERT_TRUE(p1 < p2 && p2 < p3 && p3 < p4, "in the order asked");
+	ASSERT_HAS_SUBSTR(out, "\"body_len\":5", "the body of the third");
+	ASSERT_TRUE(closed, "closed after the last");
+}
+
+static int write_blob(const char *path, size_t n)
+{
+	FILE *f = fopen(path, "w");
+
+	if (!f)
+		return -errno;
+	for (size_t i = 0; i < n; i++)
+		fputc('a' + i % 26, f);
+	return fclose(f);
+}
+
+static void subtest_chunked_request_body(struct th_http_gate *g)
+{
+	char file[256], at[260];
+
+	snprintf(file, sizeof(file), "%s/blob", g->dir);
+	snprintf(at, sizeof(at), "@%s", file);
+	if (!ASSERT_OK(write_blob(file, 300000), "blob"))
+		return;
+	chmod(g->dir, 0755);
+	if (!ASSERT_OK(th_http_curl(g, out, sizeof(out), "/echo", "-H",
+				    "Transfer-Encoding: chunked", "--data-binary", at, NULL),
+		       "curl"))
+		return;
+	ASSERT_HAS_SUBSTR(out, "\"body_len\":300000", "the whole body, re-chunked");
+}
+
+static void subtest_expect_100_continue(struct th_http_gate *g)
+{
+	static const char head[] = "PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n"
+				   "Expect: 100-continue\r\nConnection: close\r\n\r\n";
+	char file[256], at[260];
+	bool closed;
+	ssize_t n;
+	int fd;
+
+	snprintf(file, sizeof(file), "%s/blob2", g->dir);
+	snprintf(at, sizeof(at), "@%s", file);
+	if (!ASSERT_OK(write_blob(file, 2000000), "blob"))
+		return;
+	chmod(g->dir, 0755);
+	if (ASSERT_OK(th_http_curl(g, out, sizeof(out), "/echo", "-H", "Expect: 100-continue",
+				   "--data-binary", at, NULL),
+		      "curl"))
+		ASSERT_HAS_SUBSTR(out, "\"body_len\":2000000", "curl's body after 100");
+	/* raw: the server's 100 Continue reaches us before we send the body */
+	fd = th_http_connect(g);
+	if (!ASSERT_GE(fd, 0, "connect"))
+		return;
+	th_send_all(fd, head, sizeof(head) - 1, 5000);
+	n = th_http_read_until(fd, out, sizeof(out), "\r\n\r\n", 15000, &closed);
+	if (ASSERT_GT(n, 0, "interim answer"))
+		ASSERT_HAS_SUBSTR(out, "HTTP/1.1 100 Continue", "100 before the body");
+	th_send_all(fd, "hello world", 11, 5000);
+	n = th_http_read_until(fd, out, sizeof(out), NULL, 15000, &closed);
+	ASSERT_HAS_SUBSTR(out, "\"body_len\":11", "the body after 100");
+	close(fd);
+}
+
+/* Refused with the body not sent (Expect): 403 and the connection closed, framing unknown. */
+static void subtest_expect_refused_closes(struct th_http_gate *g)
+{
+	static const char req[] = "PUT /admin/x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+				  "Expect: 100-continue\r\n\r\n";
+	bool closed;
+
+	th_http_raw(g, req, sizeof(req) - 1, out, sizeof(out), 15000, &closed);
+	ASSERT_HAS_SUBSTR(out, "HTTP/1.1 403", "403");
+	ASSERT_FALSE(strstr(out, "100 Continue"), "no 100 for a refused request");
+	ASSERT_HAS_SUBSTR(out, "Connection: close", "says it closes");
+	ASSERT_TRUE(closed, "closed");
+}
+
+static void subtest_head_and_204(struct th_http_gate *g)
+{
+	static const char req[] = "HEAD /plain HTTP/1.1\r\nHost: x\r\n\r\n"
+				  "GET /nocontent HTTP/1.1\r\nHost: x\r\n\r\n"
+				  "GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+	bool closed;
+	char *a;
+
+	ASSERT_GT(th_http_raw(g, req, sizeof(req) - 1, out, sizeof(out), 15000, &closed), 0, "raw");
+	a = strstr(out, "plain text body");
+	ASSERT_TRUE(a && !strstr(a + 1, "plain text body"), "one body: HEAD's has none");
+	ASSERT_HAS_SUBSTR(out, "HTTP/1.1 204", "204 passed");
+	ASSERT_TRUE(closed, "closed after the last");
+}
+
+/* The agent's Authorization never reaches the server; the gateway's credential does. */
+static void subtest_authorization_replaced(struct th_http_gate *g)
+{
+	char slog[512];
+	int fd;
+	ssize_t n;
+
+	if (!ASSERT_OK(th_http_curl(g, out, sizeof(out), "/echo", "-H",
+				    "Authorization: Bearer agent-secret-token", NULL),
+		       "curl"))
+		return;
+	ASSERT_HAS_SUBSTR(out, "\"authorization\":\"Bearer gateway-minted-token\"",
+			  "the gateway's credential");
+	ASSERT_OK(th_http_srvlog(g, buf, sizeof(buf)), "server log");
+	ASSERT_FALSE(strstr(buf, "agent-secret-token"), "the agent's token never arrived");
+	snprintf(slog, sizeof(slog), "%s/sessions.log", g->d.state_dir);
+	fd = open(slog, O_RDONLY | O_CLOEXEC);
+	if (!ASSERT_GE(fd, 0, "sessions.log"))
+		return;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	buf[n > 0 ? n : 0] = '\0';
+	ASSERT_HAS_SUBSTR(buf, "\"what\":\"authorization_dropped\"", "noted in the session log");
+	ASSERT_FALSE(strstr(buf, "agent-secret-token"), "the token is not logged");
+}
+
+static void subtest_gzip_json_masked(struct th_http_gate *g)
+{
+	if (!ASSERT_OK(th_http_curl(g, out, sizeof(out), "/gzip", "-i", NULL), "curl"))
+		return;
+	ASSERT_FALSE(strstr(out, "alice@example.com"), "email masked");
+	ASSERT_FALSE(strstr(out, "4111 1111"), "card masked by key");
+	ASSERT_FALSE(strstr(out, "Content-Encoding: gzip"), "sent on as identity");
+	ASSERT_HAS_SUBSTR(out, "Transfer-Encoding: chunked", "re-framed");
+	ASSERT_HAS_SUBSTR(out, "\"name\":\"alice\"", "the rest as it was");
+	ASSERT_HAS_SUBSTR(out, "[REDACTED", "redacted");
+	/* and with curl asking for gzip itself */
+	if (ASSERT_OK(th_http_curl(g, out, sizeof(out), "/gzip", "--compressed", NULL), "curl"))
+		ASSERT_FALSE(strstr(out, "bob@example.org"), "email masked (--compressed)");
+}
+
+static void subtest_masked_counted(struct th_http_gate *g)
+{
+	static const char req[] = "GET /gzip HTTP/1.1\r\nHost: x\r\n\r\n";
+	long long st = -1, bl = -1, mv = -1;
+	bool closed;
+	int fd = th_http_connect(g);
+
+	if (!ASSERT_GE(fd, 0, "connect"))
+		return;
+	th_send_all(fd, req, sizeof(req) - 1, 5000);
+	th_http_read_until(fd, out, sizeof(out), "0\r\n\r\n", 15000, &closed);
+	ASSERT_OK(th_http_counters(g, -1, &st, &bl, &mv), "session list");
+	ASSERT_EQ(st, 1, "one request");
+	ASSERT_GE(mv, 3, "masked values counted");
+	close(fd);
+}
+
+void test_http(void)
+{
+	static const char cred_fmt[] = "    credential: { provider: static, secret_file: %s }\n";
+	struct th_http_gate g;
+	char extra[512], secret[256];
+	int fd;
+
+	memset(&g, 0, sizeof(g));
+	snprintf(secret, sizeof(secret), "/tmp/agentgate-http-cred-%d", getpid());
+	fd = open(secret, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0 || write(fd, "token=gateway-minted-token\n", 27) != 27) {
+		test__skip("cannot write the credential file");
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	close(fd);
+	snprintf(extra, sizeof(extra), cred_fmt, secret);
+	if (!ASSERT_OK(th_http_gate_start(&g, "127.0.0.61", false, extra, HTTP_RULES), "gate"))
+		goto out;
+	if (test__start_subtest("get_allowed"))
+		subtest_get_allowed(&g);
+	if (test__start_subtest("denied_403_json"))
+		subtest_denied_403_json(&g);
+	if (test__start_subtest("default_deny"))
+		subtest_default_deny(&g);
+	if (test__start_subtest("keepalive_after_deny"))
+		subtest_keepalive_after_deny(&g);
+	if (test__start_subtest("pipelined_in_order"))
+		subtest_pipelined_in_order(&g);
+	if (test__start_subtest("chunked_request_body"))
+		subtest_chunked_request_body(&g);
+	if (test__start_subtest("expect_100_continue"))
+		subtest_expect_100_continue(&g);
+	if (test__start_subtest("expect_refused_closes"))
+		subtest_expect_refused_closes(&g);
+	if (test__start_subtest("head_and_204_without_body"))
+		subtest_head_and_204(&g);
+	if (test__start_subtest("authorization_replaced"))
+		subtest_authorization_replaced(&g);
+	if (test__start_subtest("gzip_json_masked"))
+		subtest_gzip_json_masked(&g);
+	if (test__start_subtest("masked_values_counted"))
+		subtest_masked_counted(&g);
+	ASSERT_TRUE(th_http_alive(&g), "daemon alive at the end");
+out:
+	th_http_gate_cleanup(&g);
+	unlink(secret);
+}
