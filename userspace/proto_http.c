@@ -114,6 +114,7 @@ struct http {
 	bool secrets_unmasked; /* mask: { secrets: unmasked } */
 	char cred[4096];       /* the Authorization value the gateway injects ("" none) */
 	bool agent_eof;
+	uint64_t policy_gen;
 };
 
 static inline struct http *H(struct ag_session *s)
@@ -169,6 +170,8 @@ static int out_flush(struct ag_session *s)
 	}
 	return 0;
 }
+
+static int policy_refresh(struct ag_session *s);
 
 /* --- hooks for the credential and approval modules ---------------------------------------- */
 
@@ -897,6 +900,12 @@ static long agent_process(struct ag_session *s, const uint8_t *data, size_t len)
 			}
 			if (h->hdr_overflow)
 				return bad_request(s, "too many header fields");
+			rc = policy_refresh(s);
+			if (rc) {
+				ag_session_fail(s, false, "http: the policy was reloaded and %s",
+						rc == -ESRCH ? "the target is gone" : strerror(-rc));
+				return -1;
+			}
 			if (!h->url || h->in_head)
 				return bad_request(s, "incomplete header block");
 			off += hlen;
@@ -1368,20 +1377,10 @@ static long upstream_process(struct ag_session *s, const uint8_t *data, size_t l
 
 /* --- the handler ---------------------------------------------------------------------------- */
 
-static int http_init(struct ag_session *s)
+/* Masking as the rule says: key patterns (keys:, and columns: read as key paths), a masker. */
+static int mask_setup(struct ag_session *s, struct http *h)
 {
-	struct http *h = calloc(1, sizeof(*h));
 	const struct ag_kv *mk, *det, *style, *keys, *cols, *sec;
-
-	if (!h)
-		return -ENOMEM;
-	s->proto_state = h;
-	http_parser_init(&h->rq, HTTP_REQUEST);
-	http_parser_init(&h->rs, HTTP_RESPONSE);
-	h->rq.data = h->rs.data = s;
-	h->k8s = s->target && s->target->kubernetes;
-	h->rule = ag_http_rule_for(s->pol->p, s->agent, s->target_name);
-	http_cred_authorization(s, h->cred, sizeof(h->cred));
 
 	mk = h->rule ? h->rule->mask : NULL;
 	det = mk ? ag_kv_get(mk, h->rule->nmask, "detectors") : NULL;
@@ -1390,25 +1389,24 @@ static int http_init(struct ag_session *s)
 	cols = mk ? ag_kv_get(mk, h->rule->nmask, "columns") : NULL;
 	sec = mk ? ag_kv_get(mk, h->rule->nmask, "secrets") : NULL;
 	h->secrets_unmasked = sec && sec->value && !strcmp(sec->value, "unmasked");
-	/* key patterns: keys: and, for an http target, columns: read as JSON key paths */
 	for (int pass = 0; pass < 2; pass++) {
 		const struct ag_kv *kv = pass ? cols : keys;
 
 		for (size_t i = 0; kv && i < (kv->value ? 1 : kv->nlist); i++) {
 			char **nk = realloc(h->keys, (h->nkeys + 1) * sizeof(*nk));
 
-			if (!nk || !(nk[h->nkeys] = strdup(kv->value ? kv->value : kv->list[i]))) {
-				if (nk)
-					h->keys = nk;
+			if (!nk)
 				return -ENOMEM;
-			}
 			h->keys = nk;
+			nk[h->nkeys] = strdup(kv->value ? kv->value : kv->list[i]);
+			if (!nk[h->nkeys])
+				return -ENOMEM;
 			h->nkeys++;
 		}
 	}
 	h->mask_json = h->nkeys || (det && (det->value || det->nlist));
 	if (h->mask_json || h->k8s) {
-		/* One masker for both: the rule's style and detectors, whole values by key. */
+		/* One masker for both: the rule's style and detectors; whole values by key here. */
 		static char any[] = "*";
 		static char *anyl[] = { any };
 		struct ag_kv kv[3];
@@ -1428,6 +1426,71 @@ static int http_init(struct ag_session *s)
 		}
 	}
 	return 0;
+}
+
+static void mask_clear(struct http *h)
+{
+	for (size_t i = 0; i < h->nkeys; i++)
+		free(h->keys[i]);
+	free(h->keys);
+	h->keys = NULL;
+	h->nkeys = 0;
+	ag_masker_free(h->masker);
+	h->masker = NULL;
+	h->mask_json = h->secrets_unmasked = false;
+}
+
+/*
+ * A policy reload reaches live sessions at their next request: the new rule decides it and
+ * masks its answer. Not while a masked response is in flight (its masker is in use): then at a
+ * later request. A target gone from the policy (or no longer http) ends the session.
+ */
+static int policy_refresh(struct ag_session *s)
+{
+	struct http *h = H(s);
+	uint64_t gen = __atomic_load_n(&ag_d->policy_gen, __ATOMIC_ACQUIRE);
+	const struct ag_policy_target *t;
+	struct ag_policy_ref *r;
+
+	if (gen == h->policy_gen || h->jm)
+		return 0;
+	r = ag_policy_get(ag_d);
+	if (!r)
+		return 0;
+	t = ag_policy_target_by_name(r->p, s->target_name);
+	if (!t || t->protocol != AG_PROTO_HTTP) {
+		ag_policy_put(r);
+		return -ESRCH;
+	}
+	ag_policy_put(s->pol);
+	s->pol = r;
+	s->target = t;
+	h->policy_gen = gen;
+	h->k8s = t->kubernetes;
+	h->rule = ag_http_rule_for(r->p, s->agent, s->target_name);
+	http_cred_authorization(s, h->cred, sizeof(h->cred));
+	mask_clear(h);
+	pr_info("session %llu: policy reload applied to the live session",
+		(unsigned long long)s->id);
+	return mask_setup(s, h);
+}
+
+static int http_init(struct ag_session *s)
+{
+	struct http *h = calloc(1, sizeof(*h));
+
+	if (!h)
+		return -ENOMEM;
+	s->proto_state = h;
+	http_parser_init(&h->rq, HTTP_REQUEST);
+	http_parser_init(&h->rs, HTTP_RESPONSE);
+	h->rq.data = h->rs.data = s;
+	/* Read before the rule: a swap in between only makes the first check refresh again. */
+	h->policy_gen = __atomic_load_n(&ag_d->policy_gen, __ATOMIC_ACQUIRE);
+	h->k8s = s->target && s->target->kubernetes;
+	h->rule = ag_http_rule_for(s->pol->p, s->agent, s->target_name);
+	http_cred_authorization(s, h->cred, sizeof(h->cred));
+	return mask_setup(s, h);
 }
 
 static long http_input(struct ag_session *s, enum ag_side from, const uint8_t *data, size_t len)
@@ -1488,10 +1551,7 @@ static void http_fini(struct ag_session *s)
 	while (h->qh)
 		ent_pop(h);
 	response_end_state(h);
-	for (size_t i = 0; i < h->nkeys; i++)
-		free(h->keys[i]);
-	free(h->keys);
-	ag_masker_free(h->masker);
+	mask_clear(h);
 	ag_buf_free(&h->to[0]);
 	ag_buf_free(&h->to[1]);
 	ag_buf_free(&h->scratch);

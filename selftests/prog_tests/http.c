@@ -21,6 +21,7 @@
 #define HTTP_RULES                                                                                 \
 	"    http:\n"                                                                              \
 	"      - { name: no-admin, when: { path: [\"/admin/*\"] }, then: deny }\n"                 \
+	"      - { name: review-patch, when: { method: [PATCH] }, then: approve }\n"              \
 	"      - { name: reads, when: { method: [GET, HEAD] }, then: allow }\n"                    \
 	"      - { name: echo-writes, when: { method: [POST, PUT], path: [\"/echo*\"] },"          \
 	" then: allow }\n"                                                                         \
@@ -242,6 +243,63 @@ static void subtest_masked_counted(struct th_http_gate *g)
 	close(fd);
 }
 
+/* approve: until approvals exist, a 403 that says approval is required (never forwarded). */
+static void subtest_approve_refused_for_now(struct th_http_gate *g)
+{
+	if (!ASSERT_OK(th_http_curl(g, out, sizeof(out), "/echo/patched", "-i", "-X", "PATCH",
+				    "--data", "x=1", NULL),
+		       "curl"))
+		return;
+	ASSERT_HAS_SUBSTR(out, "HTTP/1.1 403", "403");
+	ASSERT_HAS_SUBSTR(out, "approval required by rule review-patch", "says approval is needed");
+	ASSERT_OK(th_http_srvlog(g, buf, sizeof(buf)), "server log");
+	ASSERT_FALSE(strstr(buf, "/echo/patched"), "held requests never reach the server");
+}
+
+static int reloads_logged(struct th_http_gate *g)
+{
+	int n = 0;
+
+	if (th_daemon_read_log(&g->d, buf, sizeof(buf)))
+		return -1;
+	for (const char *p = buf; (p = strstr(p, " reloaded (")); p++)
+		n++;
+	return n;
+}
+
+/* A reload reaches a live keep-alive session at its next request. */
+static void subtest_policy_reload_live(struct th_http_gate *g)
+{
+	static const char req1[] = "GET /echo/before HTTP/1.1\r\nHost: x\r\n\r\n";
+	static const char req2[] = "GET /echo/after HTTP/1.1\r\nHost: x\r\n\r\n";
+	char *pol = strdup(g->policy), *p;
+	int fd = th_http_connect(g), before = reloads_logged(g);
+	bool closed;
+
+	if (!ASSERT_GE(fd, 0, "connect") || !ASSERT_OK_PTR(pol, "policy"))
+		goto out;
+	th_send_all(fd, req1, sizeof(req1) - 1, 5000);
+	th_http_read_until(fd, out, sizeof(out), "0\r\n\r\n", 15000, &closed);
+	ASSERT_HAS_SUBSTR(out, "/echo/before", "allowed before");
+	p = strstr(pol, "path: [\"/admin/*\"]");
+	if (!ASSERT_OK_PTR(p, "rule to change"))
+		goto out;
+	memcpy(p, "path: [\"/echo/*\"] ", 18);
+	if (!ASSERT_OK(th_daemon_write_policy(&g->d, pol), "write") ||
+	    !ASSERT_OK(th_daemon_reload(&g->d), "reload"))
+		goto out;
+	for (int t = 0; t < 100 && reloads_logged(g) <= before; t++)
+		usleep(50 * 1000);
+	th_send_all(fd, req2, sizeof(req2) - 1, 5000);
+	th_http_read_until(fd, out, sizeof(out), "}\n", 15000, &closed);
+	ASSERT_HAS_SUBSTR(out, "HTTP/1.1 403", "refused after the reload, same connection");
+	ASSERT_HAS_SUBSTR(out, "blocked by rule no-admin", "by the changed rule");
+out:
+	if (fd >= 0)
+		close(fd);
+	free(pol);
+}
+
 void test_http(void)
 {
 	static const char cred_fmt[] = "    credential: { provider: static, secret_file: %s }\n";
@@ -286,7 +344,11 @@ void test_http(void)
 		subtest_gzip_json_masked(&g);
 	if (test__start_subtest("masked_values_counted"))
 		subtest_masked_counted(&g);
+	if (test__start_subtest("approve_refused_until_approvals"))
+		subtest_approve_refused_for_now(&g);
 	ASSERT_TRUE(th_http_alive(&g), "daemon alive at the end");
+	if (test__start_subtest("policy_reload_reaches_live_session"))
+		subtest_policy_reload_live(&g);
 out:
 	th_http_gate_cleanup(&g);
 	unlink(secret);
