@@ -365,3 +365,39 @@ out:
 	th_http_gate_cleanup(&g);
 	unlink(secret);
 }
+
+/* agctl policy explain --http: the attributes and the deciding rule, without a daemon. */
+void test_k8s_policy_explain(void)
+{
+	static const char pol[] =
+		"apiVersion: agentgate/v1\n"
+		"agents: [{ name: ci, cgroup: /agents.slice }]\n"
+		"targets: [{ name: kube, protocol: http, address: 127.0.0.3:6443, kubernetes: true }]\n"
+		"rules:\n"
+		"  - agent: ci\n"
+		"    target: kube\n"
+		"    http:\n"
+		"      - { name: no-exec, when: { kubernetes: { subresource: [exec] } }, then: deny }\n"
+		"      - { name: reads, when: { kubernetes: { verb: [get, list, watch] } }, then: allow }\n"
+		"default: deny\n";
+	static struct th_agctl_result r;
+	char path[] = "/tmp/agentgate-explain-XXXXXX";
+	int fd = mkstemp(path);
+
+	if (!ASSERT_GE(fd, 0, "mkstemp"))
+		return;
+	ASSERT_EQ(write(fd, pol, sizeof(pol) - 1), (ssize_t)sizeof(pol) - 1, "write");
+	close(fd);
+	TH_AGCTL(&r, "policy", "explain", path, "--agent", "ci", "--target", "kube", "--http",
+		 "POST /api/v1/namespaces/default/pods/web/exec?command=sh");
+	ASSERT_EQ(r.status, 0, "exit 0");
+	ASSERT_HAS_SUBSTR(r.out, "resource pods/exec", "attributes");
+	ASSERT_HAS_SUBSTR(r.out, "decision: deny by rule no-exec", "the deciding rule");
+	TH_AGCTL(&r, "-j", "policy", "explain", path, "--agent", "ci", "--target", "kube",
+		 "--http", "GET /api/v1/namespaces/default/secrets/db");
+	ASSERT_EQ(r.status, 0, "exit 0");
+	ASSERT_HAS_SUBSTR(r.out, "\"verb\":\"get\"", "verb");
+	ASSERT_HAS_SUBSTR(r.out, "\"decision\":\"deny\"", "secrets not covered by reads");
+	ASSERT_HAS_SUBSTR(r.out, "does not name secrets", "why");
+	unlink(path);
+}
