@@ -1351,8 +1351,6 @@ static long upstream_process(struct ag_session *s, const uint8_t *data, size_t l
 				response_done(s);
 				http_parser_init(&h->rs, HTTP_RESPONSE);
 				h->rs.data = s;
-				if (h->astate == A_HEAD && h->qn == 0 && resume_agent(s))
-					return -1;
 			} else {
 				h->ustate = U_BODY;
 			}
@@ -1372,6 +1370,14 @@ static long upstream_process(struct ag_session *s, const uint8_t *data, size_t l
 			break;
 		}
 	}
+	/*
+	 * Agent bytes left unread (a refused upgrade's followers, a pipeline that outran the
+	 * queue) are taken up once there is room again.
+	 */
+	if (h->astate == A_HEAD && h->qn < HTTP_QUEUE_MAX / 2 &&
+	    ag_buf_len(&s->side[AG_SIDE_AGENT].in) && s->state != AG_SESS_CLOSED &&
+	    resume_agent(s))
+		return -1;
 	return off;
 }
 
