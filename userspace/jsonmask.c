@@ -19,6 +19,7 @@
 
 #define JM_MAX_DEPTH 128
 #define JM_KEY_MAX 128
+#define JM_PAT_PARTS 16
 
 struct jm_frame {
 	bool map;
@@ -33,6 +34,8 @@ struct ag_jmask {
 	yajl_gen g;
 	struct jm_frame st[JM_MAX_DEPTH];
 	int depth;
+	struct jm_pat *pats;
+	size_t npats;
 	int masked;
 	int err;
 	char error[160];
@@ -44,21 +47,27 @@ static struct jm_frame *top(struct ag_jmask *j)
 	return j->depth ? &j->st[j->depth - 1] : NULL;
 }
 
-/* Does the key path (map keys from the root, arrays skipped) end with pattern's parts? */
-static bool path_matches(struct ag_jmask *j, const char *pat)
-{
-	char buf[256], *parts[16], *save = NULL;
-	int np = 0, d = j->depth - 1;
+/* A key pattern split once: "spec.*.token" → spec, *, token (literal parts compared plainly). */
+struct jm_pat {
+	char *buf;
+	char *part[JM_PAT_PARTS];
+	bool glob[JM_PAT_PARTS];
+	int n;
+};
 
-	if (strlen(pat) >= sizeof(buf))
-		return false;
-	strcpy(buf, pat);
-	for (char *t = strtok_r(buf, ".", &save); t && np < 16; t = strtok_r(NULL, ".", &save))
-		parts[np++] = t;
+/* Does the key path (map keys from the root, arrays skipped) end with the pattern's parts? */
+static bool path_matches(const struct ag_jmask *j, const struct jm_pat *pat)
+{
+	int np = pat->n, d = j->depth - 1;
+
 	while (np > 0) {
+		const char *want = pat->part[np - 1];
+
 		while (d >= 0 && !j->st[d].map)
 			d--;
-		if (d < 0 || fnmatch(parts[np - 1], j->st[d].key, 0))
+		if (d < 0)
+			return false;
+		if (pat->glob[np - 1] ? fnmatch(want, j->st[d].key, 0) : strcmp(want, j->st[d].key))
 			return false;
 		np--;
 		d--;
@@ -80,8 +89,8 @@ static bool value_whole(struct ag_jmask *j)
 	if (f->secret &&
 	    (!strcmp(f->key, "data") || !strcmp(f->key, "stringData")))
 		return true;
-	for (size_t i = 0; i < j->o.nkeys; i++)
-		if (path_matches(j, j->o.keys[i]))
+	for (size_t i = 0; i < j->npats; i++)
+		if (path_matches(j, &j->pats[i]))
 			return true;
 	/* kubectl apply keeps the whole object, data included, in this annotation */
 	if (f->key[0] == 'k' && !strcmp(f->key, "kubectl.kubernetes.io/last-applied-configuration") &&
@@ -275,7 +284,27 @@ struct ag_jmask *ag_jmask_new(const struct ag_jmask_opts *o)
 		return NULL;
 	}
 	yajl_config(j->p, yajl_allow_multiple_values, 1);
+	j->pats = calloc(o->nkeys ? o->nkeys : 1, sizeof(*j->pats));
+	if (!j->pats)
+		goto nomem;
+	for (size_t i = 0; i < o->nkeys; i++) {
+		struct jm_pat *pt = &j->pats[j->npats++];
+		char *save = NULL;
+
+		pt->buf = strdup(o->keys[i]);
+		if (!pt->buf)
+			goto nomem;
+		for (char *t = strtok_r(pt->buf, ".", &save); t && pt->n < JM_PAT_PARTS;
+		     t = strtok_r(NULL, ".", &save)) {
+			pt->glob[pt->n] = strpbrk(t, "*?[\\") != NULL;
+			pt->part[pt->n++] = t;
+		}
+	}
 	return j;
+nomem:
+	ag_jmask_free(j);
+	errno = ENOMEM;
+	return NULL;
 }
 
 void ag_jmask_free(struct ag_jmask *j)
@@ -286,6 +315,9 @@ void ag_jmask_free(struct ag_jmask *j)
 		yajl_free(j->p);
 	if (j->g)
 		yajl_gen_free(j->g);
+	for (size_t i = 0; i < j->npats; i++)
+		free(j->pats[i].buf);
+	free(j->pats);
 	ag_buf_free(&j->tmp);
 	free(j);
 }
