@@ -5,7 +5,8 @@
  * pipelined requests answered in order (our refusals in their turn), chunked request bodies,
  * Expect: 100-continue (allowed: the server's 100 passes; refused: 403 and close), HEAD and
  * 204 without bodies, the agent's Authorization dropped and the gateway's credential sent in
- * its place, JSON bodies masked (plain and gzip) and counted on the session.
+ * its place, JSON bodies masked (plain and gzip) and counted on the session; and the streamed
+ * JSON masker on its own.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -15,6 +16,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "jsonmask.h"
+#include "mask.h"
 #include "../http.h"
 #include "../test_progs.h"
 
@@ -352,4 +355,87 @@ void test_http(void)
 out:
 	th_http_gate_cleanup(&g);
 	unlink(secret);
+}
+
+/* Streamed JSON masking on its own: byte-at-a-time input, key paths, Secrets, many values. */
+static int jm_run(const struct ag_jmask_opts *o, const char *in, size_t step, char *res,
+		  size_t reslen)
+{
+	struct ag_jmask *j = ag_jmask_new(o);
+	struct ag_buf b = { 0 };
+	size_t len = strlen(in);
+	int n = 0, rc;
+
+	if (!j)
+		return -ENOMEM;
+	for (size_t off = 0; off < len; off += step) {
+		rc = ag_jmask_feed(j, (const uint8_t *)in + off, off + step > len ? len - off : step,
+				   &b);
+		if (rc < 0) {
+			n = rc;
+			goto out;
+		}
+		n += rc;
+	}
+	rc = ag_jmask_finish(j, &b);
+	n = rc < 0 ? rc : n + rc;
+out:
+	snprintf(res, reslen, "%.*s", (int)ag_buf_len(&b), b.data ? (char *)ag_buf_head(&b) : "");
+	ag_buf_free(&b);
+	ag_jmask_free(j);
+	return n;
+}
+
+void test_http_jsonmask(void)
+{
+	static char keys0[] = "ssn", keys1[] = "spec.*.token";
+	static char *keys[] = { keys0, keys1 };
+	static char det_email[] = "email";
+	static char *dets[] = { det_email };
+	static char any[] = "*";
+	static char *anyl[] = { any };
+	struct ag_kv kv[2] = {
+		{ .key = "columns", .list = anyl, .nlist = 1, .kind = AG_KV_LIST },
+		{ .key = "detectors", .list = dets, .nlist = 1, .kind = AG_KV_LIST },
+	};
+	struct ag_masker *m = ag_masker_new(kv, 2, NULL, 0);
+	struct ag_jmask_opts o = { .m = m, .keys = keys, .nkeys = 2 };
+	char res[4096];
+	int n;
+
+	if (!ASSERT_OK_PTR(m, "masker"))
+		return;
+	n = jm_run(&o,
+		   "{\"a\": {\"ssn\": \"078-05-1120\", \"n\": 1.50e3}, \"spec\": {\"x\": "
+		   "{\"token\": \"t0k\"}, \"token\": \"keep\"}, \"note\": \"mail bob@example.org\","
+		   " \"list\": [true, null, \"x\"]}",
+		   1, res, sizeof(res));
+	ASSERT_EQ(n, 3, "three values masked");
+	ASSERT_STREQ(res,
+		     "{\"a\":{\"ssn\":\"[REDACTED]\",\"n\":1.50e3},\"spec\":{\"x\":{\"token\":"
+		     "\"[REDACTED]\"},\"token\":\"keep\"},\"note\":\"mail [REDACTED:email]\","
+		     "\"list\":[true,null,\"x\"]}\n",
+		     "byte by byte, numbers kept as written");
+	/* Secrets: kind marks the object; a SecretList's items; watch events one per line */
+	o = (struct ag_jmask_opts){ .m = m, .secrets = true, .secret_objects = true };
+	n = jm_run(&o,
+		   "{\"type\":\"ADDED\",\"object\":{\"kind\":\"Secret\",\"data\":{\"k\":\"djE=\"}}}\n"
+		   "{\"type\":\"DELETED\",\"object\":{\"metadata\":{\"name\":\"s\"},"
+		   "\"stringData\":{\"k\":\"v2\"}}}\n",
+		   7, res, sizeof(res));
+	ASSERT_EQ(n, 2, "two secret values");
+	ASSERT_STREQ(res,
+		     "{\"type\":\"ADDED\",\"object\":{\"kind\":\"Secret\",\"data\":{\"k\":"
+		     "\"[REDACTED]\"}}}\n{\"type\":\"DELETED\",\"object\":{\"metadata\":"
+		     "{\"name\":\"s\"},\"stringData\":{\"k\":\"[REDACTED]\"}}}\n",
+		     "watch events, each on its line");
+	n = jm_run(&o, "{\"kind\":\"SecretList\",\"items\":[{\"data\":{\"a\":\"eA==\"}}]}", 3, res,
+		   sizeof(res));
+	ASSERT_EQ(n, 1, "list item masked");
+	ASSERT_HAS_SUBSTR(res, "\"data\":{\"a\":\"[REDACTED]\"}", "items[*].data");
+	/* not JSON: refused, never passed on as it is */
+	n = jm_run(&o, "{\"data\": {\"a\": \"x\"} garbage", 4, res, sizeof(res));
+	ASSERT_EQ(n, -EPROTO, "invalid JSON is an error");
+	ASSERT_FALSE(strstr(res, "garbage"), "the bad part not emitted");
+	ag_masker_free(m);
 }
