@@ -69,7 +69,7 @@ static int server_start(struct th_http_gate *g)
 	}
 	close(pfd[1]);
 	deadline = now_ms() + 15000;
-	while (got < sizeof(line) - 1 && !strstr(line, "ready")) {
+	while (got < sizeof(line) - 1 && !strstr(line, "ready\n")) {
 		struct pollfd p = { .fd = pfd[0], .events = POLLIN };
 		int left = (int)(deadline - now_ms());
 		ssize_t n;
@@ -82,8 +82,9 @@ static int server_start(struct th_http_gate *g)
 		got += n;
 		line[got] = '\0';
 	}
-	close(pfd[0]);
-	if (!strstr(line, "ready")) {
+	/* kept open until the server is stopped: it must never write into a closed pipe */
+	g->srv_out = pfd[0];
+	if (!strstr(line, "ready\n")) {
 		http_log("the API server did not start (%s)", script);
 		return -EIO;
 	}
@@ -109,6 +110,7 @@ int th_http_gate_start(struct th_http_gate *g, const char *addr, bool k8s,
 
 	memset(g, 0, sizeof(*g));
 	g->srv = -1;
+	g->srv_out = -1;
 	snprintf(g->addr, sizeof(g->addr), "%s", addr);
 	snprintf(g->dir, sizeof(g->dir), "/tmp/agentgate-http-XXXXXX");
 	if (!mkdtemp(g->dir))
@@ -169,6 +171,9 @@ void th_http_gate_cleanup(struct th_http_gate *g)
 		waitpid(g->srv, NULL, 0);
 		g->srv = -1;
 	}
+	if (g->srv_out >= 0)
+		close(g->srv_out);
+	g->srv_out = -1;
 	if (g->dir[0])
 		th_rm_rf(g->dir);
 	g->dir[0] = '\0';

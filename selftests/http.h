@@ -21,6 +21,7 @@ struct th_http_gate {
 	char addr[32];
 	int port;
 	pid_t srv;
+	int srv_out; /* the server's stdout */
 	char policy[16384];
 };
 

@@ -648,6 +648,65 @@ static const char *framing_check(struct http *h, const http_parser *p)
 
 /* --- requests ------------------------------------------------------------------------------- */
 
+static int hexval(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	c |= 0x20;
+	return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/*
+ * The path as rules see it: percent-encoded unreserved characters decoded (RFC 3986 6.2.2.2:
+ * the same resource, so /adm%69n is /admin to a rule). A path two servers could read as two
+ * different resources is refused instead (the reason returned): dot segments, an encoded '/',
+ * '\\' or NUL, an empty segment ("//"), bad percent-encoding, too long.
+ */
+static const char *path_canon(const char *in, size_t n, char *out, size_t outlen)
+{
+	size_t o = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		char c = in[i];
+
+		if (c == '%') {
+			int hi = i + 2 < n ? hexval(in[i + 1]) : -1;
+			int lo = i + 2 < n ? hexval(in[i + 2]) : -1;
+
+			if (hi < 0 || lo < 0)
+				return "bad percent-encoding in the path";
+			c = (char)(hi << 4 | lo);
+			if (!(isalnum((unsigned char)c) || c == '-' || c == '.' || c == '_' ||
+			      c == '~')) {
+				if (c == '/' || c == '\\' || !c)
+					return "encoded '/', '\\' or NUL in the path";
+				if (o + 3 >= outlen)
+					return "path too long";
+				memcpy(out + o, in + i, 3); /* reserved: stays encoded */
+				o += 3;
+				i += 2;
+				continue;
+			}
+			i += 2;
+		} else if (c == '\\') {
+			return "'\\' in the path";
+		}
+		if (o + 1 >= outlen)
+			return "path too long";
+		out[o++] = c;
+	}
+	out[o] = '\0';
+	for (const char *p = out; *p; p++) {
+		if (*p != '/')
+			continue;
+		if (p[1] == '/')
+			return "empty segment ('//') in the path";
+		if (p[1] == '.' && (p[2] == '/' || !p[2] || (p[2] == '.' && (p[3] == '/' || !p[3]))))
+			return "dot segment in the path";
+	}
+	return NULL;
+}
+
 static const char *hdr_get(struct http *h, const char *name, size_t *vl)
 {
 	const char *v;
@@ -709,7 +768,7 @@ static long request_head(struct ag_session *s, const char *method)
 	struct ag_http_decision d;
 	struct ag_http_req r = { .method = method };
 	struct http_ent *e;
-	char host[256] = "", urlhost[300] = "", path[2048], msg[512];
+	char host[256] = "", urlhost[300] = "", path[HTTP_LINE_MAX + 1], msg[512];
 	const char *why, *v, *tgt = h->url;
 	size_t vl, tlen = h->urllen;
 	bool upgrade = h->rq.upgrade, has_body, expect = false, refuse = false, held = false;
@@ -769,10 +828,12 @@ static long request_head(struct ag_session *s, const char *method)
 			urlhost[0] = '\0';
 		}
 		if (u.field_set & (1 << UF_PATH))
-			snprintf(path, sizeof(path), "%.*s", (int)u.field_data[UF_PATH].len,
-				 h->url + u.field_data[UF_PATH].off);
+			why = path_canon(h->url + u.field_data[UF_PATH].off,
+					 u.field_data[UF_PATH].len, path, sizeof(path));
 		else
-			snprintf(path, sizeof(path), "%.*s", (int)tlen, tgt);
+			why = path_canon(tgt, tlen, path, sizeof(path));
+		if (why)
+			return bad_request(s, why);
 	}
 	if (upgrade && has_body)
 		return bad_request(s, "upgrade request with a body");
@@ -793,7 +854,16 @@ static long request_head(struct ag_session *s, const char *method)
 		if (h->hdr[i].nlen > 12 && !strncasecmp(h->hdr[i].name, "impersonate-", 12))
 			r.impersonate = true;
 	if (h->k8s) {
-		ag_k8s_parse(method, tgt, tlen, &k8s);
+		/* the canonical path, and the query as sent */
+		const char *q = memchr(tgt, '?', tlen);
+		size_t pl = strlen(path);
+
+		if (q && pl + (tgt + tlen - q) < sizeof(path)) {
+			memcpy(path + pl, q, tgt + tlen - q);
+			path[pl + (tgt + tlen - q)] = '\0';
+		}
+		ag_k8s_parse(method, path, strlen(path), &k8s);
+		path[pl] = '\0';
 		r.k8s = &k8s;
 	}
 	ag_http_decide(h->rule, &r, &d);

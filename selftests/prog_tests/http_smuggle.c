@@ -183,6 +183,16 @@ void test_http_smuggle(void)
 	if (test__start_subtest("transfer_encoding_in_http10"))
 		CASE(&g,
 		     "POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", NULL);
+	if (test__start_subtest("dot_segment_path"))
+		CASE(&g, "GET /echo/../smuggled HTTP/1.1\r\nHost: x\r\n\r\n", "dot segment");
+	if (test__start_subtest("encoded_dot_segment_path"))
+		CASE(&g, "GET /echo/%2e%2E/smuggled HTTP/1.1\r\nHost: x\r\n\r\n", "dot segment");
+	if (test__start_subtest("encoded_slash_in_path"))
+		CASE(&g, "GET /echo%2fsmuggled HTTP/1.1\r\nHost: x\r\n\r\n", "encoded '/'");
+	if (test__start_subtest("double_slash_in_path"))
+		CASE(&g, "GET //smuggled HTTP/1.1\r\nHost: x\r\n\r\n", "empty segment");
+	if (test__start_subtest("bad_percent_encoding"))
+		CASE(&g, "GET /smuggled%zz HTTP/1.1\r\nHost: x\r\n\r\n", "percent-encoding");
 	if (test__start_subtest("absolute_form_same_host_allowed")) {
 		static const char req[] = "GET http://x/echo/abs HTTP/1.1\r\nHost: x\r\n"
 					  "Connection: close\r\n\r\n";
