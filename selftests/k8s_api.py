@@ -159,6 +159,15 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json({"users": [{"name": "alice", "email": "alice@example.com"},
                                              {"name": "bob", "email": "bob@example.org",
                                               "card": "4111 1111 1111 1111"}]}, enc="gzip")
+        if path == "/brotli":
+            raw = b"\x8b\x03\x80{\"email\": \"carol@example.net\"}\x03"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "br")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+            return
         if path == "/plain":
             raw = b"plain text body\n"
             self.send_response(200)
@@ -214,6 +223,14 @@ class Handler(BaseHTTPRequestHandler):
                                                "metadata": {"resourceVersion": "1"},
                                                "items": [secret("db-pass", ns),
                                                          secret("api-key", ns)]})
+                    if "as=yaml" in query:
+                        raw = ("data:\n  password: %s\n" % b64("hunter2-secret-pw")).encode()
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/yaml")
+                        self.send_header("Content-Length", str(len(raw)))
+                        self.end_headers()
+                        self.wfile.write(raw)
+                        return
                     return self.send_json(secret(tail[0], ns))
         return self.send_json({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                "reason": "NotFound", "message": "not found: " + path,

@@ -1230,6 +1230,25 @@ static int resume_agent(struct ag_session *s)
 	return 0;
 }
 
+/*
+ * A response that must be masked and cannot be: the agent gets a 502 in its place, the body is
+ * dropped and the connection closed after it.
+ */
+static long refuse_response(struct ag_session *s, const char *msg)
+{
+	struct http *h = H(s);
+	struct ag_buf resp = { 0 };
+
+	pr_warn("session %llu: %s", (unsigned long long)s->id, msg + 11);
+	local_answer(h, &resp, 502, msg, NULL, NULL, h->qh->head, true);
+	out_add(h, AG_SIDE_AGENT, ag_buf_head(&resp), ag_buf_len(&resp));
+	ag_buf_free(&resp);
+	h->r_discard = true;
+	h->r_close = true;
+	h->r_chunked = false;
+	return 0;
+}
+
 /* The response's header block is parsed: pass it on, re-framed and with masking set up. */
 static long response_head(struct ag_session *s)
 {
@@ -1248,20 +1267,9 @@ static long response_head(struct ag_session *s)
 	h->r_close = !http_should_keep_alive(&h->rs) || e->close;
 	h->r_discard = false;
 	h->z_on = false;
-	if (!bodyless && e->secrets && !mask) {
-		/* Secret data we cannot read: the agent gets an error instead. */
-		struct ag_buf resp = { 0 };
-
-		local_answer(h, &resp, 502,
-			     "agentgate: the secrets response is not JSON and cannot be masked",
-			     NULL, NULL, e->head, true);
-		out_add(h, AG_SIDE_AGENT, ag_buf_head(&resp), ag_buf_len(&resp));
-		ag_buf_free(&resp);
-		h->r_discard = true;
-		h->r_close = true;
-		h->r_chunked = false;
-		return 0;
-	}
+	if (!bodyless && e->secrets && !mask)
+		return refuse_response(s, "agentgate: the secrets response is not JSON and cannot "
+					  "be masked");
 	if (mask && ce && cel && !(cel == 8 && !strncasecmp(ce, "identity", 8))) {
 		int wbits;
 
@@ -1271,8 +1279,8 @@ static long response_head(struct ag_session *s)
 		else if (cel == 7 && !strncasecmp(ce, "deflate", 7))
 			wbits = 32 + MAX_WBITS;
 		else
-			return upstream_broken(s, "response in a content encoding that cannot be "
-						  "masked");
+			return refuse_response(s, "agentgate: the response is in a content "
+						  "encoding that cannot be masked");
 		memset(&h->z, 0, sizeof(h->z));
 		if (inflateInit2(&h->z, wbits) != Z_OK)
 			return upstream_broken(s, "zlib init failed");

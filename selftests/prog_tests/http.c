@@ -233,6 +233,33 @@ static void subtest_gzip_json_masked(struct th_http_gate *g)
 		ASSERT_FALSE(strstr(out, "bob@example.org"), "email masked (--compressed)");
 }
 
+/* A JSON body in an encoding we cannot inflate: 502 in its place, nothing of it passed on. */
+static void subtest_unmaskable_encoding_refused(struct th_http_gate *g)
+{
+	static const char req[] = "GET /brotli HTTP/1.1\r\nHost: x\r\n\r\n";
+	bool closed;
+
+	th_http_raw(g, req, sizeof(req) - 1, out, sizeof(out), 15000, &closed);
+	ASSERT_TRUE(!strncmp(out, "HTTP/1.1 502", 12), "502");
+	ASSERT_HAS_SUBSTR(out, "cannot be masked", "says why");
+	ASSERT_FALSE(strstr(out, "carol@"), "the body not passed on");
+	ASSERT_TRUE(closed, "closed after it");
+}
+
+/* An HTTP/1.0 agent: a masked (re-framed) answer comes close-delimited, not chunked. */
+static void subtest_http10_agent(struct th_http_gate *g)
+{
+	static const char req[] = "GET /gzip HTTP/1.0\r\n\r\n";
+	bool closed;
+
+	th_http_raw(g, req, sizeof(req) - 1, out, sizeof(out), 15000, &closed);
+	ASSERT_TRUE(!strncmp(out, "HTTP/1.", 7) && strstr(out, " 200 "), "200");
+	ASSERT_FALSE(strstr(out, "Transfer-Encoding"), "no chunked framing to HTTP/1.0");
+	ASSERT_HAS_SUBSTR(out, "\r\n\r\n{\"users\":", "the body follows the head as is");
+	ASSERT_FALSE(strstr(out, "alice@example.com"), "masked");
+	ASSERT_TRUE(closed, "ended by the close");
+}
+
 static void subtest_masked_counted(struct th_http_gate *g)
 {
 	static const char req[] = "GET /gzip HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -349,6 +376,10 @@ void test_http(void)
 		subtest_authorization_replaced(&g);
 	if (test__start_subtest("gzip_json_masked"))
 		subtest_gzip_json_masked(&g);
+	if (test__start_subtest("unmaskable_encoding_refused"))
+		subtest_unmaskable_encoding_refused(&g);
+	if (test__start_subtest("http10_agent_close_delimited"))
+		subtest_http10_agent(&g);
 	if (test__start_subtest("masked_values_counted"))
 		subtest_masked_counted(&g);
 	if (test__start_subtest("approve_refused_until_approvals"))

@@ -267,6 +267,17 @@ static void subtest_secret_masked(struct th_http_gate *g)
 		ASSERT_STREQ(out, "[REDACTED]", "kubectl sees the masked value");
 }
 
+/* A secret in a form we cannot mask (YAML): 502 in its place. */
+static void subtest_secret_not_json_refused(struct th_http_gate *g)
+{
+	if (!ASSERT_OK(th_http_curl(g, out, sizeof(out),
+				    "/api/v1/namespaces/default/secrets/db-pass?as=yaml", "-i", NULL),
+		       "curl"))
+		return;
+	ASSERT_TRUE(!strncmp(out, "HTTP/1.1 502", 12), "502");
+	no_secret_values(out, "yaml secret");
+}
+
 static void subtest_secret_watch_masked(struct th_http_gate *g)
 {
 	if (!ASSERT_OK(th_http_curl(g, out, sizeof(out),
@@ -352,6 +363,8 @@ void test_k8s(void)
 		subtest_nodes_proxy_own_target(&g);
 	if (have_kubectl && test__start_subtest("secret_data_masked"))
 		subtest_secret_masked(&g);
+	if (test__start_subtest("secret_not_json_refused"))
+		subtest_secret_not_json_refused(&g);
 	if (test__start_subtest("secret_watch_masked"))
 		subtest_secret_watch_masked(&g);
 	if (test__start_subtest("watch_streams_event_by_event"))
