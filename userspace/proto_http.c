@@ -54,7 +54,7 @@
 #define HTTP_MAX_HEADERS 256
 #define HTTP_QUEUE_MAX 1024 /* answers owed before we stop reading the agent */
 
-enum a_state { A_HEAD = 0, A_BODY, A_WAIT, A_TUNNEL, A_DEAD };
+enum a_state { A_HEAD = 0, A_BODY, A_WAIT, A_TUNNEL, A_DEAD, A_HELD };
 enum u_state { U_HEAD = 0, U_BODY, U_TUNNEL, U_DEAD };
 
 /* A request waiting for its answer, in the order the agent sent them. */
@@ -115,6 +115,11 @@ struct http {
 	char cred[4096];       /* the Authorization value the gateway injects ("" none) */
 	bool agent_eof;
 	uint64_t policy_gen;
+
+	/* a request held for approval: its verdict, applied when it is parsed again */
+	int verdict; /* -1: none; AG_ACT_ALLOW or AG_ACT_DENY */
+	char verdict_rule[AG_NAME_MAX];
+	char verdict_msg[256];
 };
 
 static inline struct http *H(struct ag_session *s)
@@ -225,13 +230,17 @@ static size_t http_cred_authorization(struct ag_session *s, char *out, size_t le
 }
 
 /*
- * HOOK (feat/approval): a request a rule sends for approval. Returns true when the request is
- * held (the approval module answers later: it re-runs the request through http_input() once
- * decided, the bytes still buffered in the session); false: refuse it now with msg. Until the
- * approval module is merged, approve refuses like deny, saying that approval is required.
+ * HOOK (feat/approval): a request a rule sends for approval (d->rule), described by
+ * "METHOD PATH" in what. Returns true when the request is held: the approval module then
+ * answers later, on this session's worker loop (ag_loop_call), with
+ * ag_http_approval_done(s, approved, msg); until then the request's bytes stay buffered in the
+ * session and nothing more is read from the agent. False: refused now, 403 with msg. Until the
+ * approval module is merged, approve refuses like deny, saying that approval is required. Wire
+ * it as: return ag_approval_request(s, d->rule, what, <callback calling
+ * ag_http_approval_done>) == 0;
  */
-static bool http_approval_hold(struct ag_session *s, const struct ag_http_decision *d, char *msg,
-			       size_t len)
+static bool http_approval_hold(struct ag_session *s, const struct ag_http_decision *d,
+			       const char *what, char *msg, size_t len)
 {
 	snprintf(msg, len,
 		 "agentgate: approval required by rule %s (approvals are not available yet)",
@@ -866,8 +875,42 @@ static long request_head(struct ag_session *s, const char *method)
 		path[pl] = '\0';
 		r.k8s = &k8s;
 	}
-	ag_http_decide(h->rule, &r, &d);
-	s->statements++;
+	msg[0] = '\0';
+	if (h->verdict >= 0) {
+		/* held for approval, and the answer came: parsed again, decided by it */
+		memset(&d, 0, sizeof(d));
+		d.action = h->verdict;
+		d.rule = h->verdict_rule;
+		snprintf(d.why, sizeof(d.why), "approval %s (rule %s)",
+			 d.action == AG_ACT_ALLOW ? "granted" : "refused", h->verdict_rule);
+		if (d.action == AG_ACT_DENY)
+			snprintf(msg, sizeof(msg), "%s", h->verdict_msg);
+		h->verdict = -1;
+	} else {
+		ag_http_decide(h->rule, &r, &d);
+		s->statements++;
+	}
+	if (d.action == AG_ACT_DENY) {
+		if (!msg[0])
+			snprintf(msg, sizeof(msg), "agentgate: blocked by rule %s",
+				 d.rule ? d.rule : "default (no rule allows this request)");
+		refuse = true;
+	} else if (d.action == AG_ACT_APPROVE && !s->observe) {
+		char what[300];
+
+		snprintf(what, sizeof(what), "%s %s", method, path);
+		held = http_approval_hold(s, &d, what, msg, sizeof(msg));
+		if (held) {
+			snprintf(h->verdict_rule, sizeof(h->verdict_rule), "%s",
+				 d.rule ? d.rule : "default");
+			h->astate = A_HELD;
+			s->pending_approvals++;
+			pr_info("session %llu: %s held for approval (rule %s)",
+				(unsigned long long)s->id, what, h->verdict_rule);
+			return 0;
+		}
+		refuse = true;
+	}
 
 	e = ent_push(h);
 	if (!e)
@@ -879,15 +922,6 @@ static long request_head(struct ag_session *s, const char *method)
 	e->secrets = h->k8s && !h->secrets_unmasked && k8s.resource_request &&
 		     !strcmp(k8s.resource, "secrets");
 
-	msg[0] = '\0';
-	if (d.action == AG_ACT_DENY) {
-		snprintf(msg, sizeof(msg), "agentgate: blocked by rule %s",
-			 d.rule ? d.rule : "default (no rule allows this request)");
-		refuse = true;
-	} else if (d.action == AG_ACT_APPROVE) {
-		held = http_approval_hold(s, &d, msg, sizeof(msg));
-		refuse = !held;
-	}
 	if (refuse && s->observe) {
 		pr_info("session %llu: observe mode, would refuse %s %s: %s",
 			(unsigned long long)s->id, method, path, d.why);
@@ -947,6 +981,8 @@ static long agent_process(struct ag_session *s, const uint8_t *data, size_t len)
 			return len; /* after Connection: close or a refusal: nothing more is read */
 		case A_WAIT:
 			return off; /* kept until the upgrade's answer says what follows */
+		case A_HELD:
+			return off; /* kept until the approval comes back */
 		case A_TUNNEL:
 			out_add(h, AG_SIDE_UPSTREAM, p, avail);
 			return len;
@@ -978,12 +1014,18 @@ static long agent_process(struct ag_session *s, const uint8_t *data, size_t len)
 			}
 			if (!h->url || h->in_head)
 				return bad_request(s, "incomplete header block");
-			off += hlen;
 			{
 				bool upgrade = h->rq.upgrade;
 
 				if (request_head(s, http_method_str(h->rq.method)) < 0)
 					return -1;
+				if (h->astate == A_HELD) {
+					/* parsed again from its first byte once approved */
+					http_parser_init(&h->rq, HTTP_REQUEST);
+					h->rq.data = s;
+					return off;
+				}
+				off += hlen;
 				if (h->astate == A_DEAD || s->state == AG_SESS_CLOSED)
 					return s->state == AG_SESS_CLOSED ? -1 : (long)len;
 				if (upgrade) {
@@ -1559,12 +1601,34 @@ static int policy_refresh(struct ag_session *s)
 	return mask_setup(s, h);
 }
 
+void ag_http_approval_done(struct ag_session *s, bool approved, const char *msg)
+{
+	struct http *h = H(s);
+	struct ag_side_conn *a = &s->side[AG_SIDE_AGENT];
+	long used;
+
+	if (!h || h->astate != A_HELD || s->state == AG_SESS_CLOSED)
+		return;
+	if (s->pending_approvals)
+		s->pending_approvals--;
+	h->verdict = approved ? AG_ACT_ALLOW : AG_ACT_DENY;
+	snprintf(h->verdict_msg, sizeof(h->verdict_msg), "%s",
+		 msg && *msg ? msg : "agentgate: approval refused");
+	h->astate = A_HEAD;
+	used = agent_process(s, ag_buf_head(&a->in), ag_buf_len(&a->in));
+	if (used < 0 || s->state == AG_SESS_CLOSED)
+		return;
+	ag_buf_consume(&a->in, used);
+	out_flush(s);
+}
+
 static int http_init(struct ag_session *s)
 {
 	struct http *h = calloc(1, sizeof(*h));
 
 	if (!h)
 		return -ENOMEM;
+	h->verdict = -1;
 	s->proto_state = h;
 	http_parser_init(&h->rq, HTTP_REQUEST);
 	http_parser_init(&h->rs, HTTP_RESPONSE);
