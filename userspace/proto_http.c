@@ -33,6 +33,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <http_parser.h>
@@ -53,6 +54,7 @@
 #define HTTP_LINE_MAX (8u << 10)
 #define HTTP_MAX_HEADERS 256
 #define HTTP_QUEUE_MAX 1024 /* answers owed before we stop reading the agent */
+#define HTTP_CRED_REFRESH_MS 30000
 
 enum a_state { A_HEAD = 0, A_BODY, A_WAIT, A_TUNNEL, A_DEAD, A_HELD };
 enum u_state { U_HEAD = 0, U_BODY, U_TUNNEL, U_DEAD };
@@ -113,6 +115,7 @@ struct http {
 	bool mask_json;	       /* the rule masks JSON bodies (keys or detectors) */
 	bool secrets_unmasked; /* mask: { secrets: unmasked } */
 	char cred[4096];       /* the Authorization value the gateway injects ("" none) */
+	uint64_t cred_at;      /* when it was asked for (monotonic ms) */
 	bool agent_eof;
 	uint64_t policy_gen;
 
@@ -246,6 +249,20 @@ static bool http_approval_hold(struct ag_session *s, const struct ag_http_decisi
 		 "agentgate: approval required by rule %s (approvals are not available yet)",
 		 d->rule ? d->rule : "default");
 	return false;
+}
+
+/* Short-lived credentials outlive no keep-alive session: asked again every 30 s. */
+static void cred_refresh(struct ag_session *s, struct http *h)
+{
+	struct timespec ts;
+	uint64_t now;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	now = (uint64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+	if (h->cred_at && now - h->cred_at < HTTP_CRED_REFRESH_MS)
+		return;
+	h->cred_at = now;
+	http_cred_authorization(s, h->cred, sizeof(h->cred));
 }
 
 /* --- our own answers ------------------------------------------------------------------------ */
@@ -755,6 +772,7 @@ static void forward_head(struct ag_session *s, const char *method, const char *t
 		out_add(h, AG_SIDE_UPSTREAM, x->val, x->vlen);
 		out_add(h, AG_SIDE_UPSTREAM, "\r\n", 2);
 	}
+	cred_refresh(s, h);
 	if (h->cred[0])
 		out_printf(h, AG_SIDE_UPSTREAM, "Authorization: %s\r\n", h->cred);
 	out_add(h, AG_SIDE_UPSTREAM, "\r\n", 2);
@@ -1594,7 +1612,7 @@ static int policy_refresh(struct ag_session *s)
 	h->policy_gen = gen;
 	h->k8s = t->kubernetes;
 	h->rule = ag_http_rule_for(r->p, s->agent, s->target_name);
-	http_cred_authorization(s, h->cred, sizeof(h->cred));
+	h->cred_at = 0; /* the credential may have changed with the target */
 	mask_clear(h);
 	pr_info("session %llu: policy reload applied to the live session",
 		(unsigned long long)s->id);
@@ -1637,7 +1655,6 @@ static int http_init(struct ag_session *s)
 	h->policy_gen = __atomic_load_n(&ag_d->policy_gen, __ATOMIC_ACQUIRE);
 	h->k8s = s->target && s->target->kubernetes;
 	h->rule = ag_http_rule_for(s->pol->p, s->agent, s->target_name);
-	http_cred_authorization(s, h->cred, sizeof(h->cred));
 	return mask_setup(s, h);
 }
 
