@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "k8s.h"
+#include "policy.h"
 #include "../http.h"
 #include "../test_progs.h"
 
@@ -413,4 +414,47 @@ void test_k8s_policy_explain(void)
 	ASSERT_HAS_SUBSTR(r.out, "\"decision\":\"deny\"", "secrets not covered by reads");
 	ASSERT_HAS_SUBSTR(r.out, "does not name secrets", "why");
 	unlink(path);
+}
+
+/* The http rule keys this target type adds are accepted, and their values checked. */
+void test_k8s_policy_keys(void)
+{
+	static const char head[] =
+		"apiVersion: agentgate/v1\n"
+		"agents: [{ name: ci, cgroup: /agents.slice }]\n"
+		"targets: [{ name: kube, protocol: http, address: 127.0.0.3:6443, kubernetes: true }]\n"
+		"rules:\n"
+		"  - agent: ci\n"
+		"    target: kube\n";
+	static const char *const good[] = {
+		"    http:\n"
+		"      - { name: a, when: { kubernetes: { group: [apps], version: [v1],"
+		" impersonate: true } }, then: allow }\n"
+		"      - { name: b, when: { upgrade: true, headers: { Impersonate-User: \"*\" } },"
+		" then: allow }\n"
+		"    mask: { keys: [email, \"spec.*.token\"], secrets: unmasked, style: hash }\n",
+	};
+	static const char *const bad[] = {
+		"    mask: { secrets: maybe }\n",
+		"    http:\n      - { name: a, when: { upgrade: sometimes }, then: allow }\n",
+		"    http:\n      - { name: a, when: { kubernetes: { impersonate: [x] } }, then: allow }\n",
+		"    http:\n      - { name: a, when: { kubernetes: { verbs: [get] } }, then: allow }\n",
+	};
+	char text[2048], perr[512];
+	struct ag_policy *p;
+
+	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+		snprintf(text, sizeof(text), "%s%sdefault: deny\n", head, good[i]);
+		p = ag_policy_parse(text, strlen(text), "good.yaml", perr, sizeof(perr));
+		if (!ASSERT_OK_PTR(p, "accepted"))
+			printf("%s\n", perr);
+		ag_policy_free(p);
+	}
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		snprintf(text, sizeof(text), "%s%sdefault: deny\n", head, bad[i]);
+		p = ag_policy_parse(text, strlen(text), "bad.yaml", perr, sizeof(perr));
+		ASSERT_FALSE(p, "refused");
+		ASSERT_HAS_SUBSTR(perr, "bad.yaml:", "error names the place");
+		ag_policy_free(p);
+	}
 }
