@@ -104,6 +104,12 @@ static int write_file(const char *path, const char *text)
 int th_http_gate_start(struct th_http_gate *g, const char *addr, bool k8s,
 		       const char *target_extra, const char *rules)
 {
+	return th_http_gate_start_mode(g, addr, k8s, target_extra, rules, "enforce");
+}
+
+int th_http_gate_start_mode(struct th_http_gate *g, const char *addr, bool k8s,
+			    const char *target_extra, const char *rules, const char *mode)
+{
 	static int seq;
 	char name[64], kc[1024];
 	int rc, n;
@@ -143,6 +149,7 @@ int th_http_gate_start(struct th_http_gate *g, const char *addr, bool k8s,
 		     "agents:\n"
 		     "  - name: t\n"
 		     "    cgroup: %s\n"
+		     "    mode: %s\n"
 		     "targets:\n"
 		     "  - name: api\n"
 		     "    protocol: http\n"
@@ -154,7 +161,7 @@ int th_http_gate_start(struct th_http_gate *g, const char *addr, bool k8s,
 		     "    target: api\n"
 		     "%s"
 		     "default: deny\n",
-		     g->tagged, addr, g->port, k8s ? "true" : "false",
+		     g->tagged, mode, addr, g->port, k8s ? "true" : "false",
 		     target_extra ? target_extra : "", rules);
 	if (n < 0 || (size_t)n >= sizeof(g->policy))
 		return -ENOSPC;

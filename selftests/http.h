@@ -32,6 +32,9 @@ struct th_http_gate {
  */
 int th_http_gate_start(struct th_http_gate *g, const char *addr, bool k8s,
 		       const char *target_extra, const char *rules);
+/* The same with agent t in mode (enforce | observe). */
+int th_http_gate_start_mode(struct th_http_gate *g, const char *addr, bool k8s,
+			    const char *target_extra, const char *rules, const char *mode);
 void th_http_gate_cleanup(struct th_http_gate *g);
 
 /* Runs argv in the tagged cgroup (argv[0] an absolute path); the exit code, or -errno. */

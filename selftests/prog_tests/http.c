@@ -474,3 +474,27 @@ void test_http_jsonmask(void)
 	ASSERT_FALSE(strstr(res, "garbage"), "the bad part not emitted");
 	ag_masker_free(m);
 }
+
+/* An agent in observe mode: every request decided and logged, none refused. */
+void test_http_observe_mode(void)
+{
+	static const char req[] = "GET /admin/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+	static const char bad[] = "GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+				  "Content-Length: 2\r\n\r\nab";
+	struct th_http_gate g;
+	bool closed;
+
+	if (!ASSERT_OK(th_http_gate_start_mode(&g, "127.0.0.64", false, NULL, HTTP_RULES,
+					       "observe"),
+		       "gate"))
+		goto out;
+	th_http_raw(&g, req, sizeof(req) - 1, out, sizeof(out), 15000, &closed);
+	ASSERT_TRUE(!strncmp(out, "HTTP/1.1 404", 12), "passed to the server (which has no /admin)");
+	ASSERT_OK(th_daemon_read_log(&g.d, buf, sizeof(buf)), "daemon log");
+	ASSERT_HAS_SUBSTR(buf, "observe mode, would refuse GET /admin/x", "the refusal logged");
+	/* malformed input is still refused: it cannot be decided at all */
+	th_http_raw(&g, bad, sizeof(bad) - 1, out, sizeof(out), 15000, &closed);
+	ASSERT_TRUE(!strncmp(out, "HTTP/1.1 400", 12), "400 even in observe mode");
+out:
+	th_http_gate_cleanup(&g);
+}
