@@ -90,7 +90,8 @@ static bool header_matches(const struct ag_http_req *r, const struct ag_kv *want
 			continue;
 		if (h->vlen >= sizeof(val))
 			continue;
-		memcpy(val, h->val, h->vlen);
+		if (h->vlen)
+			memcpy(val, h->val, h->vlen);
 		val[h->vlen] = '\0';
 		if (any_glob(want, val, 0))
 			return true;

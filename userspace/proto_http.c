@@ -422,7 +422,9 @@ static long bad_request(struct ag_session *s, const char *why)
 	pr_info("session %llu: %s", (unsigned long long)s->id, msg + 11);
 	s->blocked++;
 	local_answer(h, &resp, 400, msg, NULL, NULL, false, true);
-	out_add(h, AG_SIDE_AGENT, ag_buf_head(&resp), ag_buf_len(&resp));
+	/* in the middle of a response, a 400 would corrupt it: then only the close says it */
+	if (h->ustate != U_BODY)
+		out_add(h, AG_SIDE_AGENT, ag_buf_head(&resp), ag_buf_len(&resp));
 	ag_buf_free(&resp);
 	ag_buf_free(&h->to[AG_SIDE_UPSTREAM]);
 	close_both(s);
