@@ -101,8 +101,8 @@ static int write_file(const char *path, const char *text)
 	return fclose(f) ? -errno : 0;
 }
 
-int th_http_gate_start(struct th_http_gate *g, const char *addr, bool k8s,
-		       const char *target_extra, const char *rules)
+int th_http_gate_start(struct th_http_gate *g, const char *addr, bool k8s, const char *target_extra,
+		       const char *rules)
 {
 	return th_http_gate_start_mode(g, addr, k8s, target_extra, rules, "enforce");
 }
@@ -253,8 +253,8 @@ ssize_t th_http_read_until(int fd, char *buf, size_t len, const char *until, int
 	return off;
 }
 
-ssize_t th_http_raw(struct th_http_gate *g, const void *req, size_t len, char *resp,
-		    size_t rlen, int timeout_ms, bool *closed)
+ssize_t th_http_raw(struct th_http_gate *g, const void *req, size_t len, char *resp, size_t rlen,
+		    int timeout_ms, bool *closed)
 {
 	int fd = th_http_connect(g);
 	ssize_t n;

@@ -30,8 +30,8 @@ struct th_http_gate {
  * rules (YAML lines under "- agent: t / target: api"), and a tagged cgroup for agent t.
  * target_extra: more YAML lines under the target (credential: ...), or NULL.
  */
-int th_http_gate_start(struct th_http_gate *g, const char *addr, bool k8s,
-		       const char *target_extra, const char *rules);
+int th_http_gate_start(struct th_http_gate *g, const char *addr, bool k8s, const char *target_extra,
+		       const char *rules);
 /* The same with agent t in mode (enforce | observe). */
 int th_http_gate_start_mode(struct th_http_gate *g, const char *addr, bool k8s,
 			    const char *target_extra, const char *rules, const char *mode);
@@ -47,8 +47,8 @@ int th_http_curl(struct th_http_gate *g, char *out, size_t outlen, const char *p
  * Sends req on a fresh connection from the tagged cgroup, then reads until the peer closes or
  * timeout_ms pass: the bytes read (resp NUL-terminated), or -errno. *closed: the peer closed.
  */
-ssize_t th_http_raw(struct th_http_gate *g, const void *req, size_t len, char *resp,
-		    size_t rlen, int timeout_ms, bool *closed);
+ssize_t th_http_raw(struct th_http_gate *g, const void *req, size_t len, char *resp, size_t rlen,
+		    int timeout_ms, bool *closed);
 /* Connects from the tagged cgroup: a socket, or -errno. */
 int th_http_connect(struct th_http_gate *g);
 /* Reads from fd until `until` appears, the peer closes or timeout_ms pass: bytes read. */

@@ -15,8 +15,8 @@ const struct ag_policy_rule *ag_http_rule_for(const struct ag_policy *p, const c
 	return ag_sql_rule_for(p, agent, target);
 }
 
-bool ag_http_header(const struct ag_http_hdr *hdrs, size_t n, const char *name,
-		    const char **val, size_t *vlen)
+bool ag_http_header(const struct ag_http_hdr *hdrs, size_t n, const char *name, const char **val,
+		    size_t *vlen)
 {
 	size_t len = strlen(name);
 

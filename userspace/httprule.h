@@ -32,9 +32,9 @@ struct ag_http_req {
 	const char *path; /* without the query */
 	const struct ag_http_hdr *hdrs;
 	size_t nhdrs;
-	bool upgrade;			/* Upgrade requested, or CONNECT */
-	bool impersonate;		/* an Impersonate-* header */
-	const struct ag_k8s_req *k8s;	/* NULL: the target is not kubernetes */
+	bool upgrade;		      /* Upgrade requested, or CONNECT */
+	bool impersonate;	      /* an Impersonate-* header */
+	const struct ag_k8s_req *k8s; /* NULL: the target is not kubernetes */
 };
 
 struct ag_http_decision {
@@ -49,5 +49,5 @@ const struct ag_policy_rule *ag_http_rule_for(const struct ag_policy *p, const c
 void ag_http_decide(const struct ag_policy_rule *rule, const struct ag_http_req *r,
 		    struct ag_http_decision *d);
 /* Is header `name` (case-insensitive) among hdrs? Its first value in *val. */
-bool ag_http_header(const struct ag_http_hdr *hdrs, size_t n, const char *name,
-		    const char **val, size_t *vlen);
+bool ag_http_header(const struct ag_http_hdr *hdrs, size_t n, const char *name, const char **val,
+		    size_t *vlen);

@@ -23,8 +23,8 @@
 
 struct jm_frame {
 	bool map;
-	bool secret;	 /* a Secret object: its data and stringData are masked */
-	bool mask_all;	 /* every scalar below is masked whole */
+	bool secret;	      /* a Secret object: its data and stringData are masked */
+	bool mask_all;	      /* every scalar below is masked whole */
 	char key[JM_KEY_MAX]; /* the member being read (maps) */
 };
 
@@ -86,15 +86,15 @@ static bool value_whole(struct ag_jmask *j)
 		return true;
 	if (!f->map)
 		return false;
-	if (f->secret &&
-	    (!strcmp(f->key, "data") || !strcmp(f->key, "stringData")))
+	if (f->secret && (!strcmp(f->key, "data") || !strcmp(f->key, "stringData")))
 		return true;
 	for (size_t i = 0; i < j->npats; i++)
 		if (path_matches(j, &j->pats[i]))
 			return true;
 	/* kubectl apply keeps the whole object, data included, in this annotation */
-	if (f->key[0] == 'k' && !strcmp(f->key, "kubectl.kubernetes.io/last-applied-configuration") &&
-	    j->depth >= 3 && j->st[j->depth - 3].secret)
+	if (f->key[0] == 'k' &&
+	    !strcmp(f->key, "kubectl.kubernetes.io/last-applied-configuration") && j->depth >= 3 &&
+	    j->st[j->depth - 3].secret)
 		return true;
 	return false;
 }
@@ -123,14 +123,14 @@ static int emit_masked_scalar(struct ag_jmask *j, const unsigned char *s, size_t
 	if (is_null)
 		return yajl_gen_null(j->g) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM);
 	return yajl_gen_string(j->g, ag_buf_head(&j->tmp), ag_buf_len(&j->tmp)) ==
-			       yajl_gen_status_ok ?
-		       1 :
-		       fail(j, -ENOMEM);
+			       yajl_gen_status_ok
+		       ? 1
+		       : fail(j, -ENOMEM);
 as_is:
 	if (text)
 		return yajl_gen_string(j->g, s, len) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM);
-	return yajl_gen_number(j->g, (const char *)s, len) == yajl_gen_status_ok ? 1 :
-										    fail(j, -ENOMEM);
+	return yajl_gen_number(j->g, (const char *)s, len) == yajl_gen_status_ok ? 1
+										 : fail(j, -ENOMEM);
 }
 
 /* A top-level value done: a newline after it, and the generator ready for the next. */
@@ -154,8 +154,8 @@ static int cb_boolean(void *ctx, int v)
 
 	if (j->o.m && value_whole(j)) {
 		j->masked++;
-		return value_done(j, yajl_gen_null(j->g) == yajl_gen_status_ok ? 1 :
-										 fail(j, -ENOMEM));
+		return value_done(j,
+				  yajl_gen_null(j->g) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM));
 	}
 	return value_done(j, yajl_gen_bool(j->g, v) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM));
 }

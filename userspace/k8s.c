@@ -141,7 +141,8 @@ int ag_k8s_parse(const char *method, const char *target, size_t len, struct ag_k
 #undef IS
 	if (!r->name[0] && !strcmp(r->verb, "get")) {
 		v = q ? query_param(q + 1, len - pathlen - 1, "watch", &vlen) : NULL;
-		snprintf(r->verb, sizeof(r->verb), "%s", v && parse_bool(v, vlen) ? "watch" : "list");
+		snprintf(r->verb, sizeof(r->verb), "%s",
+			 v && parse_bool(v, vlen) ? "watch" : "list");
 		/* fieldSelector=metadata.name=X names the object (metadata.name%3DX encoded) */
 		v = q ? query_param(q + 1, len - pathlen - 1, "fieldSelector", &vlen) : NULL;
 		if (v && vlen > 16 && !strncmp(v, "metadata.name%3D", 16) && !memchr(v, ',', vlen))

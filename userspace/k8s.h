@@ -14,8 +14,8 @@
 struct ag_k8s_req {
 	bool resource_request; /* false: discovery, /version, /healthz, ... */
 	bool connect;	       /* exec, attach, portforward or proxy: a stream to a pod or node */
-	char verb[24];	       /* get list watch create update patch delete deletecollection proxy */
-	char group[96];	       /* "" for the core group */
+	char verb[24];	/* get list watch create update patch delete deletecollection proxy */
+	char group[96]; /* "" for the core group */
 	char version[32];
 	char resource[96];
 	char subresource[64];

@@ -62,13 +62,13 @@ enum u_state { U_HEAD = 0, U_BODY, U_TUNNEL, U_DEAD };
 /* A request waiting for its answer, in the order the agent sent them. */
 struct http_ent {
 	struct http_ent *next;
-	bool local;	  /* answered by us: resp holds the answer */
-	bool close;	  /* the connection ends after this answer */
-	bool head;	  /* HEAD: the answer has no body */
-	bool connect;	  /* CONNECT */
-	bool upgrade;	  /* an upgrade was asked for (and allowed) */
-	bool secrets;	  /* a Kubernetes secrets response: data masked */
-	bool http10;	  /* the agent spoke HTTP/1.0: no chunked framing to it */
+	bool local;   /* answered by us: resp holds the answer */
+	bool close;   /* the connection ends after this answer */
+	bool head;    /* HEAD: the answer has no body */
+	bool connect; /* CONNECT */
+	bool upgrade; /* an upgrade was asked for (and allowed) */
+	bool secrets; /* a Kubernetes secrets response: data masked */
+	bool http10;  /* the agent spoke HTTP/1.0: no chunked framing to it */
 	struct ag_buf resp;
 };
 
@@ -94,9 +94,9 @@ struct http {
 	bool rh_overflow, r_in_head, r_last_value, r_done;
 	const char *reason;
 	size_t reasonlen;
-	bool r_chunked;	 /* to the agent: chunked framing */
-	bool r_close;	 /* close after this response */
-	bool r_discard;	 /* the body is dropped (we answered in its place) */
+	bool r_chunked; /* to the agent: chunked framing */
+	bool r_close;	/* close after this response */
+	bool r_discard; /* the body is dropped (we answered in its place) */
 	struct ag_jmask *jm;
 	z_stream z;
 	bool z_on;
@@ -106,7 +106,7 @@ struct http {
 
 	struct ag_buf to[2]; /* bytes for each side, sent once per input() call */
 	struct ag_buf scratch;
-	int err;	     /* -errno while building output */
+	int err; /* -errno while building output */
 
 	/* masking */
 	struct ag_masker *masker;
@@ -210,8 +210,8 @@ static size_t http_cred_authorization(struct ag_session *s, char *out, size_t le
 	if (fd < 0)
 		return 0;
 	if (fstat(fd, &st) || (st.st_mode & 077)) {
-		pr_warn("session %llu: %s is readable by others: not used", (unsigned long long)s->id,
-			file->value);
+		pr_warn("session %llu: %s is readable by others: not used",
+			(unsigned long long)s->id, file->value);
 		close(fd);
 		return 0;
 	}
@@ -319,8 +319,10 @@ static void local_answer(struct http *h, struct ag_buf *resp, int code, const ch
 		gen_str(g, "code");
 		yajl_gen_integer(g, code);
 	} else {
-		gen_kv(g, "error", code == 403 ? "forbidden" : code == 400 ? "bad_request" :
-									 "bad_gateway");
+		gen_kv(g, "error",
+		       code == 403   ? "forbidden"
+		       : code == 400 ? "bad_request"
+				     : "bad_gateway");
 		gen_kv(g, "message", msg);
 		if (rule)
 			gen_kv(g, "rule", rule);
@@ -332,7 +334,10 @@ static void local_answer(struct http *h, struct ag_buf *resp, int code, const ch
 	n = snprintf(hdr, sizeof(hdr),
 		     "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
 		     "Cache-Control: no-store\r\nX-Agentgate: %s\r\n%s\r\n",
-		     code, code == 403 ? "Forbidden" : code == 400 ? "Bad Request" : "Bad Gateway",
+		     code,
+		     code == 403   ? "Forbidden"
+		     : code == 400 ? "Bad Request"
+				   : "Bad Gateway",
 		     blen + 1, code == 403 ? "blocked" : "refused",
 		     close ? "Connection: close\r\n" : "");
 	if (ag_buf_append(resp, hdr, n) ||
@@ -729,7 +734,8 @@ static const char *path_canon(const char *in, size_t n, char *out, size_t outlen
 			continue;
 		if (p[1] == '/')
 			return "empty segment ('//') in the path";
-		if (p[1] == '.' && (p[2] == '/' || !p[2] || (p[2] == '.' && (p[3] == '/' || !p[3]))))
+		if (p[1] == '.' &&
+		    (p[2] == '/' || !p[2] || (p[2] == '.' && (p[3] == '/' || !p[3]))))
 			return "dot segment in the path";
 	}
 	return NULL;
@@ -746,8 +752,8 @@ static const char *hdr_get(struct http *h, const char *name, size_t *vl)
 }
 
 /* Writes the request as it goes upstream: request line, kept headers, the injected credential. */
-static void forward_head(struct ag_session *s, const char *method, const char *target,
-			 size_t tlen, const char *host_from_url)
+static void forward_head(struct ag_session *s, const char *method, const char *target, size_t tlen,
+			 const char *host_from_url)
 {
 	struct http *h = H(s);
 	bool dropped = false;
@@ -780,11 +786,12 @@ static void forward_head(struct ag_session *s, const char *method, const char *t
 	out_add(h, AG_SIDE_UPSTREAM, "\r\n", 2);
 	if (dropped) {
 		pr_info("session %llu: the agent's Authorization header was dropped%s",
-			(unsigned long long)s->id, h->cred[0] ? " (the gateway's credential sent)" : "");
+			(unsigned long long)s->id,
+			h->cred[0] ? " (the gateway's credential sent)" : "");
 		ag_slog_note(ag_d, s, "authorization_dropped",
 			     h->cred[0] ? "the agent's Authorization header was replaced by the "
-					  "gateway's credential" :
-					  "the agent's Authorization header was dropped");
+					  "gateway's credential"
+					: "the agent's Authorization header was dropped");
 	}
 }
 
@@ -839,14 +846,16 @@ static long request_head(struct ag_session *s, const char *method)
 				return bad_request(s, "host in the request target too long");
 			snprintf(urlhost, sizeof(urlhost), "%.*s", (int)hl, uh);
 			if (host[0] && strcasecmp(host, urlhost))
-				return bad_request(s, "absolute-form target names another host than "
-						      "Host");
+				return bad_request(s,
+						   "absolute-form target names another host than "
+						   "Host");
 			if (!(u.field_set & (1 << UF_PATH)))
 				return bad_request(s, "absolute-form target without a path");
 			tgt += u.field_data[UF_PATH].off;
 			tlen -= u.field_data[UF_PATH].off;
 			if (u.field_set & (1 << UF_FRAGMENT))
-				tlen = u.field_data[UF_FRAGMENT].off - 1 - u.field_data[UF_PATH].off;
+				tlen = u.field_data[UF_FRAGMENT].off - 1 -
+				       u.field_data[UF_PATH].off;
 			if (!host[0])
 				snprintf(host, sizeof(host), "%s", urlhost);
 			else
@@ -973,8 +982,8 @@ static long request_head(struct ag_session *s, const char *method)
 		return 0;
 	}
 	if (d.action == AG_ACT_OBSERVE)
-		pr_info("session %llu: %s %s observed by rule %s", (unsigned long long)s->id, method,
-			path, d.rule);
+		pr_info("session %llu: %s %s observed by rule %s", (unsigned long long)s->id,
+			method, path, d.rule);
 	e->upgrade = upgrade;
 	h->body_forward = true;
 	h->body_chunked = h->rq.flags & F_CHUNKED;
@@ -1029,7 +1038,8 @@ static long agent_process(struct ag_session *s, const uint8_t *data, size_t len)
 			rc = policy_refresh(s);
 			if (rc) {
 				ag_session_fail(s, false, "http: the policy was reloaded and %s",
-						rc == -ESRCH ? "the target is gone" : strerror(-rc));
+						rc == -ESRCH ? "the target is gone"
+							     : strerror(-rc));
 				return -1;
 			}
 			if (!h->url || h->in_head)
@@ -1155,8 +1165,7 @@ static void mask_error(struct ag_session *s, int rc)
 	struct http *h = H(s);
 
 	pr_warn("session %llu: response body cannot be masked (%s): connection closed",
-		(unsigned long long)s->id,
-		rc == -EPROTO ? ag_jmask_error(h->jm) : strerror(-rc));
+		(unsigned long long)s->id, rc == -EPROTO ? ag_jmask_error(h->jm) : strerror(-rc));
 	h->r_discard = true;
 	h->err = h->err ? h->err : -EPROTO;
 }
@@ -1167,8 +1176,7 @@ static void masked_out(struct ag_session *s, const uint8_t *p, size_t n, bool fi
 	int rc;
 
 	h->scratch.start = h->scratch.end = 0;
-	rc = finish ? ag_jmask_finish(h->jm, &h->scratch) :
-		      ag_jmask_feed(h->jm, p, n, &h->scratch);
+	rc = finish ? ag_jmask_finish(h->jm, &h->scratch) : ag_jmask_feed(h->jm, p, n, &h->scratch);
 	body_out(h, ag_buf_head(&h->scratch), ag_buf_len(&h->scratch));
 	if (rc < 0) {
 		mask_error(s, rc);
@@ -1321,8 +1329,8 @@ static long response_head(struct ag_session *s)
 	size_t ctl = 0, cel = 0;
 	bool bodyless, chunked_in = h->rs.flags & F_CHUNKED, reframe, mask;
 
-	bodyless = e->head || st / 100 == 1 || st == 204 || st == 304 ||
-		   (e->connect && st / 100 == 2);
+	bodyless =
+		e->head || st / 100 == 1 || st == 204 || st == 304 || (e->connect && st / 100 == 2);
 	ct = rh_get(h, "content-type", &ctl);
 	ce = rh_get(h, "content-encoding", &cel);
 	mask = !bodyless && ct && is_json(ct, ctl) && (h->mask_json || e->secrets);
@@ -1463,9 +1471,9 @@ static long upstream_process(struct ag_session *s, const uint8_t *data, size_t l
 			he = HTTP_PARSER_ERRNO(&h->rs);
 			if ((he != HPE_OK && he != HPE_PAUSED) || n != hlen || h->rh_overflow ||
 			    h->r_in_head)
-				return upstream_broken(s, he != HPE_OK && he != HPE_PAUSED ?
-								  http_errno_description(he) :
-								  "malformed response head");
+				return upstream_broken(s, he != HPE_OK && he != HPE_PAUSED
+								  ? http_errno_description(he)
+								  : "malformed response head");
 			off += hlen;
 			if (response_head(s) < 0)
 				return -1;
@@ -1515,8 +1523,7 @@ static long upstream_process(struct ag_session *s, const uint8_t *data, size_t l
 	 * queue) are taken up once there is room again.
 	 */
 	if (h->astate == A_HEAD && h->qn < HTTP_QUEUE_MAX / 2 &&
-	    ag_buf_len(&s->side[AG_SIDE_AGENT].in) && s->state != AG_SESS_CLOSED &&
-	    resume_agent(s))
+	    ag_buf_len(&s->side[AG_SIDE_AGENT].in) && s->state != AG_SESS_CLOSED && resume_agent(s))
 		return -1;
 	return off;
 }
@@ -1558,8 +1565,9 @@ static int mask_setup(struct ag_session *s, struct http *h)
 		struct ag_kv kv[3];
 		size_t n = 0;
 
-		kv[n++] = (struct ag_kv){ .key = "columns", .list = anyl, .nlist = 1,
-					  .kind = AG_KV_LIST };
+		kv[n++] = (struct ag_kv){
+			.key = "columns", .list = anyl, .nlist = 1, .kind = AG_KV_LIST
+		};
 		if (det)
 			kv[n++] = *det;
 		if (style)
@@ -1662,8 +1670,8 @@ static int http_init(struct ag_session *s)
 
 static long http_input(struct ag_session *s, enum ag_side from, const uint8_t *data, size_t len)
 {
-	long used = from == AG_SIDE_AGENT ? agent_process(s, data, len) :
-					    upstream_process(s, data, len);
+	long used = from == AG_SIDE_AGENT ? agent_process(s, data, len)
+					  : upstream_process(s, data, len);
 
 	if (used < 0 || s->state == AG_SESS_CLOSED)
 		return -1;
@@ -1679,7 +1687,8 @@ static void http_eof(struct ag_session *s, enum ag_side from)
 	if (from == AG_SIDE_AGENT) {
 		h->agent_eof = true;
 		if (h->astate == A_BODY) {
-			ag_session_fail(s, false, "http: the agent closed in the middle of a request");
+			ag_session_fail(s, false,
+					"http: the agent closed in the middle of a request");
 			return;
 		}
 		if (h->astate == A_HEAD && ag_buf_len(&s->side[AG_SIDE_AGENT].in))
@@ -1699,8 +1708,9 @@ static void http_eof(struct ag_session *s, enum ag_side from)
 			h->r_close = true;
 			response_done(s);
 		} else {
-			ag_session_fail(s, false, "http: the upstream closed in the middle of a "
-						  "response");
+			ag_session_fail(s, false,
+					"http: the upstream closed in the middle of a "
+					"response");
 			return;
 		}
 	}

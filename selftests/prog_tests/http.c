@@ -24,7 +24,7 @@
 #define HTTP_RULES                                                                                 \
 	"    http:\n"                                                                              \
 	"      - { name: no-admin, when: { path: [\"/admin/*\"] }, then: deny }\n"                 \
-	"      - { name: review-patch, when: { method: [PATCH] }, then: approve }\n"              \
+	"      - { name: review-patch, when: { method: [PATCH] }, then: approve }\n"               \
 	"      - { name: reads, when: { method: [GET, HEAD] }, then: allow }\n"                    \
 	"      - { name: echo-writes, when: { method: [POST, PUT], path: [\"/echo*\"] },"          \
 	" then: allow }\n"                                                                         \
@@ -84,10 +84,11 @@ static void subtest_keepalive_after_deny(struct th_http_gate *g)
 /* Pipelined requests: answers in the order asked, our 403 in its turn. */
 static void subtest_pipelined_in_order(struct th_http_gate *g)
 {
-	static const char req[] = "GET /echo/first HTTP/1.1\r\nHost: x\r\n\r\n"
-				  "GET /admin/second HTTP/1.1\r\nHost: x\r\n\r\n"
-				  "POST /echo/third HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
-				  "GET /echo/fourth HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+	static const char req[] =
+		"GET /echo/first HTTP/1.1\r\nHost: x\r\n\r\n"
+		"GET /admin/second HTTP/1.1\r\nHost: x\r\n\r\n"
+		"POST /echo/third HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+		"GET /echo/fourth HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
 	char *p1, *p2, *p3, *p4;
 	bool closed;
 
@@ -404,8 +405,8 @@ static int jm_run(const struct ag_jmask_opts *o, const char *in, size_t step, ch
 	if (!j)
 		return -ENOMEM;
 	for (size_t off = 0; off < len; off += step) {
-		rc = ag_jmask_feed(j, (const uint8_t *)in + off, off + step > len ? len - off : step,
-				   &b);
+		rc = ag_jmask_feed(j, (const uint8_t *)in + off,
+				   off + step > len ? len - off : step, &b);
 		if (rc < 0) {
 			n = rc;
 			goto out;
@@ -453,11 +454,12 @@ void test_http_jsonmask(void)
 		     "byte by byte, numbers kept as written");
 	/* Secrets: kind marks the object; a SecretList's items; watch events one per line */
 	o = (struct ag_jmask_opts){ .m = m, .secrets = true, .secret_objects = true };
-	n = jm_run(&o,
-		   "{\"type\":\"ADDED\",\"object\":{\"kind\":\"Secret\",\"data\":{\"k\":\"djE=\"}}}\n"
-		   "{\"type\":\"DELETED\",\"object\":{\"metadata\":{\"name\":\"s\"},"
-		   "\"stringData\":{\"k\":\"v2\"}}}\n",
-		   7, res, sizeof(res));
+	n = jm_run(
+		&o,
+		"{\"type\":\"ADDED\",\"object\":{\"kind\":\"Secret\",\"data\":{\"k\":\"djE=\"}}}\n"
+		"{\"type\":\"DELETED\",\"object\":{\"metadata\":{\"name\":\"s\"},"
+		"\"stringData\":{\"k\":\"v2\"}}}\n",
+		7, res, sizeof(res));
 	ASSERT_EQ(n, 2, "two secret values");
 	ASSERT_STREQ(res,
 		     "{\"type\":\"ADDED\",\"object\":{\"kind\":\"Secret\",\"data\":{\"k\":"
@@ -484,12 +486,13 @@ void test_http_observe_mode(void)
 	struct th_http_gate g;
 	bool closed;
 
-	if (!ASSERT_OK(th_http_gate_start_mode(&g, "127.0.0.64", false, NULL, HTTP_RULES,
-					       "observe"),
-		       "gate"))
+	if (!ASSERT_OK(
+		    th_http_gate_start_mode(&g, "127.0.0.64", false, NULL, HTTP_RULES, "observe"),
+		    "gate"))
 		goto out;
 	th_http_raw(&g, req, sizeof(req) - 1, out, sizeof(out), 15000, &closed);
-	ASSERT_TRUE(!strncmp(out, "HTTP/1.1 404", 12), "passed to the server (which has no /admin)");
+	ASSERT_TRUE(!strncmp(out, "HTTP/1.1 404", 12),
+		    "passed to the server (which has no /admin)");
 	ASSERT_OK(th_daemon_read_log(&g.d, buf, sizeof(buf)), "daemon log");
 	ASSERT_HAS_SUBSTR(buf, "observe mode, would refuse GET /admin/x", "the refusal logged");
 	/* malformed input is still refused: it cannot be decided at all */

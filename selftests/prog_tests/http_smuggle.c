@@ -68,7 +68,8 @@ void test_http_smuggle(void)
 	if (test__start_subtest("content_length_and_transfer_encoding"))
 		CASE(&g,
 		     "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 35\r\n"
-		     "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+		     "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: "
+		     "x\r\n\r\n",
 		     NULL);
 	if (test__start_subtest("transfer_encoding_and_content_length"))
 		CASE(&g,
@@ -77,7 +78,8 @@ void test_http_smuggle(void)
 		     NULL);
 	if (test__start_subtest("duplicate_content_length"))
 		CASE(&g,
-		     "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 35\r\n\r\n"
+		     "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: "
+		     "35\r\n\r\n"
 		     "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
 		     NULL);
 	if (test__start_subtest("invalid_content_length"))
@@ -85,14 +87,17 @@ void test_http_smuggle(void)
 	if (test__start_subtest("negative_content_length"))
 		CASE(&g, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\nhello", NULL);
 	if (test__start_subtest("content_length_list"))
-		CASE(&g, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello", NULL);
+		CASE(&g, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello",
+		     NULL);
 	if (test__start_subtest("transfer_encoding_not_chunked_last"))
 		CASE(&g,
-		     "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n"
+		     "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, "
+		     "identity\r\n\r\n"
 		     "0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
 		     NULL);
 	if (test__start_subtest("transfer_encoding_gzip"))
-		CASE(&g, "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nxx", NULL);
+		CASE(&g, "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nxx",
+		     NULL);
 	if (test__start_subtest("transfer_encoding_obfuscated"))
 		CASE(&g,
 		     "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n"
@@ -109,8 +114,7 @@ void test_http_smuggle(void)
 		     "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
 		     "duplicate Transfer-Encoding");
 	if (test__start_subtest("obsolete_line_folding"))
-		CASE(&g,
-		     "GET /echo HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n",
+		CASE(&g, "GET /echo HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n",
 		     "obsolete line folding");
 	if (test__start_subtest("folded_transfer_encoding"))
 		CASE(&g,
@@ -167,12 +171,16 @@ void test_http_smuggle(void)
 	if (test__start_subtest("nul_in_header_value"))
 		CASE(&g, "GET /echo HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n", "NUL byte");
 	if (test__start_subtest("bare_cr_in_header_value"))
-		CASE(&g, "GET /echo HTTP/1.1\r\nHost: x\r\nX-A: a\rTransfer-Encoding: chunked\r\n\r\n",
+		CASE(&g,
+		     "GET /echo HTTP/1.1\r\nHost: x\r\nX-A: a\rTransfer-Encoding: chunked\r\n\r\n",
 		     "CR without LF");
 	if (test__start_subtest("bare_lf_line_ending"))
 		CASE(&g, "GET /echo HTTP/1.1\nHost: x\nX-A: a\n\n", "bare LF");
 	if (test__start_subtest("control_char_in_header"))
-		CASE(&g, "GET /echo HTTP/1.1\r\nHost: x\r\nX-A: a\x01" "b\r\n\r\n", "control");
+		CASE(&g,
+		     "GET /echo HTTP/1.1\r\nHost: x\r\nX-A: a\x01"
+		     "b\r\n\r\n",
+		     "control");
 	if (test__start_subtest("absolute_form_other_host"))
 		CASE(&g, "GET http://evil.example/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
 		     "another host");
@@ -181,8 +189,8 @@ void test_http_smuggle(void)
 	if (test__start_subtest("duplicate_host"))
 		CASE(&g, "GET /echo HTTP/1.1\r\nHost: x\r\nHost: evil\r\n\r\n", "duplicate Host");
 	if (test__start_subtest("transfer_encoding_in_http10"))
-		CASE(&g,
-		     "POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", NULL);
+		CASE(&g, "POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+		     NULL);
 	if (test__start_subtest("dot_segment_path"))
 		CASE(&g, "GET /echo/../smuggled HTTP/1.1\r\nHost: x\r\n\r\n", "dot segment");
 	if (test__start_subtest("encoded_dot_segment_path"))

@@ -42,7 +42,8 @@ static const struct k8s_case cases[] = {
 	  true },
 	{ "HEAD", "/api/v1/namespaces/default/pods/web", "get", "", "pods", "", "default", "web",
 	  true },
-	{ "POST", "/api/v1/namespaces/default/pods", "create", "", "pods", "", "default", "", true },
+	{ "POST", "/api/v1/namespaces/default/pods", "create", "", "pods", "", "default", "",
+	  true },
 	{ "PUT", "/api/v1/namespaces/default/pods/web", "update", "", "pods", "", "default", "web",
 	  true },
 	{ "PATCH", "/api/v1/namespaces/default/pods/web/status", "patch", "", "pods", "status",
@@ -106,15 +107,18 @@ void test_k8s_request_info(void)
 
 #define K8S_RULES                                                                                  \
 	"    http:\n"                                                                              \
-	"      - { name: debug-exec, when: { kubernetes: { subresource: [exec], name: [debug-pod] }"\
+	"      - { name: debug-exec, when: { kubernetes: { subresource: [exec], name: "            \
+	"[debug-pod] }"                                                                            \
 	" }, then: allow }\n"                                                                      \
-	"      - { name: no-exec, when: { kubernetes: { subresource: [exec, attach, portforward] }"\
+	"      - { name: no-exec, when: { kubernetes: { subresource: [exec, attach, portforward] " \
+	"}"                                                                                        \
 	" }, then: deny }\n"                                                                       \
 	"      - { name: no-delete, when: { kubernetes: { verb: [delete, deletecollection] } },"   \
 	" then: deny }\n"                                                                          \
 	"      - { name: secrets-read, when: { kubernetes: { verb: [get, list, watch],"            \
 	" resource: [secrets] } }, then: allow }\n"                                                \
-	"      - { name: reads, when: { kubernetes: { verb: [get, list, watch] } }, then: allow }\n"
+	"      - { name: reads, when: { kubernetes: { verb: [get, list, watch] } }, then: allow "  \
+	"}\n"
 
 static char out[256 * 1024], err[65536], logbuf[1 << 20];
 
@@ -122,9 +126,10 @@ static int kubectl(struct th_http_gate *g, const char *a1, const char *a2, const
 		   const char *a4)
 {
 	char kc[256], cache[256];
-	char *argv[] = { "/usr/bin/env", kc, "HOME=/tmp", "/usr/bin/kubectl", cache,
-			 "--request-timeout=20s", (char *)a1, (char *)a2, (char *)a3, (char *)a4,
-			 NULL };
+	char *argv[] = { "/usr/bin/env",     kc,	 "HOME=/tmp",
+			 "/usr/bin/kubectl", cache,	 "--request-timeout=20s",
+			 (char *)a1,	     (char *)a2, (char *)a3,
+			 (char *)a4,	     NULL };
 
 	snprintf(kc, sizeof(kc), "KUBECONFIG=%s", g->kubeconfig);
 	snprintf(cache, sizeof(cache), "--cache-dir=%s/kcache", g->dir);
@@ -232,9 +237,9 @@ static void subtest_impersonation_own_target(struct th_http_gate *g)
 
 static void subtest_nodes_proxy_own_target(struct th_http_gate *g)
 {
-	if (!ASSERT_OK(th_http_curl(g, out, sizeof(out), "/api/v1/nodes/n1/proxy/metrics", "-i",
-				    NULL),
-		       "curl"))
+	if (!ASSERT_OK(
+		    th_http_curl(g, out, sizeof(out), "/api/v1/nodes/n1/proxy/metrics", "-i", NULL),
+		    "curl"))
 		return;
 	ASSERT_TRUE(!strncmp(out, "HTTP/1.1 403", 12), "nodes/proxy not covered by reads");
 }
@@ -259,8 +264,7 @@ static void subtest_secret_masked(struct th_http_gate *g)
 		ASSERT_HAS_SUBSTR(out, "\"password\":\"[REDACTED]\"", "data masked, keys kept");
 		ASSERT_HAS_SUBSTR(out, "\"name\":\"db-pass\"", "metadata kept");
 	}
-	if (ASSERT_OK(th_http_curl(g, out, sizeof(out), "/api/v1/namespaces/default/secrets",
-				   NULL),
+	if (ASSERT_OK(th_http_curl(g, out, sizeof(out), "/api/v1/namespaces/default/secrets", NULL),
 		      "list"))
 		no_secret_values(out, "list secrets");
 	if (ASSERT_OK(kubectl(g, "get", "secret", "db-pass", "-o=jsonpath={.data.password}"),
@@ -272,7 +276,8 @@ static void subtest_secret_masked(struct th_http_gate *g)
 static void subtest_secret_not_json_refused(struct th_http_gate *g)
 {
 	if (!ASSERT_OK(th_http_curl(g, out, sizeof(out),
-				    "/api/v1/namespaces/default/secrets/db-pass?as=yaml", "-i", NULL),
+				    "/api/v1/namespaces/default/secrets/db-pass?as=yaml", "-i",
+				    NULL),
 		       "curl"))
 		return;
 	ASSERT_TRUE(!strncmp(out, "HTTP/1.1 502", 12), "502");
@@ -323,8 +328,10 @@ static void subtest_agent_token_replaced(struct th_http_gate *g)
 		return;
 	ASSERT_OK(th_http_srvlog(g, logbuf, sizeof(logbuf)), "server log");
 	ASSERT_FALSE(strstr(logbuf, "agent-own-token-XYZ"), "the agent's token never arrived");
-	ASSERT_HAS_SUBSTR(logbuf, "GET /api/v1/namespaces?limit=500&timeout=20s auth=Bearer "
-			  "gateway-k8s-token", "the gateway's token did");
+	ASSERT_HAS_SUBSTR(logbuf,
+			  "GET /api/v1/namespaces?limit=500&timeout=20s auth=Bearer "
+			  "gateway-k8s-token",
+			  "the gateway's token did");
 }
 
 void test_k8s(void)
@@ -383,17 +390,19 @@ out:
 /* agctl policy explain --http: the attributes and the deciding rule, without a daemon. */
 void test_k8s_policy_explain(void)
 {
-	static const char pol[] =
-		"apiVersion: agentgate/v1\n"
-		"agents: [{ name: ci, cgroup: /agents.slice }]\n"
-		"targets: [{ name: kube, protocol: http, address: 127.0.0.3:6443, kubernetes: true }]\n"
-		"rules:\n"
-		"  - agent: ci\n"
-		"    target: kube\n"
-		"    http:\n"
-		"      - { name: no-exec, when: { kubernetes: { subresource: [exec] } }, then: deny }\n"
-		"      - { name: reads, when: { kubernetes: { verb: [get, list, watch] } }, then: allow }\n"
-		"default: deny\n";
+	static const char pol[] = "apiVersion: agentgate/v1\n"
+				  "agents: [{ name: ci, cgroup: /agents.slice }]\n"
+				  "targets: [{ name: kube, protocol: http, address: "
+				  "127.0.0.3:6443, kubernetes: true }]\n"
+				  "rules:\n"
+				  "  - agent: ci\n"
+				  "    target: kube\n"
+				  "    http:\n"
+				  "      - { name: no-exec, when: { kubernetes: { subresource: "
+				  "[exec] } }, then: deny }\n"
+				  "      - { name: reads, when: { kubernetes: { verb: [get, list, "
+				  "watch] } }, then: allow }\n"
+				  "default: deny\n";
 	static struct th_agctl_result r;
 	char path[] = "/tmp/agentgate-explain-XXXXXX";
 	int fd = mkstemp(path);
@@ -407,8 +416,8 @@ void test_k8s_policy_explain(void)
 	ASSERT_EQ(r.status, 0, "exit 0");
 	ASSERT_HAS_SUBSTR(r.out, "resource pods/exec", "attributes");
 	ASSERT_HAS_SUBSTR(r.out, "decision: deny by rule no-exec", "the deciding rule");
-	TH_AGCTL(&r, "-j", "policy", "explain", path, "--agent", "ci", "--target", "kube",
-		 "--http", "GET /api/v1/namespaces/default/secrets/db");
+	TH_AGCTL(&r, "-j", "policy", "explain", path, "--agent", "ci", "--target", "kube", "--http",
+		 "GET /api/v1/namespaces/default/secrets/db");
 	ASSERT_EQ(r.status, 0, "exit 0");
 	ASSERT_HAS_SUBSTR(r.out, "\"verb\":\"get\"", "verb");
 	ASSERT_HAS_SUBSTR(r.out, "\"decision\":\"deny\"", "secrets not covered by reads");
@@ -419,13 +428,13 @@ void test_k8s_policy_explain(void)
 /* The http rule keys this target type adds are accepted, and their values checked. */
 void test_k8s_policy_keys(void)
 {
-	static const char head[] =
-		"apiVersion: agentgate/v1\n"
-		"agents: [{ name: ci, cgroup: /agents.slice }]\n"
-		"targets: [{ name: kube, protocol: http, address: 127.0.0.3:6443, kubernetes: true }]\n"
-		"rules:\n"
-		"  - agent: ci\n"
-		"    target: kube\n";
+	static const char head[] = "apiVersion: agentgate/v1\n"
+				   "agents: [{ name: ci, cgroup: /agents.slice }]\n"
+				   "targets: [{ name: kube, protocol: http, address: "
+				   "127.0.0.3:6443, kubernetes: true }]\n"
+				   "rules:\n"
+				   "  - agent: ci\n"
+				   "    target: kube\n";
 	static const char *const good[] = {
 		"    http:\n"
 		"      - { name: a, when: { kubernetes: { group: [apps], version: [v1],"
@@ -437,8 +446,10 @@ void test_k8s_policy_keys(void)
 	static const char *const bad[] = {
 		"    mask: { secrets: maybe }\n",
 		"    http:\n      - { name: a, when: { upgrade: sometimes }, then: allow }\n",
-		"    http:\n      - { name: a, when: { kubernetes: { impersonate: [x] } }, then: allow }\n",
-		"    http:\n      - { name: a, when: { kubernetes: { verbs: [get] } }, then: allow }\n",
+		"    http:\n      - { name: a, when: { kubernetes: { impersonate: [x] } }, then: "
+		"allow }\n",
+		"    http:\n      - { name: a, when: { kubernetes: { verbs: [get] } }, then: allow "
+		"}\n",
 	};
 	char text[2048], perr[512];
 	struct ag_policy *p;

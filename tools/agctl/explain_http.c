@@ -32,7 +32,8 @@ int agctl_explain_http(const struct ag_policy *p, const char *agent,
 	}
 	sp = strchr(copy, ' ');
 	if (!sp || sp - copy >= (long)sizeof(method)) {
-		p_err("--http needs \"METHOD PATH\" (e.g. \"GET /api/v1/namespaces/default/pods\")");
+		p_err("--http needs \"METHOD PATH\" (e.g. \"GET "
+		      "/api/v1/namespaces/default/pods\")");
 		free(copy);
 		return -1;
 	}
@@ -50,9 +51,11 @@ int agctl_explain_http(const struct ag_policy *p, const char *agent,
 			*semi = '\0';
 		if (colon) {
 			*colon = '\0';
-			hdrs[nh++] = (struct ag_http_hdr){ .name = rest, .nlen = strlen(rest),
+			hdrs[nh++] = (struct ag_http_hdr){ .name = rest,
+							   .nlen = strlen(rest),
 							   .val = colon + 1 + (colon[1] == ' '),
-							   .vlen = strlen(colon + 1 + (colon[1] == ' ')) };
+							   .vlen = strlen(colon + 1 +
+									  (colon[1] == ' ')) };
 		}
 		rest = semi ? semi + 1 : NULL;
 		while (rest && *rest == ' ')
