@@ -117,6 +117,7 @@ struct http {
 	char cred[4096];       /* the Authorization value the gateway injects ("" none) */
 	uint64_t cred_at;      /* when it was asked for (monotonic ms) */
 	bool agent_eof;
+	bool stalled; /* the queue of owed answers is full */
 	uint64_t policy_gen;
 
 	/* a request held for approval: its verdict, applied when it is parsed again */
@@ -1016,8 +1017,15 @@ static long agent_process(struct ag_session *s, const uint8_t *data, size_t len)
 			out_add(h, AG_SIDE_UPSTREAM, p, avail);
 			return len;
 		case A_HEAD:
-			if (h->qn >= HTTP_QUEUE_MAX)
-				return off; /* a pipeline that never reads: stop reading it */
+			if (h->qn >= HTTP_QUEUE_MAX) {
+				/* a pipeline far ahead of its answers: read on once they come */
+				if (!h->stalled)
+					pr_debug("session %llu: %zu answers owed: the agent waits",
+						 (unsigned long long)s->id, h->qn);
+				h->stalled = true;
+				return off;
+			}
+			h->stalled = false;
 			rc = head_scan(p, avail, &hlen, &why);
 			if (rc < 0)
 				return bad_request(s, why);

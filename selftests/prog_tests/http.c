@@ -10,9 +10,11 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -103,6 +105,67 @@ static void subtest_pipelined_in_order(struct th_http_gate *g)
 		ASSERT_TRUE(p1 < p2 && p2 < p3 && p3 < p4, "in the order asked");
 	ASSERT_HAS_SUBSTR(out, "\"body_len\":5", "the body of the third");
 	ASSERT_TRUE(closed, "closed after the last");
+}
+
+/*
+ * A pipeline deeper than the gateway's queue of owed answers (1024): it stops reading the agent
+ * for a while, then takes the rest up; every answer comes, in order, none lost.
+ */
+static void subtest_pipeline_deeper_than_queue(struct th_http_gate *g)
+{
+	static const char one[] = "GET /version HTTP/1.1\r\nHost: x\r\n\r\n";
+	static const char last[] =
+		"GET /echo/last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+	const int n = 1500;
+	size_t total = n * (sizeof(one) - 1) + sizeof(last) - 1, sent = 0, got = 0;
+	char *req = malloc(total), *resp = malloc(4 << 20);
+	int fd = th_http_connect(g), answers = 0;
+	bool eof = false;
+
+	if (!ASSERT_OK_PTR(req, "malloc") || !ASSERT_OK_PTR(resp, "malloc") ||
+	    !ASSERT_GE(fd, 0, "connect"))
+		goto out;
+	for (int i = 0; i < n; i++)
+		memcpy(req + i * (sizeof(one) - 1), one, sizeof(one) - 1);
+	memcpy(req + n * (sizeof(one) - 1), last, sizeof(last) - 1);
+	fcntl(fd, F_SETFL, O_NONBLOCK);
+	for (int idle = 0; !eof && idle < 300;) {
+		struct pollfd p = { .fd = fd, .events = POLLIN | (sent < total ? POLLOUT : 0) };
+		ssize_t r;
+
+		if (poll(&p, 1, 100) <= 0) {
+			idle++;
+			continue;
+		}
+		idle = 0;
+		if ((p.revents & POLLOUT) && sent < total) {
+			r = send(fd, req + sent, total - sent, MSG_NOSIGNAL);
+			if (r > 0)
+				sent += r;
+		}
+		if (p.revents & (POLLIN | POLLHUP)) {
+			r = recv(fd, resp + got, (4 << 20) - 1 - got, 0);
+			if (r == 0)
+				eof = true;
+			if (r > 0)
+				got += r;
+		}
+	}
+	resp[got] = '\0';
+	for (const char *q = resp; (q = strstr(q, "HTTP/1.1 200")); q++)
+		answers++;
+	ASSERT_EQ(sent, total, "all sent");
+	ASSERT_EQ(answers, n + 1, "every request answered");
+	ASSERT_TRUE(got > 0 && strstr(resp, "/echo/last") > strstr(resp, "gitVersion"),
+		    "the last answer last");
+	ASSERT_TRUE(eof, "closed after the last");
+	if (!th_daemon_read_log(&g->d, resp, 4 << 20))
+		ASSERT_HAS_SUBSTR(resp, "answers owed: the agent waits", "the queue filled up");
+out:
+	if (fd >= 0)
+		close(fd);
+	free(req);
+	free(resp);
 }
 
 static int write_blob(const char *path, size_t n)
@@ -365,6 +428,8 @@ void test_http(void)
 		subtest_keepalive_after_deny(&g);
 	if (test__start_subtest("pipelined_in_order"))
 		subtest_pipelined_in_order(&g);
+	if (test__start_subtest("pipeline_deeper_than_queue"))
+		subtest_pipeline_deeper_than_queue(&g);
 	if (test__start_subtest("chunked_request_body"))
 		subtest_chunked_request_body(&g);
 	if (test__start_subtest("expect_100_continue"))
