@@ -118,6 +118,7 @@ struct http {
 	uint64_t cred_at;      /* when it was asked for (monotonic ms) */
 	bool agent_eof;
 	bool stalled; /* the queue of owed answers is full */
+	bool shut[2]; /* FIN to that side after the output */
 	uint64_t policy_gen;
 
 	/* a request held for approval: its verdict, applied when it is parsed again */
@@ -153,7 +154,10 @@ static void out_printf(struct http *h, enum ag_side to, const char *fmt, ...)
 		out_add(h, to, buf, (size_t)n < sizeof(buf) ? (size_t)n : sizeof(buf) - 1);
 }
 
-/* Sends what was built for both sides; -1 when the session ended. */
+/*
+ * Sends what was built for both sides, then the FINs asked for; -1 when the session ended (the
+ * handler's state is gone then: return at once). The only place output leaves the handler.
+ */
 static int out_flush(struct ag_session *s)
 {
 	struct http *h = H(s);
@@ -177,6 +181,9 @@ static int out_flush(struct ag_session *s)
 			return -1;
 		}
 	}
+	for (int i = 0; i < 2; i++)
+		if (h->shut[i])
+			ag_session_shutdown(s, i);
 	return 0;
 }
 
@@ -381,17 +388,17 @@ static void ent_pop(struct http *h)
 	ent_free(e);
 }
 
-/* Both directions end once what is queued is written. */
+/*
+ * Both directions end once what is queued is written (out_flush() shuts them after sending):
+ * nothing here ends the session, so callers may go on using the handler's state.
+ */
 static void close_both(struct ag_session *s)
 {
 	struct http *h = H(s);
 
 	h->astate = A_DEAD;
 	h->ustate = U_DEAD;
-	if (out_flush(s))
-		return;
-	ag_session_shutdown(s, AG_SIDE_AGENT);
-	ag_session_shutdown(s, AG_SIDE_UPSTREAM);
+	h->shut[AG_SIDE_AGENT] = h->shut[AG_SIDE_UPSTREAM] = true;
 }
 
 /* Our answers at the head of the queue go out now (their turn came). */
@@ -411,7 +418,7 @@ static void queue_flush(struct ag_session *s)
 		}
 	}
 	if (!h->qh && h->agent_eof && h->astate != A_TUNNEL)
-		ag_session_shutdown(s, AG_SIDE_AGENT);
+		h->shut[AG_SIDE_AGENT] = true;
 }
 
 /*
@@ -434,7 +441,7 @@ static long bad_request(struct ag_session *s, const char *why)
 	ag_buf_free(&resp);
 	ag_buf_free(&h->to[AG_SIDE_UPSTREAM]);
 	close_both(s);
-	return s->state == AG_SESS_CLOSED ? -1 : 0;
+	return 0;
 }
 
 /* --- parsing callbacks ------------------------------------------------------------------------ */
@@ -1702,11 +1709,10 @@ static void http_eof(struct ag_session *s, enum ag_side from)
 		if (h->astate == A_HEAD && ag_buf_len(&s->side[AG_SIDE_AGENT].in))
 			pr_info("session %llu: the agent closed in the middle of a request head",
 				(unsigned long long)s->id);
-		if (out_flush(s))
-			return;
-		ag_session_shutdown(s, AG_SIDE_UPSTREAM);
+		h->shut[AG_SIDE_UPSTREAM] = true;
 		if (!h->qh && h->astate != A_TUNNEL)
-			ag_session_shutdown(s, AG_SIDE_AGENT);
+			h->shut[AG_SIDE_AGENT] = true;
+		out_flush(s);
 		return;
 	}
 	if (h->ustate == U_BODY) {
@@ -1722,9 +1728,8 @@ static void http_eof(struct ag_session *s, enum ag_side from)
 			return;
 		}
 	}
-	if (out_flush(s))
-		return;
-	ag_session_shutdown(s, AG_SIDE_AGENT);
+	h->shut[AG_SIDE_AGENT] = true;
+	out_flush(s);
 }
 
 static void http_fini(struct ag_session *s)

@@ -168,6 +168,25 @@ out:
 	free(resp);
 }
 
+/* The agent sends, then half-closes: every answer still comes, then the FIN. */
+static void subtest_half_close_after_requests(struct th_http_gate *g)
+{
+	static const char req[] = "GET /echo/one HTTP/1.1\r\nHost: x\r\n\r\n"
+				  "GET /admin/two HTTP/1.1\r\nHost: x\r\n\r\n";
+	bool closed;
+	int fd = th_http_connect(g);
+
+	if (!ASSERT_GE(fd, 0, "connect"))
+		return;
+	th_send_all(fd, req, sizeof(req) - 1, 5000);
+	shutdown(fd, SHUT_WR);
+	th_http_read_until(fd, out, sizeof(out), NULL, 15000, &closed);
+	ASSERT_HAS_SUBSTR(out, "/echo/one", "the first answer");
+	ASSERT_HAS_SUBSTR(out, "blocked by rule no-admin", "our 403 after it, whole");
+	ASSERT_TRUE(closed, "then the FIN");
+	close(fd);
+}
+
 static int write_blob(const char *path, size_t n)
 {
 	FILE *f = fopen(path, "w");
@@ -430,6 +449,8 @@ void test_http(void)
 		subtest_pipelined_in_order(&g);
 	if (test__start_subtest("pipeline_deeper_than_queue"))
 		subtest_pipeline_deeper_than_queue(&g);
+	if (test__start_subtest("half_close_after_requests"))
+		subtest_half_close_after_requests(&g);
 	if (test__start_subtest("chunked_request_body"))
 		subtest_chunked_request_body(&g);
 	if (test__start_subtest("expect_100_continue"))
