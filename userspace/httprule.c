@@ -128,9 +128,17 @@ static bool k8s_matches(const struct ag_http_req *r, const struct ag_kv *k, size
 		} else if (!strcmp(kv->key, "resource")) {
 			char rs[200];
 
-			snprintf(rs, sizeof(rs), "%s/%s", q->resource, q->subresource);
-			if (q->subresource[0] && any_glob(kv, rs, 0))
+			/*
+			 * As in RBAC: "pods" is the resource without subresources; pods/log must
+			 * be named, as pods/log or a glob that matches it, unless the rule says
+			 * subresource: (which then decides the subresource).
+			 */
+			if (q->subresource[0] && !ag_kv_get(k, nk, "subresource")) {
+				snprintf(rs, sizeof(rs), "%s/%s", q->resource, q->subresource);
+				if (!any_glob(kv, rs, 0))
+					return false;
 				continue;
+			}
 			field = q->resource;
 		} else if (!strcmp(kv->key, "subresource")) {
 			field = q->subresource;

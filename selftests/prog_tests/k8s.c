@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "httprule.h"
 #include "k8s.h"
 #include "policy.h"
 #include "../http.h"
@@ -423,6 +424,61 @@ void test_k8s_policy_explain(void)
 	ASSERT_HAS_SUBSTR(r.out, "\"decision\":\"deny\"", "secrets not covered by reads");
 	ASSERT_HAS_SUBSTR(r.out, "does not name secrets", "why");
 	unlink(path);
+}
+
+/* resource: [pods] does not cover pods/log (RBAC's reading); pods/log and globs for it do. */
+void test_k8s_subresource_rbac(void)
+{
+	static const char head[] = "apiVersion: agentgate/v1\n"
+				   "agents: [{ name: ci, cgroup: /agents.slice }]\n"
+				   "targets: [{ name: kube, protocol: http, address: "
+				   "127.0.0.3:6443, kubernetes: true }]\n"
+				   "rules:\n"
+				   "  - agent: ci\n"
+				   "    target: kube\n"
+				   "    http:\n";
+	static const struct {
+		const char *rule, *req, *want;
+	} rb[] = {
+		{ "{ resource: [pods] }", "GET /api/v1/namespaces/d/pods/web", "allow" },
+		{ "{ resource: [pods] }", "GET /api/v1/namespaces/d/pods/web/log", "deny" },
+		{ "{ resource: [pods/log] }", "GET /api/v1/namespaces/d/pods/web/log", "allow" },
+		{ "{ resource: [\"pods/*\"] }", "GET /api/v1/namespaces/d/pods/web/log", "allow" },
+		{ "{ resource: [pods], subresource: [log] }", "GET /api/v1/namespaces/d/pods/w/log",
+		  "allow" },
+		{ "{ resource: [\"*\"] }", "PATCH /apis/apps/v1/namespaces/d/deployments/a/scale",
+		  "allow" },
+		{ "{ resource: [pods/log] }", "GET /api/v1/namespaces/d/pods/web", "deny" },
+	};
+	char text[2048], perr[512], want[64];
+
+	for (size_t i = 0; i < sizeof(rb) / sizeof(rb[0]); i++) {
+		struct ag_http_decision d;
+		struct ag_http_req r = { 0 };
+		struct ag_k8s_req k;
+		struct ag_policy *p;
+		char method[16], target[256];
+
+		snprintf(text, sizeof(text),
+			 "%s      - { name: r, when: { kubernetes: %s }, then: allow }\n"
+			 "default: deny\n",
+			 head, rb[i].rule);
+		p = ag_policy_parse(text, strlen(text), "t.yaml", perr, sizeof(perr));
+		if (!ASSERT_OK_PTR(p, "policy")) {
+			printf("%s\n", perr);
+			continue;
+		}
+		sscanf(rb[i].req, "%15s %255s", method, target);
+		ag_k8s_parse(method, target, strlen(target), &k);
+		r.method = method;
+		r.host = "";
+		r.path = k.path;
+		r.k8s = &k;
+		ag_http_decide(ag_http_rule_for(p, "ci", "kube"), &r, &d);
+		snprintf(want, sizeof(want), "%s: %s", rb[i].rule, rb[i].req);
+		ASSERT_STREQ(ag_action_name(d.action), rb[i].want, want);
+		ag_policy_free(p);
+	}
 }
 
 /* The http rule keys this target type adds are accepted, and their values checked. */
