@@ -426,17 +426,19 @@ void test_k8s_policy_explain(void)
 	unlink(path);
 }
 
+/* A policy with agent ci and kubernetes target kube, up to the rule's own keys. */
+#define K8S_POLICY_HEAD                                                                            \
+	"apiVersion: agentgate/v1\n"                                                               \
+	"agents: [{ name: ci, cgroup: /agents.slice }]\n"                                          \
+	"targets: [{ name: kube, protocol: http, address: 127.0.0.3:6443, kubernetes: true }]\n"   \
+	"rules:\n"                                                                                 \
+	"  - agent: ci\n"                                                                          \
+	"    target: kube\n"
+
 /* resource: [pods] does not cover pods/log (RBAC's reading); pods/log and globs for it do. */
 void test_k8s_subresource_rbac(void)
 {
-	static const char head[] = "apiVersion: agentgate/v1\n"
-				   "agents: [{ name: ci, cgroup: /agents.slice }]\n"
-				   "targets: [{ name: kube, protocol: http, address: "
-				   "127.0.0.3:6443, kubernetes: true }]\n"
-				   "rules:\n"
-				   "  - agent: ci\n"
-				   "    target: kube\n"
-				   "    http:\n";
+	static const char head[] = K8S_POLICY_HEAD "    http:\n";
 	static const struct {
 		const char *rule, *req, *want;
 	} rb[] = {
@@ -484,13 +486,7 @@ void test_k8s_subresource_rbac(void)
 /* The http rule keys this target type adds are accepted, and their values checked. */
 void test_k8s_policy_keys(void)
 {
-	static const char head[] = "apiVersion: agentgate/v1\n"
-				   "agents: [{ name: ci, cgroup: /agents.slice }]\n"
-				   "targets: [{ name: kube, protocol: http, address: "
-				   "127.0.0.3:6443, kubernetes: true }]\n"
-				   "rules:\n"
-				   "  - agent: ci\n"
-				   "    target: kube\n";
+	static const char head[] = K8S_POLICY_HEAD;
 	static const char *const good[] = {
 		"    http:\n"
 		"      - { name: a, when: { kubernetes: { group: [apps], version: [v1],"
