@@ -207,6 +207,21 @@ static void subtest_exec_denied_get_upgrade(struct th_http_gate *g)
 }
 
 /* An exec a rule allows by name: after 101 the connection relays both ways. */
+/* kubectl exec (websocket GET+Upgrade, then SPDY POST): refused, and kubectl says why. */
+static void subtest_kubectl_exec_refused(struct th_http_gate *g)
+{
+	int rc = kubectl(g, "exec", "web-1", "--", "true");
+
+	ASSERT_NEQ(rc, 0, "kubectl exec fails");
+	if (!ASSERT_TRUE(strstr(err, "Error from server (Forbidden): agentgate: blocked by rule "
+				     "no-exec"),
+			 "kubectl prints the Status") ||
+	    test__verbose())
+		printf("kubectl exec: %s\n", err);
+	ASSERT_OK(th_http_srvlog(g, logbuf, sizeof(logbuf)), "server log");
+	ASSERT_FALSE(strstr(logbuf, "web-1/exec"), "exec never reached the server");
+}
+
 static void subtest_exec_allowed_relays(struct th_http_gate *g)
 {
 	static const char req[] =
@@ -364,6 +379,8 @@ void test_k8s(void)
 		subtest_exec_denied_post(&g);
 	if (test__start_subtest("exec_denied_get_upgrade"))
 		subtest_exec_denied_get_upgrade(&g);
+	if (have_kubectl && test__start_subtest("kubectl_exec_refused"))
+		subtest_kubectl_exec_refused(&g);
 	if (test__start_subtest("exec_allowed_relays_after_101"))
 		subtest_exec_allowed_relays(&g);
 	if (test__start_subtest("impersonation_own_rule_target"))
