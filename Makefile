@@ -135,10 +135,11 @@ demo: deps
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)./scripts/demo.sh
 
-# Both run even if the first misses its targets; the exit status says whether either failed.
+# All run even if one misses its targets; the exit status says whether any failed.
 bench: deps
 	$(Q)$(MAKE) --no-print-directory all
-	$(Q)rc=0; ./scripts/bench.sh || rc=1; ./scripts/bench_pg.sh || rc=1; exit $$rc
+	$(Q)rc=0; ./scripts/bench.sh || rc=1; ./scripts/bench_pg.sh || rc=1; \
+		./scripts/bench_http.sh || rc=1; exit $$rc
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/share/man/man8 \

@@ -11,6 +11,10 @@ iproute2 procps psmisc util-linux curl openssl python3 python3-psycopg2
 postgresql postgresql-client pgbouncer nginx-light wrk
 "
 
+# kubectl for the Kubernetes selftests: Debian's kubernetes-client, unless one is already there
+# (a kubectl from another source must not be replaced).
+command -v kubectl >/dev/null 2>&1 || PKGS="$PKGS kubernetes-client"
+
 missing=""
 for p in $PKGS; do
 	st=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)

@@ -119,6 +119,9 @@ void ag_ctl_server_stop(struct ag_daemon *d);
 int ag_slog_open(struct ag_daemon *d, char *err, size_t errlen);
 void ag_slog_close(struct ag_daemon *d);
 void ag_slog_session(struct ag_daemon *d, const char *event, const struct ag_session *s);
+/* A noteworthy event inside a session (event "note", what, detail); never a secret. */
+void ag_slog_note(struct ag_daemon *d, const struct ag_session *s, const char *what,
+		  const char *detail);
 struct ag_event;
 void ag_slog_kernel_deny(struct ag_daemon *d, const struct ag_event *ev, const char *reason,
 			 int64_t when_ns, const char *orig_dst);

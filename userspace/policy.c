@@ -407,7 +407,8 @@ static const struct field sql_when_fields[] = {
 
 static const struct field k8s_when_fields[] = {
 	{ "verb", F_LIST },	 { "resource", F_LIST }, { "subresource", F_LIST },
-	{ "namespace", F_LIST }, { "name", F_LIST },	 { NULL },
+	{ "namespace", F_LIST }, { "name", F_LIST },	 { "group", F_LIST },
+	{ "version", F_LIST },	 { "impersonate", F_BOOL }, { NULL },
 };
 
 static const struct field http_when_fields[] = {
@@ -416,13 +417,18 @@ static const struct field http_when_fields[] = {
 	{ "path", F_LIST },
 	{ "headers", F_FREEMAP },
 	{ "kubernetes", F_MAP, .sub = k8s_when_fields },
+	{ "upgrade", F_BOOL },
 	{ NULL },
 };
+
+static const char *const secrets_names[] = { "masked", "unmasked", NULL };
 
 static const struct field mask_fields[] = {
 	{ "columns", F_LIST },
 	{ "detectors", F_LIST, detector_names },
 	{ "style", F_STR, style_names },
+	{ "keys", F_LIST },			/* http: JSON key names or paths */
+	{ "secrets", F_STR, secrets_names }, /* http, kubernetes: masked (default) | unmasked */
 	{ NULL },
 };
 

@@ -2,6 +2,7 @@
 /* protocol: tcp — a plain relay: every byte passed on as it came, FINs passed on as well. */
 #include <errno.h>
 #include "proto.h"
+#include "proto_http.h"
 #include "proto_pg.h"
 #include "session.h"
 
@@ -31,6 +32,8 @@ const struct ag_proto_ops *ag_proto_lookup(enum ag_proto p)
 		return &ag_proto_tcp;
 	case AG_PROTO_POSTGRES:
 		return &ag_proto_pg;
+	case AG_PROTO_HTTP:
+		return &ag_proto_http;
 	default:
 		return NULL;
 	}

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "daemon.h"
@@ -112,6 +113,32 @@ void ag_slog_session(struct ag_daemon *d, const char *event, const struct ag_ses
 		jsonw_uint_field(w, "bytes_down", s->bytes_down);
 		jsonw_string_field(w, "reason", s->reason);
 	}
+	line_end(d, &l);
+}
+
+static int64_t unix_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+void ag_slog_note(struct ag_daemon *d, const struct ag_session *s, const char *what,
+		  const char *detail)
+{
+	struct slog_line l;
+	struct jsonw *w = line_begin(d, &l);
+
+	if (!w)
+		return;
+	jsonw_string_field(w, "event", "note");
+	jsonw_time_field(w, "time", unix_now_ns());
+	jsonw_uint_field(w, "id", s->id);
+	jsonw_string_field(w, "agent", s->agent);
+	jsonw_string_field(w, "target", s->target_name);
+	jsonw_string_field(w, "what", what);
+	jsonw_string_field(w, "detail", detail);
 	line_end(d, &l);
 }
 

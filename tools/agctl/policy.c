@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "explain_http.h"
 #include "main.h"
 #include "cred.h"
 #include "policy.h"
@@ -274,7 +275,7 @@ static void explain_plain(const char *sql, const struct ag_sql_result *r,
 
 static int do_explain(int argc, char **argv)
 {
-	const char *file = NULL, *agent = NULL, *target = NULL, *sql = NULL;
+	const char *file = NULL, *agent = NULL, *target = NULL, *sql = NULL, *http = NULL;
 	const struct ag_policy_agent *a;
 	const struct ag_policy_target *t;
 	struct ag_sql_decision d, *ds = NULL;
@@ -292,6 +293,8 @@ static int do_explain(int argc, char **argv)
 			opt = &target;
 		else if (!strcmp(*argv, "--sql"))
 			opt = &sql;
+		else if (!strcmp(*argv, "--http"))
+			opt = &http;
 		if (opt) {
 			NEXT_ARG();
 			if (!REQ_ARGS(1))
@@ -303,8 +306,9 @@ static int do_explain(int argc, char **argv)
 			return BAD_ARG();
 		}
 	}
-	if (!file || !agent || !target || !sql) {
-		p_err("explain needs FILE --agent NAME --target NAME --sql TEXT");
+	if (!file || !agent || !target || !sql == !http) {
+		p_err("explain needs FILE --agent NAME --target NAME { --sql TEXT | --http "
+		      "\"METHOD PATH\" }");
 		return -1;
 	}
 
@@ -324,6 +328,15 @@ static int do_explain(int argc, char **argv)
 	if (!t) {
 		names_list(p, false, err, sizeof(err));
 		p_err("%s has no target \"%s\" (targets: %s)", file, target, err);
+		goto out;
+	}
+	if (http && t->protocol == AG_PROTO_HTTP) {
+		ret = agctl_explain_http(p, agent, t, a->mode, http);
+		goto out;
+	}
+	if (http) {
+		p_err("target \"%s\" is %s: --http needs an http target", target,
+		      ag_proto_name(t->protocol));
 		goto out;
 	}
 	if (t->protocol != AG_PROTO_POSTGRES) {
@@ -392,6 +405,7 @@ static int do_help(int argc, char **argv)
 		"       %1$s %2$s check FILE\n"
 		"       %1$s %2$s reload\n"
 		"       %1$s %2$s explain FILE --agent NAME --target NAME --sql TEXT\n"
+		"       %1$s %2$s explain FILE --agent NAME --target NAME --http \"METHOD PATH\"\n"
 		"       %1$s %2$s help\n"
 		"\n"
 		"       " HELP_SPEC_OPTIONS " }\n",

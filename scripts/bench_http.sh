@@ -1,0 +1,294 @@
+#!/bin/sh
+# SPDX-License-Identifier: GPL-2.0
+# The HTTP bench: wrk against one static upstream (nginx serving files from a temp dir on
+# 127.0.0.4, worker_processes 2) in three modes, side by side in one run:
+#   direct     wrk talks to the upstream;
+#   nginx      through nginx as a reverse proxy (127.0.0.5, worker_processes 2, upstream
+#              keepalive), the usual way to put a proxy in front of an HTTP API;
+#   agentgate  wrk in a tagged cgroup, through agentgated with full enforcement: http: rules
+#              decided per request (first match, default deny), the agent's requests rebuilt
+#              and re-framed, and for the JSON workload a mask: (keys and detectors) applied to
+#              the streamed body — which nginx does not do.
+# Workloads: a 1 KiB text file and a 4 KiB JSON document. Each runs in the modes back to back,
+# in turns, so that a noisy neighbour hits all of them alike; the table gives the median of the
+# rounds and the ratios to direct and to nginx. Target (issue 6): agentgate at or above nginx's
+# proxy throughput on the same core count.
+#
+# Installs nothing, needs no terminal, removes its servers, daemon, cgroups and pins on every
+# exit; stops itself after AGBENCH_HTTP_LIMIT seconds (default 200).
+# Environment: AGBENCH_HTTP_T (seconds per run, 5), AGBENCH_HTTP_ROUNDS (3),
+# AGBENCH_HTTP_CONNS (32), AGBENCH_HTTP_THREADS (2), AGBENCH_BUILD (build).
+set -u
+
+cd "$(dirname "$0")/.." || exit 1
+B=${AGBENCH_BUILD:-build}
+T=${AGBENCH_HTTP_T:-5}
+ROUNDS=${AGBENCH_HTTP_ROUNDS:-3}
+CONNS=${AGBENCH_HTTP_CONNS:-32}
+THREADS=${AGBENCH_HTTP_THREADS:-2}
+LIMIT=${AGBENCH_HTTP_LIMIT:-200}
+NGINX=/usr/sbin/nginx
+WRK=/usr/bin/wrk
+UPADDR=127.0.0.4
+PXADDR=127.0.0.5
+
+fail() {
+	echo "bench_http: $*" >&2
+	exit 1
+}
+
+[ "$(id -u)" -eq 0 ] || fail "must run as root (BPF programs and cgroups)"
+for f in "$B/agentgated" "$B/agctl" "$NGINX" "$WRK" /usr/bin/curl; do
+	[ -x "$f" ] || fail "$f is missing (make; nginx-light, wrk, curl)"
+done
+CGROOT=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
+[ -n "$CGROOT" ] || fail "no cgroup2 mount in /proc/mounts"
+grep -qs ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf ||
+	fail "no bpffs at /sys/fs/bpf"
+
+TAG=agbenchhttp-$$
+WORK=$(mktemp -d "/tmp/$TAG.XXXXXX") || fail "mktemp failed"
+chmod 755 "$WORK"
+CG_SRV=$CGROOT/$TAG-srv
+CG_CLI=$CGROOT/$TAG-cli
+CG_AGENT=$CGROOT/$TAG-agent
+PINS=/sys/fs/bpf/$TAG
+WATCHDOG=
+DPID=
+NG_UP=
+NG_PX=
+
+kill_cgroup() { # dir
+	[ -d "$1" ] || return 0
+	for _ in 1 2 3; do
+		for p in $(cat "$1/cgroup.procs" 2>/dev/null); do
+			kill -KILL "$p" 2>/dev/null
+		done
+		i=0
+		while ! rmdir "$1" 2>/dev/null && [ $i -lt 20 ]; do
+			sleep 0.1
+			i=$((i + 1))
+		done
+		[ -d "$1" ] || return 0
+	done
+	echo "bench_http: could not remove $1" >&2
+}
+
+cleanup() {
+	trap - EXIT INT TERM HUP
+	[ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
+	if [ -n "$DPID" ]; then
+		kill -TERM "$DPID" 2>/dev/null
+		i=0
+		while kill -0 "$DPID" 2>/dev/null && [ $i -lt 50 ]; do
+			sleep 0.1
+			i=$((i + 1))
+		done
+		kill -KILL "$DPID" 2>/dev/null
+		wait "$DPID" 2>/dev/null
+	fi
+	if [ -d "$PINS" ]; then
+		"$B/agctl" -B "$PINS" prog detach >/dev/null 2>&1
+		rm -rf "$PINS"
+	fi
+	for p in $NG_UP $NG_PX; do
+		kill -TERM "$p" 2>/dev/null
+	done
+	kill_cgroup "$CG_AGENT"
+	kill_cgroup "$CG_CLI"
+	kill_cgroup "$CG_SRV"
+	rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'echo "bench_http: interrupted" >&2; exit 130' INT TERM HUP
+
+in_cgroup() { # cgroup dir, command...
+	cg=$1
+	shift
+	sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' sh "$cg" "$@"
+}
+
+PICKED=
+free_port() {
+	while :; do
+		p=$((30000 + $(od -An -N2 -tu2 /dev/urandom) % 10000))
+		case " $PICKED " in *" $p "*) continue ;; esac
+		hex=$(printf '%04X' "$p")
+		if ! awk -v h=":$hex" '$4 == "0A" && substr($2, length($2) - 4) == h { f = 1 }
+			END { exit !f }' /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
+			PICKED="$PICKED $p"
+			PORT=$p
+			return
+		fi
+	done
+}
+
+wait_http() { # url what
+	i=0
+	until curl -sf -o /dev/null --max-time 2 "$1"; do
+		[ $i -ge 50 ] && fail "$2 did not answer"
+		sleep 0.1
+		i=$((i + 1))
+	done
+}
+
+(
+	trap 'kill "$spid" 2>/dev/null; exit 0' TERM
+	sleep "$LIMIT" &
+	spid=$!
+	wait "$spid" && echo "bench_http: time limit ($LIMIT s) reached" >&2 && kill -TERM $$
+) &
+WATCHDOG=$!
+
+mkdir "$CG_SRV" "$CG_CLI" "$CG_AGENT" || fail "cannot create cgroups under $CGROOT"
+mkdir -p "$WORK/www" "$WORK/up" "$WORK/px" "$WORK/gw/state" || fail "mkdir"
+awk 'BEGIN { for (i = 0; i < 1024; i++) printf "%c", 97 + i % 26 }' >"$WORK/www/1k.txt"
+awk 'BEGIN {
+	printf "{\"kind\":\"UserList\",\"items\":["
+	for (i = 0; i < 40; i++)
+		printf "%s{\"id\":%d,\"name\":\"user-%d\",\"email\":\"user%d@example.com\",\"note\":\"n\"}", \
+			i ? "," : "", i, i, i
+	printf "]}\n"
+}' >"$WORK/www/users.json"
+chmod -R a+rX "$WORK/www"
+
+free_port
+UPPORT=$PORT
+cat >"$WORK/up/nginx.conf" <<EOF
+worker_processes 2;
+daemon off;
+pid $WORK/up/nginx.pid;
+error_log $WORK/up/error.log warn;
+events { worker_connections 4096; }
+http {
+	access_log off;
+	types { text/plain txt; application/json json; }
+	client_body_temp_path $WORK/up;
+	proxy_temp_path $WORK/up;
+	fastcgi_temp_path $WORK/up;
+	uwsgi_temp_path $WORK/up;
+	scgi_temp_path $WORK/up;
+	keepalive_requests 1000000;
+	server { listen $UPADDR:$UPPORT; root $WORK/www; }
+}
+EOF
+free_port
+PXPORT=$PORT
+cat >"$WORK/px/nginx.conf" <<EOF
+worker_processes 2;
+daemon off;
+pid $WORK/px/nginx.pid;
+error_log $WORK/px/error.log warn;
+events { worker_connections 4096; }
+http {
+	access_log off;
+	client_body_temp_path $WORK/px;
+	proxy_temp_path $WORK/px;
+	fastcgi_temp_path $WORK/px;
+	uwsgi_temp_path $WORK/px;
+	scgi_temp_path $WORK/px;
+	keepalive_requests 1000000;
+	upstream up { server $UPADDR:$UPPORT; keepalive 64; }
+	server {
+		listen $PXADDR:$PXPORT;
+		location / {
+			proxy_pass http://up;
+			proxy_http_version 1.1;
+			proxy_set_header Connection "";
+		}
+	}
+}
+EOF
+in_cgroup "$CG_SRV" "$NGINX" -e "$WORK/up/error.log" -p "$WORK/up" -c "$WORK/up/nginx.conf" \
+	</dev/null >/dev/null 2>&1 &
+NG_UP=$!
+in_cgroup "$CG_SRV" "$NGINX" -e "$WORK/px/error.log" -p "$WORK/px" -c "$WORK/px/nginx.conf" \
+	</dev/null >/dev/null 2>&1 &
+NG_PX=$!
+wait_http "http://$UPADDR:$UPPORT/1k.txt" "the nginx upstream"
+wait_http "http://$PXADDR:$PXPORT/1k.txt" "the nginx proxy"
+
+free_port
+GWPORT=$PORT
+cat >"$WORK/gw/policy.yaml" <<EOF
+apiVersion: agentgate/v1
+agents:
+  - name: bench
+    cgroup: /$TAG-agent
+targets:
+  - name: web
+    protocol: http
+    address: $UPADDR:$UPPORT
+rules:
+  - agent: bench
+    target: web
+    http:
+      - { name: no-admin, when: { path: ["/admin/*"] }, then: deny }
+      - { name: reads, when: { method: [GET, HEAD] }, then: allow }
+    mask:
+      keys: [ssn, password]
+      detectors: [email, credit-card, jwt, aws-key]
+      style: redact
+default: deny
+EOF
+"$B/agentgated" --foreground --config "$WORK/gw/policy.yaml" --state-dir "$WORK/gw/state" \
+	--socket "$WORK/gw/ctl.sock" --bpffs "$PINS" --port "$GWPORT" >"$WORK/gw/log" 2>&1 \
+	</dev/null &
+DPID=$!
+i=0
+until grep -qs 'listening on' "$WORK/gw/log"; do
+	if ! kill -0 "$DPID" 2>/dev/null || [ $i -ge 100 ]; then
+		cat "$WORK/gw/log" >&2
+		fail "agentgated did not start"
+	fi
+	sleep 0.1
+	i=$((i + 1))
+done
+out=$(in_cgroup "$CG_AGENT" curl -s --max-time 10 "http://$UPADDR:$UPPORT/users.json")
+case "$out" in
+*"user1@example.com"* | "") fail "the gateway did not mask as expected (got: $out)" ;;
+esac
+
+RES=$WORK/results
+: >"$RES"
+rps() { # cgroup url
+	in_cgroup "$1" "$WRK" -t"$THREADS" -c"$CONNS" -d"${T}s" "$2" 2>/dev/null |
+		awk '/^Requests\/sec:/ { print $2 }'
+}
+echo "bench_http: wrk -t$THREADS -c$CONNS -d${T}s, $ROUNDS round(s) ..."
+r=1
+while [ $r -le "$ROUNDS" ]; do
+	for w in 1k.txt users.json; do
+		echo "direct $w $(rps "$CG_CLI" "http://$UPADDR:$UPPORT/$w")" >>"$RES"
+		echo "nginx $w $(rps "$CG_CLI" "http://$PXADDR:$PXPORT/$w")" >>"$RES"
+		echo "agentgate $w $(rps "$CG_AGENT" "http://$UPADDR:$UPPORT/$w")" >>"$RES"
+	done
+	r=$((r + 1))
+done
+
+awk -v conns="$CONNS" -v threads="$THREADS" -v t="$T" -v rounds="$ROUNDS" '
+function median(key,    n, i, j, v, x) {
+	n = cnt[key]
+	for (i = 1; i <= n; i++)
+		v[i] = val[key, i]
+	for (i = 2; i <= n; i++)
+		for (j = i; j > 1 && v[j - 1] > v[j]; j--) {
+			x = v[j]; v[j] = v[j - 1]; v[j - 1] = x
+		}
+	return n ? (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2) : 0
+}
+function ratio(a, b) { if (b == 0) return 0; return a / b }
+NF == 3 { key = $1 SUBSEP $2; val[key, ++cnt[key]] = $3 + 0 }
+END {
+	printf "\nHTTP requests/s, wrk -t%d -c%d -d%ds, median of %d round(s); target: agentgate >= nginx (reverse proxy)\n", threads, conns, t, rounds
+	printf "%-24s %10s %10s %7s %10s %7s %8s  %s\n", "workload", "direct", "nginx", "ratio", \
+		"agentgate", "ratio", "vs nginx", "target"
+	split("1k.txt users.json", ws, " ")
+	split("1 KiB text|4 KiB JSON (gw masks)", names, "|")
+	for (i = 1; i <= 2; i++) {
+		d = median("direct" SUBSEP ws[i]); n = median("nginx" SUBSEP ws[i])
+		g = median("agentgate" SUBSEP ws[i])
+		printf "%-24s %10.0f %10.0f %6.2fx %10.0f %6.2fx %7.2fx  %s\n", names[i], d, n, \
+			ratio(n, d), g, ratio(g, d), ratio(g, n), (g >= n) ? "ok" : "MISSED"
+	}
+}' "$RES"

@@ -1,0 +1,250 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: GPL-2.0
+"""A small stand-in for a Kubernetes API server (plain HTTP) for the http and k8s selftests.
+
+Serves discovery (/version, /api, /api/v1, /apis), namespaces and pods (list, get, watch),
+secrets (list, get, watch), an exec subresource (POST or GET with Upgrade: 101, then an echo),
+/echo (what arrived: method, path, Authorization, body length and hash), /gzip (a gzip JSON
+body), /plain. Every request is logged to LOG as "METHOD PATH auth=VALUE" so that tests can
+prove what reached the server and what never did.
+
+usage: k8s_api.py ADDR PORT LOG
+"""
+import base64
+import gzip
+import hashlib
+import json
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ADDR, PORT, LOG = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+
+def b64(s):
+    return base64.b64encode(s.encode()).decode()
+
+
+def pod(name, ns="default"):
+    return {
+        "kind": "Pod", "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": ns, "uid": "uid-" + name,
+                     "resourceVersion": "1", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"containers": [{"name": "app", "image": "nginx",
+                                 "env": [{"name": "OWNER", "value": "owner alice@example.com"}]}]},
+        "status": {"phase": "Running"},
+    }
+
+
+def secret(name, ns="default"):
+    last = json.dumps({"apiVersion": "v1", "kind": "Secret",
+                       "data": {"password": b64("hunter2-secret-pw")}})
+    return {
+        "kind": "Secret", "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": ns, "resourceVersion": "7",
+                     "annotations": {"kubectl.kubernetes.io/last-applied-configuration": last}},
+        "type": "Opaque",
+        "data": {"password": b64("hunter2-secret-pw"), "user": b64("admin-user-name")},
+        "stringData": {"token": "plain-token-value-123"},
+    }
+
+
+RESOURCES = {
+    "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1",
+    "resources": [
+        {"name": "namespaces", "singularName": "namespace", "namespaced": False,
+         "kind": "Namespace", "verbs": ["create", "delete", "get", "list", "patch", "update",
+                                        "watch"], "shortNames": ["ns"]},
+        {"name": "pods", "singularName": "pod", "namespaced": True, "kind": "Pod",
+         "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update",
+                   "watch"], "shortNames": ["po"]},
+        {"name": "pods/exec", "singularName": "", "namespaced": True, "kind": "PodExecOptions",
+         "verbs": ["create", "get"]},
+        {"name": "secrets", "singularName": "secret", "namespaced": True, "kind": "Secret",
+         "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update",
+                   "watch"]},
+    ],
+}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def note(self):
+        with open(LOG, "a") as f:
+            f.write("%s %s auth=%s\n" % (self.command, self.path,
+                                         self.headers.get("Authorization", "-")))
+
+    def body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while True:
+                line = self.rfile.readline()
+                size = int(line.split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return data
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("Content-Length", "0") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def send_json(self, obj, code=200, ctype="application/json", enc=None):
+        raw = json.dumps(obj).encode()
+        if enc == "gzip":
+            raw = gzip.compress(raw)
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        if enc:
+            self.send_header("Content-Encoding", enc)
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(raw)
+
+    def watch(self, kind, make):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json;stream=watch")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i, t in enumerate(["ADDED", "MODIFIED", "DELETED"]):
+            ev = json.dumps({"type": t, "object": make("obj-%d" % i)}).encode() + b"\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+            self.wfile.flush()
+            time.sleep(0.3)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def exec_upgrade(self):
+        self.send_response(101)
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Upgrade", self.headers.get("Upgrade", "SPDY/3.1"))
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        sock = self.connection
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return
+            sock.sendall(b"exec-echo:" + data)
+
+    def route(self):
+        self.note()
+        path, _, query = self.path.partition("?")
+        body = self.body() if self.command in ("POST", "PUT", "PATCH", "DELETE") else b""
+        if path == "/version":
+            return self.send_json({"major": "1", "minor": "29", "gitVersion": "v1.29.0",
+                                   "platform": "linux/amd64"})
+        if path == "/api":
+            return self.send_json({"kind": "APIVersions", "versions": ["v1"],
+                                   "serverAddressByClientCIDRs": [
+                                       {"clientCIDR": "0.0.0.0/0",
+                                        "serverAddress": "%s:%d" % (ADDR, PORT)}]})
+        if path == "/apis":
+            return self.send_json({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+        if path == "/api/v1":
+            return self.send_json(RESOURCES)
+        if path == "/echo" or path.startswith("/echo/"):
+            return self.send_json({
+                "method": self.command, "path": self.path,
+                "authorization": self.headers.get("Authorization"),
+                "expect": self.headers.get("Expect"),
+                "body_len": len(body), "body_sha256": hashlib.sha256(body).hexdigest()})
+        if path == "/gzip":
+            return self.send_json({"users": [{"name": "alice", "email": "alice@example.com"},
+                                             {"name": "bob", "email": "bob@example.org",
+                                              "card": "4111 1111 1111 1111"}]}, enc="gzip")
+        if path == "/brotli":
+            raw = b"\x8b\x03\x80{\"email\": \"carol@example.net\"}\x03"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "br")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+            return
+        if path == "/plain":
+            raw = b"plain text body\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(raw)
+            return
+        if path == "/nocontent":
+            self.send_response(204)
+            self.end_headers()
+            return
+        parts = path.strip("/").split("/")
+        watch = "watch=true" in query or "watch=1" in query
+        if parts[:2] == ["api", "v1"]:
+            rest = parts[2:]
+            if rest and rest[0] == "watch":
+                watch = True
+                rest = rest[1:]
+            if rest == ["namespaces"]:
+                return self.send_json({"kind": "NamespaceList", "apiVersion": "v1",
+                                       "metadata": {"resourceVersion": "1"},
+                                       "items": [{"metadata": {"name": "default"}},
+                                                 {"metadata": {"name": "kube-system"}}]})
+            if len(rest) == 2 and rest[0] == "namespaces":
+                return self.send_json({"kind": "Namespace", "apiVersion": "v1",
+                                       "metadata": {"name": rest[1]}})
+            if len(rest) >= 3 and rest[0] == "namespaces":
+                ns, res, tail = rest[1], rest[2], rest[3:]
+                if res == "pods":
+                    if not tail:
+                        if watch:
+                            return self.watch("Pod", pod)
+                        return self.send_json({"kind": "PodList", "apiVersion": "v1",
+                                               "metadata": {"resourceVersion": "1"},
+                                               "items": [pod("web-1", ns), pod("web-2", ns)]})
+                    if len(tail) == 2 and tail[1] in ("exec", "attach"):
+                        if self.headers.get("Upgrade"):
+                            return self.exec_upgrade()
+                        return self.send_json({"kind": "Status", "status": "Failure",
+                                               "message": "upgrade request required",
+                                               "code": 400}, code=400)
+                    if self.command == "DELETE":
+                        return self.send_json({"kind": "Status", "apiVersion": "v1",
+                                               "status": "Success", "code": 200})
+                    return self.send_json(pod(tail[0], ns))
+                if res == "secrets":
+                    if not tail:
+                        if watch:
+                            return self.watch("Secret", secret)
+                        return self.send_json({"kind": "SecretList", "apiVersion": "v1",
+                                               "metadata": {"resourceVersion": "1"},
+                                               "items": [secret("db-pass", ns),
+                                                         secret("api-key", ns)]})
+                    if "as=yaml" in query:
+                        raw = ("data:\n  password: %s\n" % b64("hunter2-secret-pw")).encode()
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/yaml")
+                        self.send_header("Content-Length", str(len(raw)))
+                        self.end_headers()
+                        self.wfile.write(raw)
+                        return
+                    return self.send_json(secret(tail[0], ns))
+        return self.send_json({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                               "reason": "NotFound", "message": "not found: " + path,
+                               "code": 404}, code=404)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = route
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+if __name__ == "__main__":
+    srv = Server((ADDR, PORT), Handler)
+    print("ready", flush=True)
+    srv.serve_forever()

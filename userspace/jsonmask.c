@@ -1,0 +1,377 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Streaming JSON masking (jsonmask.h). The parser's callbacks re-emit each event to the
+ * generator at once; what the generator produced is moved to the caller's buffer after every
+ * chunk, so memory stays bounded by the nesting depth and the longest single value (yajl keeps a
+ * string that spans chunks until it is whole).
+ */
+#include <errno.h>
+#include <fnmatch.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <yajl/yajl_gen.h>
+#include <yajl/yajl_parse.h>
+
+#include "jsonmask.h"
+#include "mask.h"
+
+#define JM_MAX_DEPTH 128
+#define JM_KEY_MAX 128
+#define JM_PAT_PARTS 16
+
+struct jm_frame {
+	bool map;
+	bool secret;	      /* a Secret object: its data and stringData are masked */
+	bool mask_all;	      /* every scalar below is masked whole */
+	char key[JM_KEY_MAX]; /* the member being read (maps) */
+};
+
+struct ag_jmask {
+	struct ag_jmask_opts o;
+	yajl_handle p;
+	yajl_gen g;
+	struct jm_frame st[JM_MAX_DEPTH];
+	int depth;
+	struct jm_pat *pats;
+	size_t npats;
+	int masked;
+	int err;
+	char error[160];
+	struct ag_buf tmp;
+};
+
+static struct jm_frame *top(struct ag_jmask *j)
+{
+	return j->depth ? &j->st[j->depth - 1] : NULL;
+}
+
+/* A key pattern split once: "spec.*.token" → spec, *, token (literal parts compared plainly). */
+struct jm_pat {
+	char *buf;
+	char *part[JM_PAT_PARTS];
+	bool glob[JM_PAT_PARTS];
+	int n;
+};
+
+/* Does the key path (map keys from the root, arrays skipped) end with the pattern's parts? */
+static bool path_matches(const struct ag_jmask *j, const struct jm_pat *pat)
+{
+	int np = pat->n, d = j->depth - 1;
+
+	while (np > 0) {
+		const char *want = pat->part[np - 1];
+
+		while (d >= 0 && !j->st[d].map)
+			d--;
+		if (d < 0)
+			return false;
+		if (pat->glob[np - 1] ? fnmatch(want, j->st[d].key, 0) : strcmp(want, j->st[d].key))
+			return false;
+		np--;
+		d--;
+	}
+	return true;
+}
+
+/* Is the value now being read (at the top frame's key) masked whole? */
+static bool value_whole(struct ag_jmask *j)
+{
+	struct jm_frame *f = top(j);
+
+	if (!f)
+		return false;
+	if (f->mask_all)
+		return true;
+	if (!f->map)
+		return false;
+	if (f->secret && (!strcmp(f->key, "data") || !strcmp(f->key, "stringData")))
+		return true;
+	for (size_t i = 0; i < j->npats; i++)
+		if (path_matches(j, &j->pats[i]))
+			return true;
+	/* kubectl apply keeps the whole object, data included, in this annotation */
+	if (f->key[0] == 'k' &&
+	    !strcmp(f->key, "kubectl.kubernetes.io/last-applied-configuration") && j->depth >= 3 &&
+	    j->st[j->depth - 3].secret)
+		return true;
+	return false;
+}
+
+static int fail(struct ag_jmask *j, int err)
+{
+	j->err = err;
+	return 0; /* stops the parse */
+}
+
+static int emit_masked_scalar(struct ag_jmask *j, const unsigned char *s, size_t len, bool text)
+{
+	bool whole = value_whole(j), is_null = false;
+	int rc;
+
+	j->tmp.start = j->tmp.end = 0;
+	if (!j->o.m || (!whole && !text))
+		goto as_is;
+	rc = ag_mask_value(j->o.m, whole, text ? AG_MASK_TEXT : AG_MASK_TYPED, s, len, &j->tmp,
+			   &is_null);
+	if (rc < 0)
+		return fail(j, -EIO);
+	if (!rc)
+		goto as_is;
+	j->masked += rc;
+	if (is_null)
+		return yajl_gen_null(j->g) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM);
+	return yajl_gen_string(j->g, ag_buf_head(&j->tmp), ag_buf_len(&j->tmp)) ==
+			       yajl_gen_status_ok
+		       ? 1
+		       : fail(j, -ENOMEM);
+as_is:
+	if (text)
+		return yajl_gen_string(j->g, s, len) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM);
+	return yajl_gen_number(j->g, (const char *)s, len) == yajl_gen_status_ok ? 1
+										 : fail(j, -ENOMEM);
+}
+
+/* A top-level value done: a newline after it, and the generator ready for the next. */
+static int value_done(struct ag_jmask *j, int rc)
+{
+	if (rc && !j->depth)
+		yajl_gen_reset(j->g, "\n");
+	return rc;
+}
+
+static int cb_null(void *ctx)
+{
+	struct ag_jmask *j = ctx;
+
+	return value_done(j, yajl_gen_null(j->g) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM));
+}
+
+static int cb_boolean(void *ctx, int v)
+{
+	struct ag_jmask *j = ctx;
+
+	if (j->o.m && value_whole(j)) {
+		j->masked++;
+		return value_done(j,
+				  yajl_gen_null(j->g) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM));
+	}
+	return value_done(j, yajl_gen_bool(j->g, v) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM));
+}
+
+static int cb_number(void *ctx, const char *s, size_t len)
+{
+	return value_done(ctx, emit_masked_scalar(ctx, (const unsigned char *)s, len, false));
+}
+
+static int cb_string(void *ctx, const unsigned char *s, size_t len)
+{
+	struct ag_jmask *j = ctx;
+	struct jm_frame *f = top(j);
+
+	/* kind: Secret marks its object (the API server writes kind first) */
+	if (j->o.secrets && f && f->map && !strcmp(f->key, "kind") && len == 6 &&
+	    !memcmp(s, "Secret", 6))
+		f->secret = true;
+	return value_done(j, emit_masked_scalar(j, s, len, true));
+}
+
+static int push(struct ag_jmask *j, bool map)
+{
+	struct jm_frame *f = top(j), *n;
+	bool all;
+
+	if (j->depth == JM_MAX_DEPTH) {
+		snprintf(j->error, sizeof(j->error), "JSON nested deeper than %d", JM_MAX_DEPTH);
+		return fail(j, -EPROTO);
+	}
+	all = j->o.m && value_whole(j);
+	n = &j->st[j->depth++];
+	memset(n, 0, sizeof(*n));
+	n->map = map;
+	n->mask_all = all;
+	/* The objects of a secrets response: the document, items[*], a watch event's object */
+	if (map && j->o.secrets && j->o.secret_objects) {
+		if (!f)
+			n->secret = true;
+		else if (f->map && !strcmp(f->key, "object"))
+			n->secret = j->depth == 2;
+		else if (!f->map && j->depth == 3 && j->st[0].map && !strcmp(j->st[0].key, "items"))
+			n->secret = true;
+	}
+	return 1;
+}
+
+static int cb_start_map(void *ctx)
+{
+	struct ag_jmask *j = ctx;
+
+	if (!push(j, true))
+		return 0;
+	return yajl_gen_map_open(j->g) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM);
+}
+
+static int cb_start_array(void *ctx)
+{
+	struct ag_jmask *j = ctx;
+
+	if (!push(j, false))
+		return 0;
+	return yajl_gen_array_open(j->g) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM);
+}
+
+static int pop(struct ag_jmask *j)
+{
+	j->depth--;
+	return value_done(j, 1);
+}
+
+static int cb_map_key(void *ctx, const unsigned char *s, size_t len)
+{
+	struct ag_jmask *j = ctx;
+	struct jm_frame *f = top(j);
+
+	if (len >= JM_KEY_MAX)
+		len = JM_KEY_MAX - 1;
+	memcpy(f->key, s, len);
+	f->key[len] = '\0';
+	return yajl_gen_string(j->g, s, len) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM);
+}
+
+static int cb_end_map(void *ctx)
+{
+	struct ag_jmask *j = ctx;
+
+	if (yajl_gen_map_close(j->g) != yajl_gen_status_ok)
+		return fail(j, -ENOMEM);
+	return pop(j);
+}
+
+static int cb_end_array(void *ctx)
+{
+	struct ag_jmask *j = ctx;
+
+	if (yajl_gen_array_close(j->g) != yajl_gen_status_ok)
+		return fail(j, -ENOMEM);
+	return pop(j);
+}
+
+static const yajl_callbacks callbacks = {
+	.yajl_null = cb_null,
+	.yajl_boolean = cb_boolean,
+	.yajl_number = cb_number,
+	.yajl_string = cb_string,
+	.yajl_start_map = cb_start_map,
+	.yajl_map_key = cb_map_key,
+	.yajl_end_map = cb_end_map,
+	.yajl_start_array = cb_start_array,
+	.yajl_end_array = cb_end_array,
+};
+
+struct ag_jmask *ag_jmask_new(const struct ag_jmask_opts *o)
+{
+	struct ag_jmask *j = calloc(1, sizeof(*j));
+
+	if (!j)
+		return NULL;
+	j->o = *o;
+	j->p = yajl_alloc(&callbacks, NULL, j);
+	j->g = yajl_gen_alloc(NULL);
+	if (!j->p || !j->g) {
+		ag_jmask_free(j);
+		errno = ENOMEM;
+		return NULL;
+	}
+	yajl_config(j->p, yajl_allow_multiple_values, 1);
+	j->pats = calloc(o->nkeys ? o->nkeys : 1, sizeof(*j->pats));
+	if (!j->pats)
+		goto nomem;
+	for (size_t i = 0; i < o->nkeys; i++) {
+		struct jm_pat *pt = &j->pats[j->npats++];
+		char *save = NULL;
+
+		pt->buf = strdup(o->keys[i]);
+		if (!pt->buf)
+			goto nomem;
+		for (char *t = strtok_r(pt->buf, ".", &save); t && pt->n < JM_PAT_PARTS;
+		     t = strtok_r(NULL, ".", &save)) {
+			pt->glob[pt->n] = strpbrk(t, "*?[\\") != NULL;
+			pt->part[pt->n++] = t;
+		}
+	}
+	return j;
+nomem:
+	ag_jmask_free(j);
+	errno = ENOMEM;
+	return NULL;
+}
+
+void ag_jmask_free(struct ag_jmask *j)
+{
+	if (!j)
+		return;
+	if (j->p)
+		yajl_free(j->p);
+	if (j->g)
+		yajl_gen_free(j->g);
+	for (size_t i = 0; i < j->npats; i++)
+		free(j->pats[i].buf);
+	free(j->pats);
+	ag_buf_free(&j->tmp);
+	free(j);
+}
+
+/* Moves what the generator holds to out. */
+static int drain(struct ag_jmask *j, struct ag_buf *out)
+{
+	const unsigned char *buf;
+	size_t len;
+
+	yajl_gen_get_buf(j->g, &buf, &len);
+	if (len && ag_buf_append(out, buf, len))
+		return -ENOMEM;
+	yajl_gen_clear(j->g);
+	return 0;
+}
+
+static int result(struct ag_jmask *j, yajl_status st, const uint8_t *data, size_t len,
+		  struct ag_buf *out)
+{
+	int n;
+
+	if (st != yajl_status_ok && !j->err) {
+		unsigned char *e = yajl_get_error(j->p, 0, data, len);
+
+		snprintf(j->error, sizeof(j->error), "%s", e ? (char *)e : "invalid JSON");
+		if (e)
+			yajl_free_error(j->p, e);
+		j->err = -EPROTO;
+	}
+	if (j->err)
+		return j->err;
+	if (drain(j, out))
+		return -ENOMEM;
+	n = j->masked;
+	j->masked = 0;
+	return n;
+}
+
+int ag_jmask_feed(struct ag_jmask *j, const uint8_t *data, size_t len, struct ag_buf *out)
+{
+	if (j->err)
+		return j->err;
+	return result(j, yajl_parse(j->p, data, len), data, len, out);
+}
+
+int ag_jmask_finish(struct ag_jmask *j, struct ag_buf *out)
+{
+	if (j->err)
+		return j->err;
+	return result(j, yajl_complete_parse(j->p), NULL, 0, out);
+}
+
+const char *ag_jmask_error(const struct ag_jmask *j)
+{
+	return j->error;
+}
