@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "agentgate.h"
+#include "audit.h"
 #include "bpf_loader.h"
 #include "cgroup.h"
 #include "ctl.h"
@@ -420,6 +421,16 @@ int main(int argc, char **argv)
 		pr_err("%s", err);
 		goto out_loop;
 	}
+	{
+		struct ag_audit_config ac;
+
+		/* After daemon(): the writer thread would not survive the fork. */
+		if (ag_audit_config_parse(pol->audit, pol->naudit, &ac, err, sizeof(err)) ||
+		    ag_audit_open(d->opts.state_dir, &ac, err, sizeof(err))) {
+			pr_err("%s", err);
+			goto out_slog;
+		}
+	}
 	/*
 	 * The control socket before the BPF side: its probe refuses to run beside a live daemon,
 	 * whose sk_msg program and settings in the pinned maps the load would otherwise replace.
@@ -493,6 +504,7 @@ out_workers:
 out_ctl:
 	ag_ctl_server_stop(d);
 out_slog:
+	ag_audit_close(); /* after the workers: their sessions' ends are recorded */
 	ag_slog_close(d);
 out_loop:
 	ag_loop_free(d->loop);

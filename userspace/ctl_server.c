@@ -6,6 +6,7 @@
  * cannot stall the loop.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +15,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "audit.h"
 #include "bpf_loader.h"
 #include "buf.h"
 #include "ctl.h"
@@ -27,10 +29,18 @@ struct ctl_client {
 	struct ag_daemon *d;
 	struct ag_buf in, out;
 	bool replied;
+	bool watch; /* session watch: kept open, audit entries pushed (ctl_watch.c) */
+	uint64_t watch_session;
+	struct ctl_client *wnext;
 };
+
+static void watch_del(struct ctl_client *c);
+static void watch_add(struct ctl_client *c, uint64_t session, Agentgate__Ctl__Response *r);
 
 static void client_free(struct ctl_client *c)
 {
+	if (c->watch)
+		watch_del(c);
 	ag_loop_del(&c->io);
 	close(c->io.fd);
 	ag_buf_free(&c->in);
@@ -321,6 +331,16 @@ static void client_io(struct ag_io *io, uint32_t events)
 {
 	struct ctl_client *c = io->data;
 
+	/* A watcher sends nothing after its request: input is its end. */
+	if (c->watch && (events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))) {
+		char b[256];
+		ssize_t n = read(io->fd, b, sizeof(b));
+
+		if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+			client_free(c);
+			return;
+		}
+	}
 	if (!c->replied) {
 		Agentgate__Ctl__Response r = AGENTGATE__CTL__RESPONSE__INIT;
 		Agentgate__Ctl__Request *req;
@@ -356,6 +376,9 @@ static void client_io(struct ag_io *io, uint32_t events)
 		req = agentgate__ctl__request__unpack(NULL, len, ag_buf_head(&c->in) + 4);
 		if (!req) {
 			r.error = strdup("malformed request");
+		} else if (req->cmd_case == AGENTGATE__CTL__REQUEST__CMD_SESSION_WATCH) {
+			watch_add(c, req->session_watch->session, &r);
+			agentgate__ctl__request__free_unpacked(req, NULL);
 		} else {
 			handle(c->d, req, &r);
 			agentgate__ctl__request__free_unpacked(req, NULL);
@@ -374,7 +397,120 @@ static void client_io(struct ag_io *io, uint32_t events)
 			break;
 		ag_buf_consume(&c->out, n);
 	}
+	if (c->watch && !ag_buf_len(&c->out)) {
+		ag_loop_mod(io, EPOLLIN);
+		return;
+	}
 	client_free(c);
+}
+
+/* --- session watch: audit entries pushed to the clients that asked ---------------------------- */
+
+#define WATCH_MAX_BACKLOG (8u << 20)
+
+struct tap_entry {
+	struct tap_entry *next;
+	uint64_t session;
+	size_t len;
+	uint8_t data[];
+};
+
+static struct ctl_client *watchers; /* main loop only */
+static pthread_mutex_t tap_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct tap_entry *tap_head, **tap_tail = &tap_head;
+static bool tap_scheduled;
+
+static void watch_add(struct ctl_client *c, uint64_t session, Agentgate__Ctl__Response *r)
+{
+	char msg[64];
+
+	c->watch = true;
+	c->watch_session = session;
+	c->wnext = watchers;
+	watchers = c;
+	ag_audit_tap_get();
+	if (session)
+		snprintf(msg, sizeof(msg), "watching session %llu", (unsigned long long)session);
+	else
+		snprintf(msg, sizeof(msg), "watching every session");
+	r->message = strdup(msg);
+}
+
+static void watch_del(struct ctl_client *c)
+{
+	for (struct ctl_client **p = &watchers; *p; p = &(*p)->wnext)
+		if (*p == c) {
+			*p = c->wnext;
+			ag_audit_tap_put();
+			break;
+		}
+	c->watch = false;
+}
+
+/* On the main loop: each watcher gets one Response with the entries of its sessions. */
+static void tap_deliver(void *arg)
+{
+	struct tap_entry *list, *e;
+	struct ctl_client *c, *next;
+	size_t n = 0;
+
+	pthread_mutex_lock(&tap_lock);
+	list = tap_head;
+	tap_head = NULL;
+	tap_tail = &tap_head;
+	tap_scheduled = false;
+	pthread_mutex_unlock(&tap_lock);
+	for (e = list; e; e = e->next)
+		n++;
+	for (c = watchers; c && n; c = next) {
+		Agentgate__Ctl__Response r = AGENTGATE__CTL__RESPONSE__INIT;
+		ProtobufCBinaryData *v = calloc(n, sizeof(*v));
+
+		next = c->wnext;
+		if (!v)
+			break;
+		for (e = list; e; e = e->next)
+			if (e->session && (!c->watch_session || e->session == c->watch_session)) {
+				v[r.n_audit_entries].data = e->data;
+				v[r.n_audit_entries++].len = e->len;
+			}
+		r.audit_entries = v;
+		if (r.n_audit_entries && ag_buf_len(&c->out) > WATCH_MAX_BACKLOG) {
+			pr_warn("control socket: a session watcher does not read: dropped");
+			free(v);
+			client_free(c);
+			continue;
+		}
+		if (r.n_audit_entries) {
+			reply(c, &r);
+			ag_loop_mod(&c->io, EPOLLIN | EPOLLOUT);
+		}
+		free(v);
+	}
+	while ((e = list)) {
+		list = e->next;
+		free(e);
+	}
+}
+
+/* On the audit writer's thread. */
+static void ctl_tap(void *ctx, uint64_t session, const uint8_t *entry, size_t len)
+{
+	struct ag_daemon *d = ctx;
+	struct tap_entry *e = malloc(sizeof(*e) + len);
+
+	if (!e)
+		return;
+	e->next = NULL;
+	e->session = session;
+	e->len = len;
+	memcpy(e->data, entry, len);
+	pthread_mutex_lock(&tap_lock);
+	*tap_tail = e;
+	tap_tail = &e->next;
+	if (!tap_scheduled && !ag_loop_call(d->loop, tap_deliver, NULL))
+		tap_scheduled = true;
+	pthread_mutex_unlock(&tap_lock);
 }
 
 static void on_accept(struct ag_io *io, uint32_t events)
@@ -463,11 +599,13 @@ int ag_ctl_server_start(struct ag_daemon *d, char *err, size_t errlen)
 		return -errno;
 	}
 	d->ctl_io.data = d;
+	ag_audit_tap_set(ctl_tap, d);
 	return 0;
 }
 
 void ag_ctl_server_stop(struct ag_daemon *d)
 {
+	ag_audit_tap_set(NULL, NULL);
 	if (d->ctl_io.fd < 0)
 		return;
 	ag_loop_del(&d->ctl_io);

@@ -21,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "audit.h"
 #include "bpf_loader.h"
 #include "cgroup.h"
 #include "daemon.h"
@@ -479,6 +480,7 @@ static void upstream_connected(struct ag_session *s)
 	}
 	s->state = AG_SESS_ACTIVE;
 	ag_slog_session(s->w->d, "start", s);
+	ag_audit_session_start(s);
 	pr_debug("session %llu: upstream %s connected", (unsigned long long)s->id, s->upstream);
 	/* Bytes the agent sent while we connected, and a FIN it may already have sent. */
 	if (ag_buf_len(&s->side[AG_SIDE_AGENT].in)) {
@@ -602,6 +604,7 @@ static void session_end(struct ag_session *s, bool reset)
 	if (!was_denied)
 		s->state = AG_SESS_CLOSED;
 	ag_slog_session(s->w->d, was_denied ? "deny" : "end", s);
+	ag_audit_session_end(s);
 	s->state = AG_SESS_CLOSED;
 	if (s->reason[0])
 		pr_info("session %llu (%s pid %u %s → %s): %s", (unsigned long long)s->id, s->agent,
@@ -832,7 +835,7 @@ static bool accept_one(struct ag_worker *w, int lfd)
 		snprintf(s->reason, sizeof(s->reason), "agentgated is shutting down");
 		goto deny;
 	}
-	if (!session_decide(s))
+	if (!session_decide(s) || ag_audit_refuse_session(s))
 		goto deny;
 	if (d->fastpath)
 		fastpath_join(s, fd, &local, &peer);

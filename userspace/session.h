@@ -16,6 +16,7 @@
 
 struct ag_worker;
 struct ag_policy_ref;
+struct ag_audit_sess;
 
 enum ag_session_state {
 	AG_SESS_CONNECTING = 0,
@@ -67,6 +68,7 @@ struct ag_session {
 	uint64_t bytes_up, bytes_down;
 	uint64_t statements, blocked, masked_values;
 	uint32_t pending_approvals;
+	struct ag_audit_sess *audit; /* audit.c: the current statement's result so far */
 };
 
 /* Queues bytes to be written to `to` (writing at once when nothing is queued). 0 or -errno. */
