@@ -1671,7 +1671,8 @@ int ag_audit_verify_dir(const char *dir, const char *key_file, struct ag_audit_v
 	}
 	if (!v->records) {
 		rc = -EBADMSG;
-		snprintf(v->reason, sizeof(v->reason), "%s: no audit records", dir);
+		v->bad_seq = 1;
+		snprintf(v->reason, sizeof(v->reason), "no audit records in %s", dir);
 		goto out;
 	}
 	if (!head) {
@@ -1740,7 +1741,7 @@ int ag_audit_write_entries(const char *dir, const struct ag_audit_entry *e, size
 		uLongf clen;
 		uint8_t *f;
 
-		for (size_t k = 0; k < 32 && i < n; k++, i++)
+		for (size_t k = 0; k < 8 && i < n; k++, i++)
 			entry_append(&raw, e[i].seq, e[i].hash, e[i].rec, e[i].len);
 		if (fd < 0 || size >= segment_size) {
 			char path[PATH_MAX + 32];

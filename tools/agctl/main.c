@@ -423,6 +423,7 @@ static const struct cmd cmds[] = {
 	{ "prog", do_prog },
 	{ "run", do_run },
 	{ "socket", do_socket },
+	{ "audit", do_audit },
 	{ "version", do_version },
 	{ 0 }
 };

@@ -1,0 +1,603 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * The audit log end to end: a PostgreSQL session through the gateway is recorded (start, each
+ * statement with its decision — a blocked one too —, the masked rows the agent received, end),
+ * `agctl audit verify` passes, `session replay` shows exactly what the agent sent and got,
+ * `session watch` shows a live statement, `audit export --since` filters. Then tampering with a
+ * copy of the log — a record edited, deleted, reordered, the tail cut, the chain re-signed with
+ * another key — makes verify exit 1 naming the first bad record. A kill -9 under load loses
+ * nothing before the tail and the restart cuts a torn tail; a full disk refuses new sessions with
+ * a clear error and loses no record.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+
+#include "audit.h"
+#include "audit.pb-c.h"
+#include "../pg.h"
+#include "../test_progs.h"
+
+#define AUDIT_RULES                                                                                \
+	"    sql:\n"                                                                               \
+	"      - { name: no-drop, when: { command: [drop, truncate] }, then: deny }\n"             \
+	"      - { name: reads, when: { command: [select, set, show, begin, commit] }, "           \
+	"then: allow }\n"                                                                          \
+	"    mask:\n"                                                                              \
+	"      columns: [users.email]\n"                                                           \
+	"      style: redact\n"
+
+static char out[262144], err[16384];
+
+static int psql(struct th_pg_gate *g, const char *sql)
+{
+	int rc = th_pg_psql(&g->pg, g->tagged, sql, out, sizeof(out), err, sizeof(err));
+
+	if (rc)
+		printf("psql: %d: %s\n", rc, err);
+	return rc;
+}
+
+static void audit_dir(struct th_pg_gate *g, char *buf, size_t len)
+{
+	snprintf(buf, len, "%s/audit", g->d.state_dir);
+}
+
+/* The records of the log as JSON lines (agctl audit export [args]) into out. */
+static int export(struct th_pg_gate *g, const char *since)
+{
+	struct th_agctl_result *r = calloc(1, sizeof(*r));
+	char dir[256];
+	int rc;
+
+	audit_dir(g, dir, sizeof(dir));
+	rc = since ? TH_AGCTL(r, "audit", "export", dir, "--since", since) :
+		     TH_AGCTL(r, "audit", "export", dir);
+	snprintf(out, sizeof(out), "%s", r->out);
+	if (rc)
+		printf("agctl audit export: %d: %s\n", rc, r->err);
+	free(r);
+	return rc;
+}
+
+/* Waits until the writer has the records of what ran (batch mode writes every few ms). */
+static void settle(void)
+{
+	usleep(300 * 1000);
+}
+
+/* The session id of the first exported line that holds marker, or 0. */
+static unsigned long long session_of(const char *marker)
+{
+	const char *p = strstr(out, marker), *line, *s;
+
+	if (!p)
+		return 0;
+	for (line = p; line > out && line[-1] != '\n'; line--)
+		;
+	s = strstr(line, "\"session\":");
+	return s && s < p ? strtoull(s + 10, NULL, 10) : 0;
+}
+
+static int verify(const char *dir, const char *key, struct th_agctl_result *r)
+{
+	return key ? TH_AGCTL(r, "audit", "verify", dir, "--key", key) :
+		     TH_AGCTL(r, "audit", "verify", dir);
+}
+
+/* --- a session recorded ------------------------------------------------------------------- */
+
+static unsigned long long sid;
+
+static void subtest_records_pg_session(struct th_pg_gate *g)
+{
+	char sql[512];
+
+	snprintf(sql, sizeof(sql),
+		 "SELECT 'audit-marker-1' AS m;\n"
+		 "SELECT id, email, note FROM users ORDER BY id;\n"
+		 "\\set ON_ERROR_STOP 0\n"
+		 "DROP TABLE orders;\n"
+		 "SELECT count(*) FROM orders;\n");
+	if (!ASSERT_OK(psql(g, sql), "psql"))
+		return;
+	ASSERT_HAS_SUBSTR(out, "1|[REDACTED]|likes cats", "masked read");
+	ASSERT_HAS_SUBSTR(err, "blocked by rule no-drop", "blocked");
+	settle();
+	if (!ASSERT_OK(export(g, NULL), "export"))
+		return;
+	sid = session_of("audit-marker-1");
+	if (!ASSERT_GT(sid, 0, "session of the marker"))
+		return;
+	ASSERT_HAS_SUBSTR(out, "\"kind\":\"session_start\"", "start");
+	ASSERT_HAS_SUBSTR(out, "\"comm\":\"psql\"", "kernel identity: comm");
+	ASSERT_HAS_SUBSTR(out, "\"decision\":\"deny\",\"rule\":\"no-drop\"", "blocked decision");
+	ASSERT_HAS_SUBSTR(out, "\"text\":\"DROP TABLE orders;\"", "blocked statement text");
+	ASSERT_HAS_SUBSTR(out, "\"decision\":\"allow\",\"rule\":\"reads\"", "allowed decision");
+	ASSERT_HAS_SUBSTR(out, "[\"1\",\"[REDACTED]\",\"likes cats\"]", "masked row recorded");
+	ASSERT_HAS_SUBSTR(out, "\"masked_values\":3", "masked count");
+	ASSERT_HAS_SUBSTR(out, "\"kind\":\"session_end\"", "end");
+	ASSERT_FALSE(strstr(out, "alice@example.com"), "no unmasked value in the log");
+	ASSERT_FALSE(strstr(out, TH_PG_PASSWORD), "no credential in the log");
+}
+
+static void subtest_verify_intact(struct th_pg_gate *g)
+{
+	struct th_agctl_result *r = calloc(1, sizeof(*r));
+	char dir[256];
+
+	audit_dir(g, dir, sizeof(dir));
+	ASSERT_EQ(verify(dir, NULL, r), 0, "verify exit");
+	ASSERT_HAS_SUBSTR(r->out, "intact", "summary line");
+	/* The default directory comes from the daemon's status. */
+	ASSERT_OK(th_agctl(&g->d, out, sizeof(out), "audit verify"), "verify via the daemon");
+	ASSERT_HAS_SUBSTR(out, dir, "the daemon's state dir");
+	free(r);
+}
+
+static void subtest_replay_exact(struct th_pg_gate *g)
+{
+	char cmd[64];
+
+	if (!ASSERT_GT(sid, 0, "session"))
+		return;
+	snprintf(cmd, sizeof(cmd), "session replay %llu", sid);
+	if (!ASSERT_OK(th_agctl(&g->d, out, sizeof(out), "%s", cmd), "replay"))
+		return;
+	ASSERT_HAS_SUBSTR(out, "start     agent t: pid", "who");
+	ASSERT_HAS_SUBSTR(out, "(psql) uid 0", "comm and uid");
+	ASSERT_HAS_SUBSTR(out, "query     allow (rule reads): SELECT 'audit-marker-1' AS m;",
+			  "first statement");
+	ASSERT_HAS_SUBSTR(out,
+			  "id | email | note\n"
+			  "          1 | [REDACTED] | likes cats\n"
+			  "          2 | [REDACTED] | reach me at bob.personal@gmail.com\n"
+			  "          3 | [REDACTED] | nothing to see\n",
+			  "masked rows as the agent got them");
+	ASSERT_HAS_SUBSTR(out, "query     deny (rule no-drop): DROP TABLE orders;", "blocked one");
+	ASSERT_HAS_SUBSTR(out, "→ agentgate: blocked by rule no-drop", "what the agent was told");
+	ASSERT_HAS_SUBSTR(out, "result    SELECT 1: 1 row", "count result");
+	ASSERT_HAS_SUBSTR(out, "end       closed", "end");
+	ASSERT_FALSE(strstr(out, "alice@example.com"), "nothing unmasked");
+	/* Exactly the statements sent, in order. */
+	{
+		const char *want[] = { "SELECT 'audit-marker-1' AS m;",
+				       "SELECT id, email, note FROM users ORDER BY id;",
+				       "DROP TABLE orders;", "SELECT count(*) FROM orders;" };
+		const char *p = out;
+		int n = 0;
+
+		while ((p = strstr(p, "\n+")) && (p = strstr(p, " query "))) {
+			const char *colon = strstr(p, ": "), *nl = strchr(p, '\n');
+
+			if (!colon || !nl || colon > nl)
+				break;
+			if (n < 4)
+				ASSERT_EQ(strncmp(colon + 2, want[n], strlen(want[n])), 0,
+					  "statement in order");
+			n++;
+			p = nl;
+		}
+		ASSERT_EQ(n, 4, "statements replayed");
+	}
+	if (ASSERT_OK(th_agctl(&g->d, out, sizeof(out), "-j %s", cmd), "replay -j")) {
+		ASSERT_HAS_SUBSTR(out, "\"kind\":\"statement\"", "json statement");
+		ASSERT_HAS_SUBSTR(out, "\"data_rows\":[[\"1\",\"[REDACTED]\",\"likes cats\"]",
+				  "json rows");
+	}
+}
+
+static void subtest_watch_live_statement(struct th_pg_gate *g)
+{
+	char path[256], agctl[256], buf[65536];
+	bool seen = false;
+	pid_t pid;
+	int fd;
+
+	snprintf(path, sizeof(path), "%s/watch.out", g->d.dir);
+	snprintf(agctl, sizeof(agctl), "%s/agctl", th_build_dir());
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+	if (!ASSERT_GE(fd, 0, "watch output"))
+		return;
+	pid = fork();
+	if (pid == 0) {
+		dup2(fd, 1);
+		dup2(fd, 2);
+		execl(agctl, agctl, "-S", g->d.socket, "session", "watch", (char *)NULL);
+		_exit(127);
+	}
+	close(fd);
+	usleep(300 * 1000); /* subscribed */
+	ASSERT_OK(psql(g, "SELECT 'watch-marker-42' AS w;"), "psql");
+	for (int i = 0; i < 100 && !seen; i++) {
+		int f = open(path, O_RDONLY);
+		ssize_t n = f >= 0 ? read(f, buf, sizeof(buf) - 1) : -1;
+
+		if (f >= 0)
+			close(f);
+		buf[n > 0 ? n : 0] = '\0';
+		seen = strstr(buf, "query     allow (rule reads): SELECT 'watch-marker-42'") &&
+		       strstr(buf, "result    SELECT 1: 1 row");
+		if (!seen)
+			usleep(100 * 1000);
+	}
+	kill(pid, SIGTERM);
+	waitpid(pid, NULL, 0);
+	if (!ASSERT_TRUE(seen, "live statement and its result watched"))
+		printf("watch output:\n%s\n", buf);
+	ASSERT_HAS_SUBSTR(buf, "start     agent t", "session start watched");
+}
+
+static void subtest_export_since(struct th_pg_gate *g)
+{
+	char since[64];
+	time_t now = time(NULL) + 2;
+
+	/* Everything so far is older than now + 2 s: nothing. */
+	strftime(since, sizeof(since), "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+	if (!ASSERT_OK(export(g, since), "export --since future"))
+		return;
+	ASSERT_STREQ(out, "", "nothing after the future");
+	ASSERT_OK(export(g, "1h"), "export --since 1h");
+	ASSERT_HAS_SUBSTR(out, "watch-marker-42", "recent included");
+	ASSERT_HAS_SUBSTR(out, "\"hash\":\"", "hash field");
+	ASSERT_OK(export(g, "2000-01-01T00:00:00Z"), "export since 2000");
+	ASSERT_HAS_SUBSTR(out, "\"seq\":1,", "from the first record");
+	ASSERT_NEQ(export(g, "yesterday-ish"), 0, "a bad --since is refused");
+}
+
+/* --- tampering, on copies of the stopped daemon's log ------------------------------------- */
+
+struct ents {
+	struct ag_audit_entry *e;
+	size_t n;
+};
+
+static int collect(void *ctx, const struct ag_audit_entry *e)
+{
+	struct ents *v = ctx;
+	uint8_t *rec = malloc(e->len ? e->len : 1);
+
+	v->e = realloc(v->e, (v->n + 1) * sizeof(*v->e));
+	memcpy(rec, e->rec, e->len);
+	v->e[v->n] = *e;
+	v->e[v->n].rec = rec;
+	v->e[v->n].segment = NULL;
+	v->n++;
+	return 0;
+}
+
+static void ents_free(struct ents *v)
+{
+	for (size_t i = 0; i < v->n; i++)
+		free((void *)v->e[i].rec);
+	free(v->e);
+	v->e = NULL;
+	v->n = 0;
+}
+
+/* A copy of the state's audit/ and keys/ under tmp/<name>; its audit dir into dir. */
+static int copy_log(struct th_pg_gate *g, const char *name, char *dir, size_t len)
+{
+	char base[256];
+
+	snprintf(base, sizeof(base), "%s/%s", g->d.dir, name);
+	snprintf(dir, len, "%s/audit", base);
+	char cmd[1200];
+
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s' && mkdir -p '%s' && cp -a '%s/audit' '%s/keys' '%s/'",
+		 base, base, g->d.state_dir, g->d.state_dir, base);
+	return system(cmd) ? -EIO : 0;
+}
+
+static int load(const char *dir, struct ents *v)
+{
+	char e[256];
+
+	return ag_audit_walk(dir, collect, v, e, sizeof(e));
+}
+
+/* Verify must fail naming seq: "record seq N". */
+static void expect_bad(const char *dir, const char *key, unsigned long long seq, const char *what)
+{
+	struct th_agctl_result *r = calloc(1, sizeof(*r));
+	char want[64], want2[64];
+
+	snprintf(want, sizeof(want), "record seq %llu ", seq);
+	snprintf(want2, sizeof(want2), "record seq %llu:", seq);
+	ASSERT_EQ(verify(dir, key, r), 1, what);
+	if (!ASSERT_TRUE(strstr(r->err, want) || strstr(r->err, want2), what))
+		printf("verify said (expected seq %llu): %s%s\n", seq, r->out, r->err);
+	free(r);
+}
+
+/* A statement record in the middle of the log, to tamper with. */
+static size_t some_statement(struct ents *v)
+{
+	for (size_t i = v->n / 2; i < v->n; i++) {
+		Agentgate__Audit__Record *r =
+			agentgate__audit__record__unpack(NULL, v->e[i].len, v->e[i].rec);
+		bool st = r && r->body_case == AGENTGATE__AUDIT__RECORD__BODY_STATEMENT;
+
+		if (r)
+			agentgate__audit__record__free_unpacked(r, NULL);
+		if (st)
+			return i;
+	}
+	return v->n / 2;
+}
+
+static void subtest_tamper_edit(struct th_pg_gate *g)
+{
+	struct ents v = { 0 };
+	char dir[256], seg[300];
+	size_t k;
+
+	if (!ASSERT_OK(copy_log(g, "t-edit", dir, sizeof(dir)), "copy") || !ASSERT_OK(load(dir, &v), "load"))
+		return;
+	k = some_statement(&v);
+	/* One byte of the record (its statement text, say), frames rewritten with good CRCs. */
+	((uint8_t *)v.e[k].rec)[v.e[k].len - 3] ^= 0x20;
+	ASSERT_OK(ag_audit_write_entries(dir, v.e, v.n, 1 << 20), "rewrite");
+	expect_bad(dir, NULL, v.e[k].seq, "edited record");
+	ents_free(&v);
+
+	/* One byte of a segment file as it lies on disk. */
+	if (!ASSERT_OK(copy_log(g, "t-edit2", dir, sizeof(dir)), "copy"))
+		return;
+	snprintf(seg, sizeof(seg), "%s/00000001.seg", dir);
+	{
+		int fd = open(seg, O_RDWR);
+		uint8_t b;
+
+		ASSERT_GE(fd, 0, "open segment");
+		pread(fd, &b, 1, 40);
+		b ^= 1;
+		pwrite(fd, &b, 1, 40);
+		close(fd);
+	}
+	expect_bad(dir, NULL, 1, "a flipped byte on disk");
+}
+
+static void subtest_tamper_delete(struct th_pg_gate *g)
+{
+	struct ents v = { 0 };
+	char dir[256];
+	size_t k;
+
+	if (!ASSERT_OK(copy_log(g, "t-del", dir, sizeof(dir)), "copy") || !ASSERT_OK(load(dir, &v), "load"))
+		return;
+	k = some_statement(&v);
+	free((void *)v.e[k].rec);
+	memmove(&v.e[k], &v.e[k + 1], (v.n - k - 1) * sizeof(v.e[0]));
+	v.n--;
+	ASSERT_OK(ag_audit_write_entries(dir, v.e, v.n, 1 << 20), "rewrite");
+	expect_bad(dir, NULL, v.e[k].seq - 1, "deleted record");
+	ents_free(&v);
+}
+
+static void subtest_tamper_reorder(struct th_pg_gate *g)
+{
+	struct ents v = { 0 };
+	struct ag_audit_entry t;
+	char dir[256];
+	size_t k;
+
+	if (!ASSERT_OK(copy_log(g, "t-reo", dir, sizeof(dir)), "copy") || !ASSERT_OK(load(dir, &v), "load"))
+		return;
+	k = some_statement(&v);
+	t = v.e[k];
+	v.e[k] = v.e[k + 1];
+	v.e[k + 1] = t;
+	ASSERT_OK(ag_audit_write_entries(dir, v.e, v.n, 1 << 20), "rewrite");
+	expect_bad(dir, NULL, v.e[k + 1].seq, "reordered records");
+	ents_free(&v);
+}
+
+static void subtest_tamper_truncate(struct th_pg_gate *g)
+{
+	struct ents v = { 0 };
+	char dir[256], seg[300];
+	unsigned long long last;
+	struct stat st;
+
+	if (!ASSERT_OK(copy_log(g, "t-trunc", dir, sizeof(dir)), "copy") || !ASSERT_OK(load(dir, &v), "load"))
+		return;
+	/* Whole records cut from the tail (at a frame boundary): HEAD still seals them. */
+	last = v.e[v.n - 1].seq;
+	for (int i = 0; i < 5; i++)
+		free((void *)v.e[--v.n].rec);
+	ASSERT_OK(ag_audit_write_entries(dir, v.e, v.n, 1 << 20), "rewrite");
+	expect_bad(dir, NULL, last - 4, "tail cut at a frame boundary");
+	ents_free(&v);
+
+	/* Bytes cut from the end of the newest segment: a torn frame. */
+	if (!ASSERT_OK(copy_log(g, "t-trunc2", dir, sizeof(dir)), "copy"))
+		return;
+	snprintf(seg, sizeof(seg), "%s/00000001.seg", dir);
+	/* The newest segment is the highest numbered one. */
+	for (int i = 2; i < 100; i++) {
+		char p[300];
+
+		snprintf(p, sizeof(p), "%s/%08d.seg", dir, i);
+		if (access(p, F_OK))
+			break;
+		snprintf(seg, sizeof(seg), "%s", p);
+	}
+	if (ASSERT_OK(stat(seg, &st), "stat") && ASSERT_OK(truncate(seg, st.st_size - 7), "cut")) {
+		struct th_agctl_result *r = calloc(1, sizeof(*r));
+
+		ASSERT_EQ(verify(dir, NULL, r), 1, "torn tail");
+		ASSERT_HAS_SUBSTR(r->err, "torn frame", "torn frame named");
+		ASSERT_HAS_SUBSTR(r->err, "record seq ", "first missing record named");
+		free(r);
+	}
+	/* A whole segment gone in the middle: the records after it cannot follow. */
+	if (!ASSERT_OK(copy_log(g, "t-seg", dir, sizeof(dir)), "copy") ||
+	    !ASSERT_OK(load(dir, &v), "load"))
+		return;
+	/* Small segments (consistent: only the framing changes), then the second one removed. */
+	ASSERT_OK(ag_audit_write_entries(dir, v.e, v.n, 512), "resegment");
+	{
+		struct th_agctl_result *r = calloc(1, sizeof(*r));
+		struct ents w = { 0 };
+		char e[256];
+
+		ASSERT_EQ(verify(dir, NULL, r), 0, "resegmented log verifies");
+		free(r);
+		snprintf(seg, sizeof(seg), "%s/00000002.seg", dir);
+		/* The first seq of segment 2: its header says. */
+		{
+			FILE *f = fopen(seg, "r");
+			uint8_t hdr[16] = { 0 };
+			unsigned long long first = 0;
+
+			if (ASSERT_OK_PTR(f, "segment 2")) {
+				fread(hdr, 1, 16, f);
+				fclose(f);
+			}
+			for (int i = 7; i >= 0; i--)
+				first = first << 8 | hdr[8 + i];
+			unlink(seg);
+			ASSERT_OK(ag_audit_walk(dir, collect, &w, e, sizeof(e)), "walk");
+			expect_bad(dir, NULL, first, "a segment deleted");
+		}
+		ents_free(&w);
+	}
+	ents_free(&v);
+}
+
+/* The whole chain forged with another key: consistent, so only the trusted key catches it. */
+static void subtest_tamper_resign(struct th_pg_gate *g)
+{
+	struct ents v = { 0 };
+	char dir[256], key[300], head[300], fp[80];
+	uint8_t prev[32] = { 0 }, sig[64], pub[32];
+	struct th_agctl_result *r = calloc(1, sizeof(*r));
+
+	if (!ASSERT_OK(copy_log(g, "t-key", dir, sizeof(dir)), "copy") || !ASSERT_OK(load(dir, &v), "load"))
+		goto out;
+	snprintf(key, sizeof(key), "%s/../other.pem", dir);
+	{
+		EVP_PKEY *k = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
+		FILE *f = fopen(key, "w");
+		size_t n = 32;
+
+		if (!ASSERT_OK_PTR(k, "keygen") || !ASSERT_OK_PTR(f, "key file"))
+			goto out;
+		PEM_write_PrivateKey(f, k, NULL, NULL, 0, NULL, NULL);
+		fclose(f);
+		EVP_PKEY_get_raw_public_key(k, pub, &n);
+		EVP_PKEY_free(k);
+	}
+	ASSERT_OK(ag_audit_sign_file(key, 0, prev, sig, fp, sizeof(fp)), "fingerprint");
+	for (size_t i = 0; i < v.n; i++) {
+		Agentgate__Audit__Record *rec =
+			agentgate__audit__record__unpack(NULL, v.e[i].len, v.e[i].rec);
+		size_t len;
+		uint8_t *b;
+
+		if (!ASSERT_OK_PTR(rec, "record"))
+			goto out;
+		if (rec->body_case == AGENTGATE__AUDIT__RECORD__BODY_CHAIN_START) {
+			rec->chain_start->public_key.data = pub;
+			rec->chain_start->key_fingerprint = fp;
+		} else if (rec->body_case == AGENTGATE__AUDIT__RECORD__BODY_CHECKPOINT) {
+			ag_audit_sign_file(key, v.e[i].seq - 1, prev, sig, NULL, 0);
+			rec->checkpoint->covers_hash.data = prev;
+			rec->checkpoint->signature.data = sig;
+			rec->checkpoint->key_fingerprint = fp;
+		}
+		len = agentgate__audit__record__get_packed_size(rec);
+		b = malloc(len);
+		agentgate__audit__record__pack(rec, b);
+		/* The unpacked record points into our buffers now: free only its own parts. */
+		if (rec->body_case == AGENTGATE__AUDIT__RECORD__BODY_CHAIN_START ||
+		    rec->body_case == AGENTGATE__AUDIT__RECORD__BODY_CHECKPOINT) {
+			rec->body_case = AGENTGATE__AUDIT__RECORD__BODY__NOT_SET;
+		}
+		agentgate__audit__record__free_unpacked(rec, NULL);
+		free((void *)v.e[i].rec);
+		v.e[i].rec = b;
+		v.e[i].len = len;
+		ag_audit_chain_hash(prev, v.e[i].seq, b, len, v.e[i].hash);
+		memcpy(prev, v.e[i].hash, 32);
+	}
+	ASSERT_OK(ag_audit_write_entries(dir, v.e, v.n, 1 << 20), "rewrite");
+	{
+		Agentgate__Audit__Head h = AGENTGATE__AUDIT__HEAD__INIT;
+		uint8_t buf[512];
+		size_t len;
+		FILE *f;
+
+		ag_audit_sign_file(key, v.e[v.n - 1].seq, prev, sig, NULL, 0);
+		h.seq = v.e[v.n - 1].seq;
+		h.hash.data = prev;
+		h.hash.len = 32;
+		h.signature.data = sig;
+		h.signature.len = 64;
+		h.key_fingerprint = fp;
+		len = agentgate__audit__head__pack(&h, buf);
+		snprintf(head, sizeof(head), "%s/HEAD", dir);
+		f = fopen(head, "w");
+		fwrite(buf, 1, len, f);
+		fclose(f);
+	}
+	/* With the forger's key the forgery is consistent ... */
+	ASSERT_EQ(verify(dir, key, r), 0, "consistent with the forger's key");
+	/* ... with the daemon's key (the default, from keys/) it is not. */
+	expect_bad(dir, NULL, 1, "re-signed with another key");
+out:
+	ents_free(&v);
+	free(r);
+}
+
+void test_audit(void)
+{
+	static struct th_pg_gate g;
+	struct th_agctl_result *r;
+	char dir[256];
+
+	if (!ASSERT_OK(th_pg_gate_start(&g, "127.0.0.2", "scram-sha-256", "enforce", AUDIT_RULES),
+		       "gate"))
+		goto out;
+	if (test__start_subtest("records_pg_session"))
+		subtest_records_pg_session(&g);
+	if (test__start_subtest("verify_intact"))
+		subtest_verify_intact(&g);
+	if (test__start_subtest("replay_exact"))
+		subtest_replay_exact(&g);
+	if (test__start_subtest("watch_live_statement"))
+		subtest_watch_live_statement(&g);
+	if (test__start_subtest("export_since"))
+		subtest_export_since(&g);
+	/* Sealed by a clean stop: the tampering works on copies of a finished log. */
+	ASSERT_OK(th_daemon_stop(&g.d), "stop");
+	r = calloc(1, sizeof(*r));
+	audit_dir(&g, dir, sizeof(dir));
+	ASSERT_EQ(verify(dir, NULL, r), 0, "sealed log verifies");
+	free(r);
+	if (test__start_subtest("tamper_edit"))
+		subtest_tamper_edit(&g);
+	if (test__start_subtest("tamper_delete"))
+		subtest_tamper_delete(&g);
+	if (test__start_subtest("tamper_reorder"))
+		subtest_tamper_reorder(&g);
+	if (test__start_subtest("tamper_truncate"))
+		subtest_tamper_truncate(&g);
+	if (test__start_subtest("tamper_resign_other_key"))
+		subtest_tamper_resign(&g);
+out:
+	th_pg_gate_cleanup(&g);
+}
