@@ -287,6 +287,7 @@ bad_fsync:
 
 struct node {
 	struct node *next;
+	uint64_t enq; /* its place in the queue, for ag_audit_hold() */
 	uint64_t session;
 	size_t len;
 	uint8_t data[];
@@ -332,6 +333,15 @@ static struct audit {
 	uint64_t sealed_seq;   /* last checkpoint record */
 	uint64_t first_unsealed_ms;
 	uint64_t durable;
+	uint64_t enq;	      /* records enqueued (under lock) */
+	uint64_t written_enq; /* ... taken by the writer into frames */
+	uint64_t durable_enq; /* ... on disk and synced */
+	int nheld; /* sessions whose output waits for durability */
+	struct {
+		void (*fn)(void *arg);
+		void *arg;
+	} wakers[64];
+	int nwakers;
 	struct frame *pending, **pending_tail;
 	int fd;
 	unsigned seg_no;
@@ -384,20 +394,22 @@ uint64_t ag_audit_durable_seq(void)
 }
 
 /* Enqueues a packed record; the hot path: one allocation, one lock. */
-static void enqueue(const Record *r)
+static uint64_t enqueue(const Record *r)
 {
 	size_t len = agentgate__audit__record__get_packed_size(r);
 	struct node *n = malloc(sizeof(*n) + len);
+	uint64_t enq;
 	bool wake;
 
 	if (!n) {
 		set_failed("out of memory for an audit record", ENOMEM);
-		return;
+		return 0;
 	}
 	n->next = NULL;
 	n->session = r->session;
 	n->len = agentgate__audit__record__pack(r, n->data);
 	pthread_mutex_lock(&A.lock);
+	n->enq = enq = ++A.enq;
 	*A.tail = n;
 	A.tail = &n->next;
 	A.queued++;
@@ -406,6 +418,7 @@ static void enqueue(const Record *r)
 	if (wake)
 		pthread_cond_signal(&A.cond);
 	pthread_mutex_unlock(&A.lock);
+	return enq;
 }
 
 static void entry_append(struct ag_buf *b, uint64_t seq, const uint8_t hash[32],
@@ -661,6 +674,16 @@ static void tap_flush(void)
 	A.ntitems = 0;
 }
 
+/* What was enqueued up to written_enq is on disk: sessions held for it may answer now. */
+static void durable_advance(void)
+{
+	__atomic_store_n(&A.durable_enq, A.written_enq, __ATOMIC_SEQ_CST);
+	if (!__atomic_load_n(&A.nheld, __ATOMIC_SEQ_CST))
+		return;
+	for (int i = 0; i < A.nwakers; i++)
+		A.wakers[i].fn(A.wakers[i].arg);
+}
+
 static void *writer_main(void *arg)
 {
 	for (;;) {
@@ -694,6 +717,7 @@ static void *writer_main(void *arg)
 		while ((n = list)) {
 			list = n->next;
 			chain_add(n->session, n->data, n->len, tapped);
+			A.written_enq = n->enq;
 			free(n);
 		}
 		now = mono_ms();
@@ -718,8 +742,10 @@ static void *writer_main(void *arg)
 					A.last_fsync_ms = now;
 				}
 			}
-			if (!A.pending && !A.need_fsync)
+			if (!A.pending && !A.need_fsync) {
 				__atomic_store_n(&A.durable, A.seq, __ATOMIC_RELEASE);
+				durable_advance();
+			}
 			if (!A.pending && (!A.need_fsync || A.cfg.fsync != AG_AUDIT_FSYNC_ALWAYS)) {
 				if (A.sealed_seq == A.seq && write_head())
 					set_failed("writing the audit HEAD", errno ? errno : EIO);
@@ -729,6 +755,7 @@ static void *writer_main(void *arg)
 		} else if (!A.pending && A.failed && now >= A.retry_at_ms && A.need_fsync) {
 			if (!fsync(A.fd)) {
 				A.need_fsync = false;
+				durable_advance();
 				clear_failed();
 			} else {
 				A.retry_at_ms = now + RETRY_MS;
@@ -1229,6 +1256,9 @@ void ag_audit_tap_put(void)
 
 /* What one session's current statement has sent back so far. */
 struct ag_audit_sess {
+	uint64_t last_enq; /* the session's newest record in the queue */
+	bool held;	   /* output to the agent waits for last_enq to be durable */
+	bool no_hold;	   /* ending: what is left goes out */
 	bool started;
 	bool pending; /* a statement whose result is not recorded yet */
 	int64_t stmt_ns;
@@ -1245,6 +1275,59 @@ static struct ag_audit_sess *sess_state(struct ag_session *s)
 	if (!s->audit)
 		s->audit = calloc(1, sizeof(*s->audit));
 	return s->audit;
+}
+
+bool ag_audit_hold(struct ag_session *s)
+{
+	struct ag_audit_sess *a = s->audit;
+
+	bool now;
+
+	if (!a || A.cfg.fsync != AG_AUDIT_FSYNC_ALWAYS || !A.on)
+		return false;
+	now = !a->no_hold && a->last_enq > __atomic_load_n(&A.durable_enq, __ATOMIC_SEQ_CST);
+	if (now && !a->held) {
+		__atomic_add_fetch(&A.nheld, 1, __ATOMIC_SEQ_CST);
+		/* The writer may have synced before it saw the count: look again. */
+		now = a->last_enq > __atomic_load_n(&A.durable_enq, __ATOMIC_SEQ_CST);
+		if (!now)
+			__atomic_sub_fetch(&A.nheld, 1, __ATOMIC_SEQ_CST);
+	} else if (!now && a->held) {
+		__atomic_sub_fetch(&A.nheld, 1, __ATOMIC_SEQ_CST);
+	}
+	a->held = now;
+	return now;
+}
+
+bool ag_audit_held(const struct ag_session *s)
+{
+	return s->audit && s->audit->held;
+}
+
+bool ag_audit_releasable(const struct ag_session *s)
+{
+	return s->audit && s->audit->held &&
+	       s->audit->last_enq <= __atomic_load_n(&A.durable_enq, __ATOMIC_ACQUIRE);
+}
+
+void ag_audit_release(struct ag_session *s)
+{
+	if (s->audit) {
+		if (s->audit->held)
+			__atomic_sub_fetch(&A.nheld, 1, __ATOMIC_SEQ_CST);
+		s->audit->no_hold = true;
+		s->audit->held = false;
+	}
+}
+
+void ag_audit_on_durable(void (*fn)(void *arg), void *arg)
+{
+	pthread_mutex_lock(&A.lock);
+	if (A.nwakers < (int)(sizeof(A.wakers) / sizeof(A.wakers[0]))) {
+		A.wakers[A.nwakers].fn = fn;
+		A.wakers[A.nwakers++].arg = arg;
+	}
+	pthread_mutex_unlock(&A.lock);
 }
 
 bool ag_audit_refuse_session(struct ag_session *s)
@@ -1283,7 +1366,7 @@ void ag_audit_session_start(struct ag_session *s)
 	record_init(&r, s->id, AGENTGATE__AUDIT__KIND__SESSION_START);
 	r.body_case = AGENTGATE__AUDIT__RECORD__BODY_SESSION_START;
 	r.session_start = &st;
-	enqueue(&r);
+	a->last_enq = enqueue(&r);
 }
 
 static void result_emit(struct ag_session *s, struct ag_audit_sess *a, const char *tag,
@@ -1317,7 +1400,7 @@ static void result_emit(struct ag_session *s, struct ag_audit_sess *a, const cha
 	res.elapsed_ns = a->stmt_ns ? r.time_ns - a->stmt_ns : 0;
 	r.body_case = AGENTGATE__AUDIT__RECORD__BODY_RESULT;
 	r.result = &res;
-	enqueue(&r);
+	a->last_enq = enqueue(&r);
 	if (rv != rows)
 		free(rv);
 	a->rows = 0;
@@ -1391,7 +1474,7 @@ void ag_audit_statement(struct ag_session *s, const char *message, const char *n
 	record_init(&r, s->id, AGENTGATE__AUDIT__KIND__STATEMENT);
 	r.body_case = AGENTGATE__AUDIT__RECORD__BODY_STATEMENT;
 	r.statement = &st;
-	enqueue(&r);
+	a->last_enq = enqueue(&r);
 	free(t);
 	if (!a->pending)
 		a->stmt_ns = r.time_ns;
@@ -1478,7 +1561,10 @@ void ag_audit_error(struct ag_session *s, const char *fmt, ...)
 	record_init(&r, s ? s->id : 0, AGENTGATE__AUDIT__KIND__ERROR);
 	r.body_case = AGENTGATE__AUDIT__RECORD__BODY_ERROR;
 	r.error = &e;
-	enqueue(&r);
+	if (s && s->audit)
+		s->audit->last_enq = enqueue(&r);
+	else
+		enqueue(&r);
 }
 
 void ag_audit_approval(uint64_t session, const char *id, const char *state, const char *rule,
@@ -1620,7 +1706,7 @@ int ag_audit_verify_dir(const char *dir, const char *key_file, struct ag_audit_v
 {
 	struct vctx c = { .v = v, .expect = 1 };
 	Agentgate__Audit__Head *head = NULL;
-	char path[PATH_MAX + 32], err[512] = "";
+	char path[PATH_MAX + 32], err[512] = "", newest[32] = "";
 	unsigned *segs;
 	uint8_t *hb = NULL;
 	size_t n, hlen;
@@ -1646,6 +1732,8 @@ int ag_audit_verify_dir(const char *dir, const char *key_file, struct ag_audit_v
 		snprintf(v->reason, sizeof(v->reason), "%s: %s", dir, strerror(-rc));
 		goto out;
 	}
+	if (n)
+		snprintf(newest, sizeof(newest), "%08u.seg", segs[n - 1]);
 	free(segs);
 	v->segments = n;
 	snprintf(path, sizeof(path), "%s/HEAD", dir);
@@ -1663,6 +1751,18 @@ int ag_audit_verify_dir(const char *dir, const char *key_file, struct ag_audit_v
 			if (sp)
 				sscanf(sp + 8, "%63[^: ]", v->bad_segment);
 		}
+	}
+	/*
+	 * A frame being written as we read (a live log): an incomplete last frame of the newest
+	 * segment, after everything HEAD seals. What is cut there was never sealed, so it cannot
+	 * be told from a write in progress; anything HEAD sealed still has to be there.
+	 */
+	if (rc == -EBADMSG && !strcmp(v->bad_segment, newest) && strstr(err, "torn") && head &&
+	    head->seq <= v->last_seq && c.expect == v->last_seq + 1) {
+		v->live_tail = true;
+		v->bad_seq = 0;
+		v->bad_segment[0] = v->reason[0] = '\0';
+		rc = 0;
 	}
 	if (rc) {
 		if (!v->reason[0])

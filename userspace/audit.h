@@ -84,6 +84,20 @@ void ag_audit_approval(uint64_t session, const char *id, const char *state, cons
 		       const char *statement, const char *by, uint32_t by_uid, const char *scope,
 		       const char *reason);
 
+/*
+ * fsync: always — what goes to the agent waits until the session's records are on disk, so an
+ * acknowledged statement is a recorded one. ag_audit_hold(): true when output must wait now
+ * (the session is marked held); ag_audit_held() reads the mark; ag_audit_releasable() says a
+ * held session's records are durable now; ag_audit_release() ends holding (the session ends).
+ * The writer calls each fn registered with ag_audit_on_durable() (thread-safe, e.g. an
+ * ag_loop_call() to a worker) when records of held sessions became durable.
+ */
+bool ag_audit_hold(struct ag_session *s);
+bool ag_audit_held(const struct ag_session *s);
+bool ag_audit_releasable(const struct ag_session *s);
+void ag_audit_release(struct ag_session *s);
+void ag_audit_on_durable(void (*fn)(void *arg), void *arg);
+
 /* --- live taps (agctl session watch) ---------------------------------------------------------- */
 
 /*
@@ -121,6 +135,7 @@ struct ag_audit_verify {
 	uint64_t bad_seq; /* the first bad record, 0 when none could be named */
 	char bad_segment[64];
 	char reason[512];
+	bool live_tail; /* an incomplete frame after the sealed records: being written */
 };
 
 /*

@@ -222,6 +222,8 @@ static int flush_side(struct ag_session *s, enum ag_side i)
 
 	if (i == AG_SIDE_UPSTREAM && !upstream_ready(s))
 		return 0;
+	if (i == AG_SIDE_AGENT && ag_audit_hold(s))
+		return 0; /* audit fsync: always: answers wait for their records (release_held) */
 	if (ag_buf_len(&c->out)) {
 		n = send_now(s, i, ag_buf_head(&c->out), ag_buf_len(&c->out));
 		if (n < 0)
@@ -250,7 +252,7 @@ int ag_session_send(struct ag_session *s, enum ag_side to, const void *data, siz
 
 	if (!side_open(c) || c->wr_shut)
 		return -EPIPE;
-	if (!queued(c) && (to == AG_SIDE_AGENT || upstream_ready(s))) {
+	if (!queued(c) && (to == AG_SIDE_AGENT ? !ag_audit_hold(s) : upstream_ready(s))) {
 		ssize_t n = send_now(s, to, data, len);
 
 		if (n < 0)
@@ -306,7 +308,7 @@ static void side_update_events(struct ag_session *s, enum ag_side i)
 		    (ag_buf_len(&c->in) >= AG_HIGH_WM && ag_buf_len(&c->in) >= c->hold);
 	if (!c->rd_eof && !c->paused)
 		ev |= EPOLLIN | EPOLLRDHUP;
-	if (queued(c))
+	if (queued(c) && !(i == AG_SIDE_AGENT && ag_audit_held(s)))
 		ev |= EPOLLOUT;
 	ag_loop_mod(&c->io, ev);
 }
@@ -592,6 +594,7 @@ static void session_end(struct ag_session *s, bool reset)
 	if (!started && !was_denied && !s->reason[0])
 		snprintf(s->reason, sizeof(s->reason), "closed before the upstream connected");
 	/* Best effort: whatever is still queued for the agent (an error message, say). */
+	ag_audit_release(s);
 	if (!reset)
 		flush_side(s, AG_SIDE_AGENT);
 	if (s->proto && s->proto->fini)
@@ -997,6 +1000,38 @@ static void worker_tick(void *arg)
 			ag_loop_mod(&w->lis[k], EPOLLIN);
 }
 
+static bool releasable_of_worker(const struct ag_session *s, void *w)
+{
+	return s->w == w && s->state != AG_SESS_CLOSED && ag_audit_releasable(s);
+}
+
+/* Sessions whose answers waited for their audit records: those records are on disk now. */
+static void release_held(void *arg)
+{
+	struct ag_worker *w = arg;
+	struct ag_session *s;
+
+	while ((s = table_find(w->d, releasable_of_worker, w))) {
+		if (flush_side(s, AG_SIDE_AGENT)) {
+			read_failed(s, AG_SIDE_AGENT);
+			continue;
+		}
+		if (session_done(s)) {
+			session_end(s, false);
+			continue;
+		}
+		side_update_events(s, AG_SIDE_AGENT);
+		side_update_events(s, AG_SIDE_UPSTREAM);
+	}
+}
+
+static void durable_wake(void *arg)
+{
+	struct ag_worker *w = arg;
+
+	ag_loop_call(w->loop, release_held, w);
+}
+
 static void *worker_main(void *arg)
 {
 	struct ag_worker *w = arg;
@@ -1059,6 +1094,7 @@ int ag_workers_start(struct ag_daemon *d, char *err, size_t errlen)
 			}
 			d->netns_cookie = cookie;
 		}
+		ag_audit_on_durable(durable_wake, w);
 		for (int k = 0; k < 2; k++) {
 			if (ag_loop_add(w->loop, &w->lis[k], fds[k], EPOLLIN, on_listener)) {
 				snprintf(err, errlen, "epoll: %s", strerror(errno));

@@ -594,6 +594,7 @@ static int do_verify(int argc, char **argv)
 		jsonw_uint_field(json_wtr, "checkpoints", v.checkpoints);
 		jsonw_uint_field(json_wtr, "last_checkpoint", v.last_checkpoint);
 		jsonw_uint_field(json_wtr, "unsealed", v.unsealed);
+		jsonw_bool_field(json_wtr, "frame_being_written", v.live_tail);
 		jsonw_string_field(json_wtr, "key_fingerprint", v.fingerprint);
 		jsonw_string_field(json_wtr, "key_source", v.key_source);
 		jsonw_end_object(json_wtr);
@@ -603,6 +604,9 @@ static int do_verify(int argc, char **argv)
 		       " (%" PRIu64 " after it), key %s from %s\n",
 		       dir, v.records, v.last_seq, v.segments, v.segments == 1 ? "" : "s",
 		       v.checkpoints, v.last_checkpoint, v.unsealed, v.fingerprint, v.key_source);
+		if (v.live_tail)
+			printf("(a frame after seq %" PRIu64 " was being written: not read)\n",
+			       v.last_seq);
 	}
 	return 0;
 }
