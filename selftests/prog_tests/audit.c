@@ -835,3 +835,60 @@ out:
 	free(r);
 	th_pg_gate_cleanup(&g);
 }
+
+/* --- the policy's audit: mapping ------------------------------------------------------------ */
+
+static const char *audit_policy(const char *audit, char *e, size_t elen, struct ag_audit_config *c)
+{
+	static char text[1024];
+	struct ag_policy *p;
+
+	snprintf(text, sizeof(text),
+		 "apiVersion: agentgate/v1\n"
+		 "agents: [{ name: a, cgroup: /x }]\n"
+		 "%s\n"
+		 "default: deny\n",
+		 audit);
+	e[0] = '\0';
+	p = ag_policy_parse(text, strlen(text), "audit.yaml", e, elen);
+	if (!p)
+		return e;
+	ag_audit_config_parse(p->audit, p->naudit, c, e, elen);
+	ag_policy_free(p);
+	return NULL;
+}
+
+void test_audit_policy(void)
+{
+	struct ag_audit_config c;
+	char e[512];
+
+	ASSERT_TRUE(!audit_policy("", e, sizeof(e), &c), "no audit: defaults");
+	ASSERT_EQ(c.fsync, AG_AUDIT_FSYNC_BATCH, "default fsync");
+	ASSERT_EQ(c.checkpoint_records, 1000, "default checkpoint_records");
+	ASSERT_EQ(c.checkpoint_ms, 10000, "default checkpoint_interval");
+	ASSERT_EQ(c.segment_size, 16 << 20, "default segment_size");
+	ASSERT_TRUE(!audit_policy("audit: { fsync: always, checkpoint_records: 50, "
+				  "checkpoint_interval: 2s, segment_size: 1M }",
+				  e, sizeof(e), &c),
+		    "all keys");
+	if (e[0])
+		printf("policy error: %s\n", e);
+	ASSERT_EQ(c.fsync, AG_AUDIT_FSYNC_ALWAYS, "fsync always");
+	ASSERT_EQ(c.checkpoint_records, 50, "checkpoint_records");
+	ASSERT_EQ(c.checkpoint_ms, 2000, "checkpoint_interval");
+	ASSERT_EQ(c.segment_size, 1 << 20, "segment_size");
+	ASSERT_OK_PTR(audit_policy("audit: { fsync: sometimes }", e, sizeof(e), &c), "bad fsync");
+	ASSERT_HAS_SUBSTR(e, "audit.yaml:3:", "names file:line");
+	ASSERT_HAS_SUBSTR(e, "sometimes", "names the value");
+	ASSERT_OK_PTR(audit_policy("audit: { checkpoint_records: 0 }", e, sizeof(e), &c),
+		      "zero checkpoint_records");
+	ASSERT_HAS_SUBSTR(e, "checkpoint_records", "says which");
+	ASSERT_OK_PTR(audit_policy("audit: { checkpoint_interval: soon }", e, sizeof(e), &c),
+		      "bad interval");
+	ASSERT_OK_PTR(audit_policy("audit: { segment_size: 12 }", e, sizeof(e), &c),
+		      "tiny segment");
+	ASSERT_HAS_SUBSTR(e, "segment_size", "says which");
+	ASSERT_OK_PTR(audit_policy("audit: { rotate: daily }", e, sizeof(e), &c), "unknown key");
+	ASSERT_HAS_SUBSTR(e, "rotate", "names the key");
+}
