@@ -97,21 +97,27 @@ static void hex(const uint8_t *in, size_t n, char *out)
 		sprintf(out + 2 * i, "%02x", in[i]);
 }
 
+/* One fetched SHA-256 and one context per thread: no lookup or allocation per record. */
+static __thread EVP_MD_CTX *hash_ctx;
+static __thread EVP_MD *hash_md;
+
 void ag_audit_chain_hash(const uint8_t prev[32], uint64_t seq, const uint8_t *rec, size_t len,
 			 uint8_t out[32])
 {
-	EVP_MD_CTX *c = EVP_MD_CTX_new();
 	uint8_t s[8];
 	unsigned int n = 32;
 
+	if (!hash_ctx) {
+		hash_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+		hash_ctx = EVP_MD_CTX_new();
+	}
 	put64(s, seq);
-	EVP_DigestInit_ex(c, EVP_sha256(), NULL);
-	EVP_DigestUpdate(c, HASH_TAG, sizeof(HASH_TAG)); /* with its NUL */
-	EVP_DigestUpdate(c, prev, 32);
-	EVP_DigestUpdate(c, s, 8);
-	EVP_DigestUpdate(c, rec, len);
-	EVP_DigestFinal_ex(c, out, &n);
-	EVP_MD_CTX_free(c);
+	EVP_DigestInit_ex2(hash_ctx, hash_md, NULL);
+	EVP_DigestUpdate(hash_ctx, HASH_TAG, sizeof(HASH_TAG)); /* with its NUL */
+	EVP_DigestUpdate(hash_ctx, prev, 32);
+	EVP_DigestUpdate(hash_ctx, s, 8);
+	EVP_DigestUpdate(hash_ctx, rec, len);
+	EVP_DigestFinal_ex(hash_ctx, out, &n);
 }
 
 /* What a checkpoint signs. */
@@ -1462,11 +1468,18 @@ void ag_audit_statement(struct ag_session *s, const char *message, const char *n
 		st.text_truncated = len > AG_AUDIT_MAX_TEXT;
 		if (st.text_truncated)
 			len = AG_AUDIT_MAX_TEXT;
-		t = strndup(text, len);
+		/* The wire's strings end in a NUL: copied only when cut (or not terminated). */
+		if (st.text_truncated || strnlen(text, len + 1) != len)
+			t = strndup(text, len);
+		else
+			st.text = (char *)text;
 	}
 	st.message = (char *)message;
 	st.name = (char *)(name ? name : "");
-	st.text = t ? t : (char *)"";
+	if (t)
+		st.text = t;
+	else if (!text)
+		st.text = (char *)"";
 	st.decision = (char *)ag_action_name(action);
 	st.rule = (char *)(rule ? rule : "");
 	st.classes = (char *)(classes ? classes : "");

@@ -1085,10 +1085,13 @@ static void audit_statement(struct ag_session *s, const char *what, const char *
 			    const char *sql, size_t len, const struct verdict *v)
 {
 	char classes[256];
+	/* Refused without a deny or approve rule: unparseable, an unknown EXECUTE, a limit. */
+	enum ag_action a = v->refuse && v->action != AG_ACT_APPROVE ? AG_ACT_DENY : v->action;
 
 	ag_sql_class_names(v->classes, classes, sizeof(classes));
-	ag_audit_statement(s, what, name, sql, len, v->refuse ? AG_ACT_DENY : v->action, v->rule,
-			   classes, v->refuse && v->refusal ? v->refusal->message : NULL);
+	ag_audit_statement(s, what, name, sql, len, a,
+			   v->refuse && v->action == AG_ACT_ALLOW ? NULL : v->rule, classes,
+			   v->refuse && v->refusal ? v->refusal->message : NULL);
 }
 
 static int on_query(struct ag_session *s, struct fwd *f, const uint8_t *msg, size_t total)
@@ -1305,8 +1308,9 @@ static int on_execute(struct ag_session *s, struct fwd *f, const uint8_t *msg, s
 
 	pg->ext_open = true;
 	s->statements++;
-	ag_audit_statement(s, "execute", memchr(msg + PG_HDR, 0, total - PG_HDR) ?
-		(const char *)msg + PG_HDR : "", NULL, 0, AG_ACT_ALLOW, NULL, NULL, NULL);
+	ag_audit_statement(s, "execute",
+			   memchr(msg + PG_HDR, 0, total - PG_HDR) ? (const char *)msg + PG_HDR : "",
+			   NULL, 0, AG_ACT_ALLOW, NULL, NULL, NULL);
 	if (pg->mk.m) {
 		struct pg_portal *p;
 		const char *name;
