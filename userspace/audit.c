@@ -596,6 +596,29 @@ static int seg_open_new(void)
 }
 
 /* The batch built in A.raw becomes a pending frame. */
+/* One deflate stream for every frame, reset per frame: no setup per batch. 0 or -1. */
+static int deflate_frame(uint8_t *out, uLongf *clen, const uint8_t *in, size_t len)
+{
+	static z_stream zs;
+	static bool ready;
+
+	if (!ready) {
+		if (deflateInit2(&zs, Z_BEST_SPEED, Z_DEFLATED, 15, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+			return -1;
+		ready = true;
+	} else if (deflateReset(&zs) != Z_OK) {
+		return -1;
+	}
+	zs.next_in = (uint8_t *)in;
+	zs.avail_in = len;
+	zs.next_out = out;
+	zs.avail_out = *clen;
+	if (deflate(&zs, Z_FINISH) != Z_STREAM_END)
+		return -1;
+	*clen = zs.total_out;
+	return 0;
+}
+
 static void frame_seal(uint64_t first_seq)
 {
 	size_t raw = ag_buf_len(&A.raw);
@@ -606,7 +629,7 @@ static void frame_seal(uint64_t first_seq)
 		return;
 	f = calloc(1, sizeof(*f));
 	if (!f || !(f->buf = malloc(FRAME_HDR + clen)) ||
-	    compress2(f->buf + FRAME_HDR, &clen, ag_buf_head(&A.raw), raw, Z_BEST_SPEED) != Z_OK) {
+	    deflate_frame(f->buf + FRAME_HDR, &clen, ag_buf_head(&A.raw), raw)) {
 		/* Memory: the records cannot be kept; say so loudly. */
 		pr_err("audit: cannot build a frame: records %llu..%llu lost",
 		       (unsigned long long)first_seq, (unsigned long long)A.seq);
@@ -1271,6 +1294,8 @@ struct ag_audit_sess {
 	uint64_t masked_at;
 	uint64_t rows;
 	bool capped;
+	bool execute;	/* the pending result is an Execute's */
+	char portal[64];
 	struct ag_buf rowdesc;
 	struct ag_buf kept; /* le32 length, DataRow body; ... */
 	size_t nkept;
@@ -1402,6 +1427,8 @@ static void result_emit(struct ag_session *s, struct ag_audit_sess *a, const cha
 	res.data_rows = rv;
 	res.rows_capped = a->capped;
 	res.sqlstate = (char *)(sqlstate ? sqlstate : "");
+	res.message = (char *)(a->execute ? "execute" : "");
+	res.name = a->execute ? a->portal : (char *)"";
 	record_init(&r, s->id, AGENTGATE__AUDIT__KIND__RESULT);
 	res.elapsed_ns = a->stmt_ns ? r.time_ns - a->stmt_ns : 0;
 	r.body_case = AGENTGATE__AUDIT__RECORD__BODY_RESULT;
@@ -1412,6 +1439,7 @@ static void result_emit(struct ag_session *s, struct ag_audit_sess *a, const cha
 	a->rows = 0;
 	a->nkept = 0;
 	a->capped = false;
+	a->execute = false;
 	a->masked_at = s->masked_values;
 	a->pending = false;
 	ag_buf_consume(&a->kept, ag_buf_len(&a->kept));
@@ -1464,6 +1492,15 @@ void ag_audit_statement(struct ag_session *s, const char *message, const char *n
 
 	if (!A.on || !(a = sess_state(s)))
 		return;
+	/* An Execute (decided at its Parse) goes into its result's record: one record, not two. */
+	if (!strcmp(message, "execute") && action == AG_ACT_ALLOW && !text) {
+		if (!a->pending)
+			a->stmt_ns = unix_ns();
+		a->pending = true;
+		a->execute = true;
+		snprintf(a->portal, sizeof(a->portal), "%s", name ? name : "");
+		return;
+	}
 	if (text) {
 		st.text_truncated = len > AG_AUDIT_MAX_TEXT;
 		if (st.text_truncated)

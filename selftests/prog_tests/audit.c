@@ -26,6 +26,8 @@
 
 #include "audit.h"
 #include "audit.pb-c.h"
+#include "buf.h"
+#include "pgwire.h"
 #include "../pg.h"
 #include "../test_progs.h"
 
@@ -143,6 +145,38 @@ static void subtest_records_pg_session(struct th_pg_gate *g)
 	ASSERT_HAS_SUBSTR(xout, "\"kind\":\"session_end\"", "end");
 	ASSERT_FALSE(strstr(xout, "alice@example.com"), "no unmasked value in the log");
 	ASSERT_FALSE(strstr(xout, TH_PG_PASSWORD), "no credential in the log");
+}
+
+static void subtest_extended_protocol(struct th_pg_gate *g)
+{
+	struct ag_buf b = { 0 };
+	const char *p1[] = { "2" };
+	char types[64], state[8] = "";
+	int fd = th_pg_raw_connect(g);
+
+	if (!ASSERT_GE(fd, 0, "raw connection"))
+		return;
+	pg_put_parse(&b, "", "SELECT email, 'ext-marker' FROM users WHERE id = $1");
+	th_pg_m_bind(&b, "", "", 1, p1, 0);
+	th_pg_m_execute(&b, "");
+	th_pg_m_simple(&b, 'S');
+	ASSERT_OK(th_send_all(fd, ag_buf_head(&b), ag_buf_len(&b), 5000), "send");
+	ASSERT_OK(th_pg_raw_collect(fd, 1, types, sizeof(types), state, NULL, 0, 10000), "answers");
+	ASSERT_STREQ(state, "", "no error");
+	ag_buf_free(&b);
+	close(fd);
+	settle();
+	if (!ASSERT_OK(export(g, NULL), "export"))
+		return;
+	ASSERT_HAS_SUBSTR(xout,
+			  "\"message\":\"parse\",\"name\":\"\",\"text\":\"SELECT email, "
+			  "'ext-marker' FROM users WHERE id = $1\"",
+			  "the Parse with its SQL");
+	ASSERT_HAS_SUBSTR(xout,
+			  "\"kind\":\"result\",\"agent\":\"t\",\"target\":\"db\",\"message\":"
+			  "\"execute\",\"name\":\"\",\"command_tag\":\"SELECT 1\"",
+			  "the Execute with its result");
+	ASSERT_HAS_SUBSTR(xout, "[\"[REDACTED]\",\"ext-marker\"]", "its row, masked");
 }
 
 static void subtest_verify_intact(struct th_pg_gate *g)
@@ -582,11 +616,13 @@ void test_audit(void)
 	struct th_agctl_result *r;
 	char dir[256];
 
-	if (!ASSERT_OK(th_pg_gate_start(&g, "127.0.0.2", "scram-sha-256", "enforce", AUDIT_RULES),
+	if (!ASSERT_OK(th_pg_gate_start(&g, "127.0.0.2", "md5", "enforce", AUDIT_RULES),
 		       "gate"))
 		goto out;
 	if (test__start_subtest("records_pg_session"))
 		subtest_records_pg_session(&g);
+	if (test__start_subtest("extended_protocol"))
+		subtest_extended_protocol(&g);
 	if (test__start_subtest("verify_intact"))
 		subtest_verify_intact(&g);
 	if (test__start_subtest("replay_exact"))

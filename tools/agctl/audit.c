@@ -270,6 +270,10 @@ void audit_record_json(struct jsonw *w, uint64_t seq, const uint8_t *hash, const
 		char names[MAX_COLS][64];
 		int fmt[MAX_COLS], n = rowdesc_parse(&s->row_description, names, fmt, MAX_COLS);
 
+		if (s->message[0]) {
+			jsonw_string_field(w, "message", s->message);
+			jsonw_string_field(w, "name", s->name);
+		}
 		jsonw_string_field(w, "command_tag", s->command_tag);
 		jsonw_uint_field(w, "rows", s->rows);
 		jsonw_uint_field(w, "masked_values", s->masked_values);
@@ -373,7 +377,11 @@ void audit_record_plain(const Record *r, int64_t t0, bool with_session)
 		char names[MAX_COLS][64];
 		int fmt[MAX_COLS], n = rowdesc_parse(&s->row_description, names, fmt, MAX_COLS);
 
-		printf("result    %s", s->command_tag[0] ? s->command_tag : "-");
+		if (s->message[0])
+			printf("%-9s portal \"%s\" → ", s->message, s->name);
+		else
+			printf("result    ");
+		printf("%s", s->command_tag[0] ? s->command_tag : "-");
 		if (s->sqlstate[0])
 			printf(" SQLSTATE %s", s->sqlstate);
 		printf(": %" PRIu64 " row%s, %" PRIu64 " masked value%s, %.3f ms%s\n", s->rows,
