@@ -337,6 +337,9 @@ static struct audit {
 	uint64_t seq;	       /* last assigned */
 	uint8_t hash[32];      /* its chain hash */
 	uint64_t sealed_seq;   /* last checkpoint record */
+	uint64_t head_seq;     /* the newest checkpoint record, for HEAD ... */
+	uint8_t head_hash[32];
+	uint64_t head_written; /* ... and the one HEAD holds */
 	uint64_t first_unsealed_ms;
 	uint64_t durable;
 	uint64_t enq;	      /* records enqueued (under lock) */
@@ -503,10 +506,10 @@ static int write_head(void)
 	size_t len;
 	int fd, rc = 0;
 
-	if (sign(A.key, A.seq, A.hash, sig))
+	if (sign(A.key, A.head_seq, A.head_hash, sig))
 		return -EINVAL;
-	h.seq = A.seq;
-	h.hash.data = A.hash;
+	h.seq = A.head_seq;
+	h.hash.data = A.head_hash;
 	h.hash.len = 32;
 	h.signature.data = sig;
 	h.signature.len = 64;
@@ -520,8 +523,9 @@ static int write_head(void)
 	snprintf(path, sizeof(path), "%s/HEAD", A.dir);
 	snprintf(tmp, sizeof(tmp), "%s/HEAD.tmp", A.dir);
 	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	/* Synced only with fsync: always; a HEAD older than the log is a prefix: still valid. */
 	if (fd < 0 || write(fd, buf, len) != (ssize_t)len ||
-	    (A.cfg.fsync != AG_AUDIT_FSYNC_NEVER && fsync(fd)) || rename(tmp, path))
+	    (A.cfg.fsync == AG_AUDIT_FSYNC_ALWAYS && fsync(fd)) || rename(tmp, path))
 		rc = -(errno ? errno : EIO);
 	if (fd >= 0)
 		close(fd);
@@ -558,6 +562,8 @@ static void checkpoint_add(void)
 		chain_add_record(&r);
 	}
 	A.sealed_seq = A.seq;
+	A.head_seq = A.seq;
+	memcpy(A.head_hash, A.hash, 32);
 	A.first_unsealed_ms = 0;
 }
 
@@ -703,6 +709,41 @@ static void tap_flush(void)
 	A.ntitems = 0;
 }
 
+/*
+ * Everything is written: fsync as the policy says (always: now; batch: once a second and at the
+ * end; never: not), then HEAD — the newest checkpoint, once what it seals is synced, so that
+ * HEAD never names records a power cut could lose.
+ */
+static void durable_advance(void);
+
+static void sync_and_seal(uint64_t now, bool stop)
+{
+	if (A.need_fsync && A.fd >= 0 &&
+	    (A.cfg.fsync == AG_AUDIT_FSYNC_ALWAYS || stop ||
+	     (A.cfg.fsync == AG_AUDIT_FSYNC_BATCH && now - A.last_fsync_ms >= 1000))) {
+		if (fsync(A.fd)) {
+			set_failed("fsync of the audit log", errno);
+			A.retry_at_ms = now + RETRY_MS;
+			return;
+		}
+		A.need_fsync = false;
+		A.last_fsync_ms = now;
+	}
+	if (!A.need_fsync) {
+		__atomic_store_n(&A.durable, A.seq, __ATOMIC_RELEASE);
+		durable_advance();
+	}
+	if (A.head_seq > A.head_written && (!A.need_fsync || A.cfg.fsync == AG_AUDIT_FSYNC_NEVER)) {
+		if (write_head()) {
+			set_failed("writing the audit HEAD", errno ? errno : EIO);
+			A.retry_at_ms = now + RETRY_MS;
+			return;
+		}
+		A.head_written = A.head_seq;
+	}
+	clear_failed();
+}
+
 /* What was enqueued up to written_enq is on disk: sessions held for it may answer now. */
 static void durable_advance(void)
 {
@@ -756,40 +797,10 @@ static void *writer_main(void *arg)
 			checkpoint_add();
 		frame_seal(first);
 
-		if (A.pending && (!A.failed || now >= A.retry_at_ms)) {
-			if (frames_write()) {
-				A.retry_at_ms = now + RETRY_MS;
-			} else if (A.need_fsync &&
-				   (A.cfg.fsync == AG_AUDIT_FSYNC_ALWAYS || stop ||
-				    (A.cfg.fsync == AG_AUDIT_FSYNC_BATCH &&
-				     (A.sealed_seq == A.seq || now - A.last_fsync_ms >= 1000)))) {
-				if (fsync(A.fd)) {
-					set_failed("fsync of the audit log", errno);
-					A.retry_at_ms = now + RETRY_MS;
-				} else {
-					A.need_fsync = false;
-					A.last_fsync_ms = now;
-				}
-			}
-			if (!A.pending && !A.need_fsync) {
-				__atomic_store_n(&A.durable, A.seq, __ATOMIC_RELEASE);
-				durable_advance();
-			}
-			if (!A.pending && (!A.need_fsync || A.cfg.fsync != AG_AUDIT_FSYNC_ALWAYS)) {
-				if (A.sealed_seq == A.seq && write_head())
-					set_failed("writing the audit HEAD", errno ? errno : EIO);
-				else
-					clear_failed();
-			}
-		} else if (!A.pending && A.failed && now >= A.retry_at_ms && A.need_fsync) {
-			if (!fsync(A.fd)) {
-				A.need_fsync = false;
-				durable_advance();
-				clear_failed();
-			} else {
-				A.retry_at_ms = now + RETRY_MS;
-			}
-		}
+		if (A.pending && (!A.failed || now >= A.retry_at_ms) && frames_write())
+			A.retry_at_ms = now + RETRY_MS;
+		if (!A.pending && (!A.failed || now >= A.retry_at_ms))
+			sync_and_seal(now, stop);
 		tap_flush();
 		if (stop && !A.pending) {
 			pthread_mutex_lock(&A.lock);
@@ -1202,6 +1213,7 @@ int ag_audit_open(const char *state_dir, const struct ag_audit_config *c, char *
 		snprintf(err, errlen, "audit log %s: %s", A.dir, strerror(-rc));
 		return rc;
 	}
+	A.head_written = A.head_seq;
 	A.need_fsync = false;
 	A.durable = A.seq;
 	__atomic_store_n(&A.failed, 0, __ATOMIC_RELEASE);
