@@ -19,6 +19,8 @@
 #include <unistd.h>
 
 #include "agentgate.h"
+#include "approval.h"
+#include "audit.h"
 #include "bpf_loader.h"
 #include "cgroup.h"
 #include "cred.h"
@@ -215,6 +217,20 @@ static void main_tick(void *arg)
 		if (!n || mono_ms() > drain_deadline)
 			ag_loop_stop(d->loop);
 	}
+}
+
+/* Every approval event (requested, decided, expired, cancelled) is an audit record. */
+static void audit_approval_event(const struct ag_approval_info *a)
+{
+	const char *state = a->state == AG_APPROVAL_PENDING   ? "requested"
+			    : a->state == AG_APPROVAL_EXPIRED ? "timeout"
+							      : ag_approval_state_name(a->state);
+	bool decided = a->state == AG_APPROVAL_APPROVED || a->state == AG_APPROVAL_DENIED;
+
+	ag_audit_approval(a->session, a->id, state, a->rule, a->statement,
+			  decided ? a->decided_by : NULL, decided ? a->decided_uid : 0,
+			  a->state == AG_APPROVAL_APPROVED ? ag_approval_scope_name(a->scope) : NULL,
+			  a->reason[0] ? a->reason : NULL);
 }
 
 int main(int argc, char **argv)
@@ -450,6 +466,17 @@ int main(int argc, char **argv)
 		pr_err("%s", err);
 		goto out_loop;
 	}
+	{
+		struct ag_audit_config ac;
+
+		/* After daemon(): the writer thread would not survive the fork. */
+		if (ag_audit_config_parse(pol->audit, pol->naudit, &ac, err, sizeof(err)) ||
+		    ag_audit_open(d->opts.state_dir, &ac, err, sizeof(err))) {
+			pr_err("%s", err);
+			goto out_slog;
+		}
+		__atomic_store_n(&ag_approval_event_hook, audit_approval_event, __ATOMIC_RELEASE);
+	}
 	/*
 	 * The control socket before the BPF side: its probe refuses to run beside a live daemon,
 	 * whose sk_msg program and settings in the pinned maps the load would otherwise replace.
@@ -525,6 +552,8 @@ out_workers:
 out_ctl:
 	ag_ctl_server_stop(d);
 out_slog:
+	__atomic_store_n(&ag_approval_event_hook, NULL, __ATOMIC_RELEASE);
+	ag_audit_close(); /* after the workers: their sessions' ends are recorded */
 	ag_slog_close(d);
 out_loop:
 	ag_loop_free(d->loop);

@@ -8,6 +8,7 @@
  * writes are non-blocking with a per-client buffer, so a stuck client cannot stall the loop.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +18,7 @@
 #include <unistd.h>
 
 #include "approval.h"
+#include "audit.h"
 #include "bpf_loader.h"
 #include "buf.h"
 #include "cred.h"
@@ -33,32 +35,40 @@ struct ctl_client {
 	struct ag_buf in, out;
 	bool replied;
 	uid_t uid;		   /* SO_PEERCRED */
-	bool watching;		   /* approval watch: Responses pushed until it closes */
-	struct ctl_client *wnext; /* the watchers, on the main loop's thread only */
+	bool awatch;		   /* approval watch: Responses pushed until it closes */
+	struct ctl_client *anext; /* the approval watchers, on the main loop's thread only */
+	bool watch;		   /* session watch: kept open, audit entries pushed */
+	uint64_t watch_session;
+	struct ctl_client *wnext; /* the session watchers, main loop only */
 };
 
-/* A watcher that reads this far behind is dropped. */
-#define WATCH_MAX_BACKLOG (1u << 20)
+/* An approval watcher that reads this far behind is dropped. */
+#define APPROVAL_WATCH_MAX_BACKLOG (1u << 20)
 /* Requests of users other than root: the largest, and how many connections at once. */
 #define USER_MAX_FRAME (64u << 10)
 #define USER_MAX_CLIENTS 64
 
 static int user_clients;
 
-static struct ctl_client *watchers;
+static struct ctl_client *approval_watchers;
 static struct ag_daemon *watch_d;
+
+static void watch_del(struct ctl_client *c);
+static void watch_add(struct ctl_client *c, uint64_t session, Agentgate__Ctl__Response *r);
 
 static void client_free(struct ctl_client *c)
 {
 	if (c->uid)
 		user_clients--;
-	if (c->watching) {
-		for (struct ctl_client **pp = &watchers; *pp; pp = &(*pp)->wnext)
+	if (c->awatch) {
+		for (struct ctl_client **pp = &approval_watchers; *pp; pp = &(*pp)->anext)
 			if (*pp == c) {
-				*pp = c->wnext;
+				*pp = c->anext;
 				break;
 			}
 	}
+	if (c->watch)
+		watch_del(c);
 	ag_loop_del(&c->io);
 	close(c->io.fd);
 	ag_buf_free(&c->in);
@@ -453,9 +463,9 @@ static void handle(struct ctl_client *c, const Agentgate__Ctl__Request *req,
 		break;
 	case AGENTGATE__CTL__REQUEST__CMD_APPROVAL_WATCH:
 		do_approvals(r, NULL);
-		c->watching = true;
-		c->wnext = watchers;
-		watchers = c;
+		c->awatch = true;
+		c->anext = approval_watchers;
+		approval_watchers = c;
 		break;
 	case AGENTGATE__CTL__REQUEST__CMD_STATUS:
 		do_status(d, r);
@@ -603,6 +613,16 @@ static void client_io(struct ag_io *io, uint32_t events)
 {
 	struct ctl_client *c = io->data;
 
+	/* A watcher sends nothing after its request: input is its end. */
+	if (c->watch && (events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))) {
+		char b[256];
+		ssize_t n = read(io->fd, b, sizeof(b));
+
+		if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+			client_free(c);
+			return;
+		}
+	}
 	if (!c->replied) {
 		Agentgate__Ctl__Response r = AGENTGATE__CTL__RESPONSE__INIT;
 		Agentgate__Ctl__Request *req;
@@ -638,6 +658,9 @@ static void client_io(struct ag_io *io, uint32_t events)
 		req = agentgate__ctl__request__unpack(NULL, len, ag_buf_head(&c->in) + 4);
 		if (!req) {
 			r.error = strdup("malformed request");
+		} else if (req->cmd_case == AGENTGATE__CTL__REQUEST__CMD_SESSION_WATCH) {
+			watch_add(c, req->session_watch->session, &r);
+			agentgate__ctl__request__free_unpacked(req, NULL);
 		} else {
 			handle(c, req, &r);
 			agentgate__ctl__request__free_unpacked(req, NULL);
@@ -646,7 +669,7 @@ static void client_io(struct ag_io *io, uint32_t events)
 		response_free(&r);
 		ag_loop_mod(io, EPOLLOUT);
 	}
-	if (c->watching && (events & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
+	if (c->awatch && (events & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
 		uint8_t junk[256];
 		ssize_t n = read(io->fd, junk, sizeof(junk));
 
@@ -669,7 +692,7 @@ static void client_io(struct ag_io *io, uint32_t events)
 		}
 		ag_buf_consume(&c->out, n);
 	}
-	if (c->watching) {
+	if (c->awatch || (c->watch && !ag_buf_len(&c->out))) {
 		ag_loop_mod(io, EPOLLIN);
 		return;
 	}
@@ -683,9 +706,9 @@ static void watch_push(void *arg)
 	Agentgate__Ctl__Response r = AGENTGATE__CTL__RESPONSE__INIT;
 
 	approvals_add(&r, a, 1);
-	for (struct ctl_client *c = watchers, *next; c; c = next) {
-		next = c->wnext;
-		if (ag_buf_len(&c->out) > WATCH_MAX_BACKLOG) {
+	for (struct ctl_client *c = approval_watchers, *next; c; c = next) {
+		next = c->anext;
+		if (ag_buf_len(&c->out) > APPROVAL_WATCH_MAX_BACKLOG) {
 			pr_warn("control socket: an approval watcher fell behind: dropped");
 			client_free(c);
 			continue;
@@ -702,7 +725,7 @@ static void watch_hook(const struct ag_approval_info *a)
 {
 	struct ag_approval_info *copy;
 
-	if (!watch_d || !__atomic_load_n(&watchers, __ATOMIC_RELAXED))
+	if (!watch_d || !__atomic_load_n(&approval_watchers, __ATOMIC_RELAXED))
 		return;
 	copy = malloc(sizeof(*copy));
 	if (!copy)
@@ -710,6 +733,115 @@ static void watch_hook(const struct ag_approval_info *a)
 	*copy = *a;
 	if (ag_loop_call(watch_d->loop, watch_push, copy))
 		free(copy);
+}
+
+/* --- session watch: audit entries pushed to the clients that asked ---------------------------- */
+
+#define WATCH_MAX_BACKLOG (8u << 20)
+
+struct tap_entry {
+	struct tap_entry *next;
+	uint64_t session;
+	size_t len;
+	uint8_t data[];
+};
+
+static struct ctl_client *watchers; /* main loop only */
+static pthread_mutex_t tap_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct tap_entry *tap_head, **tap_tail = &tap_head;
+static bool tap_scheduled;
+
+static void watch_add(struct ctl_client *c, uint64_t session, Agentgate__Ctl__Response *r)
+{
+	char msg[64];
+
+	c->watch = true;
+	c->watch_session = session;
+	c->wnext = watchers;
+	watchers = c;
+	ag_audit_tap_get();
+	if (session)
+		snprintf(msg, sizeof(msg), "watching session %llu", (unsigned long long)session);
+	else
+		snprintf(msg, sizeof(msg), "watching every session");
+	r->message = strdup(msg);
+}
+
+static void watch_del(struct ctl_client *c)
+{
+	for (struct ctl_client **p = &watchers; *p; p = &(*p)->wnext)
+		if (*p == c) {
+			*p = c->wnext;
+			ag_audit_tap_put();
+			break;
+		}
+	c->watch = false;
+}
+
+/* On the main loop: each watcher gets one Response with the entries of its sessions. */
+static void tap_deliver(void *arg)
+{
+	struct tap_entry *list, *e;
+	struct ctl_client *c, *next;
+	size_t n = 0;
+
+	pthread_mutex_lock(&tap_lock);
+	list = tap_head;
+	tap_head = NULL;
+	tap_tail = &tap_head;
+	tap_scheduled = false;
+	pthread_mutex_unlock(&tap_lock);
+	for (e = list; e; e = e->next)
+		n++;
+	for (c = watchers; c && n; c = next) {
+		Agentgate__Ctl__Response r = AGENTGATE__CTL__RESPONSE__INIT;
+		ProtobufCBinaryData *v = calloc(n, sizeof(*v));
+
+		next = c->wnext;
+		if (!v)
+			break;
+		for (e = list; e; e = e->next)
+			if (e->session && (!c->watch_session || e->session == c->watch_session)) {
+				v[r.n_audit_entries].data = e->data;
+				v[r.n_audit_entries++].len = e->len;
+			}
+		r.audit_entries = v;
+		if (r.n_audit_entries && ag_buf_len(&c->out) > WATCH_MAX_BACKLOG) {
+			pr_warn("control socket: a session watcher does not read: dropped");
+			free(v);
+			client_free(c);
+			continue;
+		}
+		if (r.n_audit_entries) {
+			reply(c, &r);
+			ag_loop_mod(&c->io, EPOLLIN | EPOLLOUT);
+		}
+		free(v);
+	}
+	while ((e = list)) {
+		list = e->next;
+		free(e);
+	}
+}
+
+/* On the audit writer's thread. */
+static void ctl_tap(void *ctx, uint64_t session, const uint8_t *entry, size_t len)
+{
+	struct ag_daemon *d = ctx;
+	struct tap_entry *e = malloc(sizeof(*e) + len);
+
+	if (!e)
+		return;
+	e->next = NULL;
+	e->session = session;
+	e->len = len;
+	memcpy(e->data, entry, len);
+	pthread_mutex_lock(&tap_lock);
+	*tap_tail = e;
+	tap_tail = &e->next;
+	if (!tap_scheduled && !ag_loop_call(d->loop, tap_deliver, NULL))
+		tap_scheduled = true;
+	pthread_mutex_unlock(&tap_lock);
 }
 
 static void on_accept(struct ag_io *io, uint32_t events)
@@ -810,14 +942,18 @@ int ag_ctl_server_start(struct ag_daemon *d, char *err, size_t errlen)
 	d->ctl_io.data = d;
 	watch_d = d;
 	__atomic_store_n(&ag_approval_watch_hook, watch_hook, __ATOMIC_RELEASE);
+	ag_audit_tap_set(ctl_tap, d);
 	return 0;
 }
 
 void ag_ctl_server_stop(struct ag_daemon *d)
 {
+	ag_audit_tap_set(NULL, NULL);
 	if (d->ctl_io.fd < 0)
 		return;
 	__atomic_store_n(&ag_approval_watch_hook, NULL, __ATOMIC_RELEASE);
+	while (approval_watchers)
+		client_free(approval_watchers);
 	while (watchers)
 		client_free(watchers);
 	ag_loop_del(&d->ctl_io);

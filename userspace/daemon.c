@@ -13,6 +13,7 @@
 #include "bpf_loader.h"
 #include "cgroup.h"
 #include "cred.h"
+#include "audit.h"
 #include "daemon.h"
 #include "log.h"
 #include "pins.h"
@@ -239,6 +240,12 @@ int ag_daemon_set_policy(struct ag_daemon *d, struct ag_policy *p, char *err, si
 	/* Runtime tags of an agent the new policy dropped are kept: they name their agent. */
 	rc = apply_tags(d, p, rt, nrt, err, errlen);
 	free(rt);
+	{
+		struct ag_audit_config ac;
+
+		if (!ag_audit_config_parse(p->audit, p->naudit, &ac, err, errlen))
+			ag_audit_set_config(&ac);
+	}
 	if (d->opts.fastpath < 0) {
 		d->fastpath = p->fastpath_set ? p->fastpath : false;
 		ag_bpf_set_fastpath(d->bpf, d->fastpath);

@@ -25,6 +25,7 @@
 
 #include "cgroup.h"
 #include "jsonw.h"
+#include "audit.h"
 #include "policy.h"
 #include "sql.h"
 
@@ -436,6 +437,16 @@ static const struct field approvals_fields[] = {
 	{ "approvers", F_LIST },
 	{ "timeout", F_DURATION },
 	{ "notify", F_STR },
+	{ NULL },
+};
+
+static const char *const fsync_names[] = { "always", "batch", "never", NULL };
+
+static const struct field audit_fields[] = {
+	{ "fsync", F_STR, fsync_names },
+	{ "checkpoint_records", F_STR },
+	{ "checkpoint_interval", F_DURATION },
+	{ "segment_size", F_STR },
 	{ NULL },
 };
 
@@ -1202,7 +1213,7 @@ static int parse_rules(struct parse_ctx *c, const yaml_node_t *n)
 /* ---- the document ---- */
 
 static const char *const top_keys[] = { "apiVersion", "agents",	 "targets", "rules",
-					"approvals",  "default", "gateway", NULL };
+					"approvals",  "default", "gateway", "audit", NULL };
 static const char *const gateway_keys[] = { "fastpath", NULL };
 
 static int parse_root(struct parse_ctx *c, const yaml_node_t *root)
@@ -1244,6 +1255,16 @@ static int parse_root(struct parse_ctx *c, const yaml_node_t *root)
 	    (build_kv(c, v, "approvals", approvals_fields, &p->approvals, &p->napprovals) ||
 	     check_approvers(c, v, p)))
 		return -EINVAL;
+	v = map_get(c, root, "audit");
+	if (v && !is_null(v)) {
+		struct ag_audit_config ac;
+		char why[256];
+
+		if (build_kv(c, v, "audit", audit_fields, &p->audit, &p->naudit))
+			return -EINVAL;
+		if (ag_audit_config_parse(p->audit, p->naudit, &ac, why, sizeof(why)))
+			return perr(c, v, "%s", why);
+	}
 	v = map_get(c, root, "default");
 	if (v) {
 		if (pick(c, v, "default", default_names, &idx))
@@ -1524,6 +1545,7 @@ void ag_policy_free(struct ag_policy *p)
 	}
 	free(p->rules);
 	kv_free(p->approvals, p->napprovals);
+	kv_free(p->audit, p->naudit);
 	free(p->path);
 	free(p->source);
 	free(p);
@@ -1748,5 +1770,6 @@ void ag_policy_to_json(const struct ag_policy *p, struct jsonw *w)
 	jsonw_end_array(w);
 
 	kv_field_json(w, "approvals", p->approvals, p->napprovals);
+	kv_field_json(w, "audit", p->audit, p->naudit);
 	jsonw_end_object(w);
 }

@@ -101,6 +101,8 @@ struct ag_policy {
 	bool fastpath_set; /* false: not in the file, the daemon decides */
 	struct ag_kv *approvals;
 	size_t napprovals;
+	struct ag_kv *audit; /* audit: { fsync, checkpoint_records, checkpoint_interval, segment_size } */
+	size_t naudit;
 };
 
 /*

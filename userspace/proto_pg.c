@@ -40,6 +40,7 @@
 #include <openssl/crypto.h>
 
 #include "cred.h"
+#include "audit.h"
 #include "daemon.h"
 #include "log.h"
 #include "mask.h"
@@ -342,6 +343,7 @@ static long pg_fatal(struct ag_session *s, struct fwd *f, const char *code, cons
 		ag_session_send(s, AG_SIDE_AGENT, ag_buf_head(&b), ag_buf_len(&b));
 	ag_buf_free(&b);
 	pr_warn("session %llu: postgres: %s", (unsigned long long)s->id, msg);
+	ag_audit_error(s, "%s", full);
 	ag_session_fail(s, false, "postgres: %s", msg);
 	return -1;
 }
@@ -661,6 +663,7 @@ struct verdict {
 	uint64_t fingerprint;	    /* hold: of the whole string */
 	uint64_t classes;	    /* of all statements */
 	size_t nstmts;		    /* not counting empty ones */
+	enum ag_action action;	    /* the rule's, for the audit log */
 };
 
 static struct pg_refusal *refusal_new(const char *code, const char *msg, const char *detail,
@@ -768,6 +771,8 @@ static int decide_rules(struct ag_session *s, const char *sql, size_t len, struc
 	}
 	ag_sql_decide(pg->rule, &view, &d);
 	free(adj);
+	v->action = s->observe && d.action != AG_ACT_ALLOW ? AG_ACT_OBSERVE : d.action;
+	copy_str(v->rule, sizeof(v->rule), d.rule ? d.rule : "");
 	if (d.action == AG_ACT_ALLOW || d.action == AG_ACT_OBSERVE)
 		return 0;
 	ag_sql_class_names(v->classes, classes, sizeof(classes));
@@ -1219,6 +1224,21 @@ static bool is_ddl(uint64_t classes)
 
 /* --- agent messages ------------------------------------------------------------------------ */
 
+/* A decided Query or Parse, for the audit log. */
+static void audit_statement(struct ag_session *s, const char *what, const char *name,
+			    const char *sql, size_t len, const struct verdict *v)
+{
+	char classes[256];
+	/* Refused without a deny or approve rule: unparseable, an unknown EXECUTE, a limit. */
+	enum ag_action a = v->refuse && v->action != AG_ACT_APPROVE ? AG_ACT_DENY : v->action;
+
+	ag_sql_class_names(v->classes, classes, sizeof(classes));
+	ag_audit_statement(s, what, name, sql, len, a,
+			   v->refuse && v->action == AG_ACT_ALLOW ? NULL : v->rule[0] ? v->rule : NULL,
+			   classes,
+			   v->refuse && v->refusal ? v->refusal->message : NULL);
+}
+
 static int on_query(struct ag_session *s, struct fwd *f, const uint8_t *msg, size_t total)
 {
 	struct pg *pg = PG(s);
@@ -1261,6 +1281,7 @@ static int on_query(struct ag_session *s, struct fwd *f, const uint8_t *msg, siz
 		if (rc)
 			goto out;
 	}
+	audit_statement(s, "query", NULL, sql, len, &v);
 	if (v.refuse) {
 		rc = refuse_query(s, f, v.refusal);
 		goto out;
@@ -1331,6 +1352,7 @@ static int on_parse(struct ag_session *s, struct fwd *f, const uint8_t *msg, siz
 		if (rc)
 			goto out;
 	}
+	audit_statement(s, "parse", name, sql, sqllen, &v);
 	if (v.refuse) {
 		rc = refuse_parse(s, f, name, v.refusal);
 		goto out;
@@ -1443,6 +1465,9 @@ static int on_execute(struct ag_session *s, struct fwd *f, const uint8_t *msg, s
 
 	pg->ext_open = true;
 	s->statements++;
+	ag_audit_statement(s, "execute",
+			   memchr(msg + PG_HDR, 0, total - PG_HDR) ? (const char *)msg + PG_HDR : "",
+			   NULL, 0, AG_ACT_ALLOW, NULL, NULL, NULL);
 	if (pg->mk.m) {
 		struct pg_portal *p;
 		const char *name;
@@ -1628,6 +1653,8 @@ static long agent_messages(struct ag_session *s, struct fwd *f, const uint8_t *d
 			/* Calls any function by OID, around every SQL rule. */
 			pr_info("session %llu: refused a FunctionCall message",
 				(unsigned long long)s->id);
+			ag_audit_statement(s, "function_call", NULL, NULL, 0, AG_ACT_DENY, NULL,
+					   NULL, "the FunctionCall protocol message is not allowed");
 			rc = refuse_query(
 				s, f,
 				refusal_new(PG_SQLSTATE_INSUFFICIENT_PRIVILEGE,
@@ -1865,7 +1892,10 @@ static long startup_message(struct ag_session *s, struct fwd *f, const uint8_t *
 	struct pg *pg = PG(s);
 	struct pg_rd rd;
 	bool has_user = false;
+	char why[160];
 
+	if (ag_audit_unavailable(why, sizeof(why)))
+		return pg_fatal(s, f, "58030", "audit log unavailable: %s", why);
 	pg_rd_init(&rd, pkt + 8, plen - 8);
 	for (;;) {
 		size_t klen;
@@ -2329,6 +2359,7 @@ static int upstream_message(struct ag_session *s, struct fwd *f, const uint8_t *
 		copy_end(pg);
 		if (h && h->kind != PQ_QUERY && h->kind != PQ_SYNC)
 			pq_skip_to_sync(pg);
+		ag_audit_result(s, m, total);
 		if (pg->mk.m)
 			return pass_error(s, f, m, off, total);
 		fwd_keep(f, off, total);
@@ -2362,6 +2393,8 @@ static int upstream_message(struct ag_session *s, struct fwd *f, const uint8_t *
 		}
 		if (!internal && !rc)
 			fwd_keep(f, off, total);
+		if (!internal && !rc && type == PG_B_ROW_DESC)
+			ag_audit_rowdesc(s, m, total);
 		return rc;
 	case PG_B_DATA_ROW: {
 		struct pg_shape *sh = pg->mk.m ? rows_shape(pg) : NULL;
@@ -2370,17 +2403,22 @@ static int upstream_message(struct ag_session *s, struct fwd *f, const uint8_t *
 			/* Rows we cannot place cannot be masked: they do not go out. */
 			return -EPROTO;
 		}
-		if (sh && sh->any)
-			return pass_masked(s, f,
-					   pg_mask_datarow(&pg->mk, sh, m, total, &pg->scratch,
-							   &s->masked_values),
-					   off, total);
+		if (sh && sh->any) {
+			rc = pg_mask_datarow(&pg->mk, sh, m, total, &pg->scratch, &s->masked_values);
+			/* The row as the agent gets it: masked when rewritten. */
+			if (rc >= 0)
+				ag_audit_row(s, rc ? ag_buf_head(&pg->scratch) : m,
+					     rc ? ag_buf_len(&pg->scratch) : total);
+			return pass_masked(s, f, rc, off, total);
+		}
+		ag_audit_row(s, m, total);
 		fwd_keep(f, off, total);
 		return 0;
 	}
 	case PG_B_COMMAND_COMPLETE:
 	case PG_B_EMPTY_QUERY:
 	case PG_B_PORTAL_SUSPENDED:
+		ag_audit_result(s, m, total);
 		copy_end(pg);
 		if (h && h->kind == PQ_EXECUTE)
 			pq_pop(&pg->pq);
@@ -2528,6 +2566,8 @@ static long upstream_process(struct ag_session *s, const uint8_t *data, size_t l
 		total = (size_t)mlen + 1;
 		if (avail < total) {
 			if (pg->phase == PH_READY && upstream_streamable(pg, m[0])) {
+				if (m[0] == PG_B_DATA_ROW)
+					ag_audit_row(s, NULL, total); /* streamed: counted, not kept */
 				pg->u_pass = total;
 				continue;
 			}

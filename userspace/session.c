@@ -25,6 +25,7 @@
 #include <openssl/ssl.h>
 
 #include "approval.h"
+#include "audit.h"
 #include "bpf_loader.h"
 #include "cgroup.h"
 #include "cred.h"
@@ -303,6 +304,8 @@ static int flush_side(struct ag_session *s, enum ag_side i)
 		return 0;
 	if (!tls_passes(c))
 		return tls_flush_clear(s, i);
+	if (i == AG_SIDE_AGENT && ag_audit_hold(s))
+		return 0; /* audit fsync: always: answers wait for their records (release_held) */
 	if (ag_buf_len(&c->out)) {
 		n = send_now(s, i, ag_buf_head(&c->out), ag_buf_len(&c->out));
 		if (n < 0)
@@ -329,7 +332,8 @@ int ag_session_send(struct ag_session *s, enum ag_side to, const void *data, siz
 
 	if (!side_open(c) || c->wr_shut)
 		return -EPIPE;
-	if (!queued(c) && (to == AG_SIDE_AGENT || upstream_ready(s)) && tls_passes(c)) {
+	if (!queued(c) && (to == AG_SIDE_AGENT ? !ag_audit_hold(s) : upstream_ready(s)) &&
+	    tls_passes(c)) {
 		ssize_t n = send_now(s, to, data, len);
 
 		if (n < 0)
@@ -387,8 +391,12 @@ static void side_update_events(struct ag_session *s, enum ag_side i)
 		    (ag_buf_len(&c->in) >= AG_HIGH_WM && ag_buf_len(&c->in) >= c->hold);
 	if (!c->rd_eof && !c->paused)
 		ev |= EPOLLIN | EPOLLRDHUP;
-	/* A held side writes only its clear bytes; an SSL_read may wait to write (tls_want). */
-	if (tls_passes(c) ? queued(c) : c->clear_out > 0)
+	/*
+	 * A TLS-held side writes only its clear bytes; an SSL_read may wait to write (tls_want).
+	 * Answers held for their audit records (fsync: always) wait for release_held().
+	 */
+	if (tls_passes(c) ? queued(c) && !(i == AG_SIDE_AGENT && ag_audit_held(s))
+			  : c->clear_out > 0)
 		ev |= EPOLLOUT;
 	ag_loop_mod(&c->io, ev | c->tls_want);
 }
@@ -806,6 +814,7 @@ static void upstream_connected(struct ag_session *s)
 	}
 	s->state = AG_SESS_ACTIVE;
 	ag_slog_session(s->w->d, "start", s);
+	ag_audit_session_start(s);
 	pr_debug("session %llu: upstream %s connected", (unsigned long long)s->id, s->upstream);
 	/* Bytes the agent sent while we connected, and a FIN it may already have sent. */
 	if (ag_buf_len(&s->side[AG_SIDE_AGENT].in)) {
@@ -938,6 +947,7 @@ static void session_end(struct ag_session *s, bool reset)
 	if (!started && !was_denied && !s->reason[0])
 		snprintf(s->reason, sizeof(s->reason), "closed before the upstream connected");
 	/* Best effort: whatever is still queued for the agent (an error message, say). */
+	ag_audit_release(s);
 	if (!reset)
 		flush_side(s, AG_SIDE_AGENT);
 	if (s->proto && s->proto->fini)
@@ -952,6 +962,7 @@ static void session_end(struct ag_session *s, bool reset)
 	if (!was_denied)
 		s->state = AG_SESS_CLOSED;
 	ag_slog_session(s->w->d, was_denied ? "deny" : "end", s);
+	ag_audit_session_end(s);
 	s->state = AG_SESS_CLOSED;
 	if (s->reason[0])
 		pr_info("session %llu (%s pid %u %s → %s): %s", (unsigned long long)s->id, s->agent,
@@ -1182,7 +1193,7 @@ static bool accept_one(struct ag_worker *w, int lfd)
 		snprintf(s->reason, sizeof(s->reason), "agentgated is shutting down");
 		goto deny;
 	}
-	if (!session_decide(s))
+	if (!session_decide(s) || ag_audit_refuse_session(s))
 		goto deny;
 	/* HTTPS is told from the first bytes (tcp and http; postgres asks with SSLRequest). */
 	s->tls_detect = s->target && s->target->protocol != AG_PROTO_POSTGRES &&
@@ -1365,6 +1376,38 @@ static void worker_tick(void *arg)
 			ag_loop_mod(&w->lis[k], EPOLLIN);
 }
 
+static bool releasable_of_worker(const struct ag_session *s, void *w)
+{
+	return s->w == w && s->state != AG_SESS_CLOSED && ag_audit_releasable(s);
+}
+
+/* Sessions whose answers waited for their audit records: those records are on disk now. */
+static void release_held(void *arg)
+{
+	struct ag_worker *w = arg;
+	struct ag_session *s;
+
+	while ((s = table_find(w->d, releasable_of_worker, w))) {
+		if (flush_side(s, AG_SIDE_AGENT)) {
+			read_failed(s, AG_SIDE_AGENT);
+			continue;
+		}
+		if (session_done(s)) {
+			session_end(s, false);
+			continue;
+		}
+		side_update_events(s, AG_SIDE_AGENT);
+		side_update_events(s, AG_SIDE_UPSTREAM);
+	}
+}
+
+static void durable_wake(void *arg)
+{
+	struct ag_worker *w = arg;
+
+	ag_loop_call(w->loop, release_held, w);
+}
+
 static void *worker_main(void *arg)
 {
 	struct ag_worker *w = arg;
@@ -1427,6 +1470,7 @@ int ag_workers_start(struct ag_daemon *d, char *err, size_t errlen)
 			}
 			d->netns_cookie = cookie;
 		}
+		ag_audit_on_durable(durable_wake, w);
 		for (int k = 0; k < 2; k++) {
 			if (ag_loop_add(w->loop, &w->lis[k], fds[k], EPOLLIN, on_listener)) {
 				snprintf(err, errlen, "epoll: %s", strerror(errno));

@@ -26,6 +26,7 @@ enum ag_tls_phase {
 	AG_TLS_UP,	  /* SSL_read/SSL_write; no splice */
 };
 struct ag_cred;
+struct ag_audit_sess;
 
 enum ag_session_state {
 	AG_SESS_CONNECTING = 0,
@@ -89,6 +90,7 @@ struct ag_session {
 	char credential[16];  /* provider, "" when none */
 	char db_user[64];     /* the user name the agent's startup packet asked for */
 	char database[64];
+	struct ag_audit_sess *audit; /* audit.c: the current statement's result so far */
 };
 
 /* Queues bytes to be written to `to` (writing at once when nothing is queued). 0 or -errno. */

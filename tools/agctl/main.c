@@ -392,7 +392,7 @@ static int do_help(int argc, char **argv)
 		"Usage: %s [OPTIONS] OBJECT { COMMAND | help }\n"
 		"       %s version\n"
 		"\n"
-		"       OBJECT := { session | approval | cgroup | policy | prog | run | socket | ca | cred }\n"
+		"       OBJECT := { session | approval | cgroup | policy | prog | run | socket | ca | cred | audit }\n"
 		"       " HELP_SPEC_OPTIONS " |\n"
 		"                    {-V|--version} | {-h|--help} }\n"
 		"\n"
@@ -426,6 +426,7 @@ static const struct cmd cmds[] = {
 	{ "socket", do_socket },
 	{ "ca", do_ca },
 	{ "cred", do_cred },
+	{ "audit", do_audit },
 	{ "version", do_version },
 	{ 0 }
 };

@@ -134,3 +134,8 @@ int do_run(int argc, char **argv);
 int do_socket(int argc, char **argv);
 int do_ca(int argc, char **argv);
 int do_cred(int argc, char **argv);
+int do_audit(int argc, char **argv);
+
+/* audit.c: a session from the audit log (DIR NULL: the daemon's), and live sessions. */
+int audit_replay(uint64_t id, const char *dir);
+int audit_watch(uint64_t id);

@@ -187,6 +187,39 @@ static int do_show(int argc, char **argv)
 	return 0;
 }
 
+/* replay ID [--dir DIR]: the session from the audit log, in order. */
+static int do_replay(int argc, char **argv)
+{
+	const char *dir = NULL;
+	uint64_t id;
+
+	if (!REQ_ARGS(1) || parse_id(*argv, &id))
+		return -1;
+	NEXT_ARG();
+	if (argc >= 2 && (!strcmp(*argv, "--dir") || !strcmp(*argv, "dir"))) {
+		NEXT_ARG();
+		dir = GET_ARG();
+	}
+	if (!NO_MORE_ARGS())
+		return -1;
+	return audit_replay(id, dir);
+}
+
+/* watch [ID]: live sessions' events as the audit log writes them, until interrupted. */
+static int do_watch(int argc, char **argv)
+{
+	uint64_t id = 0;
+
+	if (argc) {
+		if (parse_id(*argv, &id))
+			return -1;
+		NEXT_ARG();
+	}
+	if (!NO_MORE_ARGS())
+		return -1;
+	return audit_watch(id);
+}
+
 static int do_help(int argc, char **argv)
 {
 	if (json_output) {
@@ -195,6 +228,8 @@ static int do_help(int argc, char **argv)
 	}
 	fprintf(help_out,
 		"Usage: %1$s %2$s { list | show } [ID]\n"
+		"       %1$s %2$s replay ID [--dir DIR]\n"
+		"       %1$s %2$s watch [ID]\n"
 		"       %1$s %2$s help\n"
 		"\n"
 		"       " HELP_SPEC_OPTIONS " }\n",
@@ -205,6 +240,8 @@ static int do_help(int argc, char **argv)
 static const struct cmd cmds[] = {
 	{ "list", do_show },
 	{ "show", do_show },
+	{ "replay", do_replay },
+	{ "watch", do_watch },
 	{ "help", do_help },
 	{ 0 }
 };
