@@ -2,9 +2,9 @@
 # The story in two minutes, on loopback only, against a throwaway PostgreSQL and web service:
 # a tagged "agent" reads through agentgated (identity from the kernel, sensitive values
 # masked), is blocked when it tries something destructive and carries on in the same session,
-# waits for a human's approval before it changes the schema, is refused anywhere else, cannot go
-# around the gateway, and stays fenced in while the daemon is down. (Session replay joins as
-# that issue lands.)
+# waits for a human's approval before it changes the schema, has that session replayed from the
+# tamper-evident audit log, is refused anywhere else, cannot go around the gateway, and stays
+# fenced in while the daemon is down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -161,6 +161,12 @@ ID=$(pending_id)
 run $B/agctl -S "$SOCK" approval deny "$ID" reason not during the freeze
 wait $AGENT || true
 run $B/agctl -S "$SOCK" -jp approval show "$ID"
+
+step "that session, replayed from the tamper-evident audit log (who, what, each decision, what came back)"
+SID=$($B/agctl -S "$SOCK" -j approval show "$ID" | sed -n 's/.*"session":\([0-9]*\).*/\1/p')
+sleep 0.3 # the audit writer's batch interval
+run $B/agctl -S "$SOCK" session replay "$SID"
+run $B/agctl -S "$SOCK" audit verify
 
 step "the agent reaches its web target: the connection went through the gateway"
 run $B/agctl -S "$SOCK" run --agent demo -- curl -s --max-time 5 http://127.0.0.2:8080/
