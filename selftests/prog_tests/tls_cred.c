@@ -43,47 +43,13 @@ struct tc_env {
 	char gw_ca[256];
 };
 
-static int sh(const char *script, int timeout_ms)
-{
-	char *argv[] = { "/bin/sh", "-c", (char *)script, NULL };
-
-	out[0] = err[0] = '\0';
-	return th_pg_exec_nopw(NULL, argv, NULL, out, sizeof(out), err, sizeof(err), timeout_ms);
-}
-
+/* The test CA, another one, and the server's certificates: right, for another name, unknown. */
 static int make_certs(struct tc_env *e)
 {
-	static const char script_fmt[] =
-		"set -e; PATH=/usr/bin:/bin; cd %s\n"
-		"ca() { openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
-		"-keyout $1.key -out $1.crt -subj /CN=$1 -days 2 "
-		"-addext basicConstraints=critical,CA:TRUE "
-		"-addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null; }\n"
-		"leaf() { openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
-		"-keyout $1.key -out $1.csr -subj /CN=$1 2>/dev/null\n"
-		"  printf 'subjectAltName=%%s\\nbasicConstraints=CA:FALSE\\n"
-		"extendedKeyUsage=serverAuth\\n' $2 > $1.ext\n"
-		"  openssl x509 -req -in $1.csr -CA $3.crt -CAkey $3.key -CAcreateserial -days 2 "
-		"-extfile $1.ext -out $1.crt 2>/dev/null; }\n"
-		"ca testca; ca otherca\n"
-		"leaf pg_ok IP:" PG_ADDR " testca\n"
-		"leaf pg_wrongname DNS:wrong.example testca\n"
-		"leaf pg_unknown IP:" PG_ADDR " otherca\n"
-		"chmod 0644 *.crt *.key\n";
-	char script[2048];
-
-	snprintf(e->dir, sizeof(e->dir), "/tmp/agentgate-tlscred-%d-XXXXXX", getpid());
-	if (!mkdtemp(e->dir)) {
-		e->dir[0] = '\0';
-		return -errno;
-	}
-	chmod(e->dir, 0755);
-	snprintf(script, sizeof(script), script_fmt, e->dir);
-	if (sh(script, 60000)) {
-		printf("making certificates: %s\n", err);
-		return -EIO;
-	}
-	return 0;
+	return th_pg_make_certs(e->dir, sizeof(e->dir),
+				"pg_ok IP:" PG_ADDR " testca\n"
+				"pg_wrongname DNS:wrong.example testca\n"
+				"pg_unknown IP:" PG_ADDR " otherca\n");
 }
 
 /*
