@@ -7,16 +7,16 @@
  * Startup. When the target's tls: terminates the agent's TLS, its SSLRequest is answered 'S'
  * and the session layer runs the handshake (a leaf from the gateway CA for the address dialled);
  * otherwise, and for GSSENCRequest, 'N'. With tls.upstream on, the gateway sends its own
- * SSLRequest before the startup packet, holds that packet until the server's handshake is
- * verified (ca_file, verify-full or verify-ca), and refuses the session — never a downgrade —
- * when the server answers 'N' or its certificate fails, telling the agent why. Without a
- * credential, authentication then passes through both ways. With one (credential:, pg_login.c
- * and cred.c), the agent holds no secret: its startup packet stays here, the credential is
- * obtained off the loop (a pg-jit-role role minted for this session only once the upstream TLS
- * is verified, or a static secret), the gateway sends its own startup packet and answers the
- * server's SCRAM-SHA-256, md5 or cleartext challenge itself, and the agent sees only
- * AuthenticationOk and what follows; a failure reaches it as a FATAL with the reason, never a
- * secret. The role is dropped when the session ends.
+ * SSLRequest before the startup packet, holds that packet until the server's handshake is done
+ * (its certificate checked against ca_file for verify-full and verify-ca), and refuses the
+ * session, never downgrading, when the server answers 'N' or its certificate fails, telling the
+ * agent why. Without a credential, authentication then passes through both ways. With one
+ * (credential:, pg_login.c and cred.c), the agent holds no secret: its startup packet stays
+ * here, the credential is obtained off the loop (a pg-jit-role role minted for this session,
+ * only once the upstream TLS is up, or a static secret), the gateway sends its own startup
+ * packet and answers the server's SCRAM-SHA-256, md5 or cleartext challenge itself, and the
+ * agent sees only AuthenticationOk and what follows; a failure reaches it as a FATAL with the
+ * reason, never a secret. The role is dropped when the session ends.
  *
  * Approvals: a statement whose rule says approve is held (its input not read past it), the
  * agent is told with a NoticeResponse, and it goes upstream on approval or is refused like a
@@ -1835,8 +1835,9 @@ static long cred_begin(struct ag_session *s, struct fwd *f, const uint8_t *pkt, 
 	pg->phase = PH_LOGIN;
 	pg->stalled = true;
 	/*
-	 * TLS upstream: no role is minted for a server whose certificate is not verified yet
-	 * (a refused one gives the agent the verification error, and leaves nothing behind).
+	 * TLS upstream: no role is minted before the server's handshake is done (its certificate
+	 * checked as tls.upstream asks): a refused one gives the agent the verification error and
+	 * leaves nothing behind.
 	 */
 	if (ag_tls_upstream_mode(s->target) != AG_TLS_UP_NONE &&
 	    !ag_session_tls_up(s, AG_SIDE_UPSTREAM)) {
@@ -1850,7 +1851,7 @@ static long cred_begin(struct ag_session *s, struct fwd *f, const uint8_t *pkt, 
 	return plen;
 }
 
-/* The server's TLS is up and verified: the credential the login waited for is minted now. */
+/* The server's TLS is up (and checked): the credential the login waited for is minted now. */
 static void cred_after_tls(struct ag_session *s)
 {
 	struct pg *pg = PG(s);
