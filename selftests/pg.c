@@ -394,6 +394,46 @@ int th_pg_set_ssl(struct th_pg *pg, const char *cert, const char *key)
 	return th_pg_set_auth(pg, pg->auth);
 }
 
+int th_pg_make_certs(char *dir, size_t len, const char *leaves)
+{
+	static const char script_fmt[] =
+		"set -e; PATH=/usr/bin:/bin; cd %s\n"
+		"ca() { openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+		"-keyout $1.key -out $1.crt -subj /CN=$1 -days 2 "
+		"-addext basicConstraints=critical,CA:TRUE "
+		"-addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null; }\n"
+		"leaf() { openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+		"-keyout $1.key -out $1.csr -subj /CN=$1 2>/dev/null\n"
+		"  printf 'subjectAltName=%%s\\nbasicConstraints=CA:FALSE\\n"
+		"extendedKeyUsage=serverAuth,clientAuth\\n' $2 > $1.ext\n"
+		"  openssl x509 -req -in $1.csr -CA $3.crt -CAkey $3.key -CAcreateserial -days 2 "
+		"-extfile $1.ext -out $1.crt 2>/dev/null; }\n"
+		"ca testca; ca otherca\n"
+		"while read name san ca; do [ -n \"$name\" ] && leaf $name $san $ca </dev/null; done\n"
+		"chmod 0644 *.crt *.key\n";
+	char *script, err[4096];
+	char *argv[] = { "/bin/sh", "-c", NULL, NULL };
+	int rc;
+
+	snprintf(dir, len, "/tmp/agentgate-certs-%d-XXXXXX", getpid());
+	if (!mkdtemp(dir)) {
+		rc = -errno;
+		dir[0] = '\0';
+		return rc;
+	}
+	chmod(dir, 0755);
+	if (asprintf(&script, script_fmt, dir) < 0)
+		return -ENOMEM;
+	argv[2] = script;
+	rc = exec_full(NULL, 0, 0, argv, NULL, leaves, NULL, 0, err, sizeof(err), 60000);
+	free(script);
+	if (rc) {
+		pg_log("making certificates: %d: %s", rc, err);
+		return rc > 0 ? -EIO : rc;
+	}
+	return 0;
+}
+
 int th_pg_admin_role(const struct th_pg *pg, const char *role, const char *password,
 		     const char *encryption, const char *secret_path)
 {

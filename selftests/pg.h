@@ -49,6 +49,13 @@ int th_pg_set_auth(struct th_pg *pg, const char *auth);
  * Reloads. 0 or -errno.
  */
 int th_pg_set_ssl(struct th_pg *pg, const char *cert, const char *key);
+/*
+ * Test certificates with the openssl tool in a new temp dir (path into dir, mode 0755, files
+ * 0644; th_rm_rf it after): two CAs, testca and otherca (NAME.crt, NAME.key), and one leaf per
+ * line of `leaves`, "NAME SAN CA" (SAN as openssl writes it: IP:127.0.0.9,DNS:x.test), EC P-256,
+ * for serverAuth and clientAuth. 0 or -errno (openssl's complaint printed).
+ */
+int th_pg_make_certs(char *dir, size_t len, const char *leaves);
 /* Stops the server (immediate), removes its files. Idempotent. */
 void th_pg_stop(struct th_pg *pg);
 /* A libpq connection string for the agent role (host, port, user, dbname, password). */

@@ -1,9 +1,26 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * protocol: postgres — the v3 wire protocol on both sides, message by message. Startup is
- * relayed (SSLRequest and GSSENCRequest are answered 'N'), authentication passes untouched both
- * ways, and from the first ReadyForQuery on every Query and Parse is classified and decided
- * before a byte of it goes upstream.
+ * protocol: postgres — the v3 wire protocol on both sides, message by message, and from the
+ * first ReadyForQuery on every Query and Parse is classified and decided before a byte of it
+ * goes upstream.
+ *
+ * Startup. When the target's tls: terminates the agent's TLS, its SSLRequest is answered 'S'
+ * and the session layer runs the handshake (a leaf from the gateway CA for the address dialled);
+ * otherwise, and for GSSENCRequest, 'N'. With tls.upstream on, the gateway sends its own
+ * SSLRequest before the startup packet, holds that packet until the server's handshake is done
+ * (its certificate checked against ca_file for verify-full and verify-ca), and refuses the
+ * session, never downgrading, when the server answers 'N' or its certificate fails, telling the
+ * agent why. Without a credential, authentication then passes through both ways. With one
+ * (credential:, pg_login.c and cred.c), the agent holds no secret: its startup packet stays
+ * here, the credential is obtained off the loop (a pg-jit-role role minted for this session,
+ * only once the upstream TLS is up, or a static secret), the gateway sends its own startup
+ * packet and answers the server's SCRAM-SHA-256, md5 or cleartext challenge itself, and the
+ * agent sees only AuthenticationOk and what follows; a failure reaches it as a FATAL with the
+ * reason, never a secret. The role is dropped when the session ends.
+ *
+ * Approvals: a statement whose rule says approve is held (its input not read past it), the
+ * agent is told with a NoticeResponse, and it goes upstream on approval or is refused like a
+ * deny on a denial, a timeout or a CancelRequest, while the server and other sessions go on.
  *
  * A refused message is never answered by the gateway out of turn: a stand-in that cannot
  * succeed (a statement that is a syntax error, carrying a per-session nonce) goes upstream in
@@ -177,6 +194,7 @@ struct pg {
 	bool key_registered;
 	int negotiations; /* SSLRequest/GSSENCRequest answered */
 	bool up_tls_wait; /* our SSLRequest is upstream: its 'S' or 'N' comes first */
+	bool cred_wait_tls; /* the credential is minted once the server's TLS is verified */
 	struct pg_login *login; /* the target has a credential: the gateway's own login */
 	uint8_t *startup;	/* the agent's startup packet, for its parameters */
 	size_t startup_len;
@@ -1747,12 +1765,19 @@ static long pg_tls_answer(struct ag_session *s, const uint8_t *data, size_t len)
 				       : "answered SSLRequest with neither 'S' nor 'N'");
 }
 
+static void cred_after_tls(struct ag_session *s);
+
 static void pg_tls_done(struct ag_session *s, enum ag_side side, const char *err)
 {
 	static const char verify[] = "certificate verify failed: ";
 
-	if (!err || side != AG_SIDE_UPSTREAM)
+	if (side != AG_SIDE_UPSTREAM)
 		return;
+	if (!err) {
+		if (PG(s)->cred_wait_tls)
+			cred_after_tls(s);
+		return;
+	}
 	if (!strncmp(err, verify, sizeof(verify) - 1))
 		pg_fatal(s, NULL, PG_TLS_SQLSTATE, "upstream TLS verification failed: %s",
 			 err + sizeof(verify) - 1);
@@ -1836,11 +1861,34 @@ static long cred_begin(struct ag_session *s, struct fwd *f, const uint8_t *pkt, 
 	pg->startup_len = plen;
 	pg->phase = PH_LOGIN;
 	pg->stalled = true;
+	/*
+	 * TLS upstream: no role is minted before the server's handshake is done (its certificate
+	 * checked as tls.upstream asks): a refused one gives the agent the verification error and
+	 * leaves nothing behind.
+	 */
+	if (ag_tls_upstream_mode(s->target) != AG_TLS_UP_NONE &&
+	    !ag_session_tls_up(s, AG_SIDE_UPSTREAM)) {
+		pg->cred_wait_tls = true;
+		return plen;
+	}
 	rc = ag_cred_pg_login(s, pg->user, cred_ready);
 	if (rc)
 		return pg_fatal(s, f, "28000", "no credential for target %s: %s", s->target_name,
 				strerror(-rc));
 	return plen;
+}
+
+/* The server's TLS is up (and checked): the credential the login waited for is minted now. */
+static void cred_after_tls(struct ag_session *s)
+{
+	struct pg *pg = PG(s);
+	int rc;
+
+	pg->cred_wait_tls = false;
+	rc = ag_cred_pg_login(s, pg->user, cred_ready);
+	if (rc)
+		pg_fatal(s, NULL, "28000", "no credential for target %s: %s", s->target_name,
+			 strerror(-rc));
 }
 
 /* A server message while the gateway logs in: answered here; AuthenticationOk goes on. */

@@ -1568,7 +1568,6 @@ static void kill_one_cb(void *arg)
 	struct kill_req *k = arg;
 	struct ag_session *victim;
 
-	k->live = true;
 	victim = table_find(k->d, kill_match, k);
 	if (victim)
 		ag_session_fail(victim, true, "killed by agctl");
@@ -1584,6 +1583,7 @@ int ag_session_kill_by_id(struct ag_daemon *d, uint64_t id)
 		return -ENOMEM;
 	k->d = d;
 	k->id = id;
+	k->live = true; /* a closed session still listed is not killed again */
 	if (!table_find(d, kill_match, k)) {
 		free(k);
 		return -ENOENT;

@@ -2,17 +2,23 @@
 /*
  * What agctl prints about live sessions of the data path, as a script reads it: with -j (and
  * -p) stdout is one JSON document and nothing else, the session carries every SPEC field with
- * the values the kernel saw, prefixes work, and errors are {"error": ...} with exit 1.
+ * the values the kernel saw, prefixes work, and errors are {"error": ...} with exit 1. And
+ * `agctl session kill ID` on a live PostgreSQL session: psql and a raw client see their
+ * connection end, the server's backend goes, sessions.log records it closed with the reason.
  */
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "../gate.h"
+#include "../pg.h"
 #include "../test_progs.h"
 
 /* SPEC.md, "JSON field names": session. */
@@ -216,4 +222,228 @@ out:
 	}
 	th_job_free(j);
 	th_gate_cleanup(&g);
+}
+
+/* --- agctl session kill ------------------------------------------------------------------------ */
+
+#define KILL_RULES "    sql:\n      - { name: reads, when: { command: [select] }, then: allow }\n"
+
+/* The id of the one live session of the gate (polled: it may be connecting still), or -1. */
+static long long only_session(struct th_pg_gate *g, char *out, size_t len)
+{
+	long long id = -1;
+
+	for (int t = 0; t < 300 && id < 0; t++) {
+		yajl_val list;
+
+		if (!th_agctl(&g->d, out, len, "-j session list") && (list = th_json_parse(out))) {
+			if (YAJL_IS_ARRAY(list) && list->u.array.len == 1)
+				th_json_int(list->u.array.values[0], "id", &id);
+			yajl_tree_free(list);
+		}
+		if (id < 0)
+			usleep(100 * 1000);
+	}
+	return id;
+}
+
+/* The server's backends of the agent role running pg_sleep (the gateway's upstream leg). */
+static int sleepers(struct th_pg_gate *g)
+{
+	char o[32] = "";
+
+	if (th_pg_admin(&g->pg,
+			"SELECT count(*) FROM pg_stat_activity WHERE usename = '" TH_PG_USER
+			"' AND query LIKE '%pg_sleep%' AND pid <> pg_backend_pid();",
+			o, sizeof(o)))
+		return -1;
+	return atoi(o);
+}
+
+/* sessions.log has the end of session id, closed, with reason. */
+static bool slog_has_end(struct th_pg_gate *g, long long id, const char *reason)
+{
+	static char buf[256 * 1024];
+	char path[300], idf[40];
+
+	snprintf(path, sizeof(path), "%s/sessions.log", g->d.state_dir);
+	snprintf(idf, sizeof(idf), "\"id\":%lld,", id);
+	for (int t = 0; t < 100; t++) {
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		ssize_t n = fd >= 0 ? read(fd, buf, sizeof(buf) - 1) : -1;
+
+		if (fd >= 0)
+			close(fd);
+		buf[n > 0 ? n : 0] = '\0';
+		for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n"))
+			if (strstr(line, "\"event\":\"end\"") && strstr(line, idf) &&
+			    strstr(line, "\"state\":\"closed\"") && strstr(line, reason))
+				return true;
+		usleep(100 * 1000);
+	}
+	return false;
+}
+
+/* psql blocked in pg_sleep(120) is killed from the CLI: it exits at once, not after 120 s. */
+static void subtest_kill_psql(struct th_pg_gate *g)
+{
+	static char out[65536];
+	char errpath[] = "/tmp/agentgate-kill-XXXXXX", perr[4096] = "";
+	int efd = mkstemp(errpath), st = -1, t, rc;
+	long long id;
+	yajl_val one;
+	pid_t pid;
+
+	if (!ASSERT_GE(efd, 0, "mkstemp"))
+		return;
+	fflush(NULL);
+	pid = fork();
+	if (pid == 0) {
+		static char o[4096], e[4096];
+
+		rc = th_pg_psql(&g->pg, g->tagged, "SELECT pg_sleep(120);", o, sizeof(o), e,
+				sizeof(e));
+		if (write(efd, e, strlen(e)) < 0)
+			rc = 99;
+		_exit(rc < 0 || rc > 255 ? 98 : rc);
+	}
+	if (!ASSERT_GT(pid, 0, "fork"))
+		goto out;
+	id = only_session(g, out, sizeof(out));
+	if (!ASSERT_GT(id, 0, "psql's live session"))
+		goto out;
+	for (t = 0; t < 300 && sleepers(g) < 1; t++)
+		usleep(100 * 1000);
+	ASSERT_EQ(sleepers(g), 1, "its query runs on the server");
+
+	rc = th_agctl(&g->d, out, sizeof(out), "-j session kill %lld", id);
+	ASSERT_EQ(rc, 0, "agctl -j session kill exits 0");
+	one = th_json_parse(out);
+	if (ASSERT_OK_PTR(one, "one JSON document")) {
+		long long v = -1;
+		yajl_val k = th_json_get(one, "killed");
+
+		ASSERT_TRUE(th_json_int(one, "id", &v) && v == id, "\"id\": the session");
+		ASSERT_TRUE(k && YAJL_IS_TRUE(k), "\"killed\": true");
+		ASSERT_HAS_SUBSTR(th_json_str(one, "message") ?: "", "killed", "message");
+	}
+	yajl_tree_free(one);
+
+	/* psql sees its connection end now (a deadline far below its 120 s sleep). */
+	for (t = 0; t < 300; t++) {
+		if (waitpid(pid, &st, WNOHANG) == pid)
+			break;
+		usleep(100 * 1000);
+	}
+	if (ASSERT_LT(t, 300, "psql ended well before its sleep")) {
+		pid = -1;
+		ASSERT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) != 0, "psql failed");
+		if (pread(efd, perr, sizeof(perr) - 1, 0) < 0)
+			perr[0] = '\0';
+		if (!ASSERT_TRUE(strstr(perr, "closed the connection") ||
+					 strstr(perr, "connection to server was lost") ||
+					 strstr(perr, "terminat"),
+				 "psql says its connection ended"))
+			printf("psql stderr: %s\n", perr);
+	}
+	/* The gateway closed its upstream leg too: the server's backend sees it and ends. */
+	for (t = 0; t < 300 && sleepers(g) != 0; t++)
+		usleep(100 * 1000);
+	ASSERT_EQ(sleepers(g), 0, "the server's backend ended");
+	ASSERT_TRUE(slog_has_end(g, id, "\"reason\":\"killed by agctl\""),
+		    "sessions.log: closed, killed by agctl");
+	/* Gone from the live list; a second kill is the daemon's error. */
+	ASSERT_EQ(th_agctl(&g->d, out, sizeof(out), "-j session show %lld", id), 1,
+		  "no longer shown as live");
+	rc = th_agctl(&g->d, out, sizeof(out), "-j session kill %lld", id);
+	ASSERT_EQ(rc, 1, "killing it again: exit 1");
+	one = th_json_parse(out);
+	if (ASSERT_OK_PTR(one, "the error is JSON"))
+		ASSERT_HAS_SUBSTR(th_json_str(one, "error") ?: "", "no live session", "error");
+	yajl_tree_free(one);
+out:
+	if (pid > 0) {
+		kill(pid, SIGKILL);
+		waitpid(pid, NULL, 0);
+	}
+	close(efd);
+	unlink(errpath);
+}
+
+/* A raw client mid-session: after the kill its next read is the end of the stream. */
+static void subtest_kill_raw(struct th_pg_gate *g)
+{
+	static char out[65536];
+	struct th_pg_msg m;
+	long long id;
+	int fd = th_pg_raw_connect(g), rc;
+
+	if (!ASSERT_GE(fd, 0, "raw connection"))
+		return;
+	id = only_session(g, out, sizeof(out));
+	if (!ASSERT_GT(id, 0, "its session"))
+		goto out;
+	rc = th_agctl(&g->d, out, sizeof(out), "session kill %lld", id);
+	ASSERT_EQ(rc, 0, "agctl session kill exits 0");
+	{
+		char want[64];
+
+		snprintf(want, sizeof(want), "session %lld killed\n", id);
+		ASSERT_STREQ(out, want, "plain output");
+	}
+	/* Whatever the gateway says last (at most an error), then EOF or a reset. */
+	for (int i = 0; i < 10; i++) {
+		rc = th_pg_read_msg(fd, &m, 20000);
+		if (rc)
+			break;
+		th_pg_msg_free(&m);
+	}
+	ASSERT_TRUE(rc == -EPIPE || rc == -ECONNRESET, "the connection ended");
+	ASSERT_TRUE(slog_has_end(g, id, "killed by agctl"), "sessions.log says why");
+out:
+	close(fd);
+}
+
+static void subtest_kill_bad_args(struct th_pg_gate *g)
+{
+	static char out[4096];
+	yajl_val one;
+
+	ASSERT_EQ(th_agctl(&g->d, out, sizeof(out), "-j session kill"), 1, "no ID: exit 1");
+	one = th_json_parse(out);
+	ASSERT_TRUE(one && th_json_str(one, "error"), "{\"error\": ...}");
+	yajl_tree_free(one);
+	ASSERT_EQ(th_agctl(&g->d, out, sizeof(out), "-j session kill x1"), 1, "a bad ID");
+	ASSERT_EQ(th_agctl(&g->d, out, sizeof(out), "-j session kill 999999999"), 1,
+		  "an unknown ID");
+	one = th_json_parse(out);
+	ASSERT_HAS_SUBSTR(one ? th_json_str(one, "error") ?: "" : "", "no live session 999999999",
+			  "the daemon's error");
+	yajl_tree_free(one);
+	ASSERT_TRUE(th_pg_gate_alive(g), "daemon alive");
+}
+
+void test_agctl_session_kill(void)
+{
+	static struct th_pg_gate g;
+
+	if (!ASSERT_OK(th_pg_gate_start(&g, "127.0.0.24", "trust", "enforce", KILL_RULES),
+		       "gate"))
+		goto out;
+	/* A backend in pg_sleep notices its client's socket closed only when it looks. */
+	if (!ASSERT_OK(th_pg_admin(&g.pg,
+				   "ALTER SYSTEM SET client_connection_check_interval = '200ms';\n"
+				   "SELECT pg_reload_conf();",
+				   NULL, 0),
+		       "client_connection_check_interval"))
+		goto out;
+	if (test__start_subtest("psql_connection_ends"))
+		subtest_kill_psql(&g);
+	if (test__start_subtest("raw_client_sees_eof"))
+		subtest_kill_raw(&g);
+	if (test__start_subtest("bad_or_unknown_id"))
+		subtest_kill_bad_args(&g);
+out:
+	test__end_subtest();
+	th_pg_gate_cleanup(&g);
 }

@@ -58,39 +58,14 @@ static int sh(const char *rel, const char *script, int timeout_ms)
 /* Two CAs (ours, and one the gateway does not know) and the servers' certificates. */
 static int make_certs(struct tls_env *e)
 {
-	static const char script_fmt[] =
-		"set -e; PATH=/usr/bin:/bin; cd %s\n"
-		"ca() { openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
-		"-keyout $1.key -out $1.crt -subj /CN=$1 -days 2 "
-		"-addext basicConstraints=critical,CA:TRUE "
-		"-addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null; }\n"
-		"leaf() { openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
-		"-keyout $1.key -out $1.csr -subj /CN=$1 2>/dev/null\n"
-		"  printf 'subjectAltName=%%s\\nbasicConstraints=CA:FALSE\\n"
-		"extendedKeyUsage=serverAuth,clientAuth\\n' $2 > $1.ext\n"
-		"  openssl x509 -req -in $1.csr -CA $3.crt -CAkey $3.key -CAcreateserial -days 2 "
-		"-extfile $1.ext -out $1.crt 2>/dev/null; }\n"
-		"ca testca; ca otherca\n"
-		"leaf pg_ok IP:" PG_ADDR " testca\n"
-		"leaf pg_wrongname DNS:wrong.example testca\n"
-		"leaf pg_unknown IP:" PG_ADDR " otherca\n"
-		"leaf web IP:" WEB_ADDR ",DNS:web.test testca\n"
-		"leaf wrongname DNS:wrong.example testca\n"
-		"leaf mtls IP:" MTLS_ADDR " testca\n"
-		"leaf client DNS:agentgate.client testca\n"
-		"chmod 0644 *.crt *.key\n";
-	char script[2048];
-
-	snprintf(e->dir, sizeof(e->dir), "/tmp/agentgate-tls-%d-XXXXXX", getpid());
-	if (!mkdtemp(e->dir))
-		return -errno;
-	chmod(e->dir, 0755);
-	snprintf(script, sizeof(script), script_fmt, e->dir);
-	if (sh(NULL, script, 60000)) {
-		printf("making certificates: %s\n", err);
-		return -EIO;
-	}
-	return 0;
+	return th_pg_make_certs(e->dir, sizeof(e->dir),
+				"pg_ok IP:" PG_ADDR " testca\n"
+				"pg_wrongname DNS:wrong.example testca\n"
+				"pg_unknown IP:" PG_ADDR " otherca\n"
+				"web IP:" WEB_ADDR ",DNS:web.test testca\n"
+				"wrongname DNS:wrong.example testca\n"
+				"mtls IP:" MTLS_ADDR " testca\n"
+				"client DNS:agentgate.client testca\n");
 }
 
 /*

@@ -2,7 +2,9 @@
 /*
  * agctl session: the daemon's intercepted connections. `list` is a table (or a JSON array of
  * session objects with the SPEC.md field names), `show ID` one session as key: value lines (or
- * one JSON object). Everything comes from agentgated; nothing is read locally.
+ * one JSON object), `kill ID` ends a live session (the agent's connection closes, the session
+ * stays listed as closed, reason "killed by agctl"). Everything comes from agentgated; nothing
+ * is read locally.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -220,6 +222,37 @@ static int do_watch(int argc, char **argv)
 	return audit_watch(id);
 }
 
+static void kill_fields(const ag_ctl_response *resp, const void *arg)
+{
+	jsonw_uint_field(json_wtr, "id", *(const uint64_t *)arg);
+	jsonw_bool_field(json_wtr, "killed", true);
+}
+
+static int do_kill(int argc, char **argv)
+{
+	ag_ctl_request req = AGENTGATE__CTL__REQUEST__INIT;
+	ag_ctl_response *resp;
+	char msg[64];
+	uint64_t id;
+
+	if (!REQ_ARGS(1))
+		return -1;
+	if (parse_id(*argv, &id))
+		return -1;
+	NEXT_ARG();
+	if (!NO_MORE_ARGS())
+		return -1;
+	req.cmd_case = AGENTGATE__CTL__REQUEST__CMD_SESSION_KILL;
+	req.session_kill = id;
+	resp = ctl_request(&req);
+	if (!resp)
+		return -1;
+	snprintf(msg, sizeof(msg), "session %" PRIu64 " killed", id);
+	print_change(resp, msg, kill_fields, &id);
+	ag_ctl_response_free(resp);
+	return 0;
+}
+
 static int do_help(int argc, char **argv)
 {
 	if (json_output) {
@@ -230,6 +263,7 @@ static int do_help(int argc, char **argv)
 		"Usage: %1$s %2$s { list | show } [ID]\n"
 		"       %1$s %2$s replay ID [--dir DIR]\n"
 		"       %1$s %2$s watch [ID]\n"
+		"       %1$s %2$s kill ID\n"
 		"       %1$s %2$s help\n"
 		"\n"
 		"       " HELP_SPEC_OPTIONS " }\n",
@@ -242,6 +276,7 @@ static const struct cmd cmds[] = {
 	{ "show", do_show },
 	{ "replay", do_replay },
 	{ "watch", do_watch },
+	{ "kill", do_kill },
 	{ "help", do_help },
 	{ 0 }
 };
