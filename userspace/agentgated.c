@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "agentgate.h"
 #include "approval.h"
 #include "audit.h"
@@ -60,22 +61,6 @@ static void usage(FILE *f)
 		"                    (default: created at first start in STATE-DIR/ca/)\n",
 		AG_DEFAULT_CONFIG, AG_DEFAULT_STATE_DIR, AG_DEFAULT_SOCKET, AG_DEFAULT_PIN_ROOT,
 		AG_DEFAULT_PORT, AG_DEFAULT_MARK);
-}
-
-static int64_t now_unix_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static uint64_t mono_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000ULL + ts.tv_nsec / 1000000;
 }
 
 static int mkdir_p(const char *path, mode_t mode)
@@ -148,7 +133,7 @@ static int on_kernel_event(void *ctx, const struct ag_event *ev)
 			ev->info.comm, dst, deny_reason(ev->reason));
 		ag_slog_kernel_deny(d, ev, deny_reason(ev->reason),
 				    ev->info.boot_ns ? ag_boot_to_unix_ns(ev->info.boot_ns) :
-						       now_unix_ns(),
+						       ag_unix_ns(),
 				    dst);
 	}
 	return 0;
@@ -170,7 +155,7 @@ static void begin_drain(struct ag_daemon *d)
 		"links stay pinned: tagged connects now fail until agentgated is back",
 		d->nsessions, DRAIN_TIMEOUT_MS / 1000);
 	ag_workers_close_listeners(d);
-	drain_deadline = mono_ms() + DRAIN_TIMEOUT_MS;
+	drain_deadline = ag_mono_ms() + DRAIN_TIMEOUT_MS;
 }
 
 static void on_signal(struct ag_io *io, uint32_t events)
@@ -214,7 +199,7 @@ static void main_tick(void *arg)
 		pthread_mutex_lock(&d->sess_lock);
 		n = d->nsessions;
 		pthread_mutex_unlock(&d->sess_lock);
-		if (!n || mono_ms() > drain_deadline)
+		if (!n || ag_mono_ms() > drain_deadline)
 			ag_loop_stop(d->loop);
 	}
 }
@@ -372,7 +357,7 @@ int main(int argc, char **argv)
 	}
 
 	ag_d = d;
-	d->started_ns = now_unix_ns();
+	d->started_ns = ag_unix_ns();
 	pthread_mutex_init(&d->pol_lock, NULL);
 	pthread_mutex_init(&d->sess_lock, NULL);
 	pthread_rwlock_init(&d->tag_lock, NULL);

@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "approval.h"
 #include "daemon.h"
 #include "jsonw.h"
@@ -88,22 +89,6 @@ static pthread_mutex_t nlk = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t notify_cv = PTHREAD_COND_INITIALIZER;
 static struct notify_job *nq, **nq_tail = &nq;
 static int nq_len;
-
-static uint64_t mono_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000ULL + ts.tv_nsec / 1000000;
-}
-
-static int64_t unix_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
 
 const char *ag_approval_state_name(enum ag_approval_state s)
 {
@@ -292,7 +277,7 @@ static void deliver(void *arg)
 static void finish_locked(struct ag_approval *a, enum ag_approval_state st)
 {
 	a->info.state = st;
-	a->info.decided_ns = unix_ns();
+	a->info.decided_ns = ag_unix_ns();
 	if (a->waiting) {
 		a->refs++;
 		if (ag_loop_call(a->loop, deliver, a)) {
@@ -321,7 +306,7 @@ static void add_grant_locked(const struct ag_approval *a)
 	snprintf(g->agent, sizeof(g->agent), "%s", a->info.agent);
 	snprintf(g->target, sizeof(g->target), "%s", a->info.target);
 	g->fingerprint = a->info.fingerprint;
-	g->expires_ns = unix_ns() + (int64_t)a->info.ttl_ms * 1000000LL;
+	g->expires_ns = ag_unix_ns() + (int64_t)a->info.ttl_ms * 1000000LL;
 	snprintf(g->id, sizeof(g->id), "%s", a->info.id);
 	g->next = grants;
 	grants = g;
@@ -331,7 +316,7 @@ static void *timer_main(void *arg)
 {
 	pthread_mutex_lock(&lk);
 	for (;;) {
-		uint64_t now = mono_ms(), next = UINT64_MAX;
+		uint64_t now = ag_mono_ms(), next = UINT64_MAX;
 		struct ag_approval_info fired[16];
 		int nfired = 0;
 
@@ -375,7 +360,7 @@ static void notify_run(const struct notify_job *j)
 {
 	char *const argv[] = { "/bin/sh", "-c", j->cmd, NULL };
 	posix_spawn_file_actions_t fa;
-	uint64_t deadline = mono_ms() + NOTIFY_DEADLINE_MS;
+	uint64_t deadline = ag_mono_ms() + NOTIFY_DEADLINE_MS;
 	size_t len = strlen(j->json), off = 0;
 	int p[2], rc, status = 0;
 	bool killed = false;
@@ -399,7 +384,7 @@ static void notify_run(const struct notify_job *j)
 	fcntl(p[1], F_SETFL, O_NONBLOCK);
 	while (off < len) {
 		struct pollfd pf = { .fd = p[1], .events = POLLOUT };
-		int64_t left = (int64_t)(deadline - mono_ms());
+		int64_t left = (int64_t)(deadline - ag_mono_ms());
 		ssize_t n;
 
 		if (left <= 0 || poll(&pf, 1, (int)left) <= 0)
@@ -417,7 +402,7 @@ static void notify_run(const struct notify_job *j)
 
 		if (r == pid || (r < 0 && errno != EINTR))
 			break;
-		if (mono_ms() >= deadline) {
+		if (ag_mono_ms() >= deadline) {
 			kill(pid, SIGKILL);
 			waitpid(pid, &status, 0);
 			killed = true;
@@ -513,7 +498,7 @@ static void make_id(char id[AG_APPROVAL_ID_MAX])
 	uint8_t r[8];
 
 	if (getrandom(r, sizeof(r), 0) != sizeof(r)) {
-		uint64_t t = unix_ns();
+		uint64_t t = ag_unix_ns();
 
 		memcpy(r, &t, sizeof(r));
 	}
@@ -592,7 +577,7 @@ struct ag_approval *ag_approval_request(struct ag_session *s, const char *protoc
 	a->loop = ag_session_loop(s);
 	a->fn = fn;
 	a->arg = arg;
-	a->deadline_ms = mono_ms() + timeout;
+	a->deadline_ms = ag_mono_ms() + timeout;
 	make_id(a->info.id);
 	a->info.session = s->id;
 	a->info.agent_uid = s->info.uid;
@@ -602,7 +587,7 @@ struct ag_approval *ag_approval_request(struct ag_session *s, const char *protoc
 	excerpt(text, len, a->info.statement, sizeof(a->info.statement));
 	snprintf(a->info.rule, sizeof(a->info.rule), "%s", rule ? rule : "default");
 	a->info.fingerprint = fingerprint;
-	a->info.requested_ns = unix_ns();
+	a->info.requested_ns = ag_unix_ns();
 	a->info.timeout_ms = timeout;
 	a->info.expires_ns = a->info.requested_ns + (int64_t)timeout * 1000000LL;
 	a->info.state = AG_APPROVAL_PENDING;
@@ -700,7 +685,7 @@ void ag_approval_session_end(uint64_t session)
 bool ag_approval_granted(const struct ag_session *s, const char *rule, uint64_t fingerprint,
 			 char id[AG_APPROVAL_ID_MAX])
 {
-	int64_t now = unix_ns();
+	int64_t now = ag_unix_ns();
 	struct grant **pp = &grants;
 	bool ok = false;
 

@@ -30,6 +30,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "clock.h"
 #include "audit.h"
 #include "audit.pb-c.h"
 #include "buf.h"
@@ -52,22 +53,6 @@
 typedef Agentgate__Audit__Record Record;
 
 /* --- time and small helpers ----------------------------------------------------------------- */
-
-static int64_t unix_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static uint64_t mono_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000ULL + ts.tv_nsec / 1000000;
-}
 
 static void put32(uint8_t *p, uint32_t v)
 {
@@ -483,7 +468,7 @@ static void chain_add(uint64_t session, const uint8_t *rec, size_t len, bool tap
 	if (tapped)
 		tap_add(session, A.seq, A.hash, rec, len);
 	if (!A.first_unsealed_ms)
-		A.first_unsealed_ms = mono_ms();
+		A.first_unsealed_ms = ag_mono_ms();
 }
 
 static void chain_add_record(const Record *r)
@@ -514,7 +499,7 @@ static int write_head(void)
 	h.signature.data = sig;
 	h.signature.len = 64;
 	h.key_fingerprint = A.fp;
-	h.time_ns = unix_ns();
+	h.time_ns = ag_unix_ns();
 	len = agentgate__audit__head__get_packed_size(&h);
 	buf = malloc(len);
 	if (!buf)
@@ -550,7 +535,7 @@ static void checkpoint_add(void)
 	cp.signature.data = sig;
 	cp.signature.len = 64;
 	cp.key_fingerprint = A.fp;
-	r.time_ns = unix_ns();
+	r.time_ns = ag_unix_ns();
 	r.kind = AGENTGATE__AUDIT__KIND__CHECKPOINT;
 	r.body_case = AGENTGATE__AUDIT__RECORD__BODY_CHECKPOINT;
 	r.checkpoint = &cp;
@@ -790,7 +775,7 @@ static void *writer_main(void *arg)
 			A.written_enq = n->enq;
 			free(n);
 		}
-		now = mono_ms();
+		now = ag_mono_ms();
 		if (A.seq > A.sealed_seq &&
 		    (stop || A.seq - A.sealed_seq >= A.cfg.checkpoint_records ||
 		     (A.first_unsealed_ms && now - A.first_unsealed_ms >= A.cfg.checkpoint_ms)))
@@ -1157,7 +1142,7 @@ static void genesis(void)
 	cs.public_key.len = 32;
 	cs.key_fingerprint = A.fp;
 	cs.host = host;
-	r.time_ns = unix_ns();
+	r.time_ns = ag_unix_ns();
 	r.kind = AGENTGATE__AUDIT__KIND__CHAIN_START;
 	r.body_case = AGENTGATE__AUDIT__RECORD__BODY_CHAIN_START;
 	r.chain_start = &cs;
@@ -1196,7 +1181,7 @@ int ag_audit_open(const char *state_dir, const struct ag_audit_config *c, char *
 	ds.torn_bytes = torn;
 	ds.torn_segment = torn_seg;
 	ds.key_fingerprint = A.fp;
-	r.time_ns = unix_ns();
+	r.time_ns = ag_unix_ns();
 	r.kind = AGENTGATE__AUDIT__KIND__DAEMON_START;
 	r.body_case = AGENTGATE__AUDIT__RECORD__BODY_DAEMON_START;
 	r.daemon_start = &ds;
@@ -1239,7 +1224,7 @@ void ag_audit_set_config(const struct ag_audit_config *c)
 static void record_init(Record *r, uint64_t session, Agentgate__Audit__Kind kind)
 {
 	agentgate__audit__record__init(r);
-	r->time_ns = unix_ns();
+	r->time_ns = ag_unix_ns();
 	r->session = session;
 	r->kind = kind;
 }
@@ -1507,7 +1492,7 @@ void ag_audit_statement(struct ag_session *s, const char *message, const char *n
 	/* An Execute (decided at its Parse) goes into its result's record: one record, not two. */
 	if (!strcmp(message, "execute") && action == AG_ACT_ALLOW && !text) {
 		if (!a->pending)
-			a->stmt_ns = unix_ns();
+			a->stmt_ns = ag_unix_ns();
 		a->pending = true;
 		a->execute = true;
 		snprintf(a->portal, sizeof(a->portal), "%s", name ? name : "");

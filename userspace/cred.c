@@ -38,6 +38,7 @@
 #include <openssl/sha.h>
 #include <yajl/yajl_gen.h>
 
+#include "clock.h"
 #include "cred.h"
 #include "log.h"
 #include "loop.h"
@@ -101,14 +102,6 @@ static pthread_mutex_t cred_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cred_cv = PTHREAD_COND_INITIALIZER;
 static struct ag_cred *creds;
 static int inflight; /* threads at work (minting, dropping, sweeping) */
-
-static int64_t unix_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
 
 /* --- secret files ----------------------------------------------------------------------------- */
 
@@ -385,7 +378,7 @@ static struct ag_cred *cred_new(struct ag_session *s, const char *provider)
 	c->session = s->id;
 	snprintf(c->target, sizeof(c->target), "%s", s->target_name);
 	snprintf(c->provider, sizeof(c->provider), "%s", provider);
-	c->issued_ns = unix_ns();
+	c->issued_ns = ag_unix_ns();
 	c->s = s;
 	return c;
 }
@@ -1414,7 +1407,7 @@ static int make_bearer(struct ag_session *s, const char *prov, struct ag_cred *c
 	const struct ag_policy_target *t = s->target;
 	char tok[4096], sub[320], jti[64];
 	uint64_t ttl_ms = 5 * 60 * 1000ULL;
-	int64_t now = unix_ns() / 1000000000LL;
+	int64_t now = ag_unix_ns() / 1000000000LL;
 	const char *ttl = kv_value(t, "ttl"), *path;
 	int rc;
 

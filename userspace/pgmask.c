@@ -15,6 +15,7 @@
 #include <time.h>
 #include <yajl/yajl_tree.h>
 
+#include "clock.h"
 #include "log.h"
 #include "pgmask.h"
 #include "pgwire.h"
@@ -395,14 +396,6 @@ static pthread_mutex_t cat_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct cat_entry *cat_head;
 static size_t cat_count;
 
-static uint64_t mono_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000ULL + ts.tv_nsec / 1000000;
-}
-
 static void cat_entry_free(struct cat_entry *e)
 {
 	pg_catalog_unref(e->cat);
@@ -435,7 +428,7 @@ static void cat_expire(uint64_t now)
 struct pg_catalog *pg_catalog_cache_get(const char *target, const char *database, const char *sql)
 {
 	struct pg_catalog *c = NULL;
-	uint64_t now = mono_ms();
+	uint64_t now = ag_mono_ms();
 
 	pthread_mutex_lock(&cat_lock);
 	cat_expire(now);
@@ -453,7 +446,7 @@ void pg_catalog_cache_put(const char *target, const char *database, const char *
 			  struct pg_catalog *c, uint64_t ttl_ms)
 {
 	struct cat_entry *e = calloc(1, sizeof(*e));
-	uint64_t now = mono_ms();
+	uint64_t now = ag_mono_ms();
 
 	if (!e)
 		return;

@@ -24,6 +24,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
+#include "clock.h"
 #include "approval.h"
 #include "audit.h"
 #include "bpf_loader.h"
@@ -53,22 +54,6 @@ struct ag_worker {
 	uint8_t *scratch;
 	struct ag_session *mine; /* this worker's sessions (for the tick), via wnext */
 };
-
-static uint64_t mono_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000ULL + ts.tv_nsec / 1000000;
-}
-
-static int64_t unix_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
 
 const char *ag_session_state_name(int state)
 {
@@ -287,7 +272,7 @@ static int tls_flush_clear(struct ag_session *s, enum ag_side i)
 	}
 	if (!c->clear_out && c->ssl && c->tls == AG_TLS_HOLD) {
 		c->tls = AG_TLS_HANDSHAKE;
-		c->tls_deadline_ms = mono_ms() + AG_TLS_HANDSHAKE_TIMEOUT_MS;
+		c->tls_deadline_ms = ag_mono_ms() + AG_TLS_HANDSHAKE_TIMEOUT_MS;
 		/* The client speaks first; a server waits for its hello. */
 		c->tls_want = SSL_is_server(c->ssl) ? EPOLLIN : EPOLLOUT;
 	}
@@ -956,7 +941,7 @@ static void session_end(struct ag_session *s, bool reset)
 	ag_cred_session_end(s);
 	close_side(s, AG_SIDE_AGENT, reset);
 	close_side(s, AG_SIDE_UPSTREAM, reset);
-	s->ended_ns = unix_ns();
+	s->ended_ns = ag_unix_ns();
 	if (!started && !was_denied)
 		ag_slog_session(s->w->d, "start", s);
 	if (!was_denied)
@@ -1049,7 +1034,7 @@ static int upstream_connect(struct ag_session *s)
 		return err;
 	}
 	format_endpoint(dst->addr, dst->port, dst->family, s->upstream, sizeof(s->upstream));
-	s->connect_deadline_ms = mono_ms() + AG_CONNECT_TIMEOUT_MS;
+	s->connect_deadline_ms = ag_mono_ms() + AG_CONNECT_TIMEOUT_MS;
 	if (ag_loop_add(s->w->loop, &s->side[AG_SIDE_UPSTREAM].io, fd, EPOLLOUT, on_upstream_io)) {
 		int err = -errno;
 
@@ -1153,7 +1138,7 @@ static bool accept_one(struct ag_worker *w, int lfd)
 	s->side[AG_SIDE_UPSTREAM].io.fd = -1;
 	for (int i = 0; i < 2; i++)
 		s->side[i].pipe[0] = s->side[i].pipe[1] = -1;
-	s->started_ns = unix_ns();
+	s->started_ns = ag_unix_ns();
 	s->state = AG_SESS_CONNECTING;
 	s->pol = ag_policy_get(d);
 	s->id = __atomic_add_fetch(&d->next_session_id, 1, __ATOMIC_RELAXED);
@@ -1357,7 +1342,7 @@ static bool handshake_expired(const struct ag_session *s, void *arg)
 /* Connect timeouts: a worker tick scans the daemon table for its own connecting sessions. */
 static void worker_tick(void *arg)
 {
-	struct tick_match m = { .w = arg, .now = mono_ms() };
+	struct tick_match m = { .w = arg, .now = ag_mono_ms() };
 	struct ag_worker *w = m.w;
 	struct ag_session *s;
 

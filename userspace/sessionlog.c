@@ -13,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "daemon.h"
 #include "jsonw.h"
 #include "log.h"
@@ -116,14 +117,6 @@ void ag_slog_session(struct ag_daemon *d, const char *event, const struct ag_ses
 	line_end(d, &l);
 }
 
-static int64_t unix_now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 void ag_slog_note(struct ag_daemon *d, const struct ag_session *s, const char *what,
 		  const char *detail)
 {
@@ -133,7 +126,7 @@ void ag_slog_note(struct ag_daemon *d, const struct ag_session *s, const char *w
 	if (!w)
 		return;
 	jsonw_string_field(w, "event", "note");
-	jsonw_time_field(w, "time", unix_now_ns());
+	jsonw_time_field(w, "time", ag_unix_ns());
 	jsonw_uint_field(w, "id", s->id);
 	jsonw_string_field(w, "agent", s->agent);
 	jsonw_string_field(w, "target", s->target_name);
