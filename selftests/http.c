@@ -323,3 +323,50 @@ int th_http_counters(struct th_http_gate *g, int pid, long long *statements, lon
 	yajl_tree_free(root);
 	return rc;
 }
+
+bool th_http_wait_approval(struct th_http_gate *g, const char *needle, char *id, size_t idlen)
+{
+	static struct th_agctl_result r;
+
+	for (int i = 0; i < 150; i++) {
+		yajl_val v;
+
+		if (!TH_AGCTL(&r, "-S", g->d.socket, "-j", "approval", "list") &&
+		    (v = th_json_parse(r.out))) {
+			for (size_t k = 0; YAJL_IS_ARRAY(v) && k < v->u.array.len; k++) {
+				yajl_val a = v->u.array.values[k];
+				const char *st = th_json_str(a, "state");
+				const char *stmt = th_json_str(a, "statement");
+
+				if (st && !strcmp(st, "pending") && stmt && strstr(stmt, needle)) {
+					snprintf(id, idlen, "%s", th_json_str(a, "id"));
+					yajl_tree_free(v);
+					return true;
+				}
+			}
+			yajl_tree_free(v);
+		}
+		usleep(100000);
+	}
+	return false;
+}
+
+int th_http_decide(struct th_http_gate *g, const char *verb, const char *id, ...)
+{
+	char bin[256], o[8192], e[4096];
+	char *argv[24] = { "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+			   bin, "-S", g->d.socket, "approval", (char *)verb, (char *)id };
+	int n = 10, rc;
+	va_list ap;
+
+	va_start(ap, id);
+	for (const char *a; n < 23 && (a = va_arg(ap, const char *));)
+		argv[n++] = (char *)a;
+	va_end(ap);
+	argv[n] = NULL;
+	snprintf(bin, sizeof(bin), "%s/agctl", th_build_dir());
+	rc = th_pg_exec(NULL, argv, NULL, o, sizeof(o), e, sizeof(e), 15000);
+	if (rc)
+		http_log("agctl approval %s %s: exit %d: %s%s", verb, id, rc, o, e);
+	return rc;
+}

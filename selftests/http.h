@@ -61,3 +61,15 @@ int th_http_srvlog(struct th_http_gate *g, char *buf, size_t len);
 /* Counters of the session of process pid (session list). */
 int th_http_counters(struct th_http_gate *g, int pid, long long *statements, long long *blocked,
 		     long long *masked);
+/*
+ * The id of a pending approval whose statement has needle ("" any), polled for 15 s at most
+ * through agctl -j approval list; true when one came.
+ */
+bool th_http_wait_approval(struct th_http_gate *g, const char *needle, char *id, size_t idlen);
+/*
+ * agctl approval VERB ID [ARGS...] (NULL-terminated) run as nobody, the approver: the agent runs
+ * as root in these tests and may not decide its own approvals. Call chmod(g->d.dir, 0711) once
+ * first so that nobody reaches the socket. The exit code.
+ */
+int th_http_decide(struct th_http_gate *g, const char *verb, const char *id, ...)
+	__attribute__((sentinel));
