@@ -832,8 +832,12 @@ static void forward_head(struct ag_session *s, const char *method, const char *t
 		out_add(h, AG_SIDE_UPSTREAM, "\r\n", 2);
 	}
 	cred_refresh(s, h);
-	if (h->cred[0])
-		out_printf(h, AG_SIDE_UPSTREAM, "Authorization: %s\r\n", h->cred);
+	if (h->cred[0]) {
+		/* a JWT is longer than out_printf()'s buffer */
+		out_add(h, AG_SIDE_UPSTREAM, "Authorization: ", 15);
+		out_add(h, AG_SIDE_UPSTREAM, h->cred, strlen(h->cred));
+		out_add(h, AG_SIDE_UPSTREAM, "\r\n", 2);
+	}
 	out_add(h, AG_SIDE_UPSTREAM, "\r\n", 2);
 	if (dropped) {
 		pr_info("session %llu: the agent's Authorization header was dropped%s",
