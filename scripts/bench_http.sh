@@ -9,7 +9,11 @@
 #              decided per request (first match, default deny), the agent's requests rebuilt
 #              and re-framed, and for the JSON workload a mask: (keys and detectors) applied to
 #              the streamed body — which nginx does not do.
-# Workloads: a 1 KiB text file and a 4 KiB JSON document. Each runs in the modes back to back,
+# Workloads: a 1 KiB text file and a 4 KiB JSON document, and the 1 KiB file over HTTPS with TLS
+# on both legs (certificates from a throwaway CA): direct https to the upstream's TLS port,
+# nginx terminating TLS and proxying over https (keepalive, session reuse, no upstream
+# verification), agentgate terminating the agent's TLS (tls: client: terminate, a leaf minted
+# for the address) and verifying the upstream (verify-full against the CA). Each runs in the modes back to back,
 # in turns, so that a noisy neighbour hits all of them alike; the table gives the median of the
 # rounds and the ratios to direct and to nginx. Target (issue 6): agentgate at or above nginx's
 # proxy throughput on the same core count.
@@ -125,7 +129,8 @@ free_port() {
 
 wait_http() { # url what
 	i=0
-	until curl -sf -o /dev/null --max-time 2 "$1"; do
+	# shellcheck disable=SC2086 # $1 may carry curl options
+	until curl -sf -o /dev/null --max-time 2 $1; do
 		[ $i -ge 50 ] && fail "$2 did not answer"
 		sleep 0.1
 		i=$((i + 1))
@@ -141,7 +146,22 @@ wait_http() { # url what
 WATCHDOG=$!
 
 mkdir "$CG_SRV" "$CG_CLI" "$CG_AGENT" || fail "cannot create cgroups under $CGROOT"
-mkdir -p "$WORK/www" "$WORK/up" "$WORK/px" "$WORK/gw/state" || fail "mkdir"
+mkdir -p "$WORK/www" "$WORK/up" "$WORK/px" "$WORK/gw/state" "$WORK/pki" || fail "mkdir"
+(
+	cd "$WORK/pki" || exit 1
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key \
+		-out ca.crt -subj /CN=benchca -days 2 -addext basicConstraints=critical,CA:TRUE \
+		-addext keyUsage=critical,keyCertSign,cRLSign || exit 1
+	for n in up:$UPADDR px:$PXADDR; do
+		openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "${n%%:*}.key" \
+			-out "${n%%:*}.csr" -subj "/CN=${n%%:*}" || exit 1
+		printf 'subjectAltName=IP:%s\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' \
+			"${n#*:}" >"${n%%:*}.ext"
+		openssl x509 -req -in "${n%%:*}.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+			-extfile "${n%%:*}.ext" -out "${n%%:*}.crt" || exit 1
+	done
+	chmod 0644 ./*.crt ./*.key
+) >/dev/null 2>&1 || fail "openssl could not make the test certificates"
 awk 'BEGIN { for (i = 0; i < 1024; i++) printf "%c", 97 + i % 26 }' >"$WORK/www/1k.txt"
 awk 'BEGIN {
 	printf "{\"kind\":\"UserList\",\"items\":["
@@ -154,6 +174,8 @@ chmod -R a+rX "$WORK/www"
 
 free_port
 UPPORT=$PORT
+free_port
+UPTLS=$PORT
 cat >"$WORK/up/nginx.conf" <<EOF
 worker_processes 2;
 daemon off;
@@ -170,10 +192,18 @@ http {
 	scgi_temp_path $WORK/up;
 	keepalive_requests 1000000;
 	server { listen $UPADDR:$UPPORT; root $WORK/www; }
+	server {
+		listen $UPADDR:$UPTLS ssl;
+		ssl_certificate $WORK/pki/up.crt;
+		ssl_certificate_key $WORK/pki/up.key;
+		root $WORK/www;
+	}
 }
 EOF
 free_port
 PXPORT=$PORT
+free_port
+PXTLS=$PORT
 cat >"$WORK/px/nginx.conf" <<EOF
 worker_processes 2;
 daemon off;
@@ -189,6 +219,18 @@ http {
 	scgi_temp_path $WORK/px;
 	keepalive_requests 1000000;
 	upstream up { server $UPADDR:$UPPORT; keepalive 64; }
+	upstream ups { server $UPADDR:$UPTLS; keepalive 64; }
+	server {
+		listen $PXADDR:$PXTLS ssl;
+		ssl_certificate $WORK/pki/px.crt;
+		ssl_certificate_key $WORK/pki/px.key;
+		location / {
+			proxy_pass https://ups;
+			proxy_http_version 1.1;
+			proxy_set_header Connection "";
+			proxy_ssl_session_reuse on;
+		}
+	}
 	server {
 		listen $PXADDR:$PXPORT;
 		location / {
@@ -207,6 +249,8 @@ in_cgroup "$CG_SRV" "$NGINX" -e "$WORK/px/error.log" -p "$WORK/px" -c "$WORK/px/
 NG_PX=$!
 wait_http "http://$UPADDR:$UPPORT/1k.txt" "the nginx upstream"
 wait_http "http://$PXADDR:$PXPORT/1k.txt" "the nginx proxy"
+wait_http "https://$UPADDR:$UPTLS/1k.txt --cacert $WORK/pki/ca.crt" "the nginx upstream (TLS)"
+wait_http "https://$PXADDR:$PXTLS/1k.txt --cacert $WORK/pki/ca.crt" "the nginx proxy (TLS)"
 
 free_port
 GWPORT=$PORT
@@ -219,6 +263,10 @@ targets:
   - name: web
     protocol: http
     address: $UPADDR:$UPPORT
+  - name: webtls
+    protocol: http
+    address: $UPADDR:$UPTLS
+    tls: { client: terminate, upstream: verify-full, ca_file: $WORK/pki/ca.crt }
 rules:
   - agent: bench
     target: web
@@ -229,6 +277,11 @@ rules:
       keys: [ssn, password]
       detectors: [email, credit-card, jwt, aws-key]
       style: redact
+  - agent: bench
+    target: webtls
+    http:
+      - { name: no-admin, when: { path: ["/admin/*"] }, then: deny }
+      - { name: reads, when: { method: [GET, HEAD] }, then: allow }
 default: deny
 EOF
 "$B/agentgated" --foreground --config "$WORK/gw/policy.yaml" --state-dir "$WORK/gw/state" \
@@ -248,6 +301,12 @@ out=$(in_cgroup "$CG_AGENT" curl -s --max-time 10 "http://$UPADDR:$UPPORT/users.
 case "$out" in
 *"user1@example.com"* | "") fail "the gateway did not mask as expected (got: $out)" ;;
 esac
+GWCA=$WORK/gw/state/ca/ca.crt
+out=$(in_cgroup "$CG_AGENT" curl -sS --max-time 10 --cacert "$GWCA" "https://$UPADDR:$UPTLS/1k.txt" 2>&1)
+case "$out" in
+abcdefghij*) ;;
+*) fail "https through the gateway failed (got: $out)" ;;
+esac
 
 RES=$WORK/results
 : >"$RES"
@@ -263,6 +322,9 @@ while [ $r -le "$ROUNDS" ]; do
 		echo "nginx $w $(rps "$CG_CLI" "http://$PXADDR:$PXPORT/$w")" >>"$RES"
 		echo "agentgate $w $(rps "$CG_AGENT" "http://$UPADDR:$UPPORT/$w")" >>"$RES"
 	done
+	echo "direct tls $(rps "$CG_CLI" "https://$UPADDR:$UPTLS/1k.txt")" >>"$RES"
+	echo "nginx tls $(rps "$CG_CLI" "https://$PXADDR:$PXTLS/1k.txt")" >>"$RES"
+	echo "agentgate tls $(rps "$CG_AGENT" "https://$UPADDR:$UPTLS/1k.txt")" >>"$RES"
 	r=$((r + 1))
 done
 
@@ -283,9 +345,9 @@ END {
 	printf "\nHTTP requests/s, wrk -t%d -c%d -d%ds, median of %d round(s); target: agentgate >= nginx (reverse proxy)\n", threads, conns, t, rounds
 	printf "%-24s %10s %10s %7s %10s %7s %8s  %s\n", "workload", "direct", "nginx", "ratio", \
 		"agentgate", "ratio", "vs nginx", "target"
-	split("1k.txt users.json", ws, " ")
-	split("1 KiB text|4 KiB JSON (gw masks)", names, "|")
-	for (i = 1; i <= 2; i++) {
+	split("1k.txt users.json tls", ws, " ")
+	split("1 KiB text|4 KiB JSON (gw masks)|1 KiB text, TLS both legs", names, "|")
+	for (i = 1; i <= 3; i++) {
 		d = median("direct" SUBSEP ws[i]); n = median("nginx" SUBSEP ws[i])
 		g = median("agentgate" SUBSEP ws[i])
 		printf "%-24s %10.0f %10.0f %6.2fx %10.0f %6.2fx %7.2fx  %s\n", names[i], d, n, \

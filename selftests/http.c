@@ -61,7 +61,13 @@ static int server_start(struct th_http_gate *g)
 	if (g->srv < 0)
 		return -errno;
 	if (!g->srv) {
-		char *argv[] = { "/usr/bin/python3", script, g->addr, port, g->srvlog, NULL };
+		char *argv[] = { "/usr/bin/python3", script, g->addr,	   port,      g->srvlog,
+				 g->srv_cert,	     g->srv_key, g->jwt_pub, g->jwt_aud, NULL };
+
+		if (!g->srv_cert[0])
+			argv[5] = NULL;
+		else if (!g->jwt_pub[0])
+			argv[7] = NULL;
 
 		dup2(pfd[1], STDOUT_FILENO);
 		execv(argv[0], argv);
@@ -107,14 +113,36 @@ int th_http_gate_start(struct th_http_gate *g, const char *addr, bool k8s, const
 	return th_http_gate_start_mode(g, addr, k8s, target_extra, rules, "enforce");
 }
 
+static int gate_start(struct th_http_gate *g, const char *addr, bool k8s, const char *target_extra,
+		      const char *rules, const char *mode, const struct th_http_tls *tls);
+
 int th_http_gate_start_mode(struct th_http_gate *g, const char *addr, bool k8s,
 			    const char *target_extra, const char *rules, const char *mode)
+{
+	return gate_start(g, addr, k8s, target_extra, rules, mode, NULL);
+}
+
+int th_http_gate_start_tls(struct th_http_gate *g, const char *addr, bool k8s,
+			   const char *target_extra, const char *rules,
+			   const struct th_http_tls *tls)
+{
+	return gate_start(g, addr, k8s, target_extra, rules, "enforce", tls);
+}
+
+static int gate_start(struct th_http_gate *g, const char *addr, bool k8s, const char *target_extra,
+		      const char *rules, const char *mode, const struct th_http_tls *tls)
 {
 	static int seq;
 	char name[64], kc[1024];
 	int rc, n;
 
 	memset(g, 0, sizeof(*g));
+	if (tls) {
+		snprintf(g->srv_cert, sizeof(g->srv_cert), "%s", tls->cert);
+		snprintf(g->srv_key, sizeof(g->srv_key), "%s", tls->key);
+		snprintf(g->jwt_pub, sizeof(g->jwt_pub), "%s", tls->jwt_pub ? tls->jwt_pub : "");
+		snprintf(g->jwt_aud, sizeof(g->jwt_aud), "%s", tls->jwt_aud ? tls->jwt_aud : "");
+	}
 	g->srv = -1;
 	g->srv_out = -1;
 	snprintf(g->addr, sizeof(g->addr), "%s", addr);
@@ -190,6 +218,20 @@ int th_http_run(struct th_http_gate *g, char *const argv[], char *out, size_t ou
 		size_t errlen)
 {
 	return th_pg_exec(g->tagged, argv, NULL, out, outlen, err, errlen, 60000);
+}
+
+int th_http_kubectl(struct th_http_gate *g, char *out, size_t outlen, char *err, size_t errlen,
+		    const char *a1, const char *a2, const char *a3, const char *a4)
+{
+	char kc[256], cache[256];
+	char *argv[] = { "/usr/bin/env",     kc,	 "HOME=/tmp",
+			 "/usr/bin/kubectl", cache,	 "--request-timeout=20s",
+			 (char *)a1,	     (char *)a2, (char *)a3,
+			 (char *)a4,	     NULL };
+
+	snprintf(kc, sizeof(kc), "KUBECONFIG=%s", g->kubeconfig);
+	snprintf(cache, sizeof(cache), "--cache-dir=%s/kcache", g->dir);
+	return th_http_run(g, argv, out, outlen, err, errlen);
 }
 
 int th_http_curl(struct th_http_gate *g, char *out, size_t outlen, const char *path, ...)
@@ -321,5 +363,52 @@ int th_http_counters(struct th_http_gate *g, int pid, long long *statements, lon
 		break;
 	}
 	yajl_tree_free(root);
+	return rc;
+}
+
+bool th_http_wait_approval(struct th_http_gate *g, const char *needle, char *id, size_t idlen)
+{
+	static struct th_agctl_result r;
+
+	for (int i = 0; i < 150; i++) {
+		yajl_val v;
+
+		if (!TH_AGCTL(&r, "-S", g->d.socket, "-j", "approval", "list") &&
+		    (v = th_json_parse(r.out))) {
+			for (size_t k = 0; YAJL_IS_ARRAY(v) && k < v->u.array.len; k++) {
+				yajl_val a = v->u.array.values[k];
+				const char *st = th_json_str(a, "state");
+				const char *stmt = th_json_str(a, "statement");
+
+				if (st && !strcmp(st, "pending") && stmt && strstr(stmt, needle)) {
+					snprintf(id, idlen, "%s", th_json_str(a, "id"));
+					yajl_tree_free(v);
+					return true;
+				}
+			}
+			yajl_tree_free(v);
+		}
+		usleep(100000);
+	}
+	return false;
+}
+
+int th_http_decide(struct th_http_gate *g, const char *verb, const char *id, ...)
+{
+	char bin[256], o[8192], e[4096];
+	char *argv[24] = { "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+			   bin, "-S", g->d.socket, "approval", (char *)verb, (char *)id };
+	int n = 10, rc;
+	va_list ap;
+
+	va_start(ap, id);
+	for (const char *a; n < 23 && (a = va_arg(ap, const char *));)
+		argv[n++] = (char *)a;
+	va_end(ap);
+	argv[n] = NULL;
+	snprintf(bin, sizeof(bin), "%s/agctl", th_build_dir());
+	rc = th_pg_exec(NULL, argv, NULL, o, sizeof(o), e, sizeof(e), 15000);
+	if (rc)
+		http_log("agctl approval %s %s: exit %d: %s%s", verb, id, rc, o, e);
 	return rc;
 }

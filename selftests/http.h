@@ -23,6 +23,15 @@ struct th_http_gate {
 	pid_t srv;
 	int srv_out; /* the server's stdout */
 	char policy[16384];
+	/* th_http_gate_start_tls(): the server's HTTPS certificate and key, its JWT check */
+	char srv_cert[256], srv_key[256], jwt_pub[256], jwt_aud[64];
+};
+
+/* What the API server of th_http_gate_start_tls() serves and checks. */
+struct th_http_tls {
+	const char *cert, *key; /* HTTPS with this certificate (PEM files) */
+	const char *jwt_pub;	/* NULL, or a PEM EC public key: bearer tokens are checked */
+	const char *jwt_aud;	/* the audience they must name */
 };
 
 /*
@@ -35,11 +44,25 @@ int th_http_gate_start(struct th_http_gate *g, const char *addr, bool k8s, const
 /* The same with agent t in mode (enforce | observe). */
 int th_http_gate_start_mode(struct th_http_gate *g, const char *addr, bool k8s,
 			    const char *target_extra, const char *rules, const char *mode);
+/*
+ * The same with an HTTPS API server (tls), and when tls->jwt_pub is set one that checks every
+ * bearer token (ES256 by that key, aud, exp; a jti on one connection only) and answers 401
+ * otherwise. The kubeconfig is left for the test to write.
+ */
+int th_http_gate_start_tls(struct th_http_gate *g, const char *addr, bool k8s,
+			   const char *target_extra, const char *rules,
+			   const struct th_http_tls *tls);
 void th_http_gate_cleanup(struct th_http_gate *g);
 
 /* Runs argv in the tagged cgroup (argv[0] an absolute path); the exit code, or -errno. */
 int th_http_run(struct th_http_gate *g, char *const argv[], char *out, size_t outlen, char *err,
 		size_t errlen);
+/*
+ * kubectl (with g->kubeconfig, a cache in g->dir) from the tagged cgroup with up to four
+ * arguments (NULL ends them); the exit code.
+ */
+int th_http_kubectl(struct th_http_gate *g, char *out, size_t outlen, char *err, size_t errlen,
+		    const char *a1, const char *a2, const char *a3, const char *a4);
 /* curl -sS from the tagged cgroup with args (NULL-terminated), URL path appended to the base. */
 int th_http_curl(struct th_http_gate *g, char *out, size_t outlen, const char *path, ...)
 	__attribute__((sentinel));
@@ -61,3 +84,15 @@ int th_http_srvlog(struct th_http_gate *g, char *buf, size_t len);
 /* Counters of the session of process pid (session list). */
 int th_http_counters(struct th_http_gate *g, int pid, long long *statements, long long *blocked,
 		     long long *masked);
+/*
+ * The id of a pending approval whose statement has needle ("" any), polled for 15 s at most
+ * through agctl -j approval list; true when one came.
+ */
+bool th_http_wait_approval(struct th_http_gate *g, const char *needle, char *id, size_t idlen);
+/*
+ * agctl approval VERB ID [ARGS...] (NULL-terminated) run as nobody, the approver: the agent runs
+ * as root in these tests and may not decide its own approvals. Call chmod(g->d.dir, 0711) once
+ * first so that nobody reaches the socket. The exit code.
+ */
+int th_http_decide(struct th_http_gate *g, const char *verb, const char *id, ...)
+	__attribute__((sentinel));

@@ -8,17 +8,77 @@ secrets (list, get, watch), an exec subresource (POST or GET with Upgrade: 101, 
 body), /plain. Every request is logged to LOG as "METHOD PATH auth=VALUE" so that tests can
 prove what reached the server and what never did.
 
-usage: k8s_api.py ADDR PORT LOG
+With CERT and KEY it serves HTTPS (TLS 1.2+, ALPN http/1.1). With JWTPUB (a PEM EC P-256
+public key) and AUD it also checks the bearer token of every request as an API server's JWT
+authenticator would: an ES256 signature by that key, aud, exp and nbf, and a jti seen on one
+connection only (the same token on another connection is a replay); a token refused is
+answered 401 with a Status naming why, and logged as "jwt=refused:WHY".
+
+usage: k8s_api.py ADDR PORT LOG [CERT KEY [JWTPUB AUD]]
 """
 import base64
 import gzip
 import hashlib
 import json
+import ssl
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ADDR, PORT, LOG = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+CERT, KEY = (sys.argv[4], sys.argv[5]) if len(sys.argv) > 5 else (None, None)
+JWTPUB, AUD = (sys.argv[6], sys.argv[7]) if len(sys.argv) > 7 else (None, None)
+JTI_SEEN = {}  # jti -> the connection (client address) it first came on
+JTI_LOCK = threading.Lock()
+
+
+def b64url(s):
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def jwt_check(auth, conn):
+    """None when the bearer token is good, else why it is refused."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+    if not auth or not auth.startswith("Bearer "):
+        return "no bearer token"
+    parts = auth[7:].split(".")
+    if len(parts) != 3:
+        return "not a JWT"
+    try:
+        head, claims, sig = (json.loads(b64url(parts[0])), json.loads(b64url(parts[1])),
+                             b64url(parts[2]))
+    except ValueError:
+        return "malformed JWT"
+    if head.get("alg") != "ES256" or len(sig) != 64:
+        return "not ES256"
+    with open(JWTPUB, "rb") as f:
+        pub = serialization.load_pem_public_key(f.read())
+    der = utils.encode_dss_signature(int.from_bytes(sig[:32], "big"),
+                                     int.from_bytes(sig[32:], "big"))
+    try:
+        pub.verify(der, (parts[0] + "." + parts[1]).encode(), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return "bad signature"
+    aud = claims.get("aud")
+    if aud != AUD and not (isinstance(aud, list) and AUD in aud):
+        return "wrong audience"
+    now = time.time()
+    if not isinstance(claims.get("exp"), int) or claims["exp"] <= now:
+        return "token expired"
+    if claims.get("nbf", 0) > now + 5:
+        return "token not yet valid"
+    jti = claims.get("jti")
+    if not jti:
+        return "no jti"
+    with JTI_LOCK:
+        first = JTI_SEEN.setdefault(jti, conn)
+    if first != conn:
+        return "replayed jti"
+    return None
 
 
 def b64(s):
@@ -135,6 +195,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def route(self):
         self.note()
+        if JWTPUB:
+            why = jwt_check(self.headers.get("Authorization"), self.client_address)
+            with open(LOG, "a") as f:
+                f.write("%s %s jwt=%s\n" % (self.command, self.path,
+                                            "refused:" + why if why else "ok"))
+            if why:
+                self.body() if self.command in ("POST", "PUT", "PATCH", "DELETE") else None
+                return self.send_json({"kind": "Status", "apiVersion": "v1",
+                                       "status": "Failure", "reason": "Unauthorized",
+                                       "message": "Unauthorized: " + why, "code": 401},
+                                      code=401)
         path, _, query = self.path.partition("?")
         body = self.body() if self.command in ("POST", "PUT", "PATCH", "DELETE") else b""
         if path == "/version":
@@ -246,5 +317,13 @@ class Server(ThreadingHTTPServer):
 
 if __name__ == "__main__":
     srv = Server((ADDR, PORT), Handler)
+    if CERT:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(CERT, KEY)
+        ctx.set_alpn_protocols(["http/1.1"])
+        # the handshake runs in the connection's thread, not in the accept loop
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True,
+                                     do_handshake_on_connect=False)
     print("ready", flush=True)
     srv.serve_forever()

@@ -40,6 +40,8 @@
 #include <yajl/yajl_gen.h>
 #include <zlib.h>
 
+#include "approval.h"
+#include "cred.h"
 #include "daemon.h"
 #include "httprule.h"
 #include "jsonmask.h"
@@ -125,6 +127,8 @@ struct http {
 	int verdict; /* -1: none; AG_ACT_ALLOW or AG_ACT_DENY */
 	char verdict_rule[AG_NAME_MAX];
 	char verdict_msg[256];
+	struct ag_approval *held; /* the approval it waits for */
+	char held_id[AG_APPROVAL_ID_MAX];
 };
 
 static inline struct http *H(struct ag_session *s)
@@ -192,71 +196,110 @@ static int policy_refresh(struct ag_session *s);
 /* --- hooks for the credential and approval modules ---------------------------------------- */
 
 /*
- * HOOK (feat/cred): the Authorization header value the gateway injects upstream for this
- * session, written to out (NUL-terminated); returns its length, 0 for none. The agent's own
- * Authorization is always dropped. Until the credential module is merged: the target's
- * credential: { provider: static, secret_file: F } gives "Bearer <token>" from F's token=.
- * Replace the body with ag_cred_bearer(s, out, len) when feat/cred lands.
+ * The Authorization value the gateway injects upstream for this session (the target's jwt or
+ * static credential, cred.c: minted once per session, ES256 signing is quick enough for the
+ * loop), written to out; its length, 0 for none. The agent's own Authorization is always dropped.
  */
 static size_t http_cred_authorization(struct ag_session *s, char *out, size_t len)
 {
-	const struct ag_policy_target *t = s->target;
-	const struct ag_kv *prov, *file;
-	char buf[4096], *tok, *end;
-	struct stat st;
-	ssize_t n;
-	int fd;
+	char err[160];
+	int n;
 
 	out[0] = '\0';
-	if (!t || !t->credential)
+	if (!s->target || !s->target->credential)
 		return 0;
-	prov = ag_kv_get(t->credential, t->ncredential, "provider");
-	file = ag_kv_get(t->credential, t->ncredential, "secret_file");
-	if (!prov || !prov->value || strcmp(prov->value, "static") || !file || !file->value)
-		return 0;
-	fd = open(file->value, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return 0;
-	if (fstat(fd, &st) || (st.st_mode & 077)) {
-		pr_warn("session %llu: %s is readable by others: not used",
-			(unsigned long long)s->id, file->value);
-		close(fd);
+	n = ag_cred_bearer(s, out, len, err, sizeof(err));
+	if (n < 0) {
+		out[0] = '\0';
+		if (n != -ENOENT)
+			pr_warn("session %llu: no credential for target %s: %s",
+				(unsigned long long)s->id, s->target_name, err);
 		return 0;
 	}
-	n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (n <= 0)
-		return 0;
-	buf[n] = '\0';
-	tok = strstr(buf, "token=");
-	if (!tok || (tok != buf && !isspace((unsigned char)tok[-1])))
-		return 0;
-	tok += 6;
-	for (end = tok; *end && !isspace((unsigned char)*end); end++)
-		;
-	*end = '\0';
-	n = snprintf(out, len, "Bearer %s", tok);
-	explicit_bzero(buf, sizeof(buf));
-	return n > 0 && (size_t)n < len ? (size_t)n : 0;
+	return (size_t)n;
 }
 
 /*
- * HOOK (feat/approval): a request a rule sends for approval (d->rule), described by
- * "METHOD PATH" in what. Returns true when the request is held: the approval module then
- * answers later, on this session's worker loop (ag_loop_call), with
- * ag_http_approval_done(s, approved, msg); until then the request's bytes stay buffered in the
- * session and nothing more is read from the agent. False: refused now, 403 with msg. Until the
- * approval module is merged, approve refuses like deny, saying that approval is required. Wire
- * it as: return ag_approval_request(s, d->rule, what, <callback calling
- * ag_http_approval_done>) == 0;
+ * What an approval of this request covers when granted by fingerprint: the request's shape, not
+ * its instance. For Kubernetes the method and the API server's attributes (verb, group,
+ * resource, subresource, namespace); otherwise the method and the path with its identifiers
+ * (numbers, long hex or UUID segments) made wildcards. FNV-1a, 64 bits, never 0.
+ */
+static uint64_t fp_add(uint64_t h, const char *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		h ^= (unsigned char)p[i];
+		h *= 0x100000001b3ULL;
+	}
+	h ^= 0xff; /* a separator: ("ab", "c") is not ("a", "bc") */
+	return h * 0x100000001b3ULL;
+}
+
+static bool id_segment(const char *p, size_t n)
+{
+	size_t digits = 0, hex = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		if (isdigit((unsigned char)p[i]))
+			digits++;
+		if (isxdigit((unsigned char)p[i]) || p[i] == '-')
+			hex++;
+	}
+	return n && (digits == n || (hex == n && n >= 8 && digits));
+}
+
+static uint64_t http_fingerprint(const char *method, const char *path, const struct ag_k8s_req *k)
+{
+	uint64_t h = 0xcbf29ce484222325ULL;
+
+	h = fp_add(h, "http", 4);
+	h = fp_add(h, method, strlen(method));
+	if (k && k->resource_request) {
+		h = fp_add(h, k->verb, strlen(k->verb));
+		h = fp_add(h, k->group, strlen(k->group));
+		h = fp_add(h, k->resource, strlen(k->resource));
+		h = fp_add(h, k->subresource, strlen(k->subresource));
+		h = fp_add(h, k->ns, strlen(k->ns));
+	} else {
+		const char *p = path, *q = strchr(path, '?');
+		const char *end = q ? q : path + strlen(path);
+
+		while (p < end) {
+			const char *seg = p, *e = memchr(p, '/', end - p);
+
+			if (!e)
+				e = end;
+			if (id_segment(seg, e - seg))
+				h = fp_add(h, "{id}", 4);
+			else
+				h = fp_add(h, seg, e - seg);
+			p = e < end ? e + 1 : end;
+		}
+	}
+	return h ? h : 1;
+}
+
+static void http_approval_cb(struct ag_session *s, void *arg, const struct ag_approval_info *a);
+
+/*
+ * A request a rule sends for approval (d->rule), described by what ("METHOD PATH"): an approval
+ * is opened and the request held (true); its bytes stay buffered in the session and nothing more
+ * is read from the agent until http_approval_cb() brings the decision, on this session's worker.
+ * False: it could not be opened, refused now with msg.
  */
 static bool http_approval_hold(struct ag_session *s, const struct ag_http_decision *d,
-			       const char *what, char *msg, size_t len)
+			       const char *what, uint64_t fp, char *msg, size_t len)
 {
-	snprintf(msg, len,
-		 "agentgate: approval required by rule %s (approvals are not available yet)",
-		 d->rule ? d->rule : "default");
-	return false;
+	struct http *h = H(s);
+
+	h->held = ag_approval_request(s, "http", what, strlen(what), d->rule ? d->rule : "default",
+				      fp, http_approval_cb, NULL, h->held_id);
+	if (!h->held) {
+		snprintf(msg, len, "agentgate: approval required by rule %s, and none could be "
+			 "opened (%s)", d->rule ? d->rule : "default", strerror(errno));
+		return false;
+	}
+	return true;
 }
 
 /* Short-lived credentials outlive no keep-alive session: asked again every 30 s. */
@@ -789,8 +832,12 @@ static void forward_head(struct ag_session *s, const char *method, const char *t
 		out_add(h, AG_SIDE_UPSTREAM, "\r\n", 2);
 	}
 	cred_refresh(s, h);
-	if (h->cred[0])
-		out_printf(h, AG_SIDE_UPSTREAM, "Authorization: %s\r\n", h->cred);
+	if (h->cred[0]) {
+		/* a JWT is longer than out_printf()'s buffer */
+		out_add(h, AG_SIDE_UPSTREAM, "Authorization: ", 15);
+		out_add(h, AG_SIDE_UPSTREAM, h->cred, strlen(h->cred));
+		out_add(h, AG_SIDE_UPSTREAM, "\r\n", 2);
+	}
 	out_add(h, AG_SIDE_UPSTREAM, "\r\n", 2);
 	if (dropped) {
 		pr_info("session %llu: the agent's Authorization header was dropped%s",
@@ -933,20 +980,28 @@ static long request_head(struct ag_session *s, const char *method)
 				 d.rule ? d.rule : "default (no rule allows this request)");
 		refuse = true;
 	} else if (d.action == AG_ACT_APPROVE && !s->observe) {
-		char what[300];
+		char what[300], grant[AG_APPROVAL_ID_MAX];
+		uint64_t fp = http_fingerprint(method, path, h->k8s ? &k8s : NULL);
 
-		snprintf(what, sizeof(what), "%s %s", method, path);
-		held = http_approval_hold(s, &d, what, msg, sizeof(msg));
-		if (held) {
-			snprintf(h->verdict_rule, sizeof(h->verdict_rule), "%s",
-				 d.rule ? d.rule : "default");
-			h->astate = A_HELD;
-			s->pending_approvals++;
-			pr_info("session %llu: %s held for approval (rule %s)",
-				(unsigned long long)s->id, what, h->verdict_rule);
-			return 0;
+		if (ag_approval_granted(s, d.rule, fp, grant)) {
+			pr_info("session %llu: %s %s passes by the grant of approval %s (rule %s)",
+				(unsigned long long)s->id, method, path, grant,
+				d.rule ? d.rule : "default");
+			d.action = AG_ACT_ALLOW;
+		} else {
+			snprintf(what, sizeof(what), "%s %s", method, path);
+			held = http_approval_hold(s, &d, what, fp, msg, sizeof(msg));
+			if (held) {
+				snprintf(h->verdict_rule, sizeof(h->verdict_rule), "%s",
+					 d.rule ? d.rule : "default");
+				h->astate = A_HELD;
+				pr_info("session %llu: %s held for approval %s (rule %s)",
+					(unsigned long long)s->id, what, h->held_id,
+					h->verdict_rule);
+				return 0;
+			}
+			refuse = true;
 		}
-		refuse = true;
 	}
 
 	e = ent_push(h);
@@ -1644,25 +1699,47 @@ static int policy_refresh(struct ag_session *s)
 	return mask_setup(s, h);
 }
 
+/* The decision on a held request, on the session's worker: it is parsed again and decided by it. */
+static void http_approval_cb(struct ag_session *s, void *arg, const struct ag_approval_info *a)
+{
+	struct http *h = H(s);
+	char msg[400], dur[32];
+
+	(void)arg;
+	if (!h)
+		return;
+	h->held = NULL;
+	if (a->state == AG_APPROVAL_APPROVED) {
+		msg[0] = '\0';
+		pr_info("session %llu: approval %s granted by %s", (unsigned long long)s->id,
+			a->id, a->decided_by);
+	} else if (a->state == AG_APPROVAL_EXPIRED) {
+		snprintf(msg, sizeof(msg), "agentgate: approval %s timed out after %s", a->id,
+			 ag_approval_fmt_duration(a->timeout_ms, dur, sizeof(dur)));
+	} else if (a->reason[0]) {
+		snprintf(msg, sizeof(msg), "agentgate: approval %s denied by %s: %s", a->id,
+			 a->decided_by, a->reason);
+	} else {
+		snprintf(msg, sizeof(msg), "agentgate: approval %s denied by %s", a->id,
+			 a->decided_by);
+	}
+	if (msg[0])
+		pr_info("session %llu: %s", (unsigned long long)s->id, msg + 11);
+	ag_http_approval_done(s, a->state == AG_APPROVAL_APPROVED, msg);
+}
+
 void ag_http_approval_done(struct ag_session *s, bool approved, const char *msg)
 {
 	struct http *h = H(s);
-	struct ag_side_conn *a = &s->side[AG_SIDE_AGENT];
-	long used;
 
 	if (!h || h->astate != A_HELD || s->state == AG_SESS_CLOSED)
 		return;
-	if (s->pending_approvals)
-		s->pending_approvals--;
 	h->verdict = approved ? AG_ACT_ALLOW : AG_ACT_DENY;
 	snprintf(h->verdict_msg, sizeof(h->verdict_msg), "%s",
 		 msg && *msg ? msg : "agentgate: approval refused");
 	h->astate = A_HEAD;
-	used = agent_process(s, ag_buf_head(&a->in), ag_buf_len(&a->in));
-	if (used < 0 || s->state == AG_SESS_CLOSED)
-		return;
-	ag_buf_consume(&a->in, used);
-	out_flush(s);
+	/* the held bytes are parsed again (http_input, then out_flush), and reading resumes */
+	ag_session_resume(s, AG_SIDE_AGENT);
 }
 
 static int http_init(struct ag_session *s)
@@ -1701,6 +1778,11 @@ static void http_eof(struct ag_session *s, enum ag_side from)
 
 	if (from == AG_SIDE_AGENT) {
 		h->agent_eof = true;
+		if (h->held) {
+			ag_session_fail(s, false, "http: the agent left while approval %s waited",
+					h->held_id);
+			return;
+		}
 		if (h->astate == A_BODY) {
 			ag_session_fail(s, false,
 					"http: the agent closed in the middle of a request");
@@ -1738,6 +1820,11 @@ static void http_fini(struct ag_session *s)
 
 	if (!h)
 		return;
+	if (h->held) {
+		/* nobody is left to answer: the approval is cancelled */
+		ag_approval_cancel(h->held);
+		h->held = NULL;
+	}
 	while (h->qh)
 		ent_pop(h);
 	response_end_state(h);

@@ -33,7 +33,8 @@
 	"    mask:\n"                                                                              \
 	"      keys: [card]\n"                                                                     \
 	"      detectors: [email, credit-card]\n"                                                  \
-	"      style: redact\n"
+	"      style: redact\n"                                                               \
+	"approvals: { approvers: [nobody] }\n"
 
 static char out[256 * 1024], buf[256 * 1024];
 
@@ -360,17 +361,34 @@ static void subtest_masked_counted(struct th_http_gate *g)
 	close(fd);
 }
 
-/* approve: until approvals exist, a 403 that says approval is required (never forwarded). */
-static void subtest_approve_refused_for_now(struct th_http_gate *g)
+/*
+ * approve: a PATCH with a body is held (nothing reaches the server) until an approver decides
+ * from the CLI; then it goes on with its body whole.
+ */
+static void subtest_approve_holds_then_forwards_body(struct th_http_gate *g)
 {
-	if (!ASSERT_OK(th_http_curl(g, out, sizeof(out), "/echo/patched", "-i", "-X", "PATCH",
-				    "--data", "x=1", NULL),
-		       "curl"))
+	static const char req[] = "PATCH /echo/patched HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+				  "Content-Length: 11\r\n\r\nhello=world";
+	char id[32] = "";
+	bool closed;
+	int fd = th_http_connect(g);
+
+	if (!ASSERT_GE(fd, 0, "connect"))
 		return;
-	ASSERT_HAS_SUBSTR(out, "HTTP/1.1 403", "403");
-	ASSERT_HAS_SUBSTR(out, "approval required by rule review-patch", "says approval is needed");
+	ASSERT_OK(th_send_all(fd, req, sizeof(req) - 1, 5000), "send");
+	th_http_wait_approval(g, "PATCH /echo/patched", id, sizeof(id));
+	if (!ASSERT_TRUE(id[0], "held for approval")) {
+		close(fd);
+		return;
+	}
 	ASSERT_OK(th_http_srvlog(g, buf, sizeof(buf)), "server log");
-	ASSERT_FALSE(strstr(buf, "/echo/patched"), "held requests never reach the server");
+	ASSERT_FALSE(strstr(buf, "/echo/patched"), "held requests do not reach the server");
+	ASSERT_EQ(th_http_decide(g, "approve", id, NULL), 0, "agctl approval approve");
+	th_http_read_until(fd, out, sizeof(out), NULL, 20000, &closed);
+	close(fd);
+	ASSERT_HAS_SUBSTR(out, "HTTP/1.1 200", "200 once approved");
+	ASSERT_HAS_SUBSTR(out, "\"body_len\":11", "the body went on whole");
+	ASSERT_HAS_SUBSTR(out, "\"method\":\"PATCH\"", "as a PATCH");
 }
 
 static int reloads_logged(struct th_http_gate *g)
@@ -437,6 +455,8 @@ void test_http(void)
 	snprintf(extra, sizeof(extra), cred_fmt, secret);
 	if (!ASSERT_OK(th_http_gate_start(&g, "127.0.0.61", false, extra, HTTP_RULES), "gate"))
 		goto out;
+	/* Non-root agctl (the approver) reaches the socket in the daemon's temp dir. */
+	chmod(g.d.dir, 0711);
 	if (test__start_subtest("get_allowed"))
 		subtest_get_allowed(&g);
 	if (test__start_subtest("denied_403_json"))
@@ -469,8 +489,8 @@ void test_http(void)
 		subtest_http10_agent(&g);
 	if (test__start_subtest("masked_values_counted"))
 		subtest_masked_counted(&g);
-	if (test__start_subtest("approve_refused_until_approvals"))
-		subtest_approve_refused_for_now(&g);
+	if (test__start_subtest("approve_holds_then_forwards_body"))
+		subtest_approve_holds_then_forwards_body(&g);
 	ASSERT_TRUE(th_http_alive(&g), "daemon alive at the end");
 	if (test__start_subtest("policy_reload_reaches_live_session"))
 		subtest_policy_reload_live(&g);

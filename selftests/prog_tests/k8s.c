@@ -126,15 +126,7 @@ static char out[256 * 1024], err[65536], logbuf[1 << 20];
 static int kubectl(struct th_http_gate *g, const char *a1, const char *a2, const char *a3,
 		   const char *a4)
 {
-	char kc[256], cache[256];
-	char *argv[] = { "/usr/bin/env",     kc,	 "HOME=/tmp",
-			 "/usr/bin/kubectl", cache,	 "--request-timeout=20s",
-			 (char *)a1,	     (char *)a2, (char *)a3,
-			 (char *)a4,	     NULL };
-
-	snprintf(kc, sizeof(kc), "KUBECONFIG=%s", g->kubeconfig);
-	snprintf(cache, sizeof(cache), "--cache-dir=%s/kcache", g->dir);
-	return th_http_run(g, argv, out, sizeof(out), err, sizeof(err));
+	return th_http_kubectl(g, out, sizeof(out), err, sizeof(err), a1, a2, a3, a4);
 }
 
 static void subtest_kubectl_get_pods(struct th_http_gate *g)
