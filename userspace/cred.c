@@ -1463,6 +1463,50 @@ static int make_bearer(struct ag_session *s, const char *prov, struct ag_cred *c
 	return 0;
 }
 
+/*
+ * A session's JWT is minted anew once three quarters of its life have passed (or less than 2 s
+ * are left), so that a long keep-alive session never presents an expired token.
+ */
+static bool jwt_stale(const struct ag_cred *c)
+{
+	int64_t now = ag_unix_ns(), life = c->expires_ns - c->issued_ns;
+
+	if (strcmp(c->provider, "jwt") || !c->expires_ns)
+		return false;
+	return now >= c->expires_ns - life / 4 || now >= c->expires_ns - 2000000000LL;
+}
+
+static int jwt_remint(struct ag_session *s, struct ag_cred *c, char *err, size_t errlen)
+{
+	struct ag_cred *fresh = calloc(1, sizeof(*fresh));
+	char *old;
+	int rc;
+
+	if (!fresh) {
+		snprintf(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	rc = make_bearer(s, "jwt", fresh, err, errlen);
+	if (!rc) {
+		pthread_mutex_lock(&cred_lock);
+		old = c->bearer;
+		c->bearer = fresh->bearer;
+		fresh->bearer = old;
+		memcpy(c->principal, fresh->principal, sizeof(c->principal));
+		c->issued_ns = fresh->issued_ns;
+		c->expires_ns = fresh->expires_ns;
+		pthread_mutex_unlock(&cred_lock);
+		pr_info("session %llu: jwt credential renewed before its expiry",
+			(unsigned long long)s->id);
+	}
+	if (fresh->bearer) {
+		OPENSSL_cleanse(fresh->bearer, strlen(fresh->bearer));
+		free(fresh->bearer);
+	}
+	free(fresh);
+	return rc;
+}
+
 int ag_cred_bearer(struct ag_session *s, char *out, size_t outlen, char *err, size_t errlen)
 {
 	const char *prov = ag_cred_provider(s->target);
@@ -1497,6 +1541,11 @@ int ag_cred_bearer(struct ag_session *s, char *out, size_t outlen, char *err, si
 	if (!c->bearer) {
 		snprintf(err, errlen, "the session's credential is not a bearer token");
 		return -ENOENT;
+	}
+	if (jwt_stale(c)) {
+		rc = jwt_remint(s, c, err, errlen);
+		if (rc)
+			return rc;
 	}
 	n = strlen(c->bearer);
 	if (n + 1 > outlen) {

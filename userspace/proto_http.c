@@ -56,7 +56,6 @@
 #define HTTP_LINE_MAX (8u << 10)
 #define HTTP_MAX_HEADERS 256
 #define HTTP_QUEUE_MAX 1024 /* answers owed before we stop reading the agent */
-#define HTTP_CRED_REFRESH_MS 30000
 
 enum a_state { A_HEAD = 0, A_BODY, A_WAIT, A_TUNNEL, A_DEAD, A_HELD };
 enum u_state { U_HEAD = 0, U_BODY, U_TUNNEL, U_DEAD };
@@ -117,7 +116,6 @@ struct http {
 	bool mask_json;	       /* the rule masks JSON bodies (keys or detectors) */
 	bool secrets_unmasked; /* mask: { secrets: unmasked } */
 	char cred[4096];       /* the Authorization value the gateway injects ("" none) */
-	uint64_t cred_at;      /* when it was asked for (monotonic ms) */
 	bool agent_eof;
 	bool stalled; /* the queue of owed answers is full */
 	bool shut[2]; /* FIN to that side after the output */
@@ -302,17 +300,12 @@ static bool http_approval_hold(struct ag_session *s, const struct ag_http_decisi
 	return true;
 }
 
-/* Short-lived credentials outlive no keep-alive session: asked again every 30 s. */
+/*
+ * The credential for this request: cred.c keeps the session's token and mints a new one before
+ * the old one nears its expiry, so a long keep-alive session never sends an expired token.
+ */
 static void cred_refresh(struct ag_session *s, struct http *h)
 {
-	struct timespec ts;
-	uint64_t now;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	now = (uint64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-	if (h->cred_at && now - h->cred_at < HTTP_CRED_REFRESH_MS)
-		return;
-	h->cred_at = now;
 	http_cred_authorization(s, h->cred, sizeof(h->cred));
 }
 
@@ -1692,7 +1685,6 @@ static int policy_refresh(struct ag_session *s)
 	h->policy_gen = gen;
 	h->k8s = t->kubernetes;
 	h->rule = ag_http_rule_for(r->p, s->agent, s->target_name);
-	h->cred_at = 0; /* the credential may have changed with the target */
 	mask_clear(h);
 	pr_info("session %llu: policy reload applied to the live session",
 		(unsigned long long)s->id);

@@ -261,6 +261,31 @@ static void subtest_expired_token_refused(struct https_env *e)
 	ASSERT_HAS_SUBSTR(out, "token expired", "the server saw it expired");
 }
 
+/*
+ * A keep-alive session that outlives the token's ttl (3 s since the previous subtest): the
+ * gateway mints a new one before the old one expires, so the server never sees an expired one.
+ */
+static void subtest_keepalive_token_renewed(struct https_env *e)
+{
+	static const char path[] = "/api/v1/namespaces/default/pods/web-2";
+	char url[256];
+	char *argv[] = { "/usr/bin/curl", "-sS", "-i", "--max-time", "30", "--rate", "15/m",
+			 "--cacert", e->gwca, url, url, NULL };
+	const char *p;
+	int ok = 0;
+
+	snprintf(url, sizeof(url), "https://%s:%d%s", HTTPS_ADDR, e->g.port, path);
+	if (!ASSERT_OK(th_http_run(&e->g, argv, out, sizeof(out), err, sizeof(err)),
+		       "two requests 4 s apart on one connection"))
+		return;
+	for (p = out; (p = strstr(p, "HTTP/1.1 200")); p++)
+		ok++;
+	ASSERT_EQ(ok, 2, "both answered 200");
+	ASSERT_TRUE(!strstr(out, "token expired"), "no expired token reached the server");
+	if (ASSERT_OK(th_daemon_read_log(&e->g.d, logbuf, sizeof(logbuf)), "daemon log"))
+		ASSERT_HAS_SUBSTR(logbuf, "jwt credential renewed", "renewed before its expiry");
+}
+
 void test_k8s_https(void)
 {
 	struct https_env *e = calloc(1, sizeof(*e));
@@ -291,6 +316,8 @@ void test_k8s_https(void)
 		subtest_kubectl_exec_forbidden(e);
 	if (test__start_subtest("expired_token_refused_by_server"))
 		subtest_expired_token_refused(e);
+	if (test__start_subtest("keepalive_token_renewed_before_expiry"))
+		subtest_keepalive_token_renewed(e);
 	if (!have_kubectl)
 		printf("kubectl not installed: its subtests skipped\n");
 out:
