@@ -152,6 +152,39 @@ static void subtest_no_secret_in_log(struct th_http_gate *g)
 	ASSERT_GT(masked, 0, "the result counts its masked values");
 }
 
+/* A watch: the events as streamed (masked) in one Result at the end of the response. */
+static void subtest_watch_recorded(struct th_http_gate *g)
+{
+	unsigned long long wid = 0;
+	const char *r;
+
+	if (!ASSERT_OK(th_http_curl(g, out, sizeof(out),
+				    "/api/v1/namespaces/default/secrets?watch=true", NULL),
+		       "curl watch"))
+		return;
+	ASSERT_HAS_SUBSTR(out, "\"type\":\"DELETED\"", "the whole stream came");
+	for (int i = 0; i < 50 && !wid; i++) {
+		if (!export(g))
+			wid = session_of("\"text\":\"GET /api/v1/namespaces/default/secrets\"");
+		if (!wid || !strstr(exp_buf, "\"type\\\":\\\"DELETED"))
+			wid = 0;
+		if (!wid)
+			usleep(100000);
+	}
+	if (!ASSERT_GT(wid, 0, "the watch is in the log"))
+		return;
+	if (!ASSERT_OK(th_agctl(&g->d, out, sizeof(out), "session replay %llu", wid), "replay"))
+		return;
+	ASSERT_HAS_SUBSTR(out, "verb=watch version=v1 resource=secrets ns=default", "a watch");
+	r = strstr(out, "result    HTTP 200");
+	if (!ASSERT_OK_PTR(r, "its result"))
+		return;
+	ASSERT_HAS_SUBSTR(r, "\"type\":\"ADDED\"", "the first event");
+	ASSERT_HAS_SUBSTR(r, "\"type\":\"DELETED\"", "the last event");
+	for (size_t i = 0; i < sizeof(secret_values) / sizeof(secret_values[0]); i++)
+		ASSERT_FALSE(strstr(out, secret_values[i]), "masked in the recorded stream");
+}
+
 static void subtest_verify(struct th_http_gate *g)
 {
 	char dir[256];
@@ -190,6 +223,8 @@ void test_audit_http(void)
 		subtest_replay_shows_requests(&g);
 	if (test__start_subtest("no_secret_value_or_credential_in_log"))
 		subtest_no_secret_in_log(&g);
+	if (test__start_subtest("watch_stream_recorded_masked"))
+		subtest_watch_recorded(&g);
 	if (test__start_subtest("verify_passes"))
 		subtest_verify(&g);
 out:
