@@ -5,9 +5,11 @@
  * requests in order with their decisions, rules and Kubernetes attributes, the 403's message,
  * the status codes and the masked body the agent got; `-j` and `audit export` carry the body
  * whole. Neither the secret's values, the agent's token nor the gateway's credential appear in
- * the exported (decompressed) log, and `audit verify` passes.
+ * the exported (decompressed) log, and `audit verify` passes. A Kubernetes watch is recorded
+ * as streamed (masked) when it ends, and `agctl session watch` follows an HTTP session live.
  */
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -185,6 +187,43 @@ static void subtest_watch_recorded(struct th_http_gate *g)
 		ASSERT_FALSE(strstr(out, secret_values[i]), "masked in the recorded stream");
 }
 
+/* agctl session watch follows an HTTP session live: the request, its decision, the masked body. */
+static void subtest_session_watch_live(struct th_http_gate *g)
+{
+	char path[256];
+	bool seen = false;
+	ssize_t n = 0;
+	pid_t pid;
+
+	snprintf(path, sizeof(path), "%s/watch-http.out", g->d.dir);
+	pid = th_agctl_watch_start(&g->d, path);
+	if (!ASSERT_GT(pid, 0, "agctl session watch"))
+		return;
+	ASSERT_OK(th_http_curl(g, out, sizeof(out), "/api/v1/namespaces/default/secrets/watched",
+			       NULL),
+		  "curl");
+	for (int i = 0; i < 100 && !seen; i++) {
+		int f = open(path, O_RDONLY | O_CLOEXEC);
+
+		n = f >= 0 ? read(f, exp_buf, sizeof(exp_buf) - 1) : -1;
+		if (f >= 0)
+			close(f);
+		exp_buf[n > 0 ? n : 0] = '\0';
+		seen = strstr(exp_buf, "request   allow (rule secrets-read): GET "
+				       "/api/v1/namespaces/default/secrets/watched") &&
+		       strstr(exp_buf, "\"password\":\"[REDACTED]\"");
+		if (!seen)
+			usleep(100 * 1000);
+	}
+	kill(pid, SIGTERM);
+	waitpid(pid, NULL, 0);
+	if (!ASSERT_TRUE(seen, "the request and its masked answer watched live"))
+		printf("watch output:\n%s\n", exp_buf);
+	ASSERT_HAS_SUBSTR(exp_buf, "result    HTTP 200", "the status");
+	for (size_t i = 0; i < sizeof(secret_values) / sizeof(secret_values[0]); i++)
+		ASSERT_FALSE(strstr(exp_buf, secret_values[i]), "masked in the watch");
+}
+
 static void subtest_verify(struct th_http_gate *g)
 {
 	char dir[256];
@@ -225,6 +264,8 @@ void test_audit_http(void)
 		subtest_no_secret_in_log(&g);
 	if (test__start_subtest("watch_stream_recorded_masked"))
 		subtest_watch_recorded(&g);
+	if (test__start_subtest("session_watch_live"))
+		subtest_session_watch_live(&g);
 	if (test__start_subtest("verify_passes"))
 		subtest_verify(&g);
 out:
