@@ -7,6 +7,7 @@
  * whole. Neither the secret's values, the agent's token nor the gateway's credential appear in
  * the exported (decompressed) log, and `audit verify` passes. A Kubernetes watch is recorded
  * as streamed (masked) when it ends, and `agctl session watch` follows an HTTP session live.
+ * In process: a body past 64 KiB keeps its first 64 KiB, flagged as cut, with its whole length.
  */
 #include <fcntl.h>
 #include <signal.h>
@@ -17,6 +18,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "audit.h"
+#include "audit.pb-c.h"
+#include "httprule.h"
+#include "session.h"
 #include "../http.h"
 #include "../test_progs.h"
 
@@ -236,6 +241,99 @@ static void subtest_verify(struct th_http_gate *g)
 	free(r);
 }
 
+/* --- in process: the body cap ---------------------------------------------------------------- */
+
+struct cap_ctx {
+	int statements, results;
+	bool start_first, capped, body_ok;
+	uint64_t body_bytes;
+	size_t body_len;
+	char deny_reason[128];
+	const uint8_t *fed;
+};
+
+static int cap_cb(void *ctx, const struct ag_audit_entry *e)
+{
+	struct cap_ctx *c = ctx;
+	Agentgate__Audit__Record *r = agentgate__audit__record__unpack(NULL, e->len, e->rec);
+
+	if (!r)
+		return -1;
+	if (r->session == 77) {
+		if (r->body_case == AGENTGATE__AUDIT__RECORD__BODY_SESSION_START)
+			c->start_first = !c->statements;
+		if (r->body_case == AGENTGATE__AUDIT__RECORD__BODY_STATEMENT) {
+			c->statements++;
+			if (!strcmp(r->statement->decision, "deny"))
+				snprintf(c->deny_reason, sizeof(c->deny_reason), "%s",
+					 r->statement->reason);
+		}
+		if (r->body_case == AGENTGATE__AUDIT__RECORD__BODY_RESULT &&
+		    r->result->http_status == 200) {
+			c->results++;
+			c->capped = r->result->body_capped;
+			c->body_bytes = r->result->body_bytes;
+			c->body_len = r->result->body.len;
+			c->body_ok = !memcmp(r->result->body.data, c->fed, r->result->body.len);
+		}
+	}
+	agentgate__audit__record__free_unpacked(r, NULL);
+	return 0;
+}
+
+/*
+ * A 200 of 100 000 body bytes fed in pieces keeps its first 64 KiB, says it was cut and how long
+ * it was; a refused request keeps the 403's message. Recorded by the hooks proto_http.c calls.
+ */
+static void subtest_body_capped(void)
+{
+	struct ag_audit_config cfg;
+	struct ag_http_decision allow = { .action = AG_ACT_ALLOW, .rule = "reads" };
+	struct ag_http_decision deny = { .action = AG_ACT_DENY, .rule = "no-admin" };
+	struct cap_ctx c = { 0 };
+	struct ag_session *s = calloc(1, sizeof(*s));
+	uint8_t *body = malloc(100000);
+	char dir[] = "/tmp/agentgate-audit-http.XXXXXX", adir[64], err[256];
+	static const char local403[] = "HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\n{}";
+
+	if (!ASSERT_OK_PTR(s, "alloc") || !ASSERT_OK_PTR(body, "alloc") ||
+	    !ASSERT_OK_PTR(mkdtemp(dir), "temp dir"))
+		goto out;
+	for (size_t i = 0; i < 100000; i++)
+		body[i] = 'a' + i % 26;
+	ag_audit_config_parse(NULL, 0, &cfg, err, sizeof(err));
+	if (!ASSERT_OK(ag_audit_open(dir, &cfg, err, sizeof(err)), err))
+		goto rm;
+	s->id = 77;
+	snprintf(s->protocol, sizeof(s->protocol), "http");
+	ag_audit_http_request(s, "GET", "/big", "h", NULL, &allow, false, "");
+	ag_audit_http_request(s, "GET", "/admin", "h", NULL, &deny, true,
+			      "agentgate: blocked by rule no-admin");
+	ag_audit_http_response(s, 200);
+	for (size_t off = 0; off < 100000; off += 10000)
+		ag_audit_http_body(s, body + off, 10000);
+	ag_audit_http_done(s);
+	ag_audit_http_local(s, local403, strlen(local403));
+	ag_audit_session_end(s);
+	ag_audit_close();
+	snprintf(adir, sizeof(adir), "%s/audit", dir);
+	c.fed = body;
+	ASSERT_OK(ag_audit_walk(adir, cap_cb, &c, err, sizeof(err)), "walk");
+	ASSERT_TRUE(c.start_first, "the session's start comes first");
+	ASSERT_EQ(c.statements, 2, "two requests");
+	ASSERT_STREQ(c.deny_reason, "agentgate: blocked by rule no-admin", "the 403's message");
+	ASSERT_EQ(c.results, 1, "one 200");
+	ASSERT_EQ(c.body_len, AG_AUDIT_MAX_BODY, "the first 64 KiB kept");
+	ASSERT_TRUE(c.body_ok, "as fed");
+	ASSERT_TRUE(c.capped, "body_capped");
+	ASSERT_EQ(c.body_bytes, 100000, "body_bytes: the whole length");
+rm:
+	th_rm_rf(dir);
+out:
+	free(body);
+	free(s);
+}
+
 void test_audit_http(void)
 {
 	static const char cred_fmt[] = "    credential: { provider: static, secret_file: %s }\n";
@@ -243,6 +341,8 @@ void test_audit_http(void)
 	char extra[512], secret[256];
 	int fd;
 
+	if (test__start_subtest("body_capped_at_64k"))
+		subtest_body_capped();
 	memset(&g, 0, sizeof(g));
 	snprintf(secret, sizeof(secret), "/tmp/agentgate-audit-http-cred-%d", getpid());
 	fd = open(secret, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
