@@ -1986,6 +1986,30 @@ int th_agctl(const struct th_daemon *d, char *out, size_t len, const char *fmt, 
 	return rc;
 }
 
+pid_t th_agctl_watch_start(const struct th_daemon *d, const char *out_path)
+{
+	char agctl[PATH_MAX];
+	pid_t pid;
+	int fd;
+
+	snprintf(agctl, sizeof(agctl), "%s/agctl", th_build_dir());
+	fd = open(out_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return -errno;
+	pid = fork();
+	if (pid == 0) {
+		dup2(fd, 1);
+		dup2(fd, 2);
+		execl(agctl, agctl, "-S", d->socket, "session", "watch", (char *)NULL);
+		_exit(127);
+	}
+	close(fd);
+	if (pid < 0)
+		return -errno;
+	usleep(300 * 1000); /* subscribed */
+	return pid;
+}
+
 /* ---- the session log ---- */
 
 static bool event_matches(yajl_val v, const char *event, const char *key, long long val)

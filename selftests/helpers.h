@@ -225,6 +225,11 @@ void th_daemon_cleanup(struct th_daemon *d);
  */
 int th_agctl(const struct th_daemon *d, char *out, size_t len, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
+/*
+ * Starts `agctl -S <socket> session watch` in the background, stdout and stderr into out_path,
+ * and gives it 300 ms to subscribe. Its pid (SIGTERM and reap it), or -errno.
+ */
+pid_t th_agctl_watch_start(const struct th_daemon *d, const char *out_path);
 
 /*
  * Waits up to timeout_ms for a line of <state-dir>/sessions.log with "event" == event whose

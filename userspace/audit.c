@@ -34,6 +34,8 @@
 #include "audit.h"
 #include "audit.pb-c.h"
 #include "buf.h"
+#include "httprule.h"
+#include "k8s.h"
 #include "log.h"
 #include "pgwire.h"
 #include "session.h"
@@ -1296,7 +1298,21 @@ struct ag_audit_sess {
 	struct ag_buf rowdesc;
 	struct ag_buf kept; /* le32 length, DataRow body; ... */
 	size_t nkept;
+	struct ag_audit_http *http;
 };
+
+/* HTTP: the answers owed, in request order, and the response going out now. */
+struct ag_audit_http {
+	struct ag_buf owed; /* the decision time (int64 ns) of each request still owed an answer */
+	bool open;	    /* a final response is being sent */
+	unsigned int status;
+	uint64_t masked_at, bytes;
+	bool capped;
+	struct ag_buf body; /* its first AG_AUDIT_MAX_BODY bytes */
+};
+
+static void http_free(struct ag_audit_http *h);
+static void http_emit(struct ag_session *s, struct ag_audit_sess *a);
 
 static struct ag_audit_sess *sess_state(struct ag_session *s)
 {
@@ -1458,6 +1474,8 @@ void ag_audit_session_end(struct ag_session *s)
 	a = s->audit;
 	if (a && (a->rows || a->nkept))
 		result_emit(s, a, "", NULL);
+	if (a && a->http && a->http->open)
+		http_emit(s, a); /* a response still streaming (a watch): what it sent so far */
 	e.state = s->state == AG_SESS_DENIED ? "denied" : "closed";
 	e.reason = s->reason;
 	e.bytes_up = s->bytes_up;
@@ -1473,6 +1491,7 @@ void ag_audit_session_end(struct ag_session *s)
 	if (a) {
 		ag_buf_free(&a->kept);
 		ag_buf_free(&a->rowdesc);
+		http_free(a->http);
 		free(a);
 	}
 	s->audit = NULL;
@@ -1590,6 +1609,160 @@ void ag_audit_result(struct ag_session *s, const uint8_t *msg, size_t len)
 		return;
 	}
 	result_emit(s, a, tag, code);
+}
+
+/* --- HTTP ------------------------------------------------------------------------------------ */
+
+static struct ag_audit_http *http_state(struct ag_session *s)
+{
+	struct ag_audit_sess *a = sess_state(s);
+
+	if (a && !a->http)
+		a->http = calloc(1, sizeof(*a->http));
+	return a ? a->http : NULL;
+}
+
+static void http_free(struct ag_audit_http *h)
+{
+	if (!h)
+		return;
+	ag_buf_free(&h->owed);
+	ag_buf_free(&h->body);
+	free(h);
+}
+
+/* "verb=get resource=secrets ns=default name=x": the attributes the rules saw. */
+static void k8s_attrs(const struct ag_k8s_req *k, char *out, size_t len)
+{
+	const struct {
+		const char *name, *v;
+	} f[] = { { "verb", k->verb },	       { "group", k->group },
+		  { "version", k->version },   { "resource", k->resource },
+		  { "subresource", k->subresource }, { "ns", k->ns },
+		  { "name", k->name } };
+	size_t n = 0;
+
+	out[0] = '\0';
+	for (size_t i = 0; i < sizeof(f) / sizeof(f[0]) && n < len; i++)
+		if (f[i].v[0])
+			n += snprintf(out + n, len - n, "%s%s=%s", n ? " " : "", f[i].name, f[i].v);
+	if (!k->resource_request && n < len)
+		snprintf(out + n, len - n, "%snonresource", n ? " " : "");
+}
+
+void ag_audit_http_request(struct ag_session *s, const char *method, const char *path,
+			   const char *host, const struct ag_k8s_req *k,
+			   const struct ag_http_decision *d, bool refused, const char *msg)
+{
+	Agentgate__Audit__Statement st = AGENTGATE__AUDIT__STATEMENT__INIT;
+	struct ag_audit_http *h;
+	enum ag_action act;
+	char classes[800] = "", why[256] = "", *text;
+	Record r;
+
+	if (!A.on || !(h = http_state(s)))
+		return;
+	ag_audit_session_start(s); /* a request may be decided before the upstream is connected */
+	/* What was done: refused, let through, or let through only because of observe mode. */
+	act = refused ? AG_ACT_DENY : d->action == AG_ACT_ALLOW ? AG_ACT_ALLOW : AG_ACT_OBSERVE;
+	if (act == AG_ACT_OBSERVE && d->action != AG_ACT_OBSERVE)
+		snprintf(why, sizeof(why), "observe mode, would refuse: %s", d->why);
+	if (asprintf(&text, "%s %s", method, path) < 0)
+		text = NULL;
+	if (k)
+		k8s_attrs(k, classes, sizeof(classes));
+	st.message = (char *)"request";
+	st.text = text ? text : (char *)"";
+	st.decision = (char *)ag_action_name(act);
+	st.rule = (char *)(d->rule ? d->rule : "");
+	st.classes = classes;
+	st.reason = refused ? (char *)(msg ? msg : "") : why;
+	st.host = (char *)(host ? host : "");
+	record_init(&r, s->id, AGENTGATE__AUDIT__KIND__STATEMENT);
+	r.body_case = AGENTGATE__AUDIT__RECORD__BODY_STATEMENT;
+	r.statement = &st;
+	s->audit->last_enq = enqueue(&r);
+	free(text);
+	ag_buf_append(&h->owed, &r.time_ns, sizeof(r.time_ns));
+}
+
+void ag_audit_http_response(struct ag_session *s, unsigned int status)
+{
+	struct ag_audit_http *h;
+
+	if (!A.on || !(h = http_state(s)))
+		return;
+	h->open = true;
+	h->status = status;
+	h->masked_at = s->masked_values;
+	h->bytes = 0;
+	h->capped = false;
+	ag_buf_consume(&h->body, ag_buf_len(&h->body));
+}
+
+void ag_audit_http_body(struct ag_session *s, const void *p, size_t n)
+{
+	struct ag_audit_http *h = s->audit ? s->audit->http : NULL;
+	size_t keep;
+
+	if (!A.on || !h || !h->open)
+		return;
+	h->bytes += n;
+	keep = AG_AUDIT_MAX_BODY - ag_buf_len(&h->body);
+	if (n > keep)
+		h->capped = true;
+	if (n && keep && ag_buf_append(&h->body, p, n < keep ? n : keep))
+		h->capped = true;
+}
+
+static void http_emit(struct ag_session *s, struct ag_audit_sess *a)
+{
+	Agentgate__Audit__Result res = AGENTGATE__AUDIT__RESULT__INIT;
+	struct ag_audit_http *h = a->http;
+	int64_t t0 = 0;
+	char tag[32];
+	Record r;
+
+	if (ag_buf_len(&h->owed) >= sizeof(t0)) {
+		memcpy(&t0, ag_buf_head(&h->owed), sizeof(t0));
+		ag_buf_consume(&h->owed, sizeof(t0));
+	}
+	snprintf(tag, sizeof(tag), "HTTP %u", h->status);
+	res.command_tag = tag;
+	res.http_status = h->status;
+	res.masked_values = s->masked_values - h->masked_at;
+	res.body.data = (uint8_t *)ag_buf_head(&h->body);
+	res.body.len = ag_buf_len(&h->body);
+	res.body_capped = h->capped;
+	res.body_bytes = h->bytes;
+	record_init(&r, s->id, AGENTGATE__AUDIT__KIND__RESULT);
+	res.elapsed_ns = t0 ? r.time_ns - t0 : 0;
+	r.body_case = AGENTGATE__AUDIT__RECORD__BODY_RESULT;
+	r.result = &res;
+	a->last_enq = enqueue(&r);
+	h->open = false;
+	ag_buf_consume(&h->body, ag_buf_len(&h->body));
+}
+
+void ag_audit_http_done(struct ag_session *s)
+{
+	if (A.on && s->audit && s->audit->http && s->audit->http->open)
+		http_emit(s, s->audit);
+}
+
+void ag_audit_http_local(struct ag_session *s, const void *msg, size_t len)
+{
+	const char *m = msg, *end = memmem(m, len, "\r\n\r\n", 4);
+	unsigned int status = 0;
+
+	if (!A.on)
+		return;
+	if (len > 12 && !memcmp(m, "HTTP/1.", 7))
+		status = strtoul(m + 9, NULL, 10);
+	ag_audit_http_response(s, status);
+	if (end)
+		ag_audit_http_body(s, end + 4, m + len - end - 4);
+	ag_audit_http_done(s);
 }
 
 void ag_audit_error(struct ag_session *s, const char *fmt, ...)

@@ -18,6 +18,8 @@
 #include "policy.h"
 
 struct ag_session;
+struct ag_k8s_req;
+struct ag_http_decision;
 
 enum ag_audit_fsync { AG_AUDIT_FSYNC_BATCH = 0, AG_AUDIT_FSYNC_ALWAYS, AG_AUDIT_FSYNC_NEVER };
 
@@ -35,6 +37,8 @@ struct ag_audit_config {
 #define AG_AUDIT_MAX_ROWS 1000
 #define AG_AUDIT_MAX_ROW_BYTES (1u << 20)
 #define AG_AUDIT_MAX_TEXT (64u << 10)
+/* An HTTP response body is kept up to this many bytes (as the agent got it, masked). */
+#define AG_AUDIT_MAX_BODY (64u << 10)
 
 #define AG_AUDIT_KEY_FILE "keys/audit-ed25519.pem"
 #define AG_AUDIT_PUB_FILE "audit-ed25519.pub"
@@ -76,6 +80,21 @@ void ag_audit_row(struct ag_session *s, const uint8_t *msg, size_t len);
 /* The end of a statement's result: CommandComplete, EmptyQuery, PortalSuspended, ErrorResponse. */
 void ag_audit_result(struct ag_session *s, const uint8_t *msg, size_t len);
 void ag_audit_error(struct ag_session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/*
+ * HTTP (proto_http.c), answers in request order: a request as decided (its Statement: "METHOD
+ * PATH", Kubernetes attributes as classes, the Host; never another header or a credential;
+ * refused: msg is the 403's message); the status of the final response the agent gets; its body
+ * bytes as sent (masked, unframed, kept up to AG_AUDIT_MAX_BODY); its end (the Result). One of
+ * our own answers (a whole message: status line, headers, body) is recorded as it goes out.
+ * A response still open at the session's end (a watch) is recorded then.
+ */
+void ag_audit_http_request(struct ag_session *s, const char *method, const char *path,
+			   const char *host, const struct ag_k8s_req *k,
+			   const struct ag_http_decision *d, bool refused, const char *msg);
+void ag_audit_http_response(struct ag_session *s, unsigned int status);
+void ag_audit_http_body(struct ag_session *s, const void *p, size_t n);
+void ag_audit_http_done(struct ag_session *s);
+void ag_audit_http_local(struct ag_session *s, const void *msg, size_t len);
 /*
  * An approval event (for the approvals module): state requested | approved | denied | timeout;
  * by/by_uid the approver (NULL/0 when none), scope once | session | fingerprint.

@@ -41,6 +41,7 @@
 #include <zlib.h>
 
 #include "approval.h"
+#include "audit.h"
 #include "cred.h"
 #include "daemon.h"
 #include "httprule.h"
@@ -447,6 +448,7 @@ static void queue_flush(struct ag_session *s)
 		bool close = e->close;
 
 		out_add(h, AG_SIDE_AGENT, ag_buf_head(&e->resp), ag_buf_len(&e->resp));
+		ag_audit_http_local(s, ag_buf_head(&e->resp), ag_buf_len(&e->resp));
 		ent_pop(h);
 		if (close) {
 			close_both(s);
@@ -1020,6 +1022,7 @@ static long request_head(struct ag_session *s, const char *method)
 			 k8s.subresource[0] ? "/" : "", k8s.subresource,
 			 k8s.ns[0] ? " in namespace " : "", k8s.ns);
 	}
+	ag_audit_http_request(s, method, path, host, h->k8s ? &k8s : NULL, &d, refuse, msg);
 	if (refuse) {
 		s->blocked++;
 		pr_info("session %llu: %s %s refused: %s", (unsigned long long)s->id, method, path,
@@ -1241,6 +1244,7 @@ static void masked_out(struct ag_session *s, const uint8_t *p, size_t n, bool fi
 	h->scratch.start = h->scratch.end = 0;
 	rc = finish ? ag_jmask_finish(h->jm, &h->scratch) : ag_jmask_feed(h->jm, p, n, &h->scratch);
 	body_out(h, ag_buf_head(&h->scratch), ag_buf_len(&h->scratch));
+	ag_audit_http_body(s, ag_buf_head(&h->scratch), ag_buf_len(&h->scratch));
 	if (rc < 0) {
 		mask_error(s, rc);
 		return;
@@ -1258,6 +1262,7 @@ static int rs_body(http_parser *p, const char *at, size_t len)
 		return 0;
 	if (!h->jm) {
 		body_out(h, at, len);
+		ag_audit_http_body(s, at, len);
 		return 0;
 	}
 	if (!h->z_on) {
@@ -1492,6 +1497,7 @@ static void response_done(struct ag_session *s)
 	h->r_chunked = false;
 	if (st / 100 == 1)
 		return; /* interim: the request still waits for its final answer */
+	ag_audit_http_done(s);
 	ent_pop(h);
 	if (close) {
 		close_both(s);
@@ -1540,6 +1546,7 @@ static long upstream_process(struct ag_session *s, const uint8_t *data, size_t l
 			off += hlen;
 			if (response_head(s) < 0)
 				return -1;
+			ag_audit_http_response(s, h->r_discard ? 502 : h->rs.status_code);
 			if (h->rs.status_code == 101 && h->qh->upgrade) {
 				ent_pop(h);
 				go_tunnel(s);

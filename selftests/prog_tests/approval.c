@@ -1096,6 +1096,70 @@ out:
 		th_shared_free(j, sizeof(*j));
 }
 
+/*
+ * The audit log: `session replay` shows the held statement, the approval requested and decided
+ * by root with its scope, and a denied one with the approver's reason.
+ */
+static void subtest_replay_shows_approvals(struct ap_ctx *c)
+{
+	char id[32], id2[32], want[160], out[65536];
+	long long sid = 0;
+	yajl_val v;
+	int fd = connect_nobody(c);
+
+	if (!ASSERT_GE(fd, 0, "agent connection"))
+		return;
+	if (!ASSERT_OK(send_query(fd, "CREATE TABLE ap_replayed (id int)"), "send") ||
+	    !read_hold(fd, "ddl-review", id, sizeof(id)))
+		goto out;
+	v = show(c, id);
+	if (v) {
+		th_json_int(v, "session", &sid);
+		yajl_tree_free(v);
+	}
+	ASSERT_OK(agctl_as(c, 0, NULL, 0, NULL, 0, "approval approve %s scope once", id),
+		  "root approves");
+	expect_result(fd, "CZ", "runs once approved");
+	if (!ASSERT_OK(send_query(fd, "CREATE TABLE ap_replay_denied (id int)"), "send") ||
+	    !read_hold(fd, "ddl-review", id2, sizeof(id2)))
+		goto out;
+	ASSERT_OK(agctl_as(c, 0, NULL, 0, NULL, 0, "approval deny %s reason replay-check-no", id2),
+		  "root denies");
+	expect_error(fd, "replay-check-no", "denied");
+	close(fd);
+	fd = -1;
+	if (!ASSERT_GT(sid, 0, "session id"))
+		goto out;
+	for (int i = 0; i < 50; i++) {
+		/* the records reach the log from the writer thread: wait for the session's end */
+		if (agctl_as(c, 0, out, sizeof(out), NULL, 0, "session replay %lld", sid) == 0 &&
+		    strstr(out, "end "))
+			break;
+		usleep(100000);
+	}
+	ASSERT_HAS_SUBSTR(out, "CREATE TABLE ap_replayed (id int)", "the held statement");
+	snprintf(want, sizeof(want), "approval  %s requested (rule ddl-review)", id);
+	ASSERT_HAS_SUBSTR(out, want, "requested");
+	snprintf(want, sizeof(want), "approval  %s approved (rule ddl-review) by root (uid 0) scope once",
+		 id);
+	ASSERT_HAS_SUBSTR(out, want, "approved by root, scope once");
+	snprintf(want, sizeof(want), "approval  %s denied (rule ddl-review) by root (uid 0)", id2);
+	ASSERT_HAS_SUBSTR(out, want, "denied by root");
+	ASSERT_HAS_SUBSTR(out, "replay-check-no", "the denial's reason");
+	ASSERT_TRUE(strstr(out, id) && strstr(out, id2) && strstr(out, id) < strstr(out, id2),
+		    "in order");
+	if (ASSERT_OK(agctl_as(c, 0, out, sizeof(out), NULL, 0, "-j session replay %lld", sid),
+		      "replay -j")) {
+		ASSERT_HAS_SUBSTR(out, "\"state\":\"approved\"", "-j approved");
+		ASSERT_HAS_SUBSTR(out, "\"by\":\"root\"", "-j by root");
+		ASSERT_HAS_SUBSTR(out, "\"scope\":\"once\"", "-j scope");
+		ASSERT_HAS_SUBSTR(out, "\"reason\":\"replay-check-no\"", "-j reason");
+	}
+out:
+	if (fd >= 0)
+		close(fd);
+}
+
 void test_approval(void)
 {
 	struct ap_ctx *c = calloc(1, sizeof(*c));
@@ -1154,6 +1218,8 @@ void test_approval(void)
 		subtest_notify_fails(c);
 	if (test__start_subtest("kill_cancelrequest_or_leave_cancels"))
 		subtest_kill_cancels(c);
+	if (test__start_subtest("replay_shows_approver_scope_and_denial"))
+		subtest_replay_shows_approvals(c);
 out:
 	test__end_subtest();
 	th_pg_gate_cleanup(&c->g);

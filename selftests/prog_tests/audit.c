@@ -247,25 +247,14 @@ static void subtest_replay_exact(struct th_pg_gate *g)
 
 static void subtest_watch_live_statement(struct th_pg_gate *g)
 {
-	char path[256], agctl[256], buf[65536];
+	char path[256], buf[65536];
 	bool seen = false;
 	pid_t pid;
-	int fd;
 
 	snprintf(path, sizeof(path), "%s/watch.out", g->d.dir);
-	snprintf(agctl, sizeof(agctl), "%s/agctl", th_build_dir());
-	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-	if (!ASSERT_GE(fd, 0, "watch output"))
+	pid = th_agctl_watch_start(&g->d, path);
+	if (!ASSERT_GT(pid, 0, "agctl session watch"))
 		return;
-	pid = fork();
-	if (pid == 0) {
-		dup2(fd, 1);
-		dup2(fd, 2);
-		execl(agctl, agctl, "-S", g->d.socket, "session", "watch", (char *)NULL);
-		_exit(127);
-	}
-	close(fd);
-	usleep(300 * 1000); /* subscribed */
 	ASSERT_OK(psql(g, "SELECT 'watch-marker-42' AS w;"), "psql");
 	for (int i = 0; i < 100 && !seen; i++) {
 		int f = open(path, O_RDONLY);

@@ -196,6 +196,65 @@ static char *hex_str(const uint8_t *p, size_t n, char *out)
 	return out;
 }
 
+/* Is the body text (UTF-8 without NUL or other control bytes than tab, CR, LF)? */
+static bool body_is_text(const uint8_t *p, size_t n)
+{
+	for (size_t i = 0; i < n;) {
+		unsigned c = p[i], more = c < 0x80 ? 0 : (c & 0xe0) == 0xc0 ? 1 : (c & 0xf0) == 0xe0 ? 2
+							     : (c & 0xf8) == 0xf0 ? 3 : 4;
+
+		if (more == 4 || (c < 0x20 && c != '\t' && c != '\r' && c != '\n') || c == 0x7f ||
+		    i + more >= n + (more ? 0 : 1))
+			return false;
+		for (unsigned j = 1; j <= more; j++)
+			if ((p[i + j] & 0xc0) != 0x80)
+				return false;
+		i += 1 + more;
+	}
+	return true;
+}
+
+/* An HTTP response's body: as a string when it is text, else as hex ("body_hex"). */
+static void body_json(struct jsonw *w, const ProtobufCBinaryData *b)
+{
+	char *t = malloc(2 * b->len + 1);
+
+	if (!t)
+		return;
+	if (body_is_text(b->data, b->len)) {
+		memcpy(t, b->data, b->len);
+		t[b->len] = '\0';
+		jsonw_string_field(w, "body", t);
+	} else {
+		jsonw_string_field(w, "body_hex", hex_str(b->data, b->len, t));
+	}
+	free(t);
+}
+
+/* The body in the plain form: printable text (others as '.'), its first lines, indented. */
+static void body_plain(const char *sid, const ProtobufCBinaryData *b, bool capped)
+{
+	size_t shown = b->len < 2048 ? b->len : 2048;
+	bool bol = true;
+	int lines = 0;
+
+	for (size_t i = 0; i < shown && lines < 24; i++) {
+		unsigned char c = b->data[i];
+
+		if (bol)
+			printf("%s          | ", sid);
+		bol = c == '\n';
+		if (bol)
+			lines++;
+		putchar(bol || (c >= 0x20 && c < 0x7f) || c == '\t' ? c : '.');
+	}
+	if (!bol)
+		putchar('\n');
+	if (shown < b->len || lines >= 24 || capped)
+		printf("%s          | ... (%s)\n", sid,
+		       capped ? "body cut in the log" : "more in the log: session replay -j");
+}
+
 /* One record as a JSON object: seq, time, session, kind, agent, target, the body's fields, hash. */
 void audit_record_json(struct jsonw *w, uint64_t seq, const uint8_t *hash, const Record *r,
 		       const char *agent, const char *target)
@@ -263,6 +322,8 @@ void audit_record_json(struct jsonw *w, uint64_t seq, const uint8_t *hash, const
 		jsonw_string_field(w, "rule", s->rule);
 		jsonw_string_field(w, "classes", s->classes);
 		jsonw_string_field(w, "reason", s->reason);
+		if (s->host[0])
+			jsonw_string_field(w, "host", s->host);
 		break;
 	}
 	case AGENTGATE__AUDIT__RECORD__BODY_RESULT: {
@@ -293,6 +354,12 @@ void audit_record_json(struct jsonw *w, uint64_t seq, const uint8_t *hash, const
 		}
 		jsonw_end_array(w);
 		jsonw_bool_field(w, "rows_capped", s->rows_capped);
+		if (s->http_status) {
+			jsonw_uint_field(w, "http_status", s->http_status);
+			body_json(w, &s->body);
+			jsonw_uint_field(w, "body_bytes", s->body_bytes);
+			jsonw_bool_field(w, "body_capped", s->body_capped);
+		}
 		break;
 	}
 	case AGENTGATE__AUDIT__RECORD__BODY_APPROVAL: {
@@ -367,7 +434,11 @@ void audit_record_plain(const Record *r, int64_t t0, bool with_session)
 			printf(" name \"%s\"", s->name);
 		if (s->text[0])
 			printf(": %s%s", s->text, s->text_truncated ? " ..." : "");
+		if (s->host[0])
+			printf(" host %s", s->host);
 		printf("\n");
+		if (s->classes[0] && !strcmp(s->message, "request"))
+			printf("%s          %s\n", sid, s->classes);
 		if (s->reason[0])
 			printf("%s          → %s\n", sid, s->reason);
 		break;
@@ -384,6 +455,13 @@ void audit_record_plain(const Record *r, int64_t t0, bool with_session)
 		printf("%s", s->command_tag[0] ? s->command_tag : "-");
 		if (s->sqlstate[0])
 			printf(" SQLSTATE %s", s->sqlstate);
+		if (s->http_status) {
+			printf(": %" PRIu64 " body byte%s, %" PRIu64 " masked value%s, %.3f ms\n",
+			       s->body_bytes, s->body_bytes == 1 ? "" : "s", s->masked_values,
+			       s->masked_values == 1 ? "" : "s", s->elapsed_ns / 1e6);
+			body_plain(sid, &s->body, s->body_capped);
+			break;
+		}
 		printf(": %" PRIu64 " row%s, %" PRIu64 " masked value%s, %.3f ms%s\n", s->rows,
 		       s->rows == 1 ? "" : "s", s->masked_values, s->masked_values == 1 ? "" : "s",
 		       s->elapsed_ns / 1e6, s->rows_capped ? " (rows kept: the first ones only)" : "");
