@@ -7,7 +7,7 @@
  * of the same length. For a static token and for a JWT: the raw response never holds the token,
  * the framing stays valid (curl reads it, Content-Length matches the body), the occurrences are
  * counted in the session's masked_values and noted in the session log, and `agctl audit export`
- * never holds the token either.
+ * never holds the token either. In process: the scrubber fed in pieces of every size.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -18,6 +18,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "scrub.h"
 #include "../http.h"
 #include "../test_progs.h"
 
@@ -308,6 +309,75 @@ static void run(struct scrub_env *e, const char *kind)
 	test__end_subtest();
 }
 
+static void cat_emit(void *ctx, const void *p, size_t n)
+{
+	ag_buf_append(ctx, p, n);
+}
+
+/*
+ * In process: a text holding the token (bare, with "Bearer ", JSON-escaped, at both ends) fed in
+ * pieces of every size from 1 byte up comes out filled, of the same length, with every
+ * occurrence counted; what is held back never exceeds the longest pattern minus one; a renewed
+ * token is scrubbed along with the one before it.
+ */
+static void subtest_scrubber_every_split(void)
+{
+	static const char tok[] = "ab/cd\"ef-0123456789";
+	char in[512], want[512];
+	size_t n;
+	bool ok = true;
+
+	n = snprintf(in, sizeof(in), "%sx Authorization: Bearer %s\n{\"t\":\"ab\\/cd\\\"ef-0123456789\"}"
+		     " ab/cd\"ef-012345678 %s", tok, tok, tok);
+	memcpy(want, in, n + 1);
+	/* what must come out: every occurrence filled */
+	for (char *p = want; (p = strstr(p, "Bearer ab/cd")); p += 7)
+		memset(p, '*', 7);
+	for (char *p = want; (p = strstr(p, tok)); )
+		memset(p, '*', strlen(tok));
+	for (char *p = want; (p = strstr(p, "ab\\/cd\\\"ef-0123456789")); )
+		memset(p, '*', strlen("ab\\/cd\\\"ef-0123456789"));
+	for (size_t piece = 1; piece <= n && ok; piece++) {
+		struct ag_scrub sc = { 0 };
+		struct ag_buf o = { 0 };
+
+		ag_scrub_set(&sc, "Bearer ab/cd\"ef-0123456789");
+		for (size_t off = 0; off < n; off += piece) {
+			ag_scrub_feed(&sc, in + off, off + piece > n ? n - off : piece, cat_emit, &o);
+			if (ag_buf_len(&sc.work) >= sc.maxlen) {
+				printf("held %zu bytes, more than %zu - 1\n", ag_buf_len(&sc.work),
+				       sc.maxlen);
+				ok = false;
+			}
+		}
+		ag_scrub_flush(&sc, cat_emit, &o);
+		if (ag_buf_len(&o) != n || memcmp(ag_buf_head(&o), want, n) ||
+		    ag_scrub_take_hits(&sc) != 4) {
+			printf("pieces of %zu: '%.*s'\n", piece, (int)ag_buf_len(&o),
+			       (const char *)ag_buf_head(&o));
+			ok = false;
+		}
+		ag_buf_free(&o);
+		ag_scrub_free(&sc);
+	}
+	ASSERT_TRUE(ok, "every split: same length, all filled, 4 counted");
+
+	/* a renewed token: the old one is still scrubbed, the one before it forgotten */
+	{
+		struct ag_scrub sc = { 0 };
+		char t[] = "old-token-111 new-token-222 third-token-3";
+
+		ag_scrub_set(&sc, "Bearer old-token-111");
+		ag_scrub_set(&sc, "Bearer new-token-222");
+		ASSERT_EQ(ag_scrub_buf(&sc, t, strlen(t)), 2, "the current and the one before");
+		ASSERT_STREQ(t, "************* ************* third-token-3", "both filled");
+		ag_scrub_set(&sc, "Bearer third-token-3");
+		strcpy(t, "old-token-111 new-token-222 third-token-3");
+		ASSERT_EQ(ag_scrub_buf(&sc, t, strlen(t)), 2, "the oldest forgotten");
+		ag_scrub_free(&sc);
+	}
+}
+
 static int sh(const char *cmd)
 {
 	int rc = system(cmd);
@@ -321,6 +391,9 @@ void test_http_scrub(void)
 	char extra[1024], cmd[512];
 	int fd;
 
+	if (test__start_subtest("scrubber_every_split"))
+		subtest_scrubber_every_split();
+	test__end_subtest();
 	memset(&e, 0, sizeof(e));
 	snprintf(e.dir, sizeof(e.dir), "/tmp/agentgate-scrub-XXXXXX");
 	if (!mkdtemp(e.dir)) {
