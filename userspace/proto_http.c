@@ -1404,6 +1404,7 @@ static void go_tunnel(struct ag_session *s)
 
 	h->ustate = U_TUNNEL;
 	h->astate = A_TUNNEL;
+	h->scrub.tunnel = true;
 	pr_info("session %llu: connection upgraded: relaying both ways", (unsigned long long)s->id);
 	if (ag_buf_len(&a->in)) {
 		out_add(h, AG_SIDE_UPSTREAM, ag_buf_head(&a->in), ag_buf_len(&a->in));

@@ -28,7 +28,7 @@ static void maxlen_update(struct ag_scrub *sc)
 			sc->maxlen = sc->len[i];
 }
 
-static int pat_add(struct ag_scrub *sc, const char *p, size_t n)
+static int pat_add(struct ag_scrub *sc, const char *p, size_t n, bool framed)
 {
 	for (size_t i = 0; i < sc->npat; i++)
 		if (sc->len[i] == n && !memcmp(sc->pat[i], p, n))
@@ -40,6 +40,7 @@ static int pat_add(struct ag_scrub *sc, const char *p, size_t n)
 		return -ENOMEM;
 	memcpy(sc->pat[sc->npat], p, n);
 	sc->gen[sc->npat] = sc->cur;
+	sc->framed[sc->npat] = framed;
 	sc->len[sc->npat++] = n;
 	return 0;
 }
@@ -61,7 +62,7 @@ static int pat_add_json(struct ag_scrub *sc, const char *tok, size_t n)
 			e[k++] = '\\';
 		e[k++] = tok[i];
 	}
-	rc = pat_add(sc, e, k);
+	rc = pat_add(sc, e, k, false);
 	explicit_bzero(e, k);
 	free(e);
 	return rc;
@@ -96,14 +97,16 @@ int ag_scrub_set(struct ag_scrub *sc, const char *authorization)
 			}
 			sc->pat[j] = sc->pat[i];
 			sc->len[j] = sc->len[i];
+			sc->framed[j] = sc->framed[i];
 			sc->gen[j++] = sc->gen[i];
 		}
 		sc->npat = j;
 	}
 	sc->cur++;
-	rc = pat_add(sc, authorization, n); /* "Bearer <token>" first: the longest */
+	/* "Bearer <token>" first: the longest */
+	rc = tok != authorization ? pat_add(sc, authorization, n, true) : 0;
 	if (!rc)
-		rc = pat_add(sc, tok, tn);
+		rc = pat_add(sc, tok, tn, false);
 	if (!rc)
 		rc = pat_add_json(sc, tok, tn);
 	maxlen_update(sc);
@@ -148,6 +151,9 @@ static size_t tail_hold(struct ag_scrub *sc, const uint8_t *p, size_t n)
 
 	for (size_t i = 0; i < sc->npat; i++) {
 		size_t k = sc->len[i] - 1 < n ? sc->len[i] - 1 : n;
+
+		if (sc->framed[i] && sc->tunnel)
+			continue; /* the token alone decides what a relay holds back */
 
 		for (; k > hold; k--)
 			if (p[n - k] == (uint8_t)sc->pat[i][0] && !memcmp(p + n - k, sc->pat[i], k)) {

@@ -6,7 +6,8 @@
  * (Content-Length) stays valid. Pieces are fed in order; at most the longest pattern's length
  * minus one is held back between pieces, and only while the stream ends in a prefix of a
  * pattern, so a token split across reads or chunks is still caught. ag_scrub_flush() at the end
- * of the stream releases what is held.
+ * of the stream releases what is held. Held bytes wait for the next piece: a stream that pauses
+ * on a prefix of the token (after an upgrade, say) shows those bytes only when more come.
  */
 #pragma once
 
@@ -23,6 +24,12 @@ struct ag_scrub {
 	char *pat[AG_SCRUB_PATS];
 	size_t len[AG_SCRUB_PATS];
 	unsigned int gen[AG_SCRUB_PATS], cur; /* which credential each pattern is of */
+	bool framed[AG_SCRUB_PATS];	      /* "Bearer <token>" (the token is a pattern too) */
+	/*
+	 * A relay (after an upgrade) that has no end to flush at soon: held back only what may
+	 * begin the token itself, not "Bearer", so that fewer quiet moments hold bytes.
+	 */
+	bool tunnel;
 	size_t npat, maxlen;
 	struct ag_buf work; /* held bytes, then the piece being scrubbed */
 	uint64_t hits;	    /* occurrences replaced since the last ag_scrub_take_hits() */

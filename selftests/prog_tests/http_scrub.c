@@ -208,8 +208,10 @@ static void subtest_upgrade_tunnel(struct scrub_env *e)
 	}
 	token_seen(e);
 	th_send_all(fd, "whoami\n", 7, 5000);
-	snprintf(want, sizeof(want), "you are %s\n", e->stars);
+	/* a relay holds back only what may begin the token: "Bearer " may go out before it */
+	snprintf(want, sizeof(want), "%s\n", e->stars + 7);
 	th_http_read_until(fd, out, sizeof(out), want, 15000, &closed);
+	ASSERT_HAS_SUBSTR(out, "you are ", "the answer's start");
 	ASSERT_TRUE(clean(e, out, strlen(out)), "no token through the tunnel");
 	ASSERT_HAS_SUBSTR(out, want, "filled, nothing lost");
 	close(fd);
