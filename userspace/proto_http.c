@@ -23,6 +23,8 @@
  * Response bodies are passed on as they come (a watch stream is never buffered), re-framed;
  * JSON bodies are masked on the way (jsonmask.c: streamed with yajl), gzip and deflate inflated
  * with zlib first and sent on as identity, chunked (or close-delimited to an HTTP/1.0 agent).
+ * The credential the gateway injects upstream never comes back: every byte for the agent (heads,
+ * bodies decoded, the relay after an upgrade) goes through the session's scrubber (scrub.c).
  */
 #include <ctype.h>
 #include <errno.h>
