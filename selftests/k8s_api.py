@@ -5,7 +5,11 @@
 Serves discovery (/version, /api, /api/v1, /apis), namespaces and pods (list, get, watch),
 secrets (list, get, watch), an exec subresource (POST or GET with Upgrade: 101, then an echo),
 /echo (what arrived: method, path, Authorization, body length and hash), /gzip (a gzip JSON
-body), /plain. Every request is logged to LOG as "METHOD PATH auth=VALUE" so that tests can
+body), /plain. Reflections of the Authorization header as a hostile or careless server would
+send them back: /echo-plain (text/plain, Content-Length), /echo-header (in a response header),
+/echo-gzip (gzip text), /echo-chunked (chunked, the value cut across chunks written apart),
+/echo-close (close-delimited); after an exec upgrade, "whoami" is answered with it in two
+writes. Every request is logged to LOG as "METHOD PATH auth=VALUE" so that tests can
 prove what reached the server and what never did.
 
 With CERT and KEY it serves HTTPS (TLS 1.2+, ALPN http/1.1). With JWTPUB (a PEM EC P-256
@@ -191,7 +195,54 @@ class Handler(BaseHTTPRequestHandler):
             data = sock.recv(4096)
             if not data:
                 return
+            if data.strip() == b"whoami":
+                auth = (self.headers.get("Authorization") or "-").encode()
+                cut = len(auth) // 2
+                sock.sendall(b"you are " + auth[:cut])
+                time.sleep(0.2)
+                sock.sendall(auth[cut:] + b"\n")
+                continue
             sock.sendall(b"exec-echo:" + data)
+
+    def echo_reflect(self, path):
+        auth = (self.headers.get("Authorization") or "-").encode()
+        raw = b"you sent Authorization: " + auth + b"\nagain: " + auth + b"\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        if path == "/echo-header":
+            self.send_header("X-Echo-Authorization", auth.decode())
+            raw = b"see the headers\n"
+        if path == "/echo-gzip":
+            raw = gzip.compress(raw)
+            self.send_header("Content-Encoding", "gzip")
+        if path == "/echo-chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            # pieces of 7 bytes, each its own chunk and write: the value straddles them all
+            for i in range(0, len(raw), 7):
+                piece = raw[i:i + 7]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.flush()
+                if i % 28 == 0:
+                    time.sleep(0.01)
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+            return
+        if path == "/echo-close":
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            half = len(raw) // 2
+            self.wfile.write(raw[:half])
+            self.wfile.flush()
+            time.sleep(0.1)
+            self.wfile.write(raw[half:])
+            self.wfile.flush()
+            return
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(raw)
 
     def route(self):
         self.note()
@@ -220,6 +271,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
         if path == "/api/v1":
             return self.send_json(RESOURCES)
+        if path in ("/echo-plain", "/echo-header", "/echo-gzip", "/echo-chunked", "/echo-close"):
+            return self.echo_reflect(path)
         if path == "/echo" or path.startswith("/echo/"):
             return self.send_json({
                 "method": self.command, "path": self.path,

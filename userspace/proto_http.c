@@ -23,6 +23,8 @@
  * Response bodies are passed on as they come (a watch stream is never buffered), re-framed;
  * JSON bodies are masked on the way (jsonmask.c: streamed with yajl), gzip and deflate inflated
  * with zlib first and sent on as identity, chunked (or close-delimited to an HTTP/1.0 agent).
+ * The credential the gateway injects upstream never comes back: every byte for the agent (heads,
+ * bodies decoded, the relay after an upgrade) goes through the session's scrubber (scrub.c).
  */
 #include <ctype.h>
 #include <errno.h>
@@ -51,6 +53,7 @@
 #include "mask.h"
 #include "proto.h"
 #include "proto_http.h"
+#include "scrub.h"
 #include "session.h"
 
 #define HTTP_HEAD_MAX (64u << 10) /* a request's or response's whole header block */
@@ -117,6 +120,7 @@ struct http {
 	bool mask_json;	       /* the rule masks JSON bodies (keys or detectors) */
 	bool secrets_unmasked; /* mask: { secrets: unmasked } */
 	char cred[4096];       /* the Authorization value the gateway injects ("" none) */
+	struct ag_scrub scrub; /* ... never goes back to the agent (scrub.c) */
 	bool agent_eof;
 	bool stalled; /* the queue of owed answers is full */
 	bool shut[2]; /* FIN to that side after the output */
@@ -308,6 +312,8 @@ static bool http_approval_hold(struct ag_session *s, const struct ag_http_decisi
 static void cred_refresh(struct ag_session *s, struct http *h)
 {
 	http_cred_authorization(s, h->cred, sizeof(h->cred));
+	if (h->cred[0] && ag_scrub_set(&h->scrub, h->cred) && !h->err)
+		h->err = -ENOMEM;
 }
 
 /* --- our own answers ------------------------------------------------------------------------ */
@@ -804,6 +810,7 @@ static void forward_head(struct ag_session *s, const char *method, const char *t
 	struct http *h = H(s);
 	bool dropped = false;
 
+	cred_refresh(s, h);
 	out_printf(h, AG_SIDE_UPSTREAM, "%s ", method);
 	out_add(h, AG_SIDE_UPSTREAM, target, tlen);
 	out_printf(h, AG_SIDE_UPSTREAM, " HTTP/1.%d\r\n", h->rq.http_minor);
@@ -821,12 +828,18 @@ static void forward_head(struct ag_session *s, const char *method, const char *t
 			out_add(h, AG_SIDE_UPSTREAM, "Accept: application/json\r\n", 26);
 			continue;
 		}
+		if (h->cred[0] && hdr_is(x, "accept-encoding")) {
+			/* the answer is scrubbed of our credential: only encodings we can inflate */
+			static const char ae[] = "Accept-Encoding: gzip, deflate\r\n";
+
+			out_add(h, AG_SIDE_UPSTREAM, ae, sizeof(ae) - 1);
+			continue;
+		}
 		out_add(h, AG_SIDE_UPSTREAM, x->name, x->nlen);
 		out_add(h, AG_SIDE_UPSTREAM, ": ", 2);
 		out_add(h, AG_SIDE_UPSTREAM, x->val, x->vlen);
 		out_add(h, AG_SIDE_UPSTREAM, "\r\n", 2);
 	}
-	cred_refresh(s, h);
 	if (h->cred[0]) {
 		/* a JWT is longer than out_printf()'s buffer */
 		out_add(h, AG_SIDE_UPSTREAM, "Authorization: ", 15);
@@ -1236,6 +1249,53 @@ static void mask_error(struct ag_session *s, int rc)
 	h->err = h->err ? h->err : -EPROTO;
 }
 
+/* Body bytes as the agent gets them: to the agent and to the audit log. */
+static void body_emit(void *ctx, const void *p, size_t n)
+{
+	struct ag_session *s = ctx;
+
+	body_out(H(s), p, n);
+	ag_audit_http_body(s, p, n);
+}
+
+/* ... after the credential scrubber (scrub.h): never our own credential. */
+static void agent_body(struct ag_session *s, const void *p, size_t n)
+{
+	struct http *h = H(s);
+
+	if (ag_scrub_feed(&h->scrub, p, n, body_emit, s) && !h->err)
+		h->err = -ENOMEM;
+}
+
+static void tunnel_emit(void *ctx, const void *p, size_t n)
+{
+	out_add(ctx, AG_SIDE_AGENT, p, n);
+}
+
+static void discard_emit(void *ctx, const void *p, size_t n)
+{
+	(void)ctx;
+	(void)p;
+	(void)n;
+}
+
+/* Occurrences of our credential replaced: counted as masked values, noted (never the value). */
+static void scrub_note(struct ag_session *s)
+{
+	uint64_t n = ag_scrub_take_hits(&H(s)->scrub);
+	char msg[160];
+
+	if (!n)
+		return;
+	s->masked_values += n;
+	pr_info("session %llu: the gateway's credential came back from the upstream: %llu "
+		"occurrence(s) masked",
+		(unsigned long long)s->id, (unsigned long long)n);
+	snprintf(msg, sizeof(msg), "%llu occurrence(s) of the gateway's credential in the "
+		 "upstream's answer masked", (unsigned long long)n);
+	ag_slog_note(ag_d, s, "credential_reflected", msg);
+}
+
 static void masked_out(struct ag_session *s, const uint8_t *p, size_t n, bool finish)
 {
 	struct http *h = H(s);
@@ -1243,8 +1303,7 @@ static void masked_out(struct ag_session *s, const uint8_t *p, size_t n, bool fi
 
 	h->scratch.start = h->scratch.end = 0;
 	rc = finish ? ag_jmask_finish(h->jm, &h->scratch) : ag_jmask_feed(h->jm, p, n, &h->scratch);
-	body_out(h, ag_buf_head(&h->scratch), ag_buf_len(&h->scratch));
-	ag_audit_http_body(s, ag_buf_head(&h->scratch), ag_buf_len(&h->scratch));
+	agent_body(s, ag_buf_head(&h->scratch), ag_buf_len(&h->scratch));
 	if (rc < 0) {
 		mask_error(s, rc);
 		return;
@@ -1260,13 +1319,11 @@ static int rs_body(http_parser *p, const char *at, size_t len)
 
 	if (h->r_discard || h->err)
 		return 0;
-	if (!h->jm) {
-		body_out(h, at, len);
-		ag_audit_http_body(s, at, len);
-		return 0;
-	}
 	if (!h->z_on) {
-		masked_out(s, (const uint8_t *)at, len, false);
+		if (h->jm)
+			masked_out(s, (const uint8_t *)at, len, false);
+		else
+			agent_body(s, at, len);
 		return 0;
 	}
 	h->z.next_in = (Bytef *)at;
@@ -1283,7 +1340,10 @@ static int rs_body(http_parser *p, const char *at, size_t len)
 			h->err = -EPROTO;
 			break;
 		}
-		masked_out(s, buf, sizeof(buf) - h->z.avail_out, false);
+		if (h->jm)
+			masked_out(s, buf, sizeof(buf) - h->z.avail_out, false);
+		else
+			agent_body(s, buf, sizeof(buf) - h->z.avail_out);
 		if (zr == Z_STREAM_END || (zr == Z_BUF_ERROR && h->z.avail_out))
 			break;
 	}
@@ -1346,6 +1406,7 @@ static void go_tunnel(struct ag_session *s)
 
 	h->ustate = U_TUNNEL;
 	h->astate = A_TUNNEL;
+	h->scrub.tunnel = true;
 	pr_info("session %llu: connection upgraded: relaying both ways", (unsigned long long)s->id);
 	if (ag_buf_len(&a->in)) {
 		out_add(h, AG_SIDE_UPSTREAM, ag_buf_head(&a->in), ag_buf_len(&a->in));
@@ -1394,8 +1455,8 @@ static long response_head(struct ag_session *s)
 	struct http_ent *e = h->qh;
 	unsigned int st = h->rs.status_code;
 	const char *ct, *ce;
-	size_t ctl = 0, cel = 0;
-	bool bodyless, chunked_in = h->rs.flags & F_CHUNKED, reframe, mask;
+	size_t ctl = 0, cel = 0, head0 = ag_buf_len(&h->to[AG_SIDE_AGENT]);
+	bool bodyless, chunked_in = h->rs.flags & F_CHUNKED, reframe, mask, inflating;
 
 	bodyless =
 		e->head || st / 100 == 1 || st == 204 || st == 304 || (e->connect && st / 100 == 2);
@@ -1408,7 +1469,9 @@ static long response_head(struct ag_session *s)
 	if (!bodyless && e->secrets && !mask)
 		return refuse_response(s, "agentgate: the secrets response is not JSON and cannot "
 					  "be masked");
-	if (mask && ce && cel && !(cel == 8 && !strncasecmp(ce, "identity", 8))) {
+	/* what we mask or scrub of our credential is read decoded */
+	inflating = !bodyless && (mask || ag_scrub_active(&h->scrub));
+	if (inflating && ce && cel && !(cel == 8 && !strncasecmp(ce, "identity", 8))) {
 		int wbits;
 
 		if ((cel == 4 && !strncasecmp(ce, "gzip", 4)) ||
@@ -1438,7 +1501,7 @@ static long response_head(struct ag_session *s)
 			return upstream_broken(s, "out of memory");
 	}
 	/* To the agent: chunked when we change the body or it came chunked. */
-	reframe = mask;
+	reframe = mask || h->z_on;
 	h->r_chunked = !bodyless && (reframe || chunked_in) && !e->http10;
 	if (!bodyless && (reframe || chunked_in) && e->http10)
 		h->r_close = true; /* close-delimited to an HTTP/1.0 agent */
@@ -1467,11 +1530,19 @@ static long response_head(struct ag_session *s)
 	if (h->r_close && st != 101)
 		out_add(h, AG_SIDE_AGENT, "Connection: close\r\n", 19);
 	out_add(h, AG_SIDE_AGENT, "\r\n", 2);
+	/* never our credential in a header either (same length: nothing else moves) */
+	if (!h->err && ag_scrub_active(&h->scrub)) {
+		struct ag_buf *b = &h->to[AG_SIDE_AGENT];
+
+		ag_scrub_buf(&h->scrub, b->data + b->start + head0, ag_buf_len(b) - head0);
+		scrub_note(s);
+	}
 	return 0;
 }
 
 static void response_end_state(struct http *h)
 {
+	ag_scrub_flush(&h->scrub, discard_emit, NULL); /* only what an error left */
 	if (h->jm) {
 		ag_jmask_free(h->jm);
 		h->jm = NULL;
@@ -1491,6 +1562,9 @@ static void response_done(struct ag_session *s)
 
 	if (h->jm && !h->r_discard)
 		masked_out(s, NULL, 0, true);
+	if (!h->r_discard)
+		ag_scrub_flush(&h->scrub, body_emit, s);
+	scrub_note(s);
 	if (h->r_chunked && !h->r_discard)
 		out_add(h, AG_SIDE_AGENT, "0\r\n\r\n", 5);
 	response_end_state(h);
@@ -1523,7 +1597,9 @@ static long upstream_process(struct ag_session *s, const uint8_t *data, size_t l
 		case U_DEAD:
 			return len;
 		case U_TUNNEL:
-			out_add(h, AG_SIDE_AGENT, p, avail);
+			if (ag_scrub_feed(&h->scrub, p, avail, tunnel_emit, h))
+				h->err = -ENOMEM;
+			scrub_note(s);
 			return len;
 		case U_HEAD:
 			if (!h->qh || h->qh->local)
@@ -1809,6 +1885,8 @@ static void http_eof(struct ag_session *s, enum ag_side from)
 			return;
 		}
 	}
+	if (h->ustate == U_TUNNEL)
+		ag_scrub_flush(&h->scrub, tunnel_emit, h);
 	h->shut[AG_SIDE_AGENT] = true;
 	out_flush(s);
 }
@@ -1831,6 +1909,7 @@ static void http_fini(struct ag_session *s)
 	ag_buf_free(&h->to[0]);
 	ag_buf_free(&h->to[1]);
 	ag_buf_free(&h->scratch);
+	ag_scrub_free(&h->scrub);
 	explicit_bzero(h->cred, sizeof(h->cred));
 	free(h);
 	s->proto_state = NULL;
