@@ -19,6 +19,7 @@
 #include "log.h"
 #include "pgmask.h"
 #include "pgwire.h"
+#include "sqlorigin.h"
 
 /* --- type OIDs -------------------------------------------------------------------------------- */
 
@@ -490,6 +491,7 @@ void pg_shape_unref(struct pg_shape *sh)
 {
 	if (!sh || --sh->refs)
 		return;
+	sql_origin_unref(sh->orig);
 	free(sh->cols);
 	free(sh);
 }
@@ -536,7 +538,8 @@ int pg_shape_from_rowdesc(struct pg_shape *sh, const struct pg_masking *mk, cons
 			free(cols);
 			return -EPROTO;
 		}
-		covered = c->table && pg_catalog_covered(mk->cat, c->table, c->attnum, &ctype);
+		covered = (c->table && pg_catalog_covered(mk->cat, c->table, c->attnum, &ctype)) ||
+			  sql_origin_derived(sh->orig, i, c->table);
 		plan_col(c, mk, covered);
 		any |= c->act != PG_COL_PASS;
 	}

@@ -66,6 +66,8 @@ struct pg_col {
 	bool jsonb_bin; /* binary jsonb: a version byte, then text */
 };
 
+struct sql_origin;
+
 /* Shared by a portal and the Executes queued on it (refcounted, one thread). */
 struct pg_shape {
 	int refs;
@@ -73,6 +75,7 @@ struct pg_shape {
 	bool any;   /* some column may be rewritten */
 	uint16_t ncols;
 	struct pg_col *cols;
+	struct sql_origin *orig; /* outputs derived from masked columns (sqlorigin.h), or NULL */
 };
 
 struct pg_masking {
