@@ -538,9 +538,9 @@ int pg_shape_from_rowdesc(struct pg_shape *sh, const struct pg_masking *mk, cons
 			free(cols);
 			return -EPROTO;
 		}
-		covered = (c->table && pg_catalog_covered(mk->cat, c->table, c->attnum, &ctype)) ||
-			  sql_origin_derived(sh->orig, i, c->table);
-		plan_col(c, mk, covered);
+		covered = c->table && pg_catalog_covered(mk->cat, c->table, c->attnum, &ctype);
+		c->derived = !covered && sql_origin_derived(sh->orig, i, c->table);
+		plan_col(c, mk, covered || c->derived);
 		any |= c->act != PG_COL_PASS;
 	}
 	free(sh->cols);
@@ -659,7 +659,15 @@ int pg_mask_datarow(const struct pg_masking *mk, const struct pg_shape *sh, cons
 			mv++; /* the version byte stays */
 			mlen--;
 		}
-		rc = mask_value(mk, c->act, c->kind, mv, mlen, &tmp, &is_null);
+		if (c->derived && c->act == PG_COL_WHOLE && c->kind == AG_MASK_TEXT &&
+		    ag_masker_style(mk->m) == AG_MASK_PARTIAL) {
+			/* The hint kept of a computed value can be the secret's own characters. */
+			tmp.start = tmp.end = 0;
+			is_null = false;
+			rc = ag_buf_append(&tmp, "[REDACTED]", 10) ? -ENOMEM : 1;
+		} else {
+			rc = mask_value(mk, c->act, c->kind, mv, mlen, &tmp, &is_null);
+		}
 		if (rc < 0) {
 			err = rc;
 			goto out;

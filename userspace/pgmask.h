@@ -64,6 +64,7 @@ struct pg_col {
 	uint8_t act;	/* enum pg_col_act */
 	uint8_t kind;	/* enum ag_mask_kind */
 	bool jsonb_bin; /* binary jsonb: a version byte, then text */
+	bool derived;	/* computed from a covered column (sqlorigin.h), not one itself */
 };
 
 struct sql_origin;

@@ -356,6 +356,10 @@ static const struct disguise disguises[] = {
 	{ "origin_sql_execute",
 	  "PREPARE p1 AS SELECT reverse(email), id FROM users WHERE id = 1; EXECUTE p1",
 	  "[REDACTED]|1\n" },
+	{ "origin_cursor_fetch",
+	  "BEGIN; DECLARE c1 CURSOR FOR SELECT md5(ssn), id FROM users WHERE id = 1; "
+	  "FETCH 1 FROM c1; COMMIT",
+	  "[REDACTED]|1\n" },
 };
 
 static void subtest_disguise(struct th_pg_gate *g, const struct disguise *d)
@@ -466,6 +470,10 @@ static void subtest_partial(struct th_pg_gate *g)
 		return;
 	ASSERT_OK(psql(g, g->tagged, "SELECT email, ssn, card FROM users WHERE id = 1"), "psql");
 	ASSERT_STREQ(out, "a***@example.com|***-**-6789|**** **** **** 1111\n", "partial forms");
+	/* A computed value keeps no hint: reversed, its last characters are the first ones. */
+	ASSERT_OK(psql(g, g->tagged, "SELECT reverse(ssn), lower(email) FROM users WHERE id = 1"),
+		  "psql");
+	ASSERT_STREQ(out, "[REDACTED]|[REDACTED]\n", "derived values redacted under partial");
 }
 
 static void subtest_hash(struct th_pg_gate *g)
