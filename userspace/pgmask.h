@@ -38,6 +38,9 @@ struct pg_catalog *pg_catalog_ref(struct pg_catalog *c);
 bool pg_catalog_covered(const struct pg_catalog *c, uint32_t rel, int attnum, uint32_t *type);
 /* Does any covered column belong to a relation named `table` (schema NULL: any schema)? */
 bool pg_catalog_has_table(const struct pg_catalog *c, const char *schema, const char *table);
+/* Is a column of that name in such a relation covered (a view's, say)? */
+bool pg_catalog_has_column(const struct pg_catalog *c, const char *schema, const char *table,
+			   const char *column);
 
 /*
  * A process-wide cache of resolved catalogs, by target, database and query (which depends only
@@ -76,6 +79,7 @@ struct pg_shape {
 	bool any;   /* some column may be rewritten */
 	uint16_t ncols;
 	struct pg_col *cols;
+	char *sql;		 /* its statement, analysed when the RowDescription comes */
 	struct sql_origin *orig; /* outputs derived from masked columns (sqlorigin.h), or NULL */
 };
 

@@ -169,7 +169,8 @@ static bool name_tainted(const struct an *a, const char *col)
 	if (has_name(a->names, a->nnames, col))
 		return true;
 	for (size_t i = 0; i < a->nrels; i++)
-		if (ag_masker_column(a->m, a->rels[i].schema, a->rels[i].name, col))
+		if (ag_masker_column(a->m, a->rels[i].schema, a->rels[i].name, col) ||
+		    (a->rels[i].masked && pg_catalog_has_column(a->cat, NULL, a->rels[i].name, col)))
 			return true;
 	return false;
 }

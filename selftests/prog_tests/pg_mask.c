@@ -388,6 +388,20 @@ static void subtest_origin_unrelated(struct th_pg_gate *g)
 	}
 }
 
+/* A view's columns have the view's own origin: a view reading a covered column is covered. */
+static void subtest_origin_view(struct th_pg_gate *g)
+{
+	ASSERT_OK(psql(g, g->tagged,
+		       "CREATE TEMP VIEW uv AS SELECT id, email, md5(ssn) AS h, note FROM users;\n"
+		       "SELECT email, h, md5(h), upper(v.note) FROM uv v WHERE id = 1;\n"
+		       "SELECT item FROM orders WHERE id = 1;\n"),
+		  "psql");
+	no_secrets(out, "view");
+	ASSERT_STREQ(out, "[REDACTED]|[REDACTED]|[REDACTED]|[REDACTED]\nbook\n",
+		     "view columns masked (all of them: which one a covered column feeds is "
+		     "not known), other tables untouched");
+}
+
 static void subtest_origin_copy(struct th_pg_gate *g)
 {
 	ASSERT_NEQ(th_pg_psql(&g->pg, g->tagged,
@@ -677,6 +691,8 @@ void test_pg_mask(void)
 	}
 	if (test__start_subtest("origin_unrelated_untouched"))
 		subtest_origin_unrelated(&g);
+	if (test__start_subtest("origin_view"))
+		subtest_origin_view(&g);
 	if (test__start_subtest("origin_copy_query_refused"))
 		subtest_origin_copy(&g);
 	if (test__start_subtest("origin_extended_protocol"))
