@@ -19,6 +19,7 @@
 #include "log.h"
 #include "pgmask.h"
 #include "pgwire.h"
+#include "sqlorigin.h"
 
 /* --- type OIDs -------------------------------------------------------------------------------- */
 
@@ -194,6 +195,39 @@ static void like_pattern(FILE *f, const char *glob)
  * The query runs in the agent's own session, under its search_path: every operator and
  * function is named in pg_catalog, so that nothing the agent defines can answer in their place.
  */
+/* The column rules as a WHERE condition on n.nspname, c.relname, a.attname. */
+static void patterns_where(FILE *f, size_t n, const char *const *schemas, const char *const *tables,
+			   const char *const *columns)
+{
+	fputs("(", f);
+	for (size_t i = 0; i < n; i++) {
+		const char *parts[3] = { schemas ? schemas[i] : NULL, tables ? tables[i] : NULL,
+					 columns ? columns[i] : NULL };
+		static const char *const exprs[3] = { "n.nspname", "c.relname", "a.attname" };
+		bool any = false;
+
+		fputs(i ? " OR (" : "(", f);
+		for (int k = 0; k < 3; k++) {
+			if (!parts[k] || !strcmp(parts[k], "*"))
+				continue;
+			fprintf(f, "%s%s::pg_catalog.text OPERATOR(pg_catalog.~~*) ",
+				any ? " AND " : "", exprs[k]);
+			like_pattern(f, parts[k]);
+			any = true;
+		}
+		fputs(any ? ")" : "true)", f);
+	}
+	fputs(")", f);
+}
+
+#define EQ " OPERATOR(pg_catalog.=) "
+
+/*
+ * Rows: the column (relation OID, schema, relation, attnum, name, type, position in COPY's
+ * column list) and the names the rules matched (the same, or for a column of a view or
+ * materialized view reading a covered column: that column's). Every column of such a view is
+ * covered: which of them the covered column feeds is not in the catalog, so all are.
+ */
 char *pg_catalog_sql(const struct ag_masker *m)
 {
 	const char *const *schemas = NULL, *const *tables = NULL, *const *columns = NULL;
@@ -213,32 +247,39 @@ char *pg_catalog_sql(const struct ag_masker *m)
 	      "WHERE b.attrelid OPERATOR(pg_catalog.=) a.attrelid "
 	      "AND b.attnum OPERATOR(pg_catalog.>) 0 AND NOT b.attisdropped "
 	      "AND b.attgenerated OPERATOR(pg_catalog.=) '' "
-	      "AND b.attnum OPERATOR(pg_catalog.<=) a.attnum) ELSE 0 END "
+	      "AND b.attnum OPERATOR(pg_catalog.<=) a.attnum) ELSE 0 END, "
+	      "n.nspname, c.relname, a.attname "
 	      "FROM pg_catalog.pg_attribute a "
 	      "JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid "
 	      "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
 	      "WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped "
 	      "AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p,v,m,f}'::pg_catalog.\"char\"[]) "
-	      "AND (",
+	      "AND ",
 	      f);
-	for (size_t i = 0; i < n; i++) {
-		const char *parts[3] = { schemas ? schemas[i] : NULL, tables ? tables[i] : NULL,
-					 columns ? columns[i] : NULL };
-		static const char *const exprs[3] = { "n.nspname", "c.relname", "a.attname" };
-		bool any = false;
-
-		fputs(i ? " OR (" : "(", f);
-		for (int k = 0; k < 3; k++) {
-			if (!parts[k] || !strcmp(parts[k], "*"))
-				continue;
-			fprintf(f, "%s%s::pg_catalog.text OPERATOR(pg_catalog.~~*) ",
-				any ? " AND " : "", exprs[k]);
-			like_pattern(f, parts[k]);
-			any = true;
-		}
-		fputs(any ? ")" : "true)", f);
-	}
-	fputs(") ORDER BY 1, 4", f);
+	patterns_where(f, n, schemas, tables, columns);
+	fputs(" UNION ALL SELECT v.oid, vn.nspname, v.relname, va.attnum, va.attname, va.atttypid, "
+	      "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute b "
+	      "WHERE b.attrelid" EQ "va.attrelid AND b.attnum OPERATOR(pg_catalog.>) 0 "
+	      "AND NOT b.attisdropped AND b.attnum OPERATOR(pg_catalog.<=) va.attnum), "
+	      "n.nspname, c.relname, a.attname "
+	      "FROM pg_catalog.pg_attribute a "
+	      "JOIN pg_catalog.pg_class c ON c.oid" EQ "a.attrelid "
+	      "JOIN pg_catalog.pg_namespace n ON n.oid" EQ "c.relnamespace "
+	      "JOIN pg_catalog.pg_depend d ON d.refclassid" EQ
+	      "'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid" EQ "c.oid "
+	      "AND d.refobjsubid" EQ "a.attnum AND d.classid" EQ
+	      "'pg_catalog.pg_rewrite'::pg_catalog.regclass "
+	      "JOIN pg_catalog.pg_rewrite rw ON rw.oid" EQ "d.objid "
+	      "JOIN pg_catalog.pg_class v ON v.oid" EQ
+	      "rw.ev_class AND v.oid OPERATOR(pg_catalog.<>) "
+	      "c.oid AND v.relkind" EQ "ANY ('{v,m}'::pg_catalog.\"char\"[]) "
+	      "JOIN pg_catalog.pg_namespace vn ON vn.oid" EQ "v.relnamespace "
+	      "JOIN pg_catalog.pg_attribute va ON va.attrelid" EQ "v.oid "
+	      "AND va.attnum OPERATOR(pg_catalog.>) 0 AND NOT va.attisdropped "
+	      "WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped AND ",
+	      f);
+	patterns_where(f, n, schemas, tables, columns);
+	fputs(" ORDER BY 1, 4", f);
 	if (fclose(f)) {
 		free(sql);
 		return NULL;
@@ -289,15 +330,15 @@ static char *field_dup(const uint8_t *p, int32_t len)
 int pg_catalog_add_row(struct pg_catalog *c, const struct ag_masker *m, const uint8_t *body,
 		       size_t len)
 {
-	char *f[7] = { 0 };
+	char *f[10] = { 0 };
 	struct pg_catcol *cc;
 	struct pg_rd r;
 	int err = -EPROTO;
 
 	pg_rd_init(&r, body, len);
-	if (pg_rd_u16(&r) != 7)
+	if (pg_rd_u16(&r) != 10)
 		return -EPROTO;
-	for (int i = 0; i < 7; i++) {
+	for (int i = 0; i < 10; i++) {
 		int32_t flen = (int32_t)pg_rd_u32(&r);
 		const uint8_t *v = flen >= 0 ? pg_rd_bytes(&r, flen) : NULL;
 
@@ -310,7 +351,7 @@ int pg_catalog_add_row(struct pg_catalog *c, const struct ag_masker *m, const ui
 		}
 	}
 	/* The LIKE filter is a superset: the masker's own matching has the last word. */
-	if (!ag_masker_column(m, f[1], f[2], f[4])) {
+	if (!ag_masker_column(m, f[7], f[8], f[9])) {
 		err = 0;
 		goto out;
 	}
@@ -336,7 +377,7 @@ int pg_catalog_add_row(struct pg_catalog *c, const struct ag_masker *m, const ui
 	f[1] = f[2] = f[4] = NULL;
 	err = 0;
 out:
-	for (int i = 0; i < 7; i++)
+	for (int i = 0; i < 10; i++)
 		free(f[i]);
 	return err;
 }
@@ -372,6 +413,15 @@ bool pg_catalog_covered(const struct pg_catalog *c, uint32_t rel, int attnum, ui
 static bool rel_matches(const struct pg_catcol *cc, const char *schema, const char *table)
 {
 	return !strcmp(cc->relname, table) && (!schema || !strcmp(cc->nsp, schema));
+}
+
+bool pg_catalog_has_column(const struct pg_catalog *c, const char *schema, const char *table,
+			   const char *column)
+{
+	for (size_t i = 0; c && i < c->n; i++)
+		if (rel_matches(&c->cols[i], schema, table) && !strcmp(c->cols[i].att, column))
+			return true;
+	return false;
 }
 
 bool pg_catalog_has_table(const struct pg_catalog *c, const char *schema, const char *table)
@@ -490,6 +540,8 @@ void pg_shape_unref(struct pg_shape *sh)
 {
 	if (!sh || --sh->refs)
 		return;
+	sql_origin_unref(sh->orig);
+	free(sh->sql);
 	free(sh->cols);
 	free(sh);
 }
@@ -511,6 +563,16 @@ int pg_shape_from_rowdesc(struct pg_shape *sh, const struct pg_masking *mk, cons
 	uint16_t n;
 	bool any = false;
 
+	/* With the catalog as it is now (a view made since the statement came is in it). */
+	if (sh->sql && mk->cat) {
+		int err;
+
+		sql_origin_unref(sh->orig);
+		sh->orig = NULL;
+		err = sql_origin_analyze(sh->sql, mk->m, mk->cat, &sh->orig);
+		if (err)
+			return err;
+	}
 	pg_rd_init(&r, body, len);
 	n = pg_rd_u16(&r);
 	if (r.bad)
@@ -537,7 +599,8 @@ int pg_shape_from_rowdesc(struct pg_shape *sh, const struct pg_masking *mk, cons
 			return -EPROTO;
 		}
 		covered = c->table && pg_catalog_covered(mk->cat, c->table, c->attnum, &ctype);
-		plan_col(c, mk, covered);
+		c->derived = !covered && sql_origin_derived(sh->orig, i, c->table);
+		plan_col(c, mk, covered || c->derived);
 		any |= c->act != PG_COL_PASS;
 	}
 	free(sh->cols);
@@ -656,7 +719,15 @@ int pg_mask_datarow(const struct pg_masking *mk, const struct pg_shape *sh, cons
 			mv++; /* the version byte stays */
 			mlen--;
 		}
-		rc = mask_value(mk, c->act, c->kind, mv, mlen, &tmp, &is_null);
+		if (c->derived && c->act == PG_COL_WHOLE && c->kind == AG_MASK_TEXT &&
+		    ag_masker_style(mk->m) == AG_MASK_PARTIAL) {
+			/* The hint kept of a computed value can be the secret's own characters. */
+			tmp.start = tmp.end = 0;
+			is_null = false;
+			rc = ag_buf_append(&tmp, "[REDACTED]", 10) ? -ENOMEM : 1;
+		} else {
+			rc = mask_value(mk, c->act, c->kind, mv, mlen, &tmp, &is_null);
+		}
 		if (rc < 0) {
 			err = rc;
 			goto out;

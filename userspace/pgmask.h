@@ -38,6 +38,9 @@ struct pg_catalog *pg_catalog_ref(struct pg_catalog *c);
 bool pg_catalog_covered(const struct pg_catalog *c, uint32_t rel, int attnum, uint32_t *type);
 /* Does any covered column belong to a relation named `table` (schema NULL: any schema)? */
 bool pg_catalog_has_table(const struct pg_catalog *c, const char *schema, const char *table);
+/* Is a column of that name in such a relation covered (a view's, say)? */
+bool pg_catalog_has_column(const struct pg_catalog *c, const char *schema, const char *table,
+			   const char *column);
 
 /*
  * A process-wide cache of resolved catalogs, by target, database and query (which depends only
@@ -64,7 +67,10 @@ struct pg_col {
 	uint8_t act;	/* enum pg_col_act */
 	uint8_t kind;	/* enum ag_mask_kind */
 	bool jsonb_bin; /* binary jsonb: a version byte, then text */
+	bool derived;	/* computed from a covered column (sqlorigin.h), not one itself */
 };
+
+struct sql_origin;
 
 /* Shared by a portal and the Executes queued on it (refcounted, one thread). */
 struct pg_shape {
@@ -73,6 +79,8 @@ struct pg_shape {
 	bool any;   /* some column may be rewritten */
 	uint16_t ncols;
 	struct pg_col *cols;
+	char *sql;		 /* its statement, analysed when the RowDescription comes */
+	struct sql_origin *orig; /* outputs derived from masked columns (sqlorigin.h), or NULL */
 };
 
 struct pg_masking {

@@ -22,7 +22,7 @@
 #define MASK_SQL                                                                                   \
 	"    sql:\n"                                                                               \
 	"      - { name: rw, when: { command: [select, insert, update, delete, copy, begin,"       \
-	" commit, rollback, set, show, create, ddl] }, then: allow }\n"
+	" commit, rollback, set, show, create, ddl, prepare, execute] }, then: allow }\n"
 
 #define MASK_RULES(style)                                                                          \
 	MASK_SQL                                                                                   \
@@ -91,7 +91,8 @@ static void subtest_columns(struct th_pg_gate *g)
 	/* A typed column covered: NULL (empty in psql's unaligned output). */
 	ASSERT_OK(psql(g, g->tagged, "SELECT id, amount, amount IS NULL FROM orders WHERE id = 2"),
 		  "psql");
-	ASSERT_STREQ(out, "2||f\n", "numeric column NULLed, its derived value is not covered");
+	/* Derived from a covered column: NULL too (sqlorigin.c). */
+	ASSERT_STREQ(out, "2||\n", "numeric column NULLed, and a value derived from it");
 	no_secrets(out, "columns");
 }
 
@@ -124,10 +125,15 @@ static void subtest_derived(struct th_pg_gate *g)
 		  "psql");
 	printf("%s", out);
 	no_secrets(out, "derived values");
-	ASSERT_HAS_SUBSTR(out, "[REDACTED:email]", "email found in a derived value");
-	ASSERT_HAS_SUBSTR(out, "[REDACTED:ssn]", "ssn found in a derived value");
-	ASSERT_HAS_SUBSTR(out, "card: [REDACTED:credit-card]", "card found in a derived value");
-	ASSERT_HAS_SUBSTR(out, "\"note\":\"likes cats\"", "row_to_json stays JSON");
+	/* Computed from covered columns: masked whole (sqlorigin.c); card is only detected. */
+	ASSERT_HAS_SUBSTR(out, "[REDACTED]|[REDACTED]|[REDACTED]|[REDACTED]|card: "
+			  "[REDACTED:credit-card]|[REDACTED]\n", "derived values masked whole");
+	/* A value no rule covers: the detectors find what they know. */
+	ASSERT_OK(psql(g, g->tagged, "SELECT lower(note), row_to_json(o) FROM users, "
+		       "(SELECT item FROM orders WHERE id = 1) o WHERE id = 2"),
+		  "psql");
+	ASSERT_STREQ(out, "reach me at [REDACTED:email]|{\"item\":\"book\"}\n",
+		     "detectors on a derived value; row_to_json of an unmasked row stays JSON");
 	/* A JWT and an AWS key made up on the fly. */
 	ASSERT_OK(psql(g, g->tagged,
 		       "SELECT 'token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
@@ -266,15 +272,173 @@ static void subtest_binary(struct th_pg_gate *g)
 		printf("describe %d: %s %s", describe, types, rows);
 		/* The client sees only what it asked for: no RowDescription without Describe. */
 		ASSERT_STREQ(types, describe ? "12TDCZ" : "12DCZ", "answers");
-		/* email::varchar has no origin column: the detector finds it. */
+		/* email::varchar has no origin column: derived from email, masked whole. */
 		ASSERT_HAS_SUBSTR(rows,
 				  "00000002|[REDACTED]|[REDACTED]|NULL|reach me at "
-				  "[REDACTED:email]|[REDACTED:credit-card]|[REDACTED:email]|",
+				  "[REDACTED:email]|[REDACTED:credit-card]|[REDACTED]|",
 				  "binary: text masked, int4 intact, numeric NULLed");
 		/* A record in binary carries the email raw: the detector NULLs it. */
 		ASSERT_HAS_SUBSTR(rows, "|NULL\n", "binary record with an email: NULL");
 		no_secrets(rows, "binary");
 	}
+	close(fd);
+}
+
+/* --- values computed from masked columns (sqlorigin.c) --------------------------------------- */
+
+struct disguise {
+	const char *name, *sql, *expect;
+};
+
+static const struct disguise disguises[] = {
+	{ "origin_reverse", "SELECT id, reverse(email), note FROM users WHERE id = 1",
+	  "1|[REDACTED]|likes cats\n" },
+	{ "origin_hex_encode",
+	  "SELECT id, encode(convert_to(email, 'UTF8'), 'hex') FROM users WHERE id = 1",
+	  "1|[REDACTED]\n" },
+	/* bytea has no valid replacement text: NULL. */
+	{ "origin_bytea_cast", "SELECT id, email::bytea, ssn::bytea FROM users WHERE id = 1",
+	  "1||\n" },
+	{ "origin_substr_concat",
+	  "SELECT substr(ssn, 1, 3) || '-' || substr(ssn, 5), id FROM users WHERE id = 1",
+	  "[REDACTED]|1\n" },
+	{ "origin_translate", "SELECT translate(email, '@.', '#,') FROM users WHERE id = 1",
+	  "[REDACTED]\n" },
+	{ "origin_md5", "SELECT md5(ssn), id FROM users WHERE id = 1", "[REDACTED]|1\n" },
+	{ "origin_string_agg", "SELECT string_agg(email, ',' ORDER BY id), count(*) FROM users",
+	  "[REDACTED]|3\n" },
+	{ "origin_array_agg",
+	  "SELECT array_agg(ssn ORDER BY id), array_agg(id ORDER BY id) FROM users",
+	  "[REDACTED]|{1,2,3}\n" },
+	{ "origin_whole_row",
+	  "SELECT row_to_json(u), to_jsonb(u), u::text, u.id FROM users u WHERE id = 1",
+	  "[REDACTED]|[REDACTED]|[REDACTED]|1\n" },
+	{ "origin_whole_row_unaliased",
+	  "SELECT json_agg(users.*), (SELECT users FROM users WHERE id = 2) FROM users",
+	  "[REDACTED]|[REDACTED]\n" },
+	{ "origin_scalar_subquery", "SELECT (SELECT email FROM users ORDER BY id LIMIT 1), 42",
+	  "[REDACTED]|42\n" },
+	{ "origin_subquery_in_from",
+	  "SELECT x, y, r FROM (SELECT email AS x, id AS y, reverse(ssn) AS r FROM users) s "
+	  "WHERE y = 1",
+	  "[REDACTED]|1|[REDACTED]\n" },
+	{ "origin_cte",
+	  "WITH t AS (SELECT id, upper(email) AS e FROM users), c(y) AS (SELECT md5(ssn) "
+	  "FROM users) SELECT t.id, t.e, (SELECT y FROM c LIMIT 1) FROM t WHERE t.id = 1",
+	  "1|[REDACTED]|[REDACTED]\n" },
+	{ "origin_case_coalesce_format",
+	  "SELECT CASE WHEN id > 0 THEN email END, coalesce(ssn, ''), format('%s!', email) "
+	  "FROM users WHERE id = 1",
+	  "[REDACTED]|[REDACTED]|[REDACTED]\n" },
+	{ "origin_left_lower",
+	  "SELECT left(email, 3), lower(email), right(ssn, 4) FROM users WHERE id = 1",
+	  "[REDACTED]|[REDACTED]|[REDACTED]\n" },
+	/* A non-text value derived from a masked column is NULL: its type still parses. */
+	{ "origin_casts_operators",
+	  "SELECT email::varchar(100), ssn || '', length(email), id FROM users WHERE id = 1",
+	  "[REDACTED]|[REDACTED]||1\n" },
+	{ "origin_window",
+	  "SELECT id, first_value(email) OVER w, lag(ssn) OVER w FROM users "
+	  "WINDOW w AS (ORDER BY id) ORDER BY id DESC LIMIT 1",
+	  "3|[REDACTED]|[REDACTED]\n" },
+	{ "origin_union", "SELECT reverse(email) FROM users WHERE id = 1 UNION ALL SELECT 'x'",
+	  "[REDACTED]\n[REDACTED]\n" },
+	{ "origin_returning_insert",
+	  "INSERT INTO users (id, email, ssn, note) SELECT 99, email, reverse(ssn), note "
+	  "FROM users WHERE id = 1 RETURNING id, email, reverse(ssn), note",
+	  "99|[REDACTED]|[REDACTED]|likes cats\n" },
+	{ "origin_returning_update",
+	  "UPDATE users SET note = note WHERE id = 99 RETURNING upper(email), id",
+	  "[REDACTED]|99\n" },
+	{ "origin_returning_delete", "DELETE FROM users WHERE id = 99 RETURNING ssn, id",
+	  "[REDACTED]|99\n" },
+	/* SQL-level PREPARE/EXECUTE: the origin is not followed; what has none is masked. */
+	{ "origin_sql_execute",
+	  "PREPARE p1 AS SELECT reverse(email), id FROM users WHERE id = 1; EXECUTE p1",
+	  "[REDACTED]|1\n" },
+	{ "origin_cursor_fetch",
+	  "BEGIN; DECLARE c1 CURSOR FOR SELECT md5(ssn), id FROM users WHERE id = 1; "
+	  "FETCH 1 FROM c1; COMMIT",
+	  "[REDACTED]|1\n" },
+};
+
+static void subtest_disguise(struct th_pg_gate *g, const struct disguise *d)
+{
+	if (!ASSERT_OK(psql(g, g->tagged, d->sql), d->name))
+		return;
+	no_secrets(out, d->name);
+	ASSERT_STREQ(out, d->expect, d->name);
+}
+
+/* What reads no masked column is exactly as direct, computed or not. */
+static void subtest_origin_unrelated(struct th_pg_gate *g)
+{
+	static const char *const qs[] = {
+		"SELECT id, reverse(item), upper(item), id * 2, created, md5(item) FROM orders "
+		"ORDER BY id",
+		"SELECT id, reverse(note), length(note), u.id + 1 FROM users u WHERE id IN (1, 3) "
+		"ORDER BY id",
+		"WITH t AS (SELECT item AS x FROM orders) SELECT upper(x) FROM t ORDER BY 1",
+	};
+
+	for (size_t i = 0; i < sizeof(qs) / sizeof(qs[0]); i++) {
+		ASSERT_OK(psql(g, g->tagged, qs[i]), "psql");
+		ASSERT_OK(psql(g, NULL, qs[i]), "direct");
+		ASSERT_STREQ(out, direct, qs[i]);
+	}
+}
+
+/* A view's columns have the view's own origin: a view reading a covered column is covered. */
+static void subtest_origin_view(struct th_pg_gate *g)
+{
+	ASSERT_OK(psql(g, g->tagged,
+		       "CREATE TEMP VIEW uv AS SELECT id, email, md5(ssn) AS h, note FROM users;\n"
+		       "SELECT email, h, md5(h), upper(v.note) FROM uv v WHERE id = 1;\n"
+		       "SELECT item FROM orders WHERE id = 1;\n"),
+		  "psql");
+	no_secrets(out, "view");
+	ASSERT_STREQ(out, "[REDACTED]|[REDACTED]|[REDACTED]|[REDACTED]\nbook\n",
+		     "view columns masked (all of them: which one a covered column feeds is "
+		     "not known), other tables untouched");
+}
+
+static void subtest_origin_copy(struct th_pg_gate *g)
+{
+	ASSERT_NEQ(th_pg_psql(&g->pg, g->tagged,
+			      "COPY (SELECT reverse(email), md5(ssn) FROM users) TO STDOUT", out,
+			      sizeof(out), err, sizeof(err)),
+		   0, "copy (query) of derived values refused");
+	ASSERT_HAS_SUBSTR(err, "COPY (query) TO STDOUT reads masked columns", "says why");
+	no_secrets(out, "copy");
+}
+
+/* The extended protocol: Parse, Bind, (Describe), Execute; text and binary results. */
+static void subtest_origin_extended(struct th_pg_gate *g)
+{
+	static const char q[] = "SELECT id, reverse(email), md5(ssn), note, length(ssn) FROM users "
+				"WHERE id = 1";
+	struct ag_buf b = { 0 };
+	char rows[8192], types[64];
+	int fd;
+
+	th_pg_set_auth(&g->pg, "md5");
+	fd = raw_connect(g);
+	if (!ASSERT_GE(fd, 0, "raw connection"))
+		return;
+	for (int fmt = 0; fmt <= 1; fmt++)
+		for (int describe = 1; describe >= 0; describe--) {
+			pg_put_parse(&b, "", q);
+			bind_exec(&b, describe, fmt);
+			ASSERT_OK(th_send_all(fd, ag_buf_head(&b), ag_buf_len(&b), 5000), "send");
+			ag_buf_free(&b);
+			ASSERT_OK(raw_rows(fd, rows, sizeof(rows), types, sizeof(types)), "rows");
+			printf("fmt %d describe %d: %s %s", fmt, describe, types, rows);
+			ASSERT_STREQ(rows,
+				     fmt ? "00000001|[REDACTED]|[REDACTED]|likes cats|NULL\n"
+					 : "1|[REDACTED]|[REDACTED]|likes cats|NULL\n",
+				     "extended: derived columns masked");
+			no_secrets(rows, "extended");
+		}
 	close(fd);
 }
 
@@ -320,6 +484,10 @@ static void subtest_partial(struct th_pg_gate *g)
 		return;
 	ASSERT_OK(psql(g, g->tagged, "SELECT email, ssn, card FROM users WHERE id = 1"), "psql");
 	ASSERT_STREQ(out, "a***@example.com|***-**-6789|**** **** **** 1111\n", "partial forms");
+	/* A computed value keeps no hint: reversed, its last characters are the first ones. */
+	ASSERT_OK(psql(g, g->tagged, "SELECT reverse(ssn), lower(email) FROM users WHERE id = 1"),
+		  "psql");
+	ASSERT_STREQ(out, "[REDACTED]|[REDACTED]\n", "derived values redacted under partial");
 }
 
 static void subtest_hash(struct th_pg_gate *g)
@@ -471,15 +639,15 @@ static void subtest_large_row(struct th_pg_gate *g)
 			     "import psycopg2\n"
 			     "c = psycopg2.connect('')\n"
 			     "cur = c.cursor()\n"
-			     "cur.execute(\"SELECT repeat('y', 3000000) || ' ' || email FROM users "
-			     "WHERE id = 1\")\n"
+			     "cur.execute(\"SELECT repeat('y', 3000000) || ' ' || note FROM users "
+			     "WHERE id = 2\")\n"
 			     "v = cur.fetchone()[0]\n"
 			     "print(len(v), v[-20:])\n",
 			     out, sizeof(out), err, sizeof(err), 60000);
 
 	if (!ASSERT_EQ(rc, 0, "python"))
 		printf("stderr: %s\n", err);
-	ASSERT_STREQ(out, "3000017 yyy [REDACTED:email]\n", "a 3 MB row held whole and masked");
+	ASSERT_STREQ(out, "3000029  at [REDACTED:email]\n", "a 3 MB row held whole and masked");
 }
 
 void test_pg_mask(void)
@@ -516,6 +684,19 @@ void test_pg_mask(void)
 		subtest_ddl_mix(&g);
 	if (test__start_subtest("large_row_masked"))
 		subtest_large_row(&g);
+	ASSERT_OK(th_pg_gate_rules(&g, "enforce", MASK_RULES("redact")), "redact again");
+	for (size_t i = 0; i < sizeof(disguises) / sizeof(disguises[0]); i++) {
+		if (test__start_subtest(disguises[i].name))
+			subtest_disguise(&g, &disguises[i]);
+	}
+	if (test__start_subtest("origin_unrelated_untouched"))
+		subtest_origin_unrelated(&g);
+	if (test__start_subtest("origin_view"))
+		subtest_origin_view(&g);
+	if (test__start_subtest("origin_copy_query_refused"))
+		subtest_origin_copy(&g);
+	if (test__start_subtest("origin_extended_protocol"))
+		subtest_origin_extended(&g);
 out:
 	test__end_subtest();
 	th_pg_gate_cleanup(&g);
