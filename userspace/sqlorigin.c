@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <yajl/yajl_tree.h>
 
 #include "sqlorigin.h"
@@ -244,6 +245,31 @@ static bool columnref_tainted(const struct an *a, yajl_val cr)
 	return n == 1 && row_tainted(a, last);
 }
 
+/*
+ * Built-in functions that run SQL given as text or read a table, schema or database named by a
+ * string (the query_to_xml family): what they return cannot be traced to its columns, so their
+ * result is derived (this analysis only runs when the mask has column rules).
+ */
+static bool func_runs_sql(yajl_val fc)
+{
+	static const char *const names[] = {
+		"query_to_xml",	      "query_to_xmlschema",	 "query_to_xml_and_xmlschema",
+		"table_to_xml",	      "table_to_xmlschema",	 "table_to_xml_and_xmlschema",
+		"cursor_to_xml",      "cursor_to_xmlschema",	 "schema_to_xml",
+		"schema_to_xmlschema", "schema_to_xml_and_xmlschema", "database_to_xml",
+		"database_to_xmlschema", "database_to_xml_and_xmlschema", "dblink",
+	};
+	yajl_val f = jget(fc, "funcname");
+	const char *nm = f && jlen(f) ? jstr(jget(jat(f, jlen(f) - 1), "String"), "sval") : NULL;
+
+	if (!nm)
+		return false;
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+		if (!strcasecmp(nm, names[i]))
+			return true;
+	return false;
+}
+
 static bool tainted(const struct an *a, yajl_val v)
 {
 	if (!v)
@@ -263,6 +289,8 @@ static bool tainted(const struct an *a, yajl_val v)
 		if (!strcmp(k, "ColumnRef")) {
 			if (columnref_tainted(a, c))
 				return true;
+		} else if (!strcmp(k, "FuncCall") && func_runs_sql(c)) {
+			return true;
 		} else if (tainted(a, c)) {
 			return true;
 		}
