@@ -106,6 +106,11 @@ struct ag_sql_result {
 	char *error;	      /* parse error (NULL when parsed) */
 	int error_pos;	      /* 1-based cursor position of the error, 0 if unknown */
 	/*
+	 * The classification read a constant's value (set_config('role', ...), EXPLAIN (ANALYZE
+	 * 'off')): it holds for this text only, never for others of its shape (sql_shape.c).
+	 */
+	bool literal_read;
+	/*
 	 * stmts is one allocation of size bytes that also holds every tables array and string
 	 * the statements point to: read it, never free or realloc parts of it.
 	 */
