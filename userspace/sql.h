@@ -121,8 +121,9 @@ struct ag_sql_result {
  * 0 when parsed (out filled, at least one statement: an empty or comment-only string is one
  * AG_SQL_EMPTY statement); -EINVAL with out->error set for unparseable SQL (and for SQL over
  * AG_SQL_MAX_LEN or AG_SQL_MAX_NESTING, or nested too deep to classify safely); -ENOMEM.
- * Results are cached per thread by statement text (4 KiB and shorter); out is always the
- * caller's own copy.
+ * Results are cached per thread by statement text (4 KiB and shorter), and by shape (the
+ * same tokens with other constants, when the classification read no constant: sql_shape.c);
+ * out is always the caller's own copy.
  * Statements too long for the caller's stack are parsed on a short-lived thread of their own.
  */
 int ag_sql_classify(const char *sql, struct ag_sql_result *out);

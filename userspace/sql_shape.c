@@ -17,8 +17,9 @@
  *
  * Kept by shape: only successful classifications that did not read a constant's value
  * (ag_sql_result.literal_read: set_config('role', ...) and EXPLAIN (ANALYZE 'off') read one).
- * Not keyed at all (classified by text as before): statements over AG_SQL_SHAPE_MAX_TEXT,
- * strings the scanner refuses, and strings with UESCAPE (whose constant changes how a U&""
+ * Not keyed at all (classified by text as before): statements over AG_SQL_SHAPE_MAX_TEXT or
+ * whose key would be over twice that (so 256 slots hold at most 2 MiB of keys), strings the
+ * scanner refuses, and strings with UESCAPE (whose constant changes how a U&""
  * identifier next to it reads). Statement offsets depend on the lengths of constants: they are
  * kept as the index of the `;` token that starts or ends each statement and rebuilt from the
  * new string's tokens on a hit (a result whose offsets do not map is not kept).
@@ -37,6 +38,7 @@
 #include "sql_shape.h"
 
 #define SHAPE_SLOTS 256
+#define SHAPE_MAX_KEY (2 * AG_SQL_SHAPE_MAX_TEXT)
 
 /* The tokens of one string: its key, and where its non-comment tokens start. */
 struct shape {
@@ -196,6 +198,9 @@ static int shape_of(const char *sql, size_t len, struct shape *sh)
 		return -EINVAL;
 	err = shape_build(sql, len, scan, sh);
 	pg_query__scan_result__free_unpacked(scan, NULL);
+	/* A key is at most 9 bytes per byte of text ("1,1,..."): bound what a slot may hold. */
+	if (!err && sh->klen > SHAPE_MAX_KEY)
+		err = -EINVAL;
 	if (err)
 		shape_free(sh);
 	return err;
