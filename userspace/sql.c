@@ -1691,7 +1691,7 @@ void ag_sql_cache_stats(uint64_t *hits, uint64_t *misses)
 	*misses = tcache ? tcache->misses : 0;
 }
 
-static uint64_t hash_text(const char *s, size_t n)
+uint64_t ag_sql_hash_text(const char *s, size_t n)
 {
 	uint64_t h = 0x9e3779b97f4a7c15ULL ^ n, v;
 
@@ -1764,7 +1764,7 @@ int ag_sql_classify(const char *sql, struct ag_sql_result *out)
 	c = len <= CACHE_MAX_TEXT ? cache_get() : NULL;
 	if (!c)
 		return ag_sql_classify_uncached(sql, out);
-	h = hash_text(sql, len);
+	h = ag_sql_hash_text(sql, len);
 	s = &c->slot[h % CACHE_SLOTS];
 	if (s->text && s->hash == h && s->len == len && !memcmp(s->text, sql, len)) {
 		c->hits++;
@@ -1795,7 +1795,7 @@ static struct cache_slot *cache_find(const char *sql, size_t len)
 
 	if (!tcache || len > CACHE_MAX_TEXT)
 		return NULL;
-	h = hash_text(sql, len);
+	h = ag_sql_hash_text(sql, len);
 	s = &tcache->slot[h % CACHE_SLOTS];
 	return s->text && s->hash == h && s->len == len && !memcmp(s->text, sql, len) ? s : NULL;
 }

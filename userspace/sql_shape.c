@@ -30,6 +30,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <pg_query.h>
@@ -177,6 +178,47 @@ static int shape_build(const char *sql, size_t len, const PgQuery__ScanResult *s
 	return 0;
 }
 
+/*
+ * protobuf-c's unpack allocates every token on its own: here from a per-thread block instead
+ * (a pgbench statement's tokens fit many times over), the heap only past its end.
+ */
+#define UNPACK_BLOCK (16u << 10)
+
+struct unpack_block {
+	size_t used;
+	max_align_t blk[UNPACK_BLOCK / sizeof(max_align_t)];
+};
+
+static __thread struct unpack_block *ublk; /* allocated and freed with the thread's cache */
+
+static bool in_block(const void *p)
+{
+	return ublk && (const char *)p >= (const char *)ublk->blk &&
+	       (const char *)p < (const char *)ublk->blk + sizeof(ublk->blk);
+}
+
+static void *unpack_alloc(void *data, size_t n)
+{
+	size_t a = (n + sizeof(max_align_t) - 1) & ~(sizeof(max_align_t) - 1);
+	void *p;
+
+	(void)data;
+	if (!ublk || a > sizeof(ublk->blk) - ublk->used)
+		return malloc(n);
+	p = (char *)ublk->blk + ublk->used;
+	ublk->used += a;
+	return p;
+}
+
+static void unpack_free(void *data, void *p)
+{
+	(void)data;
+	if (!in_block(p))
+		free(p);
+}
+
+static ProtobufCAllocator unpack_allocator = { unpack_alloc, unpack_free, NULL };
+
 /* Keys sql by shape (0), or says it cannot be (-EINVAL, -ENOMEM). */
 static int shape_of(const char *sql, size_t len, struct shape *sh)
 {
@@ -192,27 +234,21 @@ static int shape_of(const char *sql, size_t len, struct shape *sh)
 		pg_query_free_scan_result(sr);
 		return -EINVAL;
 	}
-	scan = pg_query__scan_result__unpack(NULL, sr.pbuf.len, (const uint8_t *)sr.pbuf.data);
+	if (ublk)
+		ublk->used = 0;
+	scan = pg_query__scan_result__unpack(&unpack_allocator, sr.pbuf.len,
+					     (const uint8_t *)sr.pbuf.data);
 	pg_query_free_scan_result(sr);
 	if (!scan)
 		return -EINVAL;
 	err = shape_build(sql, len, scan, sh);
-	pg_query__scan_result__free_unpacked(scan, NULL);
+	pg_query__scan_result__free_unpacked(scan, &unpack_allocator);
 	/* A key is at most 9 bytes per byte of text ("1,1,..."): bound what a slot may hold. */
 	if (!err && sh->klen > SHAPE_MAX_KEY)
 		err = -EINVAL;
 	if (err)
 		shape_free(sh);
 	return err;
-}
-
-static uint64_t hash_key(const char *s, size_t n)
-{
-	uint64_t h = 0xcbf29ce484222325ULL;
-
-	for (size_t i = 0; i < n; i++)
-		h = (h ^ (unsigned char)s[i]) * 0x100000001b3ULL;
-	return h ^ (h >> 32);
 }
 
 static void slot_clear(struct shape_slot *s)
@@ -231,6 +267,8 @@ static void scache_destroy(void *p)
 		slot_clear(&c->slot[i]);
 	free(c);
 	scache = NULL;
+	free(ublk);
+	ublk = NULL;
 }
 
 static void scache_key_init(void)
@@ -246,6 +284,8 @@ static struct shape_cache *scache_get(void)
 	scache = calloc(1, sizeof(*scache));
 	if (scache)
 		pthread_setspecific(scache_key, scache);
+	if (scache && !ublk)
+		ublk = calloc(1, sizeof(*ublk)); /* without it, unpack uses the heap */
 	return scache;
 }
 
@@ -328,11 +368,12 @@ int ag_sql_shape_classify(const char *sql, size_t len, struct ag_sql_result *out
 	uint64_t h;
 	int ret;
 
-	if (shape_of(sql, len, &sh) || !(c = scache_get())) {
+	memset(&sh, 0, sizeof(sh));
+	if (!(c = scache_get()) || shape_of(sql, len, &sh)) {
 		shape_free(&sh);
 		return ag_sql_classify_uncached(sql, out);
 	}
-	h = hash_key(sh.key, sh.klen);
+	h = ag_sql_hash_text(sh.key, sh.klen);
 	s = &c->slot[h % SHAPE_SLOTS];
 	if (s->key && s->hash == h && s->klen == sh.klen && !memcmp(s->key, sh.key, sh.klen)) {
 		c->hits++;

@@ -24,3 +24,5 @@ int ag_sql_shape_classify(const char *sql, size_t len, struct ag_sql_result *out
 void ag_sql_shape_stats(uint64_t *hits, uint64_t *misses);
 /* Frees the calling thread's shape cache. */
 void ag_sql_shape_flush(void);
+/* The hash of n bytes both caches use (sql.c). */
+uint64_t ag_sql_hash_text(const char *s, size_t n);
