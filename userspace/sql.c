@@ -22,7 +22,9 @@
  * stack sized for the statement whenever the caller's stack might be too small for it.
  *
  * Results are cached per thread, keyed by the statement text (compared in full, never by hash
- * alone), so a repeated statement costs a copy rather than a parse.
+ * alone), so a repeated statement costs a copy rather than a parse; behind it, a cache keyed
+ * by the statement's shape (its tokens, constants by kind only: sql_shape.c) answers the same
+ * statement with other constants, when its classification read no constant's value.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -37,6 +39,7 @@
 #include <yajl/yajl_parse.h>
 
 #include "sql.h"
+#include "sql_shape.h"
 
 /* Tree depth (JSON levels, about three per SQL nesting level) beyond which a string is refused. */
 #define MAX_DEPTH 10000
@@ -399,7 +402,7 @@ static int json_tree(const char *json, struct arena *a, struct jv **root)
 	return 0;
 }
 
-static const struct jv *jget(const struct jv *o, const char *key)
+static const struct jv *jfind(const struct jv *o, const char *key)
 {
 	if (!o || o->t != J_OBJ)
 		return NULL;
@@ -407,6 +410,42 @@ static const struct jv *jget(const struct jv *o, const char *key)
 		if (!strcmp(k->key, key))
 			return k;
 	return NULL;
+}
+
+/* Set when the walk reads a field that holds a constant's value (see jget). */
+static __thread bool literal_read;
+
+/*
+ * Fields of the raw parse tree that hold what a constant of the SQL says: A_Const's and the
+ * value nodes' (sval, ival, fval, boolval, bsval), and the statement fields filled from a
+ * string constant (COPY's and LOAD's filename, NOTIFY's payload, COMMENT's comment, SECURITY
+ * LABEL's label, a subscription's conninfo, a prepared transaction's gid, a tablespace's
+ * location). Reading one makes the classification hold for this text only (literal_read).
+ */
+static bool is_value_field(const char *key)
+{
+	/* clang-format off */
+	static const char *const f[] = {
+		"sval", "ival", "fval", "boolval", "bsval", "filename", "payload", "comment",
+		"label", "conninfo", "gid", "location", NULL
+	};
+	/* clang-format on */
+
+	for (int i = 0; f[i]; i++)
+		if (!strcmp(key, f[i]))
+			return true;
+	return false;
+}
+
+/*
+ * A field of o; every read of a value field through here sets literal_read, found or not:
+ * libpg_query leaves out zeros and false, so ANALYZE 0 is an Integer without an ival.
+ */
+static const struct jv *jget(const struct jv *o, const char *key)
+{
+	if (o && is_value_field(key))
+		literal_read = true;
+	return jfind(o, key);
 }
 
 static const char *jstr(const struct jv *o, const char *key)
@@ -441,13 +480,21 @@ static const struct jv *jnode(const struct jv *v, const char **type)
 	return v->kids;
 }
 
-/* The text of a String node ({"String": {"sval": "x"}}), or NULL. */
+/*
+ * The text of a String node ({"String": {"sval": "x"}}) that names something, or NULL: only for
+ * lists the grammar builds from identifiers and keywords alone (function names, ColumnRef
+ * fields, indirection, DROP and COMMENT object names), so reading it does not set
+ * literal_read. A String that may hold a constant (a DefElem's arg) is read with jstr.
+ */
 static const char *jstring_node(const struct jv *v)
 {
 	const char *type;
-	const struct jv *f = jnode(v, &type);
+	const struct jv *f = jnode(v, &type), *s;
 
-	return f && !strcmp(type, "String") ? jstr(f, "sval") : NULL;
+	if (!f || strcmp(type, "String"))
+		return NULL;
+	s = jfind(f, "sval");
+	return s && s->t == J_STR ? s->s : NULL;
 }
 
 /* ---- the walker ---- */
@@ -1362,7 +1409,9 @@ static int classify_here(const char *sql, struct ag_sql_result *out)
 	} else if (err == -EINVAL) {
 		err = set_error(out, "libpg_query returned a parse tree that is not JSON", 0);
 	} else if (!err) {
+		literal_read = false;
 		err = classify_tree(root, out);
+		out->literal_read = literal_read;
 	}
 	arena_free(&a);
 	return err;
@@ -1629,6 +1678,7 @@ static struct cache *cache_get(void)
 
 void ag_sql_cache_flush(void)
 {
+	ag_sql_shape_flush();
 	if (!tcache)
 		return;
 	pthread_setspecific(cache_key, NULL);
@@ -1641,7 +1691,7 @@ void ag_sql_cache_stats(uint64_t *hits, uint64_t *misses)
 	*misses = tcache ? tcache->misses : 0;
 }
 
-static uint64_t hash_text(const char *s, size_t n)
+uint64_t ag_sql_hash_text(const char *s, size_t n)
 {
 	uint64_t h = 0x9e3779b97f4a7c15ULL ^ n, v;
 
@@ -1668,6 +1718,7 @@ int ag_sql_result_copy(const struct ag_sql_result *src, struct ag_sql_result *ds
 	memset(dst, 0, sizeof(*dst));
 	dst->fingerprint = src->fingerprint;
 	dst->error_pos = src->error_pos;
+	dst->literal_read = src->literal_read;
 	if (src->error && !(dst->error = strdup(src->error)))
 		return -ENOMEM;
 	if (!src->stmts)
@@ -1713,14 +1764,14 @@ int ag_sql_classify(const char *sql, struct ag_sql_result *out)
 	c = len <= CACHE_MAX_TEXT ? cache_get() : NULL;
 	if (!c)
 		return ag_sql_classify_uncached(sql, out);
-	h = hash_text(sql, len);
+	h = ag_sql_hash_text(sql, len);
 	s = &c->slot[h % CACHE_SLOTS];
 	if (s->text && s->hash == h && s->len == len && !memcmp(s->text, sql, len)) {
 		c->hits++;
 		return ag_sql_result_copy(&s->r, out) ?: s->ret;
 	}
 	c->misses++;
-	ret = ag_sql_classify_uncached(sql, out);
+	ret = ag_sql_shape_classify(sql, len, out);
 	if (ret && ret != -EINVAL)
 		return ret;
 	slot_clear(s);
@@ -1744,7 +1795,7 @@ static struct cache_slot *cache_find(const char *sql, size_t len)
 
 	if (!tcache || len > CACHE_MAX_TEXT)
 		return NULL;
-	h = hash_text(sql, len);
+	h = ag_sql_hash_text(sql, len);
 	s = &tcache->slot[h % CACHE_SLOTS];
 	return s->text && s->hash == h && s->len == len && !memcmp(s->text, sql, len) ? s : NULL;
 }

@@ -106,6 +106,11 @@ struct ag_sql_result {
 	char *error;	      /* parse error (NULL when parsed) */
 	int error_pos;	      /* 1-based cursor position of the error, 0 if unknown */
 	/*
+	 * The classification read a constant's value (set_config('role', ...), EXPLAIN (ANALYZE
+	 * 'off')): it holds for this text only, never for others of its shape (sql_shape.c).
+	 */
+	bool literal_read;
+	/*
 	 * stmts is one allocation of size bytes that also holds every tables array and string
 	 * the statements point to: read it, never free or realloc parts of it.
 	 */
@@ -116,8 +121,9 @@ struct ag_sql_result {
  * 0 when parsed (out filled, at least one statement: an empty or comment-only string is one
  * AG_SQL_EMPTY statement); -EINVAL with out->error set for unparseable SQL (and for SQL over
  * AG_SQL_MAX_LEN or AG_SQL_MAX_NESTING, or nested too deep to classify safely); -ENOMEM.
- * Results are cached per thread by statement text (4 KiB and shorter); out is always the
- * caller's own copy.
+ * Results are cached per thread by statement text (4 KiB and shorter), and by shape (the
+ * same tokens with other constants, when the classification read no constant: sql_shape.c);
+ * out is always the caller's own copy.
  * Statements too long for the caller's stack are parsed on a short-lived thread of their own.
  */
 int ag_sql_classify(const char *sql, struct ag_sql_result *out);
