@@ -395,3 +395,19 @@ int ag_sql_shape_classify(const char *sql, size_t len, struct ag_sql_result *out
 	shape_free(&sh);
 	return ret;
 }
+
+int ag_sql_shape_key(const char *sql, size_t len, char **key, size_t *klen)
+{
+	struct shape sh;
+	int err = shape_of(sql, len, &sh);
+
+	*key = NULL;
+	*klen = 0;
+	if (err)
+		return err;
+	*key = sh.key;
+	*klen = sh.klen;
+	sh.key = NULL;
+	shape_free(&sh);
+	return 0;
+}

@@ -24,5 +24,10 @@ int ag_sql_shape_classify(const char *sql, size_t len, struct ag_sql_result *out
 void ag_sql_shape_stats(uint64_t *hits, uint64_t *misses);
 /* Frees the calling thread's shape cache. */
 void ag_sql_shape_flush(void);
+/*
+ * The shape key of sql (malloc'd bytes, not a string: free it), for other caches whose answer
+ * does not depend on constants (sqlorigin.c). 0, or -EINVAL when sql has no shape key.
+ */
+int ag_sql_shape_key(const char *sql, size_t len, char **key, size_t *klen);
 /* The hash of n bytes both caches use (sql.c). */
 uint64_t ag_sql_hash_text(const char *s, size_t n);

@@ -13,6 +13,7 @@
 #include <strings.h>
 #include <yajl/yajl_tree.h>
 
+#include "sql_shape.h"
 #include "sqlorigin.h"
 
 struct sql_origin {
@@ -550,7 +551,9 @@ bool sql_origin_derived(const struct sql_origin *o, unsigned int pos, uint32_t t
 #define ORIGIN_MAX_SQL 8192 /* longer statements are analysed every time */
 
 struct origin_slot {
-	char *sql;
+	char *key; /* the statement's shape key (sql_shape.c), or its text when it has none */
+	size_t klen;
+	bool shaped; /* key is a shape key, not text: the two never match each other */
 	struct pg_catalog *cat; /* a reference: the key's address stays this catalog's */
 	struct sql_origin *o;
 };
@@ -558,21 +561,19 @@ struct origin_slot {
 static pthread_mutex_t origin_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct origin_slot origin_cache[ORIGIN_CACHE];
 
-static size_t slot_of(const char *sql, const struct pg_catalog *cat)
-{
-	uint64_t h = 1469598103934665603ull ^ (uintptr_t)cat;
-
-	for (const char *p = sql; *p; p++)
-		h = (h ^ (uint8_t)*p) * 1099511628211ull;
-	return h % ORIGIN_CACHE;
-}
-
+/*
+ * Which output columns derive from masked ones depends on names only (columns, tables,
+ * functions, aliases: identifiers), never on a constant's value: statements of one shape (the
+ * lexer's tokens, constants by kind) share the answer, so pgbench-style traffic with a new
+ * literal each time is analysed once.
+ */
 int sql_origin_analyze(const char *sql, const struct ag_masker *m, const struct pg_catalog *cat,
 		       struct sql_origin **out)
 {
 	struct origin_slot *s;
-	size_t len = strlen(sql);
-	char *copy;
+	size_t len = strlen(sql), klen;
+	char *key;
+	bool shaped = true;
 	int err;
 
 	*out = NULL;
@@ -580,25 +581,35 @@ int sql_origin_analyze(const char *sql, const struct ag_masker *m, const struct 
 		return 0; /* no column rules */
 	if (len > ORIGIN_MAX_SQL)
 		return analyze(sql, m, cat, out);
-	s = &origin_cache[slot_of(sql, cat)];
+	if (ag_sql_shape_key(sql, len, &key, &klen)) {
+		shaped = false;
+		key = strdup(sql);
+		if (!key)
+			return analyze(sql, m, cat, out);
+		klen = len;
+	}
+	s = &origin_cache[(ag_sql_hash_text(key, klen) ^ (uintptr_t)cat) % ORIGIN_CACHE];
 	pthread_mutex_lock(&origin_lock);
-	if (s->sql && s->cat == cat && !strcmp(s->sql, sql)) {
+	if (s->key && s->cat == cat && s->shaped == shaped && s->klen == klen &&
+	    !memcmp(s->key, key, klen)) {
 		*out = sql_origin_ref(s->o);
 		pthread_mutex_unlock(&origin_lock);
+		free(key);
 		return 0;
 	}
 	pthread_mutex_unlock(&origin_lock);
 	err = analyze(sql, m, cat, out);
-	if (err)
+	if (err) {
+		free(key);
 		return err;
-	copy = strdup(sql);
-	if (!copy)
-		return 0;
+	}
 	pthread_mutex_lock(&origin_lock);
-	free(s->sql);
+	free(s->key);
 	pg_catalog_unref(s->cat);
 	sql_origin_unref(s->o);
-	s->sql = copy;
+	s->key = key;
+	s->klen = klen;
+	s->shaped = shaped;
 	s->cat = pg_catalog_ref((struct pg_catalog *)cat);
 	s->o = sql_origin_ref(*out);
 	pthread_mutex_unlock(&origin_lock);

@@ -305,6 +305,8 @@ static const struct disguise disguises[] = {
 	{ "origin_translate", "SELECT translate(email, '@.', '#,') FROM users WHERE id = 1",
 	  "[REDACTED]\n" },
 	{ "origin_md5", "SELECT md5(ssn), id FROM users WHERE id = 1", "[REDACTED]|1\n" },
+	/* The same shape with another constant: the analysis is cached by shape, still masked. */
+	{ "origin_md5_same_shape", "SELECT md5(ssn), id FROM users WHERE id = 2", "[REDACTED]|2\n" },
 	{ "origin_string_agg", "SELECT string_agg(email, ',' ORDER BY id), count(*) FROM users",
 	  "[REDACTED]|3\n" },
 	{ "origin_array_agg",
