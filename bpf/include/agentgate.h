@@ -102,3 +102,15 @@ struct ag_config {
 	__u32 fastpath; /* 1: agent↔gateway leg through sk_msg redirect */
 	__u32 pad;
 };
+
+/*
+ * The kernel relay of raw sessions (bpf/sk_skb.bpf.c): per direction, keyed by the slot of the
+ * receiving socket in ag_relay_socks (2n: the agent's socket, 2n + 1: the upstream's; the peer
+ * is key ^ 1). Shared with the daemon through an mmap of ag_relay_dirs.
+ */
+#define AG_RELAY_SLOTS 32768
+struct ag_relay_dir {
+	__u64 bytes;   /* redirected to the peer's egress by the program */
+	__u32 pending; /* 1: the daemon relays this direction itself (the program passes) */
+	__u32 passed;  /* skbs the program left to the daemon (not redirected) */
+};

@@ -1,0 +1,265 @@
+// SPDX-License-Identifier: GPL-2.0
+/* The kernel relay of raw sessions; see krelay.h and bpf/sk_skb.bpf.c. */
+#include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
+#include <linux/sockios.h>
+#include <linux/tcp.h>
+
+#include "bpf_loader.h"
+#include "krelay.h"
+#include "log.h"
+
+#ifndef SO_COOKIE
+#define SO_COOKIE 57
+#endif
+
+/* How often a held direction checks whether the program's bytes reached the peer's socket. */
+#define AG_KRELAY_RETRY_NS 1000000
+
+struct ag_krelay {
+	struct ag_session *s;
+	struct ag_bpf *b;
+	uint32_t slot;
+	uint64_t cookie[2];
+	uint64_t wbase[2];   /* bytes written into side i's socket when the relay began */
+	uint64_t ubase[2];   /* bytes the daemon had sent to side i then (bytes_down, bytes_up) */
+	bool waiting[2];     /* side i's direction waits for its redirected bytes to land */
+	struct ag_io tio;    /* timerfd for those waits */
+	void (*resume)(struct ag_session *, enum ag_side);
+};
+
+static pthread_mutex_t slots_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t slots_used[AG_RELAY_SLOTS / 64];
+
+static int slot_get(void)
+{
+	int slot = -ENOSPC;
+
+	pthread_mutex_lock(&slots_lock);
+	for (size_t w = 0; w < AG_RELAY_SLOTS / 64; w++) {
+		if (slots_used[w] == UINT64_MAX)
+			continue;
+		slot = w * 64 + __builtin_ctzll(~slots_used[w]);
+		slots_used[w] |= 1ULL << (slot % 64);
+		break;
+	}
+	pthread_mutex_unlock(&slots_lock);
+	return slot;
+}
+
+static void slot_put(uint32_t slot)
+{
+	pthread_mutex_lock(&slots_lock);
+	slots_used[slot / 64] &= ~(1ULL << (slot % 64));
+	pthread_mutex_unlock(&slots_lock);
+}
+
+static struct ag_relay_dir *dir_of(const struct ag_session *s, enum ag_side i)
+{
+	struct ag_relay_dir *dirs = ag_bpf_relay_dirs(s->krelay->b);
+
+	return &dirs[s->krelay->slot * 2 + i];
+}
+
+static enum ag_side peer_of(enum ag_side i)
+{
+	return i == AG_SIDE_AGENT ? AG_SIDE_UPSTREAM : AG_SIDE_AGENT;
+}
+
+/* Bytes ever written into fd's send queue (relative: acked + still queued); 0 on error. */
+static uint64_t written(int fd)
+{
+	struct tcp_info ti = {};
+	socklen_t len = sizeof(ti);
+	int outq = 0;
+
+	if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) || ioctl(fd, SIOCOUTQ, &outq))
+		return 0;
+	return ti.tcpi_bytes_acked + (uint64_t)outq;
+}
+
+static uint64_t user_sent(const struct ag_session *s, enum ag_side to)
+{
+	return to == AG_SIDE_UPSTREAM ? s->bytes_up : s->bytes_down;
+}
+
+/* Has every byte that came in on side i reached the peer's socket? */
+static bool landed(struct ag_session *s, enum ag_side i)
+{
+	struct ag_krelay *kr = s->krelay;
+	enum ag_side o = peer_of(i);
+	uint64_t want = __atomic_load_n(&dir_of(s, i)->bytes, __ATOMIC_ACQUIRE) +
+			user_sent(s, o) - kr->ubase[o];
+
+	return written(s->side[o].io.fd) - kr->wbase[o] >= want;
+}
+
+static void on_timer(struct ag_io *io, uint32_t events)
+{
+	struct ag_krelay *kr = (void *)((char *)io - offsetof(struct ag_krelay, tio));
+	uint64_t n;
+
+	(void)events;
+	if (read(io->fd, &n, sizeof(n)) < 0 && errno != EAGAIN)
+		pr_debug("krelay timer: %s", strerror(errno));
+	for (int i = 0; i < 2; i++) {
+		if (!kr->waiting[i] || kr->s->state == AG_SESS_CLOSED)
+			continue;
+		kr->waiting[i] = false;
+		kr->resume(kr->s, i);
+	}
+}
+
+static int arm(struct ag_krelay *kr)
+{
+	struct itimerspec its = { .it_value = { .tv_nsec = AG_KRELAY_RETRY_NS } };
+
+	if (kr->tio.fd < 0) {
+		int fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+
+		if (fd < 0)
+			return -errno;
+		if (ag_loop_add(ag_session_loop(kr->s), &kr->tio, fd, EPOLLIN, on_timer)) {
+			close(fd);
+			return -errno;
+		}
+	}
+	return timerfd_settime(kr->tio.fd, 0, &its, NULL) ? -errno : 0;
+}
+
+int ag_krelay_engage(struct ag_session *s, struct ag_bpf *b,
+		     void (*resume)(struct ag_session *, enum ag_side))
+{
+	struct ag_relay_dir *dirs = ag_bpf_relay_dirs(b);
+	struct ag_krelay *kr;
+	int slot, rc = 0;
+
+	if (!dirs)
+		return -EOPNOTSUPP;
+	kr = calloc(1, sizeof(*kr));
+	if (!kr)
+		return -ENOMEM;
+	slot = slot_get();
+	if (slot < 0) {
+		free(kr);
+		return slot;
+	}
+	kr->s = s;
+	kr->b = b;
+	kr->slot = slot;
+	kr->tio.fd = -1;
+	kr->resume = resume;
+	for (int i = 0; i < 2; i++) {
+		socklen_t len = sizeof(kr->cookie[i]);
+		struct ag_relay_dir *d = &dirs[slot * 2 + i];
+
+		__atomic_store_n(&d->pending, 1, __ATOMIC_SEQ_CST);
+		__atomic_store_n(&d->bytes, 0, __ATOMIC_SEQ_CST);
+		__atomic_store_n(&d->passed, 0, __ATOMIC_SEQ_CST);
+		if (getsockopt(s->side[i].io.fd, SOL_SOCKET, SO_COOKIE, &kr->cookie[i], &len)) {
+			rc = -errno;
+			break;
+		}
+		kr->wbase[i] = written(s->side[i].io.fd);
+		kr->ubase[i] = user_sent(s, i);
+	}
+	for (int i = 0; i < 2 && !rc; i++) {
+		rc = ag_bpf_relay_add(b, slot * 2 + i, s->side[i].io.fd, kr->cookie[i]);
+		if (rc && i)
+			ag_bpf_relay_del(b, slot * 2, kr->cookie[0]);
+	}
+	if (rc) {
+		slot_put(slot);
+		free(kr);
+		return rc;
+	}
+	s->krelay = kr;
+	return 0;
+}
+
+bool ag_krelay_take(struct ag_session *s, enum ag_side i)
+{
+	struct ag_krelay *kr = s->krelay;
+	struct tcp_info ti;
+	socklen_t len = sizeof(ti);
+
+	if (kr->waiting[i])
+		return false;
+	__atomic_store_n(&dir_of(s, i)->pending, 1, __ATOMIC_SEQ_CST);
+	/*
+	 * The socket's lock: a verdict that read pending clear before the store above finishes
+	 * (its redirect queued and counted) before we go on.
+	 */
+	getsockopt(s->side[i].io.fd, IPPROTO_TCP, TCP_INFO, &ti, &len);
+	if (landed(s, i))
+		return true;
+	if (arm(kr)) {
+		/* No timer: spin through the loop rather than reorder bytes. */
+		return false;
+	}
+	kr->waiting[i] = true;
+	return false;
+}
+
+void ag_krelay_give(struct ag_session *s, enum ag_side i)
+{
+	__atomic_store_n(&dir_of(s, i)->pending, 0, __ATOMIC_SEQ_CST);
+}
+
+bool ag_krelay_held(const struct ag_session *s, enum ag_side i)
+{
+	return __atomic_load_n(&dir_of(s, i)->pending, __ATOMIC_SEQ_CST);
+}
+
+bool ag_krelay_waiting(const struct ag_session *s, enum ag_side i)
+{
+	return s->krelay && s->krelay->waiting[i];
+}
+
+void ag_krelay_bytes(const struct ag_session *s, uint64_t *up, uint64_t *down)
+{
+	struct ag_krelay *kr = s->krelay;
+
+	*up = *down = 0;
+	if (!kr || kr->slot == UINT32_MAX)
+		return;
+	*up = __atomic_load_n(&dir_of(s, AG_SIDE_AGENT)->bytes, __ATOMIC_RELAXED);
+	*down = __atomic_load_n(&dir_of(s, AG_SIDE_UPSTREAM)->bytes, __ATOMIC_RELAXED);
+}
+
+void ag_krelay_end(struct ag_session *s)
+{
+	struct ag_krelay *kr = s->krelay;
+	uint64_t up, down;
+
+	if (!kr || kr->slot == UINT32_MAX)
+		return;
+	ag_krelay_bytes(s, &up, &down);
+	pr_debug("session %llu: kernel relay: %llu bytes up, %llu down, %u + %u skbs left to us",
+		 (unsigned long long)s->id, (unsigned long long)up, (unsigned long long)down,
+		 dir_of(s, AG_SIDE_AGENT)->passed, dir_of(s, AG_SIDE_UPSTREAM)->passed);
+	for (int i = 0; i < 2; i++)
+		ag_bpf_relay_del(kr->b, kr->slot * 2 + i, kr->cookie[i]);
+	if (kr->tio.fd >= 0) {
+		ag_loop_del(&kr->tio);
+		close(kr->tio.fd);
+	}
+	kr->tio.fd = -1;
+	slot_put(kr->slot);
+	kr->slot = UINT32_MAX;
+	s->bytes_up += up;
+	s->bytes_down += down;
+}
+
+void ag_krelay_free(struct ag_session *s)
+{
+	free(s->krelay);
+	s->krelay = NULL;
+}
