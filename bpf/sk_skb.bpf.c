@@ -2,16 +2,16 @@
 /*
  * sk_skb stream verdict on ag_relay_socks: the kernel relay of a raw (protocol: tcp) session.
  * Every skb that arrives on one of the daemon's two sockets of a session goes to the egress of
- * the other (the psock's backlog sends it), unless the daemon relays that direction itself for
- * the moment (pending), bytes the daemon must relay first are waiting in this socket's ingress
- * queue, or the peer's backlog is long (a slow reader: the skb stays here, charged to this
- * socket's receive buffer, so TCP's window closes and memory stays bounded). Such an skb is
- * passed to this socket's ingress queue and the direction is handed to the daemon (pending),
- * which hands it back once it has written everything (userspace/krelay.c). Never dropped.
- *
- * Order: the program reads this socket's queue before pending; the daemon sets pending before
- * it reads and clears it only after it wrote what it read. A redirect thus never overtakes a
- * passed byte (krelay.c has the argument).
+ * the other (the psock's backlog sends it), unless
+ *   - bytes passed to the daemon earlier are not all written into the peer's socket yet
+ *     (passed_bytes != relayed): a redirect would overtake them,
+ *   - the peer's backlog is long (a slow reader: the skb stays here, charged to this socket's
+ *     receive buffer, so TCP's window closes and memory stays bounded), or
+ *   - the peer is gone from the sockhash.
+ * Then the skb is passed to this socket's own ingress queue, which the daemon reads and relays
+ * (userspace/krelay.c); before it writes them, it waits until every byte redirected before them
+ * reached the peer's socket, so its writes never overtake a redirect either. Nothing is dropped
+ * but empty skbs (a bare FIN, which TCP already noted on this socket).
  */
 #include <bpf/bpf_core_read.h>
 #include "lib/common.h"
@@ -36,16 +36,6 @@ static __always_inline struct sk_psock *ag_psock_of(struct bpf_sock *bsk)
 	return (struct sk_psock *)(ud & ~AG_SK_USER_DATA_FLAGS);
 }
 
-/* Bytes waiting in this socket's own ingress queue, or skbs in its backlog. */
-static __always_inline bool ag_self_queued(struct bpf_sock *bsk)
-{
-	struct sk_psock *psock = ag_psock_of(bsk);
-
-	if (!psock)
-		return false;
-	return BPF_CORE_READ(psock, msg_tot_len) || BPF_CORE_READ(psock, ingress_skb.qlen);
-}
-
 static __always_inline bool ag_peer_backlogged(__u32 *peer)
 {
 	struct bpf_sock *sk = bpf_map_lookup_elem(&ag_relay_socks, peer);
@@ -66,28 +56,27 @@ int ag_sk_skb(struct __sk_buff *skb)
 {
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	struct ag_relay_dir *st;
-	struct bpf_sock *self;
 	__u32 *slot, key, peer;
-	bool queued;
 
 	slot = bpf_map_lookup_elem(&ag_relay_idx, &cookie);
 	if (!slot)
 		return SK_PASS;
+	/*
+	 * A FIN comes as an skb of its own, often empty: the FIN itself stays with this socket
+	 * (the daemon passes it on, see krelay.h) and an empty skb must not reach the peer's
+	 * backlog, whose send of zero bytes counts as a hard error (EPIPE on the peer).
+	 */
+	if (!skb->len)
+		return SK_DROP;
 	key = *slot;
 	peer = key ^ 1;
 	st = bpf_map_lookup_elem(&ag_relay_dirs, &key);
 	if (!st)
 		return SK_PASS;
-	self = skb->sk;
-	if (!self)
-		goto pass;
-	queued = ag_self_queued(self);
-	/* The queue before pending (see above): the compiler may not swap the two reads. */
-	asm volatile("" ::: "memory");
-	if (queued || AG_READ_ONCE(st->pending))
+	if (AG_READ_ONCE(st->passed_bytes) != AG_READ_ONCE(st->relayed))
 		goto pass;
 	if (ag_peer_backlogged(&peer)) {
-		AG_READ_ONCE(st->pending) = 1;
+		__sync_fetch_and_add(&st->backlogged, 1);
 		goto pass;
 	}
 	if (bpf_sk_redirect_hash(skb, &ag_relay_socks, &peer, 0) == SK_PASS) {
@@ -95,8 +84,10 @@ int ag_sk_skb(struct __sk_buff *skb)
 		return SK_PASS;
 	}
 	/* The peer is not (or no longer) in the sockhash: the daemon relays. */
-	AG_READ_ONCE(st->pending) = 1;
+	__sync_fetch_and_add(&st->no_peer, 1);
 pass:
+	/* Verdicts of one socket run one at a time (its lock): a plain sum is exact. */
+	AG_READ_ONCE(st->passed_bytes) += skb->len;
 	__sync_fetch_and_add(&st->passed, 1);
 	return SK_PASS;
 }

@@ -160,9 +160,9 @@ int ag_krelay_engage(struct ag_session *s, struct ag_bpf *b,
 		socklen_t len = sizeof(kr->cookie[i]);
 		struct ag_relay_dir *d = &dirs[slot * 2 + i];
 
-		__atomic_store_n(&d->pending, 1, __ATOMIC_SEQ_CST);
-		__atomic_store_n(&d->bytes, 0, __ATOMIC_SEQ_CST);
-		__atomic_store_n(&d->passed, 0, __ATOMIC_SEQ_CST);
+		/* The slot's sockets left the sockhash with its last session: nobody reads it. */
+		memset(d, 0, sizeof(*d));
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
 		if (getsockopt(s->side[i].io.fd, SOL_SOCKET, SO_COOKIE, &kr->cookie[i], &len)) {
 			rc = -errno;
 			break;
@@ -181,41 +181,39 @@ int ag_krelay_engage(struct ag_session *s, struct ag_bpf *b,
 		return rc;
 	}
 	s->krelay = kr;
+	/*
+	 * What arrived before the sockets joined waits in their TCP receive queues until the next
+	 * skb; a read (tcp_bpf's) runs the verdict on it now.
+	 */
+	for (int i = 0; i < 2; i++) {
+		char c;
+
+		recv(s->side[i].io.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+	}
 	return 0;
 }
 
 bool ag_krelay_take(struct ag_session *s, enum ag_side i)
 {
 	struct ag_krelay *kr = s->krelay;
-	struct tcp_info ti;
-	socklen_t len = sizeof(ti);
 
 	if (kr->waiting[i])
 		return false;
-	__atomic_store_n(&dir_of(s, i)->pending, 1, __ATOMIC_SEQ_CST);
-	/*
-	 * The socket's lock: a verdict that read pending clear before the store above finishes
-	 * (its redirect queued and counted) before we go on.
-	 */
-	getsockopt(s->side[i].io.fd, IPPROTO_TCP, TCP_INFO, &ti, &len);
 	if (landed(s, i))
 		return true;
-	if (arm(kr)) {
-		/* No timer: spin through the loop rather than reorder bytes. */
-		return false;
-	}
-	kr->waiting[i] = true;
+	if (!arm(kr))
+		kr->waiting[i] = true;
+	/* (No timer: EPOLLIN stays armed and we come back through the loop.) */
 	return false;
 }
 
 void ag_krelay_give(struct ag_session *s, enum ag_side i)
 {
-	__atomic_store_n(&dir_of(s, i)->pending, 0, __ATOMIC_SEQ_CST);
-}
+	struct ag_relay_dir *d = dir_of(s, i);
+	enum ag_side o = peer_of(i);
 
-bool ag_krelay_held(const struct ag_session *s, enum ag_side i)
-{
-	return __atomic_load_n(&dir_of(s, i)->pending, __ATOMIC_SEQ_CST);
+	/* Every byte we wrote to o came from i (a raw relay). */
+	__atomic_store_n(&d->relayed, user_sent(s, o) - s->krelay->ubase[o], __ATOMIC_RELEASE);
 }
 
 bool ag_krelay_waiting(const struct ag_session *s, enum ag_side i)
@@ -242,9 +240,14 @@ void ag_krelay_end(struct ag_session *s)
 	if (!kr || kr->slot == UINT32_MAX)
 		return;
 	ag_krelay_bytes(s, &up, &down);
-	pr_debug("session %llu: kernel relay: %llu bytes up, %llu down, %u + %u skbs left to us",
-		 (unsigned long long)s->id, (unsigned long long)up, (unsigned long long)down,
-		 dir_of(s, AG_SIDE_AGENT)->passed, dir_of(s, AG_SIDE_UPSTREAM)->passed);
+	for (int i = 0; i < 2; i++) {
+		struct ag_relay_dir *d = dir_of(s, i);
+
+		pr_debug("session %llu: kernel relay %s: %llu bytes redirected; %u skbs left to us "
+			 "(%u: long backlog, %u: no peer)",
+			 (unsigned long long)s->id, i ? "down" : "up",
+			 (unsigned long long)d->bytes, d->passed, d->backlogged, d->no_peer);
+	}
 	for (int i = 0; i < 2; i++)
 		ag_bpf_relay_del(kr->b, kr->slot * 2 + i, kr->cookie[i]);
 	if (kr->tio.fd >= 0) {

@@ -235,6 +235,8 @@ static ssize_t send_now(struct ag_session *s, enum ag_side i, const uint8_t *dat
 		s->bytes_up += off;
 	else
 		s->bytes_down += off;
+	if (s->krelay && off)
+		ag_krelay_give(s, other(i));
 	if (err)
 		errno = -err;
 	return err ? err : (ssize_t)off;
@@ -474,19 +476,6 @@ static void read_failed(struct ag_session *s, enum ag_side i)
 			errno == ECONNRESET ? "connection reset" : strerror(errno));
 }
 
-/* Kernel relay: directions the daemon holds with nothing of theirs queued go back to BPF. */
-static void krelay_give(struct ag_session *s)
-{
-	for (int i = 0; s->krelay && i < 2; i++) {
-		struct ag_side_conn *c = &s->side[i], *o = &s->side[other(i)];
-
-		if (s->state == AG_SESS_ACTIVE && side_open(c) && side_open(o) && !c->rd_eof &&
-		    !ag_buf_len(&c->in) && !queued(o) && !o->shut_pending && !o->wr_shut &&
-		    !ag_krelay_waiting(s, i) && ag_krelay_held(s, i))
-			ag_krelay_give(s, i);
-	}
-}
-
 /* After reading: end a session both sides have finished, else re-arm both sides' events. */
 static void settle(struct ag_session *s)
 {
@@ -498,7 +487,6 @@ static void settle(struct ag_session *s)
 	}
 	side_update_events(s, AG_SIDE_AGENT);
 	side_update_events(s, AG_SIDE_UPSTREAM);
-	krelay_give(s);
 }
 
 /*
@@ -788,6 +776,11 @@ static void side_readable(struct ag_session *s, enum ag_side i)
 			return;
 		}
 		if (n == 0) {
+			/* Kernel relay: the FIN goes on after the bytes redirected before it. */
+			if (s->krelay && !ag_krelay_take(s, i)) {
+				side_update_events(s, i);
+				return;
+			}
 			on_side_eof(s, i);
 			break;
 		}
@@ -861,6 +854,15 @@ static void upstream_connected(struct ag_session *s)
 	side_update_events(s, AG_SIDE_UPSTREAM);
 }
 
+static int sock_error(int fd)
+{
+	int e = 0;
+	socklen_t len = sizeof(e);
+
+	getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &len);
+	return e;
+}
+
 static void on_io(struct ag_session *s, enum ag_side i, uint32_t events)
 {
 	struct ag_side_conn *c = &s->side[i];
@@ -895,14 +897,13 @@ static void on_io(struct ag_session *s, enum ag_side i, uint32_t events)
 		}
 		side_update_events(s, i);
 		side_update_events(s, other(i));
-		krelay_give(s);
 	}
 	if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
 		if (!c->rd_eof && !c->paused)
 			side_readable(s, i);
 		else if (events & EPOLLERR)
-			ag_session_fail(s, true, "%s: socket error",
-					i == AG_SIDE_AGENT ? "agent" : "upstream");
+			ag_session_fail(s, true, "%s: socket error (%s)", side_name(i),
+					strerror(sock_error(c->io.fd)));
 		else if (events & EPOLLHUP)
 			/* Shut both ways, not to be read now (paused, or at EOF): wait aside. */
 			ag_loop_park(&c->io);

@@ -110,7 +110,11 @@ struct ag_config {
  */
 #define AG_RELAY_SLOTS 32768
 struct ag_relay_dir {
-	__u64 bytes;   /* redirected to the peer's egress by the program */
-	__u32 pending; /* 1: the daemon relays this direction itself (the program passes) */
-	__u32 passed;  /* skbs the program left to the daemon (not redirected) */
+	__u64 bytes;	    /* redirected to the peer's egress by the program */
+	__u64 passed_bytes; /* left in this socket's ingress queue for the daemon */
+	__u64 relayed;	    /* of those, written into the peer's socket by the daemon */
+	__u32 passed;	    /* skbs passed, of which: */
+	__u32 backlogged;   /* the peer's backlog was long */
+	__u32 no_peer;	    /* the peer was not in the sockhash */
+	__u32 pad;
 };
