@@ -193,13 +193,27 @@ int ag_krelay_engage(struct ag_session *s, struct ag_bpf *b,
 	return 0;
 }
 
-bool ag_krelay_take(struct ag_session *s, enum ag_side i)
+/*
+ * Has the daemon read every byte the program passed it from side i? A passed skb may wait in
+ * the psock's own backlog (the socket's receive buffer was full) where a read does not see it
+ * yet: an EOF read then is no EOF of the stream.
+ */
+static bool all_read(struct ag_session *s, enum ag_side i)
+{
+	enum ag_side o = peer_of(i);
+	/* A raw relay: what we read from i was sent to o or waits in o's buffer. */
+	uint64_t got = user_sent(s, o) - s->krelay->ubase[o] + ag_buf_len(&s->side[o].out);
+
+	return __atomic_load_n(&dir_of(s, i)->passed_bytes, __ATOMIC_ACQUIRE) <= got;
+}
+
+bool ag_krelay_take(struct ag_session *s, enum ag_side i, bool eof)
 {
 	struct ag_krelay *kr = s->krelay;
 
 	if (kr->waiting[i])
 		return false;
-	if (landed(s, i))
+	if (landed(s, i) && (!eof || all_read(s, i)))
 		return true;
 	if (!arm(kr))
 		kr->waiting[i] = true;

@@ -29,8 +29,11 @@
 struct ag_bpf;
 int ag_krelay_engage(struct ag_session *s, struct ag_bpf *b,
 		     void (*resume)(struct ag_session *, enum ag_side));
-/* May side i be read (or its EOF passed on)? false: wait, resume() comes later. */
-bool ag_krelay_take(struct ag_session *s, enum ag_side i);
+/*
+ * May side i be read, or (eof) its EOF passed on? false: wait, resume() comes later. An EOF
+ * also waits for every byte the program left us to be read.
+ */
+bool ag_krelay_take(struct ag_session *s, enum ag_side i, bool eof);
 /* After writing: what we wrote from side i published. */
 void ag_krelay_give(struct ag_session *s, enum ag_side i);
 /* Waiting for side i's redirected bytes to reach the peer's socket? (no EPOLLIN then) */

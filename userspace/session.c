@@ -756,7 +756,7 @@ static void side_readable(struct ag_session *s, enum ag_side i)
 		tls_readable(s, i);
 		return;
 	}
-	if (s->krelay && !ag_krelay_take(s, i)) {
+	if (s->krelay && !ag_krelay_take(s, i, false)) {
 		side_update_events(s, i); /* no EPOLLIN until the timer says */
 		return;
 	}
@@ -777,7 +777,7 @@ static void side_readable(struct ag_session *s, enum ag_side i)
 		}
 		if (n == 0) {
 			/* Kernel relay: the FIN goes on after the bytes redirected before it. */
-			if (s->krelay && !ag_krelay_take(s, i)) {
+			if (s->krelay && !ag_krelay_take(s, i, true)) {
 				side_update_events(s, i);
 				return;
 			}
