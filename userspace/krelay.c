@@ -238,12 +238,19 @@ bool ag_krelay_waiting(const struct ag_session *s, enum ag_side i)
 void ag_krelay_bytes(const struct ag_session *s, uint64_t *up, uint64_t *down)
 {
 	struct ag_krelay *kr = s->krelay;
+	struct ag_relay_dir *dirs;
+	uint32_t slot;
 
 	*up = *down = 0;
-	if (!kr || kr->slot == UINT32_MAX)
+	if (!kr)
 		return;
-	*up = __atomic_load_n(&dir_of(s, AG_SIDE_AGENT)->bytes, __ATOMIC_RELAXED);
-	*down = __atomic_load_n(&dir_of(s, AG_SIDE_UPSTREAM)->bytes, __ATOMIC_RELAXED);
+	/* Also read by agctl's thread: the slot once (it goes at the session's end). */
+	slot = __atomic_load_n(&kr->slot, __ATOMIC_ACQUIRE);
+	if (slot == UINT32_MAX)
+		return;
+	dirs = ag_bpf_relay_dirs(kr->b);
+	*up = __atomic_load_n(&dirs[slot * 2 + AG_SIDE_AGENT].bytes, __ATOMIC_RELAXED);
+	*down = __atomic_load_n(&dirs[slot * 2 + AG_SIDE_UPSTREAM].bytes, __ATOMIC_RELAXED);
 }
 
 void ag_krelay_end(struct ag_session *s)
@@ -270,7 +277,7 @@ void ag_krelay_end(struct ag_session *s)
 	}
 	kr->tio.fd = -1;
 	slot_put(kr->slot);
-	kr->slot = UINT32_MAX;
+	__atomic_store_n(&kr->slot, UINT32_MAX, __ATOMIC_RELEASE);
 	s->bytes_up += up;
 	s->bytes_down += down;
 }
