@@ -274,13 +274,14 @@ struct ag_bpf *ag_bpf_load(const struct ag_bpf_opts *opts, ag_bpf_event_fn fn, v
 	/* The kernel relay's verdict (sk_skb.bpf.c) on its own sockhash; see ag_bpf_relay_*(). */
 	pfd = bpf_program__fd(b->skel->progs.ag_sk_skb);
 	mfd = bpf_map__fd(b->skel->maps.ag_relay_socks);
-	if (bpf_prog_attach(pfd, mfd, BPF_SK_SKB_STREAM_VERDICT, 0)) {
-		snprintf(err, errlen, "attaching sk_skb to the relay sockhash: %s", strerror(errno));
-		goto fail;
-	}
-	b->relay_dirs = mmap(NULL, 2 * AG_RELAY_SLOTS * sizeof(struct ag_relay_dir),
-			     PROT_READ | PROT_WRITE, MAP_SHARED, bpf_map__fd(b->skel->maps.ag_relay_dirs),
-			     0);
+	/* Optional (--kernel-relay): without it, raw sessions keep the splice relay. */
+	if (bpf_prog_attach(pfd, mfd, BPF_SK_SKB_STREAM_VERDICT, 0))
+		pr_warn("attaching sk_skb to the relay sockhash: %s (no kernel relay)",
+			strerror(errno));
+	else
+		b->relay_dirs = mmap(NULL, 2 * AG_RELAY_SLOTS * sizeof(struct ag_relay_dir),
+				     PROT_READ | PROT_WRITE, MAP_SHARED,
+				     bpf_map__fd(b->skel->maps.ag_relay_dirs), 0);
 	if (b->relay_dirs == MAP_FAILED) {
 		b->relay_dirs = NULL;
 		pr_warn("mapping the relay state: %s (no kernel relay)", strerror(errno));

@@ -20,8 +20,12 @@
 #define SO_COOKIE 57
 #endif
 
-/* How often a held direction checks whether the program's bytes reached the peer's socket. */
-#define AG_KRELAY_RETRY_NS 1000000
+/*
+ * How soon a waiting direction checks again whether the program's bytes reached the peer's
+ * socket: 1 ms, doubling up to 200 ms while they do not (a peer that does not read).
+ */
+#define AG_KRELAY_RETRY_MIN_NS 1000000L
+#define AG_KRELAY_RETRY_MAX_NS 200000000L
 
 struct ag_krelay {
 	struct ag_session *s;
@@ -31,6 +35,7 @@ struct ag_krelay {
 	uint64_t wbase[2];   /* bytes written into side i's socket when the relay began */
 	uint64_t ubase[2];   /* bytes the daemon had sent to side i then (bytes_down, bytes_up) */
 	bool waiting[2];     /* side i's direction waits for its redirected bytes to land */
+	long retry_ns;	     /* the next wait (0: none yet since the last success) */
 	struct ag_io tio;    /* timerfd for those waits */
 	void (*resume)(struct ag_session *, enum ag_side);
 };
@@ -119,7 +124,12 @@ static void on_timer(struct ag_io *io, uint32_t events)
 
 static int arm(struct ag_krelay *kr)
 {
-	struct itimerspec its = { .it_value = { .tv_nsec = AG_KRELAY_RETRY_NS } };
+	struct itimerspec its = {};
+
+	kr->retry_ns = kr->retry_ns ? kr->retry_ns * 2 : AG_KRELAY_RETRY_MIN_NS;
+	if (kr->retry_ns > AG_KRELAY_RETRY_MAX_NS)
+		kr->retry_ns = AG_KRELAY_RETRY_MAX_NS;
+	its.it_value.tv_nsec = kr->retry_ns;
 
 	if (kr->tio.fd < 0) {
 		int fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
@@ -135,7 +145,7 @@ static int arm(struct ag_krelay *kr)
 }
 
 int ag_krelay_engage(struct ag_session *s, struct ag_bpf *b,
-		     void (*resume)(struct ag_session *, enum ag_side))
+		     void (*resume)(struct ag_session *, enum ag_side), int *sock_err)
 {
 	struct ag_relay_dir *dirs = ag_bpf_relay_dirs(b);
 	struct ag_krelay *kr;
@@ -185,10 +195,14 @@ int ag_krelay_engage(struct ag_session *s, struct ag_bpf *b,
 	 * What arrived before the sockets joined waits in their TCP receive queues until the next
 	 * skb; a read (tcp_bpf's) runs the verdict on it now.
 	 */
+	*sock_err = 0;
 	for (int i = 0; i < 2; i++) {
 		char c;
 
-		recv(s->side[i].io.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+		/* A reset that came meanwhile is reported once (the read clears it): pass it on. */
+		if (recv(s->side[i].io.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno != EAGAIN &&
+		    errno != EINTR && !*sock_err)
+			*sock_err = errno;
 	}
 	return 0;
 }
@@ -213,8 +227,10 @@ bool ag_krelay_take(struct ag_session *s, enum ag_side i, bool eof)
 
 	if (kr->waiting[i])
 		return false;
-	if (landed(s, i) && (!eof || all_read(s, i)))
+	if (landed(s, i) && (!eof || all_read(s, i))) {
+		kr->retry_ns = 0;
 		return true;
+	}
 	if (!arm(kr))
 		kr->waiting[i] = true;
 	/* (No timer: EPOLLIN stays armed and we come back through the loop.) */

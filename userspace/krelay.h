@@ -25,10 +25,11 @@
 /*
  * Both legs up, nothing read from either socket yet: put them in the kernel relay. 0, or -errno (the session stays a userspace relay).
  * resume(s, side) is called when side may be read again after ag_krelay_take() said wait.
+ * *sock_err: an error one of the sockets reported meanwhile (the session must end with it).
  */
 struct ag_bpf;
 int ag_krelay_engage(struct ag_session *s, struct ag_bpf *b,
-		     void (*resume)(struct ag_session *, enum ag_side));
+		     void (*resume)(struct ag_session *, enum ag_side), int *sock_err);
 /*
  * May side i be read, or (eof) its EOF passed on? false: wait, resume() comes later. An EOF
  * also waits for every byte the program left us to be read.

@@ -808,14 +808,16 @@ static void krelay_resume(struct ag_session *s, enum ag_side i)
 /* Nothing was read from either socket yet (krelay_want): both go in the kernel relay. */
 static void krelay_engage(struct ag_session *s)
 {
-	int rc;
+	int rc, err = 0;
 
 	s->krelay_want = false;
 	if (ag_buf_len(&s->side[AG_SIDE_AGENT].in) || queued(&s->side[AG_SIDE_AGENT]) ||
 	    queued(&s->side[AG_SIDE_UPSTREAM]) || s->side[AG_SIDE_AGENT].rd_eof)
 		return;
-	rc = ag_krelay_engage(s, s->w->d->bpf, krelay_resume);
-	if (rc)
+	rc = ag_krelay_engage(s, s->w->d->bpf, krelay_resume, &err);
+	if (!rc && err)
+		ag_session_fail(s, true, "%s", err == ECONNRESET ? "connection reset" : strerror(err));
+	else if (rc)
 		pr_debug("session %llu: kernel relay unavailable: %s", (unsigned long long)s->id,
 			 strerror(-rc));
 }
@@ -848,8 +850,11 @@ static void upstream_connected(struct ag_session *s)
 		ag_session_fail(s, true, "upstream %s: %s", s->upstream, strerror(errno));
 		return;
 	}
-	if (s->krelay_want)
+	if (s->krelay_want) {
 		krelay_engage(s);
+		if (s->state == AG_SESS_CLOSED)
+			return;
+	}
 	side_update_events(s, AG_SIDE_AGENT);
 	side_update_events(s, AG_SIDE_UPSTREAM);
 }
@@ -899,13 +904,14 @@ static void on_io(struct ag_session *s, enum ag_side i, uint32_t events)
 		side_update_events(s, other(i));
 	}
 	if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
-		if (!c->rd_eof && !c->paused)
+		/* (A kernel relay waiting for its bytes to land reads when its timer says.) */
+		if (!c->rd_eof && !c->paused && !ag_krelay_waiting(s, i))
 			side_readable(s, i);
 		else if (events & EPOLLERR)
 			ag_session_fail(s, true, "%s: socket error (%s)", side_name(i),
 					strerror(sock_error(c->io.fd)));
 		else if (events & EPOLLHUP)
-			/* Shut both ways, not to be read now (paused, or at EOF): wait aside. */
+			/* Shut both ways, not to be read now (paused, waiting, at EOF): aside. */
 			ag_loop_park(&c->io);
 	}
 }
