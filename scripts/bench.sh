@@ -1,16 +1,18 @@
 #!/bin/sh
 # SPDX-License-Identifier: GPL-2.0
 # make bench: bulk throughput, request/response latency and connection rate, side by side in one
-# run: direct (the client in no tagged cgroup), through agentgated (plain relay) and through
-# agentgated with the sockmap fast path. build/agbench starts its own sink/echo server on
-# 127.0.0.2; two daemons (fast path off / on), each with its own cgroup, port and pins, run for
-# the whole bench, and each test runs in the three modes back to back (in turns) so that a noisy
-# neighbour hits all of them alike; the tables give the median and the best of the rounds.
+# run: direct (the client in no tagged cgroup), through agentgated (plain relay), through
+# agentgated with the sockmap fast path and, with AGBENCH_KRELAY=1, through agentgated with the
+# kernel relay (--kernel-relay on, experimental). build/agbench starts its own sink/echo server on
+# 127.0.0.2; one daemon per mode, each with its own cgroup, port and pins, runs for the whole
+# bench, and each test runs in every mode back to back (in turns) so that a noisy neighbour hits
+# all of them alike; the tables give the median and the best of the rounds.
 # Installs nothing, needs no terminal, removes its cgroups, daemons and pins on every exit, and
 # stops itself after 290 s.
 #
 # Environment: AGBENCH_BYTES (default 536870912), AGBENCH_RTTS (20000), AGBENCH_CONNS (2000),
-# AGBENCH_ROUNDS (5); AGBENCH_KEEP=FILE keeps the raw results (scripts/bench.sh --table FILE).
+# AGBENCH_ROUNDS (5), AGBENCH_KRELAY (0; 1 adds the kernel relay column); AGBENCH_KEEP=FILE keeps
+# the raw results (scripts/bench.sh --table FILE).
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -56,25 +58,28 @@ table() {
 	# Fills agg[mode, metric] with how (median or best) and prints that table and verdict.
 	function block(how,    i, k, m, d, x, rel, mode, worst, r, p50, p99, wins, g, f, better) {
 		for (i = 1; i <= nm; i++)
-			for (k = 1; k <= 3; k++)
+			for (k = 1; k <= nmodes; k++)
 				agg[modes[k], mets[i]] = how == "median" ? \
 					median(modes[k] SUBSEP mets[i]) : best(modes[k] SUBSEP mets[i], mets[i])
-		printf "\n%-28s %10s %10s %9s %12s %9s\n", how == "median" ? \
+		printf "\n%-28s %10s %10s %9s %12s %9s", how == "median" ? \
 			"median of " rounds " rounds" : "best of " rounds " rounds", "direct", "gateway", \
 			"vs direct", "gw+fastpath", "vs direct"
+		if (nmodes > 3)
+			printf " %12s %9s", "gw+krelay", "vs direct"
+		printf "\n"
 		for (i = 1; i <= nm; i++) {
 			m = mets[i]; d = agg["direct", m]
 			printf "%-28s %10.1f", names[i], d
-			for (k = 2; k <= 3; k++) {
+			for (k = 2; k <= nmodes; k++) {
 				x = agg[modes[k], m]
 				if (lower_is_better(m))
 					rel = sprintf("%+.1f", x - d)
 				else
 					rel = sprintf("%.2fx", (d > 0) ? x / d : 0)
-				printf " %10.1f %9s%s", x, rel, (k == 2) ? " " : "\n"
+				printf " %10.1f %9s%s", x, rel, (k < nmodes) ? " " : "\n"
 			}
 		}
-		for (k = 2; k <= 3; k++) {
+		for (k = 2; k <= nmodes; k++) {
 			mode = modes[k]
 			worst = 1e9
 			for (i = 1; i <= 3; i++) {
@@ -105,8 +110,10 @@ table() {
 		nm = split("bulk_up_MBps bulk_down_MBps bulk_both_MBps rr_p50_us rr_p99_us conn_per_s", mets, " ")
 		split("bulk up (MB/s)|bulk down (MB/s)|bulk both ways (MB/s, sum)|latency p50 (us)|latency p99 (us)|connections/s", names, "|")
 		split("up down both p50 p99 conn/s", short, " ")
-		split("direct gw fp", modes, " ")
-		split("direct|gateway|gateway+fastpath", labels, "|")
+		nmodes = split("direct gw fp", modes, " ")
+		split("direct|gateway|gateway+fastpath|gateway+krelay", labels, "|")
+		if (cnt["kr" SUBSEP "bulk_up_MBps"])
+			nmodes = split("direct gw fp kr", modes, " ")
 		rounds = cnt["direct" SUBSEP "bulk_up_MBps"]
 		printf "\ntargets (DESIGN.md): relay >= 0.90x direct throughput; latency p50 +<30 us, p99 +<100 us\n"
 		wm = block("median")
@@ -139,7 +146,9 @@ grep -qs ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf ||
 TAG=agbench-$$
 WORK=$(mktemp -d "/tmp/$TAG.XXXXXX") || fail "mktemp failed"
 WATCHDOG=
-MODES="gw fp"
+MODES="gw fp kr"
+# The kernel relay (--kernel-relay on) is experimental: a fourth column only on request.
+KRELAY=${AGBENCH_KRELAY:-0}
 
 stop_daemon() { # mode
 	pidf=$WORK/$1/pid
@@ -204,7 +213,7 @@ free_port() {
 free_port
 SRVPORT=$PORT
 
-start_daemon() { # mode port on|off
+start_daemon() { # mode port fastpath:on|off [kernel-relay:on|off]
 	dir=$WORK/$1
 	mkdir -p "$dir/state" && mkdir -p "$CGROOT/$TAG-$1" || fail "cannot create $CGROOT/$TAG-$1"
 	cat >"$dir/policy.yaml" <<EOF
@@ -215,7 +224,7 @@ default: deny
 EOF
 	"$B/agentgated" --foreground --config "$dir/policy.yaml" --state-dir "$dir/state" \
 		--socket "$dir/ctl.sock" --bpffs "/sys/fs/bpf/$TAG-$1" --port "$2" \
-		--fastpath "$3" >"$dir/log" 2>&1 </dev/null &
+		--fastpath "$3" --kernel-relay "${4:-off}" >"$dir/log" 2>&1 </dev/null &
 	echo $! >"$dir/pid"
 	i=0
 	until grep -qs 'listening on' "$dir/log"; do
@@ -240,6 +249,10 @@ free_port
 start_daemon gw "$PORT" off
 free_port
 start_daemon fp "$PORT" on
+if [ "$KRELAY" = 1 ]; then
+	free_port
+	start_daemon kr "$PORT" off on
+fi
 
 run() { # mode round test
 	case $1 in
@@ -257,10 +270,11 @@ run() { # mode round test
 }
 
 echo "agentgate bench: $((BYTES / 1048576)) MiB bulk per direction, $RTTS round trips of 64 B," \
-	"$CONNS connections, $ROUNDS rounds; each test runs in the three modes back to back"
+	"$CONNS connections, $ROUNDS rounds; each test runs in every mode back to back"
 : >"$WORK/results"
 r=1
 order="direct gw fp"
+[ "$KRELAY" = 1 ] && order="$order kr"
 while [ $r -le "$ROUNDS" ]; do
 	for t in up down both rr conn; do
 		for m in $order; do

@@ -42,7 +42,8 @@ static void usage(FILE *f)
 	fprintf(f,
 		"Usage: agentgated [--config FILE] [--state-dir DIR] [--socket PATH] [--foreground]\n"
 		"                  [--log-level error|warn|info|debug] [--bpffs DIR] [--port PORT]\n"
-		"                  [--mark MARK] [--fastpath on|off] [--workers N]\n"
+		"                  [--mark MARK] [--fastpath on|off] [--kernel-relay on|off]\n"
+		"                  [--workers N]\n"
 		"                  [--pg-max-message BYTES] [--ca-cert FILE --ca-key FILE]\n"
 		"                  [--version]\n"
 		"\n"
@@ -54,6 +55,8 @@ static void usage(FILE *f)
 		"  --mark MARK       SO_MARK of the gateway's sockets (default 0x%x)\n"
 		"  --fastpath on|off sk_msg fast path on the agent-gateway leg (default: policy's\n"
 		"                    gateway.fastpath, else off)\n"
+		"  --kernel-relay on|off  protocol: tcp sessions relayed in the kernel (sk_skb\n"
+		"                    verdict on a sockhash) once both legs are up (default off)\n"
 		"  --workers N       worker threads (default: one per CPU)\n"
 		"  --pg-max-message BYTES  largest PostgreSQL message accepted from an agent\n"
 		"                    (k/M suffixes; default 64M); a larger one ends its session\n"
@@ -230,6 +233,7 @@ int main(int argc, char **argv)
 		{ "port", required_argument, NULL, 'P' },
 		{ "mark", required_argument, NULL, 'm' },
 		{ "fastpath", required_argument, NULL, 'F' },
+		{ "kernel-relay", required_argument, NULL, 'R' },
 		{ "workers", required_argument, NULL, 'w' },
 		{ "pg-max-message", required_argument, NULL, 'M' },
 		{ "ca-cert", required_argument, NULL, 'C' },
@@ -254,7 +258,7 @@ int main(int argc, char **argv)
 	d->slog_fd = -1;
 	d->ctl_io.fd = -1;
 
-	while ((opt = getopt_long(argc, argv, "c:s:S:fl:B:P:m:F:w:M:C:K:Vh", longopts, NULL)) !=
+	while ((opt = getopt_long(argc, argv, "c:s:S:fl:B:P:m:F:R:w:M:C:K:Vh", longopts, NULL)) !=
 	       -1) {
 		char *end;
 		unsigned long v;
@@ -315,6 +319,13 @@ int main(int argc, char **argv)
 				pr_err("--fastpath: '%s' is not on or off", optarg);
 				return 1;
 			}
+			break;
+		case 'R':
+			if (strcmp(optarg, "on") && strcmp(optarg, "off")) {
+				pr_err("--kernel-relay: '%s' is not on or off", optarg);
+				return 1;
+			}
+			d->opts.kernel_relay = !strcmp(optarg, "on");
 			break;
 		case 'M':
 			v = strtoul(optarg, &end, 10);
@@ -400,6 +411,7 @@ int main(int argc, char **argv)
 		pr_err("TLS: %s", err);
 		goto out_policy;
 	}
+	d->kernel_relay = d->opts.kernel_relay;
 	if (d->opts.fastpath >= 0)
 		d->fastpath = d->opts.fastpath;
 	else

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +25,7 @@ struct ag_bpf {
 	ag_bpf_event_fn fn;
 	void *fn_ctx;
 	bool lsm; /* BPF LSM active: the guard programs are loaded */
+	struct ag_relay_dir *relay_dirs; /* mmap of ag_relay_dirs */
 	char pin_root[PATH_MAX];
 };
 
@@ -269,6 +271,22 @@ struct ag_bpf *ag_bpf_load(const struct ag_bpf_opts *opts, ag_bpf_event_fn fn, v
 	if (bpf_obj_pin(pfd, path))
 		pr_warn("pinning %s: %s", path, strerror(errno));
 
+	/* The kernel relay's verdict (sk_skb.bpf.c) on its own sockhash; see ag_bpf_relay_*(). */
+	pfd = bpf_program__fd(b->skel->progs.ag_sk_skb);
+	mfd = bpf_map__fd(b->skel->maps.ag_relay_socks);
+	/* Optional (--kernel-relay): without it, raw sessions keep the splice relay. */
+	if (bpf_prog_attach(pfd, mfd, BPF_SK_SKB_STREAM_VERDICT, 0))
+		pr_warn("attaching sk_skb to the relay sockhash: %s (no kernel relay)",
+			strerror(errno));
+	else
+		b->relay_dirs = mmap(NULL, 2 * AG_RELAY_SLOTS * sizeof(struct ag_relay_dir),
+				     PROT_READ | PROT_WRITE, MAP_SHARED,
+				     bpf_map__fd(b->skel->maps.ag_relay_dirs), 0);
+	if (b->relay_dirs == MAP_FAILED) {
+		b->relay_dirs = NULL;
+		pr_warn("mapping the relay state: %s (no kernel relay)", strerror(errno));
+	}
+
 	/*
 	 * A previous daemon's guard runs its programs (its tgid exempt, not ours): ours now. With
 	 * none there, the guard comes with the first tagged cgroup (ag_bpf_tag).
@@ -297,6 +315,8 @@ void ag_bpf_free(struct ag_bpf *b)
 	if (!b)
 		return;
 	ring_buffer__free(b->rb);
+	if (b->relay_dirs)
+		munmap(b->relay_dirs, 2 * AG_RELAY_SLOTS * sizeof(struct ag_relay_dir));
 	agentgate_bpf__destroy(b->skel);
 	free(b);
 }
@@ -525,6 +545,32 @@ int ag_bpf_sockhash_add(struct ag_bpf *b, int fd, const struct ag_sock_key *key)
 	if (bpf_map_update_elem(mfd, key, &v, BPF_NOEXIST))
 		return -errno;
 	return 0;
+}
+
+struct ag_relay_dir *ag_bpf_relay_dirs(struct ag_bpf *b)
+{
+	return b->relay_dirs;
+}
+
+int ag_bpf_relay_add(struct ag_bpf *b, uint32_t key, int fd, uint64_t cookie)
+{
+	__u64 v = fd;
+
+	if (bpf_map_update_elem(bpf_map__fd(b->skel->maps.ag_relay_idx), &cookie, &key, BPF_ANY))
+		return -errno;
+	if (bpf_map_update_elem(bpf_map__fd(b->skel->maps.ag_relay_socks), &key, &v, BPF_ANY)) {
+		int rc = -errno;
+
+		bpf_map_delete_elem(bpf_map__fd(b->skel->maps.ag_relay_idx), &cookie);
+		return rc;
+	}
+	return 0;
+}
+
+void ag_bpf_relay_del(struct ag_bpf *b, uint32_t key, uint64_t cookie)
+{
+	bpf_map_delete_elem(bpf_map__fd(b->skel->maps.ag_relay_socks), &key);
+	bpf_map_delete_elem(bpf_map__fd(b->skel->maps.ag_relay_idx), &cookie);
 }
 
 int ag_bpf_events_fd(struct ag_bpf *b)

@@ -51,6 +51,14 @@ int ag_bpf_set_fastpath(struct ag_bpf *b, bool on);
  */
 int ag_bpf_sockhash_add(struct ag_bpf *b, int fd, const struct ag_sock_key *key);
 
+/*
+ * The kernel relay (userspace/krelay.c): the shared per-direction state (NULL if it could not be
+ * mapped), adding the daemon's socket fd (cookie: its SO_COOKIE) under key, removing it.
+ */
+struct ag_relay_dir *ag_bpf_relay_dirs(struct ag_bpf *b);
+int ag_bpf_relay_add(struct ag_bpf *b, uint32_t key, int fd, uint64_t cookie);
+void ag_bpf_relay_del(struct ag_bpf *b, uint32_t key, uint64_t cookie);
+
 int ag_bpf_events_fd(struct ag_bpf *b);
 /* Consumes pending events (calls fn for each); returns the count or -errno. */
 int ag_bpf_events_consume(struct ag_bpf *b);

@@ -24,6 +24,7 @@
 #include "cred.h"
 #include "ctl.h"
 #include "daemon.h"
+#include "krelay.h"
 #include "jsonw.h"
 #include "log.h"
 #include "session.h"
@@ -103,8 +104,9 @@ static Agentgate__Ctl__Session *session_pb(const struct ag_session *s)
 	m->upstream = xstrdup(s->upstream);
 	m->state = xstrdup(ag_session_state_name(s->state));
 	m->started_at_ns = s->started_ns;
-	m->bytes_up = s->bytes_up;
-	m->bytes_down = s->bytes_down;
+	ag_krelay_bytes(s, &m->bytes_up, &m->bytes_down); /* kernel relay: its share */
+	m->bytes_up += s->bytes_up;
+	m->bytes_down += s->bytes_down;
 	m->statements = s->statements;
 	m->blocked = s->blocked;
 	m->masked_values = s->masked_values;

@@ -46,6 +46,7 @@ struct ag_daemon_opts {
 	uint16_t port;
 	uint32_t mark;
 	int fastpath; /* -1: policy decides (default off), 0 off, 1 on */
+	int kernel_relay; /* raw sessions relayed in the kernel (krelay.c): 0 off, 1 on */
 	int workers;
 	bool foreground;
 };
@@ -60,6 +61,7 @@ struct ag_daemon {
 	int64_t started_ns;
 	uint64_t netns_cookie;
 	bool fastpath;
+	bool kernel_relay;
 	bool draining;
 
 	pthread_mutex_t pol_lock;

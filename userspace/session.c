@@ -31,6 +31,7 @@
 #include "cgroup.h"
 #include "cred.h"
 #include "daemon.h"
+#include "krelay.h"
 #include "log.h"
 #include "session.h"
 #include "tls.h"
@@ -234,6 +235,8 @@ static ssize_t send_now(struct ag_session *s, enum ag_side i, const uint8_t *dat
 		s->bytes_up += off;
 	else
 		s->bytes_down += off;
+	if (s->krelay && off)
+		ag_krelay_give(s, other(i));
 	if (err)
 		errno = -err;
 	return err ? err : (ssize_t)off;
@@ -374,7 +377,8 @@ static void side_update_events(struct ag_session *s, enum ag_side i)
 	/* A raw relay reads no more while its pipe could not be emptied into the other side. */
 	c->paused = ag_buf_len(&o->out) >= AG_HIGH_WM || o->piped ||
 		    (ag_buf_len(&c->in) >= AG_HIGH_WM && ag_buf_len(&c->in) >= c->hold);
-	if (!c->rd_eof && !c->paused)
+	if (!c->rd_eof && !c->paused && !ag_krelay_waiting(s, i) &&
+	    !(s->krelay_want && s->state == AG_SESS_CONNECTING))
 		ev |= EPOLLIN | EPOLLRDHUP;
 	/*
 	 * A TLS-held side writes only its clear bytes; an SSL_read may wait to write (tls_want).
@@ -494,7 +498,7 @@ static bool can_splice(struct ag_session *s, enum ag_side i)
 {
 	struct ag_side_conn *o = &s->side[other(i)];
 
-	if (!s->proto->raw || s->fastpath || !upstream_ready(s) || ag_buf_len(&s->side[i].in) ||
+	if (!s->proto->raw || s->fastpath || s->krelay || !upstream_ready(s) || ag_buf_len(&s->side[i].in) ||
 	    ag_buf_len(&o->out) || s->tls_detect || s->side[i].tls || o->tls)
 		return false;
 	if (o->pipe[0] < 0) {
@@ -752,6 +756,10 @@ static void side_readable(struct ag_session *s, enum ag_side i)
 		tls_readable(s, i);
 		return;
 	}
+	if (s->krelay && !ag_krelay_take(s, i, false)) {
+		side_update_events(s, i); /* no EPOLLIN until the timer says */
+		return;
+	}
 	if (can_splice(s, i)) {
 		side_splice(s, i);
 		return;
@@ -768,6 +776,11 @@ static void side_readable(struct ag_session *s, enum ag_side i)
 			return;
 		}
 		if (n == 0) {
+			/* Kernel relay: the FIN goes on after the bytes redirected before it. */
+			if (s->krelay && !ag_krelay_take(s, i, true)) {
+				side_update_events(s, i);
+				return;
+			}
 			on_side_eof(s, i);
 			break;
 		}
@@ -784,6 +797,29 @@ static void side_readable(struct ag_session *s, enum ag_side i)
 			break;
 	}
 	settle(s);
+}
+
+static void krelay_resume(struct ag_session *s, enum ag_side i)
+{
+	if (s->state != AG_SESS_CLOSED)
+		side_readable(s, i);
+}
+
+/* Nothing was read from either socket yet (krelay_want): both go in the kernel relay. */
+static void krelay_engage(struct ag_session *s)
+{
+	int rc, err = 0;
+
+	s->krelay_want = false;
+	if (ag_buf_len(&s->side[AG_SIDE_AGENT].in) || queued(&s->side[AG_SIDE_AGENT]) ||
+	    queued(&s->side[AG_SIDE_UPSTREAM]) || s->side[AG_SIDE_AGENT].rd_eof)
+		return;
+	rc = ag_krelay_engage(s, s->w->d->bpf, krelay_resume, &err);
+	if (!rc && err)
+		ag_session_fail(s, true, "%s", err == ECONNRESET ? "connection reset" : strerror(err));
+	else if (rc)
+		pr_debug("session %llu: kernel relay unavailable: %s", (unsigned long long)s->id,
+			 strerror(-rc));
 }
 
 static void upstream_connected(struct ag_session *s)
@@ -814,8 +850,22 @@ static void upstream_connected(struct ag_session *s)
 		ag_session_fail(s, true, "upstream %s: %s", s->upstream, strerror(errno));
 		return;
 	}
+	if (s->krelay_want) {
+		krelay_engage(s);
+		if (s->state == AG_SESS_CLOSED)
+			return;
+	}
 	side_update_events(s, AG_SIDE_AGENT);
 	side_update_events(s, AG_SIDE_UPSTREAM);
+}
+
+static int sock_error(int fd)
+{
+	int e = 0;
+	socklen_t len = sizeof(e);
+
+	getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &len);
+	return e;
 }
 
 static void on_io(struct ag_session *s, enum ag_side i, uint32_t events)
@@ -854,13 +904,14 @@ static void on_io(struct ag_session *s, enum ag_side i, uint32_t events)
 		side_update_events(s, other(i));
 	}
 	if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
-		if (!c->rd_eof && !c->paused)
+		/* (A kernel relay waiting for its bytes to land reads when its timer says.) */
+		if (!c->rd_eof && !c->paused && !ag_krelay_waiting(s, i))
 			side_readable(s, i);
 		else if (events & EPOLLERR)
-			ag_session_fail(s, true, "%s: socket error",
-					i == AG_SIDE_AGENT ? "agent" : "upstream");
+			ag_session_fail(s, true, "%s: socket error (%s)", side_name(i),
+					strerror(sock_error(c->io.fd)));
 		else if (events & EPOLLHUP)
-			/* Shut both ways, not to be read now (paused, or at EOF): wait aside. */
+			/* Shut both ways, not to be read now (paused, waiting, at EOF): aside. */
 			ag_loop_park(&c->io);
 	}
 }
@@ -891,6 +942,7 @@ static void session_free(void *arg)
 			close(s->side[i].pipe[1]);
 		}
 	}
+	ag_krelay_free(s);
 	ag_policy_put(s->pol);
 	free(s);
 }
@@ -939,6 +991,7 @@ static void session_end(struct ag_session *s, bool reset)
 		s->proto->fini(s);
 	ag_approval_session_end(s->id);
 	ag_cred_session_end(s);
+	ag_krelay_end(s);
 	close_side(s, AG_SIDE_AGENT, reset);
 	close_side(s, AG_SIDE_UPSTREAM, reset);
 	s->ended_ns = ag_unix_ns();
@@ -1191,7 +1244,10 @@ static bool accept_one(struct ag_worker *w, int lfd)
 			snprintf(s->reason, sizeof(s->reason), "handler refused: %s", strerror(-rc));
 		goto deny;
 	}
-	if (ag_loop_add(w->loop, &s->side[AG_SIDE_AGENT].io, fd, EPOLLIN | EPOLLRDHUP,
+	/* Kernel relay: nothing is read from the agent before the upstream is up (krelay.h). */
+	s->krelay_want = d->kernel_relay && s->proto->raw && !s->tls_detect && !s->fastpath;
+	if (ag_loop_add(w->loop, &s->side[AG_SIDE_AGENT].io, fd,
+			s->krelay_want ? 0 : EPOLLIN | EPOLLRDHUP,
 			on_agent_io)) {
 		snprintf(s->reason, sizeof(s->reason), "epoll: %s", strerror(errno));
 		goto deny;

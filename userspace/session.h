@@ -27,6 +27,7 @@ enum ag_tls_phase {
 };
 struct ag_cred;
 struct ag_audit_sess;
+struct ag_krelay;
 
 enum ag_session_state {
 	AG_SESS_CONNECTING = 0,
@@ -74,6 +75,8 @@ struct ag_session {
 	char reason[192];
 	bool observe;
 	bool fastpath;
+	bool krelay_want; /* raw, kernel relay on: engage once the upstream is up (krelay.h) */
+	struct ag_krelay *krelay;
 	bool tls_detect; /* the agent's first byte decides: 0x16 starts a TLS server handshake */
 	bool in_table;
 	int64_t started_ns;

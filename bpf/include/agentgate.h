@@ -102,3 +102,19 @@ struct ag_config {
 	__u32 fastpath; /* 1: agent↔gateway leg through sk_msg redirect */
 	__u32 pad;
 };
+
+/*
+ * The kernel relay of raw sessions (bpf/sk_skb.bpf.c): per direction, keyed by the slot of the
+ * receiving socket in ag_relay_socks (2n: the agent's socket, 2n + 1: the upstream's; the peer
+ * is key ^ 1). Shared with the daemon through an mmap of ag_relay_dirs.
+ */
+#define AG_RELAY_SLOTS 32768
+struct ag_relay_dir {
+	__u64 bytes;	    /* redirected to the peer's egress by the program */
+	__u64 passed_bytes; /* left in this socket's ingress queue for the daemon */
+	__u64 relayed;	    /* of those, written into the peer's socket by the daemon */
+	__u32 passed;	    /* skbs passed, of which: */
+	__u32 backlogged;   /* the peer's backlog was long */
+	__u32 no_peer;	    /* the peer was not in the sockhash */
+	__u32 pad;
+};

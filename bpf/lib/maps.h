@@ -96,3 +96,30 @@ struct {
 	__type(value, struct ag_fp_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ag_fastpath SEC(".maps") __weak;
+
+/*
+ * The kernel relay of raw sessions (sk_skb.bpf.c): the daemon's two sockets of a session, keyed
+ * by slot (struct ag_relay_dir); their socket cookies → slot; per slot, the direction's state.
+ * Not pinned: they belong to one daemon, and its sockets leave the sockhash as they close.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 2 * AG_RELAY_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} ag_relay_socks SEC(".maps") __weak;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * AG_RELAY_SLOTS);
+	__type(key, __u64);
+	__type(value, __u32);
+} ag_relay_idx SEC(".maps") __weak;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 2 * AG_RELAY_SLOTS);
+	__type(key, __u32);
+	__type(value, struct ag_relay_dir);
+} ag_relay_dirs SEC(".maps") __weak;

@@ -791,7 +791,7 @@ static void fastpath_stats(struct th_gate *g, uint64_t *redirects, uint64_t *fal
 	       (unsigned long long)*fallbacks);
 }
 
-void test_datapath_relay(void)
+static void relay_suite(const char *daemon_args)
 {
 	char refused[64], reset_addr[64], stall_addr[64];
 	const char *extra[] = { "refused", refused, "reset",	 reset_addr,
@@ -820,7 +820,7 @@ void test_datapath_relay(void)
 	snprintf(refused, sizeof(refused), "127.0.0.3:%d", refused_port);
 	snprintf(reset_addr, sizeof(reset_addr), "127.0.0.3:%d", th_server_port(rst));
 	snprintf(stall_addr, sizeof(stall_addr), "127.0.0.3:%d", stall_port);
-	if (!ASSERT_OK(th_gate_start(&g, "--fastpath off", extra), "gate"))
+	if (!ASSERT_OK(th_gate_start(&g, daemon_args, extra), "gate"))
 		goto out;
 
 	if (test__start_subtest("upstream_refused"))
@@ -857,6 +857,17 @@ out:
 	th_server_stop(rst);
 	if (stall_fd >= 0)
 		close(stall_fd);
+}
+
+void test_datapath_relay(void)
+{
+	relay_suite("--fastpath off");
+}
+
+/* The same relay cases through the kernel relay of raw sessions (bpf/sk_skb.bpf.c). */
+void test_datapath_relay_kernel(void)
+{
+	relay_suite("--fastpath off --kernel-relay on");
 }
 
 /*
