@@ -469,6 +469,10 @@ static void handle(struct ctl_client *c, const Agentgate__Ctl__Request *req,
 		c->anext = approval_watchers;
 		approval_watchers = c;
 		break;
+	case AGENTGATE__CTL__REQUEST__CMD_SESSION_WATCH:
+		/* Root only (root_only() above): audit entries hold statements and rows. */
+		watch_add(c, req->session_watch ? req->session_watch->session : 0, r);
+		break;
 	case AGENTGATE__CTL__REQUEST__CMD_STATUS:
 		do_status(d, r);
 		break;
@@ -660,9 +664,6 @@ static void client_io(struct ag_io *io, uint32_t events)
 		req = agentgate__ctl__request__unpack(NULL, len, ag_buf_head(&c->in) + 4);
 		if (!req) {
 			r.error = strdup("malformed request");
-		} else if (req->cmd_case == AGENTGATE__CTL__REQUEST__CMD_SESSION_WATCH) {
-			watch_add(c, req->session_watch->session, &r);
-			agentgate__ctl__request__free_unpacked(req, NULL);
 		} else {
 			handle(c, req, &r);
 			agentgate__ctl__request__free_unpacked(req, NULL);

@@ -423,6 +423,13 @@ static void subtest_non_approver(struct ap_ctx *c)
 	ASSERT_HAS_SUBSTR(err, "permission denied", "permission denied");
 	rc = agctl_as(c, NOBODY, NULL, 0, err, sizeof(err), "policy reload");
 	ASSERT_EQ(rc, 1, "nor reload the policy");
+	/* A session watch streams statements and rows from the audit log: root only. */
+	rc = agctl_as(c, NOBODY, NULL, 0, err, sizeof(err), "session watch");
+	ASSERT_EQ(rc, 1, "an approver may not watch sessions");
+	ASSERT_HAS_SUBSTR(err, "permission denied", "session watch refused");
+	rc = agctl_as(c, DAEMON_UID, NULL, 0, err, sizeof(err), "session watch");
+	ASSERT_EQ(rc, 1, "nor may any other user");
+	ASSERT_HAS_SUBSTR(err, "permission denied", "session watch refused to a non-approver");
 	ASSERT_TRUE(state_is(c, id, "pending"), "still pending");
 	ASSERT_OK(agctl_as(c, BIN_UID, out, sizeof(out), NULL, 0, "approval approve %s", id),
 		  "a member of an approver group approves");
