@@ -146,12 +146,25 @@ static int auth_request(struct pg_login *l, const uint8_t *body, size_t blen, st
 			     "malformed authentication request from the server");
 	switch (code) {
 	case AUTH_OK:
+		/*
+		 * A role the gateway made with a SCRAM verifier logs in with SCRAM only, proven both
+		 * ways: a server that lets it in without asking, or asks for the password in clear or
+		 * as md5, is not the server that holds the verifier (libpq's
+		 * require_auth=scram-sha-256). Its password never leaves the gateway.
+		 */
+		if (l->have_pre && l->sasl_step != 3)
+			return failf(sqlstate, "28000", why, whylen, -EACCES,
+				     "the server let the minted role in without SCRAM: refused");
 		if (l->sasl_step && l->sasl_step != 3)
 			return failf(sqlstate, "28000", why, whylen, -EACCES,
 				     "the server ended SCRAM authentication without proving "
 				     "it knows the password");
 		return PG_LOGIN_OK;
 	case AUTH_CLEARTEXT:
+		if (l->have_pre)
+			return failf(sqlstate, "28000", why, whylen, -EACCES,
+				     "the server asked for the minted role's password in clear: "
+				     "refused (SCRAM-SHA-256 only)");
 		l->method = "password";
 		pg_wr_begin(&w, reply, PG_F_PASSWORD);
 		pg_wr_str(&w, l->password);
@@ -160,6 +173,10 @@ static int auth_request(struct pg_login *l, const uint8_t *body, size_t blen, st
 		const uint8_t *salt = pg_rd_bytes(&rd, 4);
 		char ans[36];
 
+		if (l->have_pre)
+			return failf(sqlstate, "28000", why, whylen, -EACCES,
+				     "the server asked for the minted role's password as md5: "
+				     "refused (SCRAM-SHA-256 only)");
 		if (!salt)
 			return failf(sqlstate, "08P01", why, whylen, -EPROTO,
 				     "malformed AuthenticationMD5Password from the server");

@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "cred.h"
+#include "pg_login.h"
 #include "pgwire.h"
 #include "policy.h"
 #include "scram.h"
@@ -145,8 +146,41 @@ static void subtest_md5(void)
 	ASSERT_STREQ(ans, "md5a6363a8332918e8d752904d440cffc1d", "the md5 method's answer");
 }
 
+/*
+ * A role minted with a SCRAM verifier logs in by SCRAM only: a server that asks for its password
+ * in clear or as md5, or lets it in unasked, is refused and gets nothing.
+ */
+static void subtest_minted_role_scram_only(void)
+{
+	static const uint8_t clear[] = { 'R', 0, 0, 0, 8, 0, 0, 0, 3 };
+	static const uint8_t md5[] = { 'R', 0, 0, 0, 12, 0, 0, 0, 5, 1, 2, 3, 4 };
+	static const uint8_t ok[] = { 'R', 0, 0, 0, 8, 0, 0, 0, 0 };
+	const uint8_t *msgs[] = { clear, md5, ok };
+	const size_t lens[] = { sizeof(clear), sizeof(md5), sizeof(ok) };
+	struct ag_scram_salted k = { 0 };
+
+	for (size_t i = 0; i < 3; i++) {
+		struct pg_login l;
+		struct ag_buf reply = { 0 };
+		char state[6] = "", why[256] = "";
+		int rc;
+
+		pg_login_init(&l, "agentgate_s1_ci", "minted-secret-password");
+		pg_login_use_salted(&l, &k);
+		rc = pg_login_server_msg(&l, msgs[i], lens[i], &reply, state, why, sizeof(why));
+		ASSERT_LT(rc, 0, "refused");
+		ASSERT_STREQ(state, "28000", "28000");
+		ASSERT_EQ(ag_buf_len(&reply), 0, "nothing sent to the server");
+		ASSERT_FALSE(strstr(why, "minted-secret-password"), "no secret in the reason");
+		ag_buf_free(&reply);
+		pg_login_fini(&l);
+	}
+}
+
 void test_scram(void)
 {
+	if (test__start_subtest("minted_role_scram_only"))
+		subtest_minted_role_scram_only();
 	if (test__start_subtest("rfc7677_vectors"))
 		subtest_rfc7677();
 	if (test__start_subtest("wrong_server_signature_refused"))
