@@ -828,6 +828,14 @@ static void forward_head(struct ag_session *s, const char *method, const char *t
 			out_add(h, AG_SIDE_UPSTREAM, "Accept: application/json\r\n", 26);
 			continue;
 		}
+		/*
+		 * With our credential upstream, nothing that would bring its reflection back in a
+		 * form the scrubber cannot read whole: transfer codings, byte ranges (the token in
+		 * pieces), compressed WebSocket frames.
+		 */
+		if (h->cred[0] && (hdr_is(x, "te") || hdr_is(x, "range") || hdr_is(x, "if-range") ||
+				   hdr_is(x, "sec-websocket-extensions")))
+			continue;
 		if (h->cred[0] && hdr_is(x, "accept-encoding")) {
 			/* the answer is scrubbed of our credential: only encodings we can inflate */
 			static const char ae[] = "Accept-Encoding: gzip, deflate\r\n";
@@ -1454,14 +1462,19 @@ static long response_head(struct ag_session *s)
 	struct http *h = H(s);
 	struct http_ent *e = h->qh;
 	unsigned int st = h->rs.status_code;
-	const char *ct, *ce;
-	size_t ctl = 0, cel = 0, head0 = ag_buf_len(&h->to[AG_SIDE_AGENT]);
+	const char *ct, *ce, *te;
+	size_t ctl = 0, cel = 0, tel = 0, head0 = ag_buf_len(&h->to[AG_SIDE_AGENT]);
 	bool bodyless, chunked_in = h->rs.flags & F_CHUNKED, reframe, mask, inflating;
 
 	bodyless =
 		e->head || st / 100 == 1 || st == 204 || st == 304 || (e->connect && st / 100 == 2);
 	ct = rh_get(h, "content-type", &ctl);
 	ce = rh_get(h, "content-encoding", &cel);
+	te = rh_get(h, "transfer-encoding", &tel);
+	/* Bodies are re-framed decoded: a transfer coding we would not undo (gzip, chunked). */
+	if (!bodyless && te && !(tel == 7 && !strncasecmp(te, "chunked", 7)))
+		return refuse_response(s, "agentgate: the response has a transfer coding other "
+					  "than chunked");
 	mask = !bodyless && ct && is_json(ct, ctl) && (h->mask_json || e->secrets);
 	h->r_close = !http_should_keep_alive(&h->rs) || e->close;
 	h->r_discard = false;
