@@ -827,6 +827,11 @@ int ag_approval_decide(const char *id, bool approve, enum ag_approval_scope scop
 	struct ag_approval_info info;
 	struct ag_approval *a;
 
+	if (approve && scope == AG_APPROVAL_FINGERPRINT && ttl_ms > AG_APPROVAL_TTL_MAX_MS) {
+		snprintf(err, errlen,
+			 "ttl too long: a fingerprint grant lasts at most 7d (make it a policy rule)");
+		return -ERANGE;
+	}
 	pthread_mutex_lock(&lk);
 	a = find_locked(id);
 	if (!a) {

@@ -25,6 +25,8 @@ struct jsonw;
 #define AG_APPROVAL_TIMEOUT_DEFAULT_MS (5 * 60 * 1000ULL)
 /* A fingerprint grant without a ttl lasts this long. */
 #define AG_APPROVAL_TTL_DEFAULT_MS (60 * 60 * 1000ULL)
+/* The longest a fingerprint grant may last: a standing approval is a policy change. */
+#define AG_APPROVAL_TTL_MAX_MS (7 * 24 * 60 * 60 * 1000ULL)
 
 enum ag_approval_state {
 	AG_APPROVAL_PENDING = 0,

@@ -441,7 +441,7 @@ out:
 
 static void subtest_fingerprint(struct ap_ctx *c)
 {
-	char id[32], out[4096];
+	char id[32], out[4096], err[4096];
 	int fd = connect_nobody(c), fd2 = -1;
 
 	if (!ASSERT_GE(fd, 0, "agent connection"))
@@ -454,6 +454,11 @@ static void subtest_fingerprint(struct ap_ctx *c)
 	if (!ASSERT_OK(send_query(fd, "ALTER TABLE ap_fp ALTER COLUMN x SET DEFAULT 1"), "send") ||
 	    !read_hold(fd, "ddl-review", id, sizeof(id)))
 		goto out;
+	/* A standing grant is a policy change, not an approval: the ttl is bounded. */
+	ASSERT_EQ(agctl_as(c, 0, NULL, 0, err, sizeof(err),
+			   "approval approve %s scope fingerprint ttl 30d", id),
+		  1, "a fingerprint grant of 30 days is refused");
+	ASSERT_HAS_SUBSTR(err, "at most 7d", "and says the bound");
 	ASSERT_OK(agctl_as(c, 0, out, sizeof(out), NULL, 0,
 			   "approval approve %s scope fingerprint ttl 1h", id),
 		  "approve for the fingerprint");
