@@ -273,6 +273,26 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(RESOURCES)
         if path in ("/echo-plain", "/echo-header", "/echo-gzip", "/echo-chunked", "/echo-close"):
             return self.echo_reflect(path)
+        if path == "/echo-header-names":
+            # the names of the request headers received, lowercase, one a line
+            raw = "".join("%s\n" % k.lower() for k in self.headers.keys()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+            return
+        if path == "/te-gzip-chunked":
+            # the reflection gzipped as a transfer coding under chunked: not for the agent
+            auth = (self.headers.get("Authorization") or "-").encode()
+            raw = gzip.compress(b"you sent Authorization: " + auth + b"\n")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Transfer-Encoding", "gzip, chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw))
+            self.wfile.flush()
+            return
         if path == "/echo" or path.startswith("/echo/"):
             return self.send_json({
                 "method": self.command, "path": self.path,

@@ -284,6 +284,56 @@ static void subtest_audit_export_clean(struct scrub_env *e)
 	ASSERT_TRUE(e->tok[0] && clean(e, buf, n), "the token is nowhere in the audit log");
 }
 
+#define HOP_HEADERS                                                                                \
+	"TE: gzip\r\nRange: bytes=0-5\r\nIf-Range: x\r\n"                                         \
+	"Sec-WebSocket-Extensions: permessage-deflate\r\n"
+
+/* The body of /echo-header-names has the line name (a header the server got). */
+static bool got_header(const char *resp, const char *name)
+{
+	const char *body = strstr(resp, "\r\n\r\n");
+	size_t l = strlen(name);
+
+	if (!body)
+		return false;
+	for (const char *p = body + 4; *p; p = strchr(p, '\n') ? strchr(p, '\n') + 1 : "")
+		if (!strncmp(p, name, l) && p[l] == '\n')
+			return true;
+	return false;
+}
+
+/* With our credential upstream: no transfer coding, byte range or WebSocket compression asked. */
+static void subtest_hop_headers_stripped(struct scrub_env *e)
+{
+	ssize_t n = raw_get(e, "/echo-header-names", HOP_HEADERS);
+
+	if (!ASSERT_GT(n, 0, "response"))
+		return;
+	if (test__verbose())
+		printf("headers the server got: %s\n", out);
+	if (!ASSERT_TRUE(!strncmp(out, "HTTP/1.1 200", 12) && got_header(out, "authorization"),
+			 "200, the server got our credential"))
+		return;
+	ASSERT_FALSE(got_header(out, "te"), "no TE");
+	ASSERT_FALSE(got_header(out, "range"), "no Range");
+	ASSERT_FALSE(got_header(out, "if-range"), "no If-Range");
+	ASSERT_FALSE(got_header(out, "sec-websocket-extensions"), "no Sec-WebSocket-Extensions");
+}
+
+/* Transfer-Encoding: gzip, chunked: a 502, not the gzipped bytes; the daemon serves on. */
+static void subtest_transfer_coding_refused(struct scrub_env *e)
+{
+	ssize_t n = raw_get(e, "/te-gzip-chunked", NULL);
+
+	if (!ASSERT_GT(n, 0, "response"))
+		return;
+	if (!ASSERT_TRUE(!strncmp(out, "HTTP/1.1 502", 12), "502") || test__verbose())
+		printf("answer: %.300s\n", out);
+	ASSERT_FALSE(memmem(out, n, "\x1f\x8b", 2), "no gzip bytes");
+	ASSERT_FALSE(strcasestr(out, "Transfer-Encoding: gzip"), "the coding is not passed on");
+	ASSERT_TRUE(th_http_alive(&e->g), "the daemon is up, a next request answered");
+}
+
 static void run(struct scrub_env *e, const char *kind)
 {
 	static const struct {
@@ -300,6 +350,8 @@ static void run(struct scrub_env *e, const char *kind)
 		{ "masked_values_counted", subtest_masked_counted },
 		{ "session_log_noted", subtest_session_log_noted },
 		{ "audit_export_clean", subtest_audit_export_clean },
+		{ "hop_headers_stripped_with_credential", subtest_hop_headers_stripped },
+		{ "response_transfer_coding_refused", subtest_transfer_coding_refused },
 	};
 	char name[128];
 
@@ -443,6 +495,20 @@ void test_http_scrub(void)
 	}
 	test__end_subtest();
 	th_http_gate_cleanup(&e.g);
+
+	/* no credential: the agent's Range goes up as sent */
+	if (test__start_subtest("hop_headers_forwarded_without_credential")) {
+		if (ASSERT_OK(th_http_gate_start(&e.g, "127.0.0.83", false, NULL, SCRUB_RULES),
+			      "gate (no credential)")) {
+			ssize_t n = raw_get(&e, "/echo-header-names", HOP_HEADERS);
+
+			if (ASSERT_GT(n, 0, "response") &&
+			    ASSERT_TRUE(!strncmp(out, "HTTP/1.1 200", 12), "200"))
+				ASSERT_TRUE(got_header(out, "range"), "Range arrives");
+		}
+		th_http_gate_cleanup(&e.g);
+	}
+	test__end_subtest();
 out:
 	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", e.dir);
 	sh(cmd);
