@@ -51,6 +51,29 @@ struct ctl_client {
 
 static int user_clients;
 
+/* Connections per uid other than root: one user cannot take every slot from the approvers. */
+#define USER_MAX_PER_UID 8
+static struct {
+	uid_t uid;
+	int n;
+} uid_slots[USER_MAX_CLIENTS];
+
+static int *uid_count(uid_t uid, bool add)
+{
+	int *free_slot = NULL;
+
+	for (size_t i = 0; i < USER_MAX_CLIENTS; i++) {
+		if (uid_slots[i].n && uid_slots[i].uid == uid)
+			return &uid_slots[i].n;
+		if (!uid_slots[i].n && !free_slot) {
+			free_slot = &uid_slots[i].n;
+			if (add)
+				uid_slots[i].uid = uid;
+		}
+	}
+	return add ? free_slot : NULL;
+}
+
 static struct ctl_client *approval_watchers;
 static struct ag_daemon *watch_d;
 
@@ -59,8 +82,13 @@ static void watch_add(struct ctl_client *c, uint64_t session, Agentgate__Ctl__Re
 
 static void client_free(struct ctl_client *c)
 {
-	if (c->uid)
+	if (c->uid) {
+		int *n = uid_count(c->uid, false);
+
 		user_clients--;
+		if (n && *n)
+			(*n)--;
+	}
 	if (c->awatch) {
 		for (struct ctl_client **pp = &approval_watchers; *pp; pp = &(*pp)->anext)
 			if (*pp == c) {
@@ -876,6 +904,16 @@ static void on_accept(struct ag_io *io, uint32_t events)
 			close(fd);
 			continue;
 		}
+		if (cred.uid) {
+			int *n = uid_count(cred.uid, true);
+
+			if (!n || *n >= USER_MAX_PER_UID) {
+				pr_warn("control socket: uid %u has %d connections already: refused",
+					(unsigned)cred.uid, USER_MAX_PER_UID);
+				close(fd);
+				continue;
+			}
+		}
 		c = calloc(1, sizeof(*c));
 		if (!c) {
 			close(fd);
@@ -888,8 +926,10 @@ static void on_accept(struct ag_io *io, uint32_t events)
 			free(c);
 			continue;
 		}
-		if (c->uid)
+		if (c->uid) {
 			user_clients++;
+			(*uid_count(c->uid, true))++;
+		}
 		c->io.data = c;
 	}
 }

@@ -21,7 +21,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -437,6 +439,47 @@ static void subtest_non_approver(struct ap_ctx *c)
 	expect_result(fd, "CZ", "runs");
 out:
 	close(fd);
+}
+
+/*
+ * The control socket is open to local users, but one uid gets at most 8 connections at once:
+ * idle connections of one user cannot take every slot from the approvers. The child (as
+ * nobody) opens 9; exit code 0 when the first 8 stay open and the 9th is closed by the daemon.
+ */
+static void subtest_per_uid_cap(struct ap_ctx *c)
+{
+	pid_t pid = fork();
+	int status = -1;
+
+	if (pid == 0) {
+		struct sockaddr_un sun = { .sun_family = AF_UNIX };
+		int fds[9], open_ok = 0;
+		struct pollfd p;
+
+		snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", c->g.d.socket);
+		if (setgid(NOBODY) || setuid(NOBODY))
+			_exit(10);
+		for (int i = 0; i < 9; i++) {
+			fds[i] = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+			if (fds[i] < 0 || connect(fds[i], (struct sockaddr *)&sun, sizeof(sun)))
+				_exit(11);
+			usleep(50000); /* accepted in order */
+		}
+		usleep(300000);
+		for (int i = 0; i < 9; i++) {
+			p = (struct pollfd){ .fd = fds[i], .events = POLLIN };
+			if (poll(&p, 1, 0) == 0)
+				open_ok |= 1 << i; /* nothing to read, no hang-up: still open */
+		}
+		_exit(open_ok == 0xff ? 0 : 12);
+	}
+	if (!ASSERT_GT(pid, 0, "fork"))
+		return;
+	waitpid(pid, &status, 0);
+	ASSERT_TRUE(WIFEXITED(status), "the child exited");
+	ASSERT_EQ(WEXITSTATUS(status), 0, "8 connections kept, the 9th closed");
+	ASSERT_OK(agctl_as(c, NOBODY, NULL, 0, NULL, 0, "approval list"),
+		  "the user connects again once those are gone");
 }
 
 static void subtest_fingerprint(struct ap_ctx *c)
@@ -1206,6 +1249,8 @@ void test_approval(void)
 		subtest_own_uid(c);
 	if (test__start_subtest("non_approver_refused_group_approver_ok"))
 		subtest_non_approver(c);
+	if (test__start_subtest("control_socket_per_uid_cap"))
+		subtest_per_uid_cap(c);
 	if (test__start_subtest("fingerprint_scope"))
 		subtest_fingerprint(c);
 	if (test__start_subtest("session_scope"))
