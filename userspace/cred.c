@@ -362,6 +362,18 @@ int ag_cred_check_policy(const struct ag_policy *p, char *err, size_t errlen, ch
 				return rc;
 			}
 		}
+		/* The admin of a pg-jit-role target can create roles: say when it goes in clear. */
+		if (t->credential && !t->tls && warn && wused < warnlen) {
+			const char *prov = kv_value(t, "provider");
+
+			if (prov && !strcmp(prov, "pg-jit-role"))
+				wused += snprintf(warn + wused, warnlen - wused,
+						  "%starget %s: pg-jit-role without tls: the admin "
+						  "login and the roles it makes cross the network "
+						  "unencrypted and unverified (add tls: { upstream: "
+						  "verify-full })",
+						  wused ? "; " : "", t->name);
+		}
 	}
 	return 0;
 }
@@ -545,7 +557,8 @@ static void admin_ep_fill(struct admin_ep *ep, const struct ag_policy_target *t,
 	snprintf(ep->host, sizeof(ep->host), "%s", t->host);
 	snprintf(ep->port, sizeof(ep->port), "%u", t->port);
 	snprintf(ep->sslmode, sizeof(ep->sslmode), "%s",
-		 !mode			 ? "prefer"
+		 !mode && !t->tls	 ? "prefer"
+		 : !mode		 ? "verify-full" /* tls: present, as on the data path */
 		 : !strcmp(mode, "off") ? "disable"
 					: mode); /* verify-full, verify-ca, require: libpq's names */
 	if (ca && ca->value)

@@ -704,6 +704,8 @@ static void subtest_jit_role(struct th_pg_gate *g)
 	th_daemon_read_log(&g->d, out, sizeof(out));
 	ASSERT_HAS_SUBSTR(out, "(pg-jit-role, SCRAM-SHA-256, keys stretched off the loop)",
 			  "SCRAM with the verifier the gateway wrote: no PBKDF2 on the loop");
+	ASSERT_HAS_SUBSTR(out, "pg-jit-role without tls: the admin login",
+			  "a pg-jit-role target without tls: is warned about at start");
 
 	/* psycopg2 too: its password (PGPASSWORD is set for it) is never asked for. */
 	rc = th_pg_python(&g->pg, g->tagged,
