@@ -48,6 +48,8 @@
 #define MAX_FRAME_RAW (64u << 20)
 #define HASH_TAG "agentgate/audit/v1"
 #define SIG_TAG "agentgate/audit/checkpoint/v1"
+/* HEAD signs its time too, under its own tag: a checkpoint's signature is never a HEAD's. */
+#define HEAD_TAG "agentgate/audit/head/v1"
 #define WAKE_MS 10
 #define WAKE_COUNT 256
 #define RETRY_MS 1000
@@ -107,13 +109,21 @@ void ag_audit_chain_hash(const uint8_t prev[32], uint64_t seq, const uint8_t *re
 	EVP_DigestFinal_ex(hash_ctx, out, &n);
 }
 
-/* What a checkpoint signs. */
-static size_t sig_message(uint64_t seq, const uint8_t hash[32], uint8_t *out)
+/* What a checkpoint (tag SIG_TAG) or HEAD (HEAD_TAG, with its time) signs. */
+static size_t sig_message(const char *tag, uint64_t seq, const uint8_t hash[32], int64_t time_ns,
+			  uint8_t *out)
 {
-	memcpy(out, SIG_TAG, sizeof(SIG_TAG));
-	put64(out + sizeof(SIG_TAG), seq);
-	memcpy(out + sizeof(SIG_TAG) + 8, hash, 32);
-	return sizeof(SIG_TAG) + 40;
+	size_t t = strlen(tag) + 1, n;
+
+	memcpy(out, tag, t);
+	put64(out + t, seq);
+	memcpy(out + t + 8, hash, 32);
+	n = t + 40;
+	if (!strcmp(tag, HEAD_TAG)) {
+		put64(out + n, (uint64_t)time_ns);
+		n += 8;
+	}
+	return n;
 }
 
 static int key_fingerprint(EVP_PKEY *k, uint8_t raw[32], char *fp, size_t fplen)
@@ -130,11 +140,12 @@ static int key_fingerprint(EVP_PKEY *k, uint8_t raw[32], char *fp, size_t fplen)
 	return 0;
 }
 
-static int sign(EVP_PKEY *k, uint64_t seq, const uint8_t hash[32], uint8_t sig[64])
+static int sign_tagged(EVP_PKEY *k, const char *tag, uint64_t seq, const uint8_t hash[32],
+		       int64_t time_ns, uint8_t sig[64])
 {
 	EVP_MD_CTX *c = EVP_MD_CTX_new();
-	uint8_t msg[sizeof(SIG_TAG) + 40];
-	size_t n = 64, mlen = sig_message(seq, hash, msg);
+	uint8_t msg[64 + 48];
+	size_t n = 64, mlen = sig_message(tag, seq, hash, time_ns, msg);
 	int rc = -EINVAL;
 
 	if (c && EVP_DigestSignInit(c, NULL, NULL, NULL, k) == 1 &&
@@ -144,17 +155,28 @@ static int sign(EVP_PKEY *k, uint64_t seq, const uint8_t hash[32], uint8_t sig[6
 	return rc;
 }
 
-static bool sig_ok(EVP_PKEY *k, uint64_t seq, const uint8_t hash[32], const uint8_t *sig,
-		   size_t siglen)
+static int sign(EVP_PKEY *k, uint64_t seq, const uint8_t hash[32], uint8_t sig[64])
+{
+	return sign_tagged(k, SIG_TAG, seq, hash, 0, sig);
+}
+
+static bool sig_ok_tagged(EVP_PKEY *k, const char *tag, uint64_t seq, const uint8_t hash[32],
+			  int64_t time_ns, const uint8_t *sig, size_t siglen)
 {
 	EVP_MD_CTX *c = EVP_MD_CTX_new();
-	uint8_t msg[sizeof(SIG_TAG) + 40];
-	size_t mlen = sig_message(seq, hash, msg);
+	uint8_t msg[64 + 48];
+	size_t mlen = sig_message(tag, seq, hash, time_ns, msg);
 	bool ok = c && EVP_DigestVerifyInit(c, NULL, NULL, NULL, k) == 1 &&
 		  EVP_DigestVerify(c, sig, siglen, msg, mlen) == 1;
 
 	EVP_MD_CTX_free(c);
 	return ok;
+}
+
+static bool sig_ok(EVP_PKEY *k, uint64_t seq, const uint8_t hash[32], const uint8_t *sig,
+		   size_t siglen)
+{
+	return sig_ok_tagged(k, SIG_TAG, seq, hash, 0, sig, siglen);
 }
 
 /* A PEM private key, or a PEM public key (pub_ok). */
@@ -191,6 +213,19 @@ int ag_audit_sign_file(const char *key_file, uint64_t seq, const uint8_t hash[32
 	rc = sign(k, seq, hash, sig);
 	if (!rc && fingerprint)
 		rc = key_fingerprint(k, raw, fingerprint, fplen);
+	EVP_PKEY_free(k);
+	return rc;
+}
+
+int ag_audit_sign_head_file(const char *key_file, uint64_t seq, const uint8_t hash[32],
+			    int64_t time_ns, uint8_t sig[64])
+{
+	EVP_PKEY *k = key_load(key_file, false);
+	int rc;
+
+	if (!k)
+		return -EINVAL;
+	rc = sign_tagged(k, HEAD_TAG, seq, hash, time_ns, sig);
 	EVP_PKEY_free(k);
 	return rc;
 }
@@ -493,7 +528,8 @@ static int write_head(void)
 	size_t len;
 	int fd, rc = 0;
 
-	if (sign(A.key, A.head_seq, A.head_hash, sig))
+	h.time_ns = ag_unix_ns();
+	if (sign_tagged(A.key, HEAD_TAG, A.head_seq, A.head_hash, h.time_ns, sig))
 		return -EINVAL;
 	h.seq = A.head_seq;
 	h.hash.data = A.head_hash;
@@ -501,7 +537,6 @@ static int write_head(void)
 	h.signature.data = sig;
 	h.signature.len = 64;
 	h.key_fingerprint = A.fp;
-	h.time_ns = ag_unix_ns();
 	len = agentgate__audit__head__get_packed_size(&h);
 	buf = malloc(len);
 	if (!buf)
@@ -2002,8 +2037,8 @@ int ag_audit_verify_dir(const char *dir, const char *key_file, struct ag_audit_v
 		goto out;
 	}
 	if (head->hash.len != 32 ||
-	    !sig_ok(c.trusted, head->seq, head->hash.data, head->signature.data,
-		    head->signature.len)) {
+	    !sig_ok_tagged(c.trusted, HEAD_TAG, head->seq, head->hash.data, head->time_ns,
+			   head->signature.data, head->signature.len)) {
 		rc = -EBADMSG;
 		v->bad_seq = head->seq;
 		snprintf(v->reason, sizeof(v->reason),

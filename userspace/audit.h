@@ -178,3 +178,6 @@ void ag_audit_chain_hash(const uint8_t prev[32], uint64_t seq, const uint8_t *re
 			 uint8_t out[32]);
 int ag_audit_sign_file(const char *key_file, uint64_t seq, const uint8_t hash[32], uint8_t sig[64],
 		       char *fingerprint, size_t fplen);
+/* The signature of a HEAD (its own tag, its time signed too) with that key, for tests. */
+int ag_audit_sign_head_file(const char *key_file, uint64_t seq, const uint8_t hash[32],
+			    int64_t time_ns, uint8_t sig[64]);

@@ -441,6 +441,65 @@ static void subtest_tamper_reorder(struct th_pg_gate *g)
 	ents_free(&v);
 }
 
+/*
+ * The tail cut right after a checkpoint, and HEAD rebuilt from that checkpoint's own seq, hash
+ * and signature: HEAD signs under its own tag (and its time), so the checkpoint's signature
+ * does not pass for a HEAD's and the cut is still found.
+ */
+static void subtest_tamper_head_from_checkpoint(struct th_pg_gate *g)
+{
+	Agentgate__Audit__Head h = AGENTGATE__AUDIT__HEAD__INIT;
+	struct ents v = { 0 };
+	char dir[256], head[300];
+	uint8_t buf[512], hash[32], sig[64];
+	size_t cut = 0, len;
+	struct th_agctl_result *r;
+	FILE *f;
+
+	if (!ASSERT_OK(copy_log(g, "t-head", dir, sizeof(dir)), "copy") ||
+	    !ASSERT_OK(load(dir, &v), "load"))
+		return;
+	/* The last checkpoint that is not the last record. */
+	for (size_t i = 0; i + 1 < v.n; i++) {
+		Agentgate__Audit__Record *rec =
+			agentgate__audit__record__unpack(NULL, v.e[i].len, v.e[i].rec);
+
+		if (rec && rec->body_case == AGENTGATE__AUDIT__RECORD__BODY_CHECKPOINT &&
+		    rec->checkpoint->covers_hash.len == 32 && rec->checkpoint->signature.len == 64) {
+			cut = i;
+			h.seq = rec->checkpoint->covers_seq;
+			memcpy(hash, rec->checkpoint->covers_hash.data, 32);
+			memcpy(sig, rec->checkpoint->signature.data, 64);
+		}
+		if (rec)
+			agentgate__audit__record__free_unpacked(rec, NULL);
+	}
+	if (!ASSERT_GT(cut, 0, "a checkpoint before the last record"))
+		goto out;
+	while (v.n > cut)
+		free((void *)v.e[--v.n].rec);
+	ASSERT_OK(ag_audit_write_entries(dir, v.e, v.n, 1 << 20), "rewrite");
+	h.hash.data = hash;
+	h.hash.len = 32;
+	h.signature.data = sig;
+	h.signature.len = 64;
+	len = agentgate__audit__head__pack(&h, buf);
+	snprintf(head, sizeof(head), "%s/HEAD", dir);
+	f = fopen(head, "w");
+	if (!ASSERT_OK_PTR(f, "HEAD"))
+		goto out;
+	fwrite(buf, 1, len, f);
+	fclose(f);
+	r = calloc(1, sizeof(*r));
+	if (r) {
+		ASSERT_EQ(verify(dir, NULL, r), 1, "a HEAD made of a checkpoint's signature");
+		ASSERT_HAS_SUBSTR(r->err, "HEAD", "HEAD named");
+		free(r);
+	}
+out:
+	ents_free(&v);
+}
+
 static void subtest_tamper_truncate(struct th_pg_gate *g)
 {
 	struct ents v = { 0 };
@@ -577,7 +636,8 @@ static void subtest_tamper_resign(struct th_pg_gate *g)
 		size_t len;
 		FILE *f;
 
-		ag_audit_sign_file(key, v.e[v.n - 1].seq, prev, sig, NULL, 0);
+		h.time_ns = 1;
+		ag_audit_sign_head_file(key, v.e[v.n - 1].seq, prev, h.time_ns, sig);
 		h.seq = v.e[v.n - 1].seq;
 		h.hash.data = prev;
 		h.hash.len = 32;
@@ -634,6 +694,8 @@ void test_audit(void)
 		subtest_tamper_reorder(&g);
 	if (test__start_subtest("tamper_truncate"))
 		subtest_tamper_truncate(&g);
+	if (test__start_subtest("tamper_head_from_checkpoint"))
+		subtest_tamper_head_from_checkpoint(&g);
 	if (test__start_subtest("tamper_resign_other_key"))
 		subtest_tamper_resign(&g);
 out:
