@@ -2239,3 +2239,31 @@ int th_agctl_run(struct th_agctl_result *r, const char *const *args)
 			r->out, r->err);
 	return r->status;
 }
+
+int th_daemon_counters(const struct th_daemon *d, int pid, long long *statements,
+		       long long *blocked, long long *masked)
+{
+	static char out[256 * 1024];
+	yajl_val root;
+	int rc = -ENOENT;
+
+	if (th_agctl(d, out, sizeof(out), "-j session list"))
+		return -EIO;
+	root = th_json_parse(out);
+	if (!root)
+		return -EIO;
+	for (size_t i = 0; YAJL_IS_ARRAY(root) && i < YAJL_GET_ARRAY(root)->len; i++) {
+		yajl_val s = YAJL_GET_ARRAY(root)->values[i];
+		long long p = -1;
+
+		if (pid >= 0 && (!th_json_int(s, "pid", &p) || p != pid))
+			continue;
+		th_json_int(s, "statements", statements);
+		th_json_int(s, "blocked", blocked);
+		th_json_int(s, "masked_values", masked);
+		rc = 0;
+		break;
+	}
+	yajl_tree_free(root);
+	return rc;
+}

@@ -279,3 +279,9 @@ yajl_val th_json_get(yajl_val obj, const char *key);
 const char *th_json_str(yajl_val obj, const char *key);
 /* Integer member: true and *out set if present and an integer. */
 bool th_json_int(yajl_val obj, const char *key, long long *out);
+/*
+ * The counters of the daemon's session of process pid (pid < 0: its first session), from
+ * `agctl -j session list`. 0, -ENOENT when there is none, -EIO when agctl fails.
+ */
+int th_daemon_counters(const struct th_daemon *d, int pid, long long *statements,
+		       long long *blocked, long long *masked);

@@ -81,9 +81,6 @@ ssize_t th_http_read_until(int fd, char *buf, size_t len, const char *until, int
 bool th_http_alive(struct th_http_gate *g);
 /* The API server's request log ("METHOD PATH auth=..." lines). */
 int th_http_srvlog(struct th_http_gate *g, char *buf, size_t len);
-/* Counters of the session of process pid (session list). */
-int th_http_counters(struct th_http_gate *g, int pid, long long *statements, long long *blocked,
-		     long long *masked);
 /*
  * The id of a pending approval whose statement has needle ("" any), polled for 15 s at most
  * through agctl -j approval list; true when one came.

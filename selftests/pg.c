@@ -1060,34 +1060,6 @@ bool th_pg_gate_alive(struct th_pg_gate *g)
 	       th_agctl(&g->d, out, sizeof(out), "-j session list") == 0;
 }
 
-int th_pg_gate_counters(struct th_pg_gate *g, int pid, long long *statements, long long *blocked,
-			long long *masked)
-{
-	static char out[256 * 1024];
-	yajl_val root;
-	int rc = -ENOENT;
-
-	if (th_agctl(&g->d, out, sizeof(out), "-j session list"))
-		return -EIO;
-	root = th_json_parse(out);
-	if (!root)
-		return -EIO;
-	for (size_t i = 0; YAJL_IS_ARRAY(root) && i < YAJL_GET_ARRAY(root)->len; i++) {
-		yajl_val s = YAJL_GET_ARRAY(root)->values[i];
-		long long p = -1;
-
-		if (!th_json_int(s, "pid", &p) || p != pid)
-			continue;
-		th_json_int(s, "statements", statements);
-		th_json_int(s, "blocked", blocked);
-		th_json_int(s, "masked_values", masked);
-		rc = 0;
-		break;
-	}
-	yajl_tree_free(root);
-	return rc;
-}
-
 int th_pg_raw_connect(struct th_pg_gate *g)
 {
 	return th_pg_raw_connect_as(g, 0, 0);

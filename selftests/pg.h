@@ -175,9 +175,3 @@ void th_pg_m_execute(struct ag_buf *b, const char *portal);
 void th_pg_m_simple(struct ag_buf *b, char type);
 /* The daemon is still alive and answers agctl. */
 bool th_pg_gate_alive(struct th_pg_gate *g);
-/*
- * agctl -j session list: the counters of the live session whose pid is pid (statements,
- * blocked, masked_values). 0, or -ENOENT when no session of that pid is listed.
- */
-int th_pg_gate_counters(struct th_pg_gate *g, int pid, long long *statements, long long *blocked,
-			long long *masked);

@@ -358,7 +358,7 @@ static void subtest_masked_counted(struct th_http_gate *g)
 		return;
 	th_send_all(fd, req, sizeof(req) - 1, 5000);
 	th_http_read_until(fd, out, sizeof(out), "0\r\n\r\n", 15000, &closed);
-	ASSERT_OK(th_http_counters(g, -1, &st, &bl, &mv), "session list");
+	ASSERT_OK(th_daemon_counters(&g->d, -1, &st, &bl, &mv), "session list");
 	ASSERT_EQ(st, 1, "one request");
 	ASSERT_GE(mv, 3, "masked values counted");
 	close(fd);

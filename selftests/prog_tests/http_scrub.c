@@ -239,7 +239,7 @@ static void subtest_masked_counted(struct scrub_env *e)
 		th_http_read_until(fd, out + strlen(out), sizeof(out) - strlen(out), "*\n", 15000,
 				   &closed);
 	ASSERT_HAS_SUBSTR(out, want, "the whole body, filled");
-	ASSERT_OK(th_http_counters(&e->g, -1, &st, &bl, &mv), "session list");
+	ASSERT_OK(th_daemon_counters(&e->g.d, -1, &st, &bl, &mv), "session list");
 	ASSERT_EQ(mv, 2, "both occurrences counted");
 	close(fd);
 }

@@ -566,7 +566,7 @@ static void subtest_counter(struct th_pg_gate *g)
 	}
 	close(pfd[0]);
 	for (int t = 0; t < 100; t++) {
-		if (!th_pg_gate_counters(g, pid, &st, &bl, &ma) && ma >= 6)
+		if (!th_daemon_counters(&g->d, pid, &st, &bl, &ma) && ma >= 6)
 			break;
 		usleep(100 * 1000);
 	}

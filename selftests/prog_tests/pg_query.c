@@ -390,7 +390,7 @@ static void subtest_counters(struct th_pg_gate *g)
 	}
 	close(pfd[0]);
 	for (int t = 0; t < 100; t++) {
-		if (!th_pg_gate_counters(g, pid, &st, &bl, &ma) && st >= 6)
+		if (!th_daemon_counters(&g->d, pid, &st, &bl, &ma) && st >= 6)
 			break;
 		usleep(100 * 1000);
 	}
