@@ -16,6 +16,8 @@
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
+BENCH_NAME=bench
+. scripts/bench/lib.sh
 B=build
 BYTES=${AGBENCH_BYTES:-536870912}
 RTTS=${AGBENCH_RTTS:-20000}
@@ -192,23 +194,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'echo "bench: interrupted" >&2; exit 130' INT TERM HUP
-
-# A port nothing listens on (IPv4 or IPv6) and not picked before, from a range the kernel does
-# not hand out as ephemeral ports.
-PICKED=
-free_port() {
-	while :; do
-		p=$((20000 + $(od -An -N2 -tu2 /dev/urandom) % 10000))
-		case " $PICKED " in *" $p "*) continue ;; esac
-		hex=$(printf '%04X' "$p")
-		if ! awk -v h=":$hex" '$4 == "0A" && substr($2, length($2) - 4) == h { f = 1 }
-			END { exit !f }' /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
-			PICKED="$PICKED $p"
-			PORT=$p
-			return
-		fi
-	done
-}
 
 free_port
 SRVPORT=$PORT

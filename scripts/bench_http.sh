@@ -25,6 +25,8 @@
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
+BENCH_NAME=bench_http
+. scripts/bench/lib.sh
 B=${AGBENCH_BUILD:-build}
 T=${AGBENCH_HTTP_T:-5}
 ROUNDS=${AGBENCH_HTTP_ROUNDS:-3}
@@ -62,22 +64,6 @@ DPID=
 NG_UP=
 NG_PX=
 
-kill_cgroup() { # dir
-	[ -d "$1" ] || return 0
-	for _ in 1 2 3; do
-		for p in $(cat "$1/cgroup.procs" 2>/dev/null); do
-			kill -KILL "$p" 2>/dev/null
-		done
-		i=0
-		while ! rmdir "$1" 2>/dev/null && [ $i -lt 20 ]; do
-			sleep 0.1
-			i=$((i + 1))
-		done
-		[ -d "$1" ] || return 0
-	done
-	echo "bench_http: could not remove $1" >&2
-}
-
 cleanup() {
 	trap - EXIT INT TERM HUP
 	[ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
@@ -110,21 +96,6 @@ in_cgroup() { # cgroup dir, command...
 	cg=$1
 	shift
 	sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' sh "$cg" "$@"
-}
-
-PICKED=
-free_port() {
-	while :; do
-		p=$((30000 + $(od -An -N2 -tu2 /dev/urandom) % 10000))
-		case " $PICKED " in *" $p "*) continue ;; esac
-		hex=$(printf '%04X' "$p")
-		if ! awk -v h=":$hex" '$4 == "0A" && substr($2, length($2) - 4) == h { f = 1 }
-			END { exit !f }' /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
-			PICKED="$PICKED $p"
-			PORT=$p
-			return
-		fi
-	done
 }
 
 wait_http() { # url what
@@ -172,9 +143,9 @@ awk 'BEGIN {
 }' >"$WORK/www/users.json"
 chmod -R a+rX "$WORK/www"
 
-free_port
+free_port 30000
 UPPORT=$PORT
-free_port
+free_port 30000
 UPTLS=$PORT
 cat >"$WORK/up/nginx.conf" <<EOF
 worker_processes 2;
@@ -200,9 +171,9 @@ http {
 	}
 }
 EOF
-free_port
+free_port 30000
 PXPORT=$PORT
-free_port
+free_port 30000
 PXTLS=$PORT
 cat >"$WORK/px/nginx.conf" <<EOF
 worker_processes 2;
@@ -252,7 +223,7 @@ wait_http "http://$PXADDR:$PXPORT/1k.txt" "the nginx proxy"
 wait_http "https://$UPADDR:$UPTLS/1k.txt --cacert $WORK/pki/ca.crt" "the nginx upstream (TLS)"
 wait_http "https://$PXADDR:$PXTLS/1k.txt --cacert $WORK/pki/ca.crt" "the nginx proxy (TLS)"
 
-free_port
+free_port 30000
 GWPORT=$PORT
 cat >"$WORK/gw/policy.yaml" <<EOF
 apiVersion: agentgate/v1

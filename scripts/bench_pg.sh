@@ -34,6 +34,8 @@
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
+BENCH_NAME=bench_pg
+. scripts/bench/lib.sh
 B=${AGBENCH_BUILD:-build}
 T=${AGBENCH_PG_T:-5}
 LAT_T=${AGBENCH_PG_LAT_T:-4}
@@ -163,22 +165,6 @@ WATCHDOG=
 CHILD=
 DPID=
 
-kill_cgroup() { # dir
-	[ -d "$1" ] || return 0
-	for _ in 1 2 3; do
-		for p in $(cat "$1/cgroup.procs" 2>/dev/null); do
-			kill -KILL "$p" 2>/dev/null
-		done
-		i=0
-		while ! rmdir "$1" 2>/dev/null && [ $i -lt 20 ]; do
-			sleep 0.1
-			i=$((i + 1))
-		done
-		[ -d "$1" ] || return 0
-	done
-	echo "bench_pg: could not remove $1" >&2
-}
-
 cleanup() {
 	trap - EXIT INT TERM HUP
 	[ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
@@ -230,21 +216,6 @@ in_cgroup() {
 		sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec runuser -u "$0" -- "$@"' \
 			"$user" "$cg" "$@"
 	fi
-}
-
-PICKED=
-free_port() { # a port nothing listens on, outside the ephemeral range
-	while :; do
-		p=$((20000 + $(od -An -N2 -tu2 /dev/urandom) % 10000))
-		case " $PICKED " in *" $p "*) continue ;; esac
-		hex=$(printf '%04X' "$p")
-		if ! awk -v h=":$hex" '$4 == "0A" && substr($2, length($2) - 4) == h { f = 1 }
-			END { exit !f }' /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
-			PICKED="$PICKED $p"
-			PORT=$p
-			return
-		fi
-	done
 }
 
 (

@@ -1,0 +1,37 @@
+# SPDX-License-Identifier: GPL-2.0
+# What the benches (scripts/bench.sh, bench_pg.sh, bench_http.sh) share; sourced, POSIX sh.
+# BENCH_NAME names the bench in messages.
+
+PICKED=
+# A port nothing listens on, in [BASE, BASE + 10000) (default 20000: outside the ephemeral
+# range), never one handed out before in this run; into PORT.
+free_port() { # [base]
+	while :; do
+		p=$((${1:-20000} + $(od -An -N2 -tu2 /dev/urandom) % 10000))
+		case " $PICKED " in *" $p "*) continue ;; esac
+		hex=$(printf '%04X' "$p")
+		if ! awk -v h=":$hex" '$4 == "0A" && substr($2, length($2) - 4) == h { f = 1 }
+			END { exit !f }' /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
+			PICKED="$PICKED $p"
+			PORT=$p
+			return
+		fi
+	done
+}
+
+# Kills what runs in cgroup directory $1 and removes it.
+kill_cgroup() { # dir
+	[ -d "$1" ] || return 0
+	for _ in 1 2 3; do
+		for p in $(cat "$1/cgroup.procs" 2>/dev/null); do
+			kill -KILL "$p" 2>/dev/null
+		done
+		i=0
+		while ! rmdir "$1" 2>/dev/null && [ $i -lt 20 ]; do
+			sleep 0.1
+			i=$((i + 1))
+		done
+		[ -d "$1" ] || return 0
+	done
+	echo "$BENCH_NAME: could not remove $1" >&2
+}
