@@ -666,6 +666,41 @@ int th_pg_python(const struct th_pg *pg, const char *rel, const char *script, ch
 	return exec_full(rel, 0, 0, argv, env, NULL, out, outlen, err, errlen, timeout_ms);
 }
 
+pid_t th_pg_python_held(const struct th_pg *pg, const char *rel, const char *script,
+			int *stdin_fd)
+{
+	int pfd[2];
+	pid_t pid;
+
+	if (pipe(pfd))
+		return -errno;
+	pid = fork();
+	if (pid == 0) {
+		char *argv[] = { "/usr/bin/python3", "-c", (char *)script, NULL };
+		char port[16];
+
+		close(pfd[1]);
+		dup2(pfd[0], 0);
+		if (ag_cgroup_move(th_cgroup_mount(), rel, 0))
+			_exit(127);
+		snprintf(port, sizeof(port), "%d", pg->port);
+		setenv("PGHOST", pg->addr, 1);
+		setenv("PGPORT", port, 1);
+		setenv("PGUSER", TH_PG_USER, 1);
+		setenv("PGPASSWORD", TH_PG_PASSWORD, 1);
+		setenv("PGDATABASE", TH_PG_DB, 1);
+		execv(argv[0], argv);
+		_exit(127);
+	}
+	close(pfd[0]);
+	if (pid < 0) {
+		close(pfd[1]);
+		return -errno;
+	}
+	*stdin_fd = pfd[1];
+	return pid;
+}
+
 /* --- a connection made in another cgroup ------------------------------------------------------ */
 
 static int send_fd(int sock, int fd, int err)

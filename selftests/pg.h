@@ -89,6 +89,13 @@ int th_pg_admin(const struct th_pg *pg, const char *sql, char *out, size_t outle
  */
 int th_pg_python(const struct th_pg *pg, const char *rel, const char *script, char *out,
 		 size_t outlen, char *err, size_t errlen, int timeout_ms);
+/*
+ * The same script started in cgroup rel and left running, its stdin a pipe whose write end goes
+ * to *stdin_fd (close it to let a script waiting on stdin end). Its pid (th_wait() it), or
+ * -errno.
+ */
+pid_t th_pg_python_held(const struct th_pg *pg, const char *rel, const char *script,
+			int *stdin_fd);
 
 /*
  * A TCP connection made from cgroup rel (so that it is redirected when rel is tagged), handed

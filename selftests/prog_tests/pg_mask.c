@@ -541,30 +541,11 @@ static void subtest_counter(struct th_pg_gate *g)
 				 "print('rows', len(rows), rows[0][0], flush=True)\n"
 				 "sys.stdin.readline()\n";
 	long long st = -1, bl = -1, ma = -1;
-	int pfd[2];
-	pid_t pid;
+	int in;
+	pid_t pid = th_pg_python_held(&g->pg, g->tagged, py, &in);
 
-	if (!ASSERT_OK(pipe(pfd), "pipe"))
+	if (!ASSERT_GT(pid, 0, "script"))
 		return;
-	pid = fork();
-	if (pid == 0) {
-		char *argv[] = { "/usr/bin/python3", "-c", (char *)py, NULL };
-		char port[16];
-
-		close(pfd[1]);
-		dup2(pfd[0], 0);
-		if (ag_cgroup_move(th_cgroup_mount(), g->tagged, 0))
-			_exit(127);
-		snprintf(port, sizeof(port), "%d", g->pg.port);
-		setenv("PGHOST", g->pg.addr, 1);
-		setenv("PGPORT", port, 1);
-		setenv("PGUSER", TH_PG_USER, 1);
-		setenv("PGPASSWORD", TH_PG_PASSWORD, 1);
-		setenv("PGDATABASE", TH_PG_DB, 1);
-		execv(argv[0], argv);
-		_exit(127);
-	}
-	close(pfd[0]);
 	for (int t = 0; t < 100; t++) {
 		if (!th_daemon_counters(&g->d, pid, &st, &bl, &ma) && ma >= 6)
 			break;
@@ -572,7 +553,7 @@ static void subtest_counter(struct th_pg_gate *g)
 	}
 	ASSERT_EQ(ma, 6, "masked values counted (3 rows x 2 columns)");
 	ASSERT_EQ(bl, 0, "nothing blocked");
-	close(pfd[1]);
+	close(in);
 	ASSERT_EQ(th_wait(pid, 10000), 0, "script");
 }
 

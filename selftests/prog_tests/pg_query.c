@@ -360,35 +360,13 @@ static void subtest_counters(struct th_pg_gate *g)
 				 "    pass\n"
 				 "print('ready', flush=True)\n"
 				 "sys.stdin.readline()\n";
-	char conn_dummy[8];
 	long long st = -1, bl = -1, ma = -1;
-	pid_t pid;
-	int pfd[2];
-
-	(void)conn_dummy;
+	int in;
 	/* The script waits on stdin while the test reads the live session's counters. */
-	if (!ASSERT_OK(pipe(pfd), "pipe"))
-		return;
-	pid = fork();
-	if (pid == 0) {
-		char *argv[] = { "/usr/bin/python3", "-c", (char *)py, NULL };
-		char host[64], port[32];
+	pid_t pid = th_pg_python_held(&g->pg, g->tagged, py, &in);
 
-		close(pfd[1]);
-		dup2(pfd[0], 0);
-		if (ag_cgroup_move(th_cgroup_mount(), g->tagged, 0))
-			_exit(127);
-		snprintf(host, sizeof(host), "%s", g->pg.addr);
-		snprintf(port, sizeof(port), "%d", g->pg.port);
-		setenv("PGHOST", host, 1);
-		setenv("PGPORT", port, 1);
-		setenv("PGUSER", TH_PG_USER, 1);
-		setenv("PGPASSWORD", TH_PG_PASSWORD, 1);
-		setenv("PGDATABASE", TH_PG_DB, 1);
-		execv(argv[0], argv);
-		_exit(127);
-	}
-	close(pfd[0]);
+	if (!ASSERT_GT(pid, 0, "script"))
+		return;
 	for (int t = 0; t < 100; t++) {
 		if (!th_daemon_counters(&g->d, pid, &st, &bl, &ma) && st >= 6)
 			break;
@@ -397,7 +375,7 @@ static void subtest_counters(struct th_pg_gate *g)
 	ASSERT_EQ(st, 6, "statements counted");
 	ASSERT_EQ(bl, 1, "blocks counted");
 	ASSERT_EQ(ma, 0, "nothing masked");
-	close(pfd[1]);
+	close(in);
 	ASSERT_EQ(th_wait(pid, 10000), 0, "script");
 }
 
