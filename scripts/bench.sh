@@ -157,15 +157,7 @@ stop_daemon() { # mode
 	[ -f "$pidf" ] || return 0
 	pid=$(cat "$pidf")
 	rm -f "$pidf"
-	kill -TERM "$pid" 2>/dev/null || return 0
-	i=0
-	while kill -0 "$pid" 2>/dev/null && [ $i -lt 50 ]; do
-		sleep 0.2
-		i=$((i + 1))
-	done
-	kill -KILL "$pid" 2>/dev/null
-	wait "$pid" 2>/dev/null
-	return 0
+	stop_pid "$pid" 0.2
 }
 
 cleanup() {
@@ -173,22 +165,8 @@ cleanup() {
 	[ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
 	for m in $MODES; do
 		stop_daemon "$m"
-		pins=/sys/fs/bpf/$TAG-$m
-		if [ -d "$pins" ]; then
-			"$B/agctl" -B "$pins" prog detach >/dev/null 2>&1
-			rm -rf "$pins"
-		fi
-		cg=$CGROOT/$TAG-$m
-		if [ -d "$cg" ]; then
-			for p in $(cat "$cg/cgroup.procs" 2>/dev/null); do
-				kill -KILL "$p" 2>/dev/null
-			done
-			i=0
-			while ! rmdir "$cg" 2>/dev/null && [ $i -lt 20 ]; do
-				sleep 0.1
-				i=$((i + 1))
-			done
-		fi
+		detach_pins "/sys/fs/bpf/$TAG-$m"
+		kill_cgroup "$CGROOT/$TAG-$m"
 	done
 	rm -rf "$WORK"
 }

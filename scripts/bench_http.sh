@@ -67,20 +67,8 @@ NG_PX=
 cleanup() {
 	trap - EXIT INT TERM HUP
 	[ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
-	if [ -n "$DPID" ]; then
-		kill -TERM "$DPID" 2>/dev/null
-		i=0
-		while kill -0 "$DPID" 2>/dev/null && [ $i -lt 50 ]; do
-			sleep 0.1
-			i=$((i + 1))
-		done
-		kill -KILL "$DPID" 2>/dev/null
-		wait "$DPID" 2>/dev/null
-	fi
-	if [ -d "$PINS" ]; then
-		"$B/agctl" -B "$PINS" prog detach >/dev/null 2>&1
-		rm -rf "$PINS"
-	fi
+	[ -n "$DPID" ] && stop_pid "$DPID"
+	detach_pins "$PINS"
 	for p in $NG_UP $NG_PX; do
 		kill -TERM "$p" 2>/dev/null
 	done

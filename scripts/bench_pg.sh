@@ -169,20 +169,8 @@ cleanup() {
 	trap - EXIT INT TERM HUP
 	[ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
 	[ -n "$CHILD" ] && kill -KILL "$CHILD" 2>/dev/null
-	if [ -n "$DPID" ]; then
-		kill -TERM "$DPID" 2>/dev/null
-		i=0
-		while kill -0 "$DPID" 2>/dev/null && [ $i -lt 50 ]; do
-			sleep 0.1
-			i=$((i + 1))
-		done
-		kill -KILL "$DPID" 2>/dev/null
-		wait "$DPID" 2>/dev/null
-	fi
-	if [ -d "$PINS" ]; then
-		"$B/agctl" -B "$PINS" prog detach >/dev/null 2>&1
-		rm -rf "$PINS"
-	fi
+	[ -n "$DPID" ] && stop_pid "$DPID"
+	detach_pins "$PINS"
 	if [ -f "$WORK/data/postmaster.pid" ]; then
 		runuser -u postgres -- "$PGBIN/pg_ctl" stop -s -m immediate -w -t 10 \
 			-D "$WORK/data" >/dev/null 2>&1 </dev/null

@@ -35,3 +35,23 @@ kill_cgroup() { # dir
 	done
 	echo "$BENCH_NAME: could not remove $1" >&2
 }
+
+# Stops process $1 (TERM, then KILL after 50 waits of $2 seconds, default 0.1) and reaps it.
+stop_pid() { # pid [interval]
+	kill -TERM "$1" 2>/dev/null || return 0
+	i=0
+	while kill -0 "$1" 2>/dev/null && [ $i -lt 50 ]; do
+		sleep "${2:-0.1}"
+		i=$((i + 1))
+	done
+	kill -KILL "$1" 2>/dev/null
+	wait "$1" 2>/dev/null
+	return 0
+}
+
+# Detaches and removes the pins under bpffs directory $1 ($B/agctl does the detaching).
+detach_pins() { # dir
+	[ -d "$1" ] || return 0
+	"$B/agctl" -B "$1" prog detach >/dev/null 2>&1
+	rm -rf "$1"
+}
