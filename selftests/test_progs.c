@@ -329,6 +329,75 @@ static void dump_log(int log_fd, long from, long to)
 }
 
 /*
+ * The failures again, at the end of the run just above the closing line, where a CI log cut to
+ * its tail still shows them: each failed test and subtest, with its assertions that failed.
+ */
+static FILE *summary;
+static char *summary_buf;
+static size_t summary_len;
+
+static void summary_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void summary_printf(const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!summary)
+		summary = open_memstream(&summary_buf, &summary_len);
+	if (!summary)
+		return;
+	va_start(ap, fmt);
+	vfprintf(summary, fmt, ap);
+	va_end(ap);
+	fputc('\n', summary);
+}
+
+static void summary_line(const char *line, size_t len)
+{
+	summary_printf("  %.*s", (int)len, line);
+}
+
+/* The assertion lines (": FAIL ") and runner lines of bytes [from, to) of the capture file. */
+static void summary_collect(int log_fd, long from, long to)
+{
+	char buf[8192];
+	size_t have = 0;
+	long off = from;
+
+	if (log_fd < 0)
+		return;
+	for (;;) {
+		ssize_t n = 0;
+		size_t want = sizeof(buf) - have, start = 0;
+
+		if (to >= 0 && (size_t)(to - off) < want)
+			want = to - off;
+		if (want)
+			n = pread(log_fd, buf + have, want, off);
+		if (n <= 0) {
+			/* The last line, unterminated; or a line longer than the buffer. */
+			if (have && (strstr(buf, ": FAIL ") || !strncmp(buf, "runner:", 7)))
+				summary_line(buf, have);
+			return;
+		}
+		off += n;
+		have += n;
+		for (size_t i = 0; i < have; i++) {
+			if (buf[i] != '\n')
+				continue;
+			buf[i] = '\0';
+			if (strstr(buf + start, ": FAIL ") || !strncmp(buf + start, "runner:", 7))
+				summary_line(buf + start, i - start);
+			start = i + 1;
+		}
+		if (start == 0 && have == sizeof(buf))
+			start = have; /* one line fills the buffer: dropped */
+		memmove(buf, buf + start, have - start);
+		have -= start;
+		buf[have] = '\0';
+	}
+}
+
+/*
  * What a test killed mid-way leaves behind: its bpffs pins (removing the last reference to a
  * bpf_link detaches it) and its per-run cgroup. Names follow helpers.c.
  */
@@ -391,6 +460,16 @@ static void dump_outside_subtests(int log_fd, int nsubs, long first_start, long 
 	}
 	dump_log(log_fd, 0, first_start);
 	dump_log(log_fd, last_end, -1);
+}
+
+static void summary_outside_subtests(int log_fd, int nsubs, long first_start, long last_end)
+{
+	if (!nsubs) {
+		summary_collect(log_fd, 0, -1);
+		return;
+	}
+	summary_collect(log_fd, 0, first_start);
+	summary_collect(log_fd, last_end, -1);
 }
 
 static void run_one(int num, const struct prog_test_def *def, long timeout_ms, struct counts *c)
@@ -471,8 +550,12 @@ static void run_one(int num, const struct prog_test_def *def, long timeout_ms, s
 			in_sub = false;
 			nsubs++;
 			last_end = m.log_off;
-			if (m.result == RES_FAIL)
+			if (m.result == RES_FAIL) {
 				dump_log(log_fd, sub_start, m.log_off);
+				summary_printf("#%d/%d %s/%s:FAIL", num, sub.sub_num, def->name,
+					       sub.name);
+				summary_collect(log_fd, sub_start, m.log_off);
+			}
 			printf("#%d/%d %s/%s:%s%s%s\n", num, sub.sub_num, def->name, sub.name,
 			       result_str(m.result), m.reason[0] ? " " : "", m.reason);
 			count(c, m.result);
@@ -514,8 +597,13 @@ static void run_one(int num, const struct prog_test_def *def, long timeout_ms, s
 	}
 
 	if (!why[0]) {
-		if (end.result == RES_FAIL)
+		if (end.result == RES_FAIL) {
 			dump_outside_subtests(log_fd, nsubs, first_start, last_end);
+			if (!nsubs || end.top_fail) {
+				summary_printf("#%d %s:FAIL", num, def->name);
+				summary_outside_subtests(log_fd, nsubs, first_start, last_end);
+			}
+		}
 		printf("#%d %s:%s%s%s\n", num, def->name, result_str(end.result),
 		       end.reason[0] ? " " : "", end.reason);
 		if (!nsubs)
@@ -531,10 +619,15 @@ static void run_one(int num, const struct prog_test_def *def, long timeout_ms, s
 			dump_log(log_fd, 0, sub_start);
 		dump_log(log_fd, sub_start, -1);
 		printf("#%d/%d %s/%s:FAIL\n", num, sub.sub_num, def->name, sub.name);
+		summary_printf("#%d/%d %s/%s:FAIL (%s)", num, sub.sub_num, def->name, sub.name,
+			       why);
+		summary_collect(log_fd, sub_start, -1);
 		count(c, RES_FAIL);
 		nsubs++;
 	} else {
 		dump_outside_subtests(log_fd, nsubs, first_start, last_end);
+		summary_printf("#%d %s:FAIL (%s)", num, def->name, why);
+		summary_outside_subtests(log_fd, nsubs, first_start, last_end);
 		if (nsubs)
 			c->failed++;
 	}
@@ -551,6 +644,7 @@ out:
 
 fail_early:
 	printf("#%d %s:FAIL\n", num, def->name);
+	summary_printf("#%d %s:FAIL (could not start it)", num, def->name);
 	c->failed++;
 	if (log_fd >= 0)
 		close(log_fd);
@@ -628,6 +722,9 @@ int main(int argc, char **argv)
 	}
 	if (list)
 		return 0;
+	if (summary && !fclose(summary) && summary_len)
+		printf("---- failures ----\n%s", summary_buf);
+	free(summary_buf);
 	printf("%d passed, %d failed, %d skipped\n", c.passed, c.failed, c.skipped);
 	return c.failed ? 1 : 0;
 }

@@ -283,7 +283,7 @@ static void check_no_secrets(struct tc_env *e, const char *when)
 	regfree(&re);
 }
 
-/* The live session's credential (its role) in agctl -j cred list, or "" after a deadline. */
+/* The live session's role once agctl -j cred list has it active, or "" after a deadline. */
 static void live_role(struct tc_env *e, char *role, size_t len)
 {
 	static char list[65536];
@@ -294,7 +294,9 @@ static void live_role(struct tc_env *e, char *role, size_t len)
 
 		if (!th_agctl(&e->g.d, list, sizeof(list), "-j cred list") &&
 		    (root = th_json_parse(list))) {
-			if (YAJL_IS_ARRAY(root) && root->u.array.len == 1)
+			/* Listed from the start of the mint: wait until the role exists. */
+			if (YAJL_IS_ARRAY(root) && root->u.array.len == 1 &&
+			    !strcmp(th_json_str(root->u.array.values[0], "state") ?: "", "active"))
 				snprintf(role, len, "%s",
 					 th_json_str(root->u.array.values[0], "principal") ?: "");
 			yajl_tree_free(root);
