@@ -59,8 +59,22 @@ struct shape_slot {
 	int *map;
 };
 
+/*
+ * The texts shaped last and their keys: a statement's text is shaped when it is classified
+ * and again when its RowDescription is planned (sqlorigin.c), and a prepared statement's on
+ * every Describe; the second and later scans are a lookup here.
+ */
+#define MEMO_SLOTS 32
+
+struct memo {
+	uint64_t hash; /* of the text */
+	char *text, *key;
+	size_t tlen, klen, cap; /* cap: the one allocation holding text then key */
+};
+
 struct shape_cache {
 	struct shape_slot slot[SHAPE_SLOTS];
+	struct memo memo[MEMO_SLOTS];
 	uint64_t hits, misses;
 };
 
@@ -265,6 +279,8 @@ static void scache_destroy(void *p)
 
 	for (int i = 0; c && i < SHAPE_SLOTS; i++)
 		slot_clear(&c->slot[i]);
+	for (int i = 0; c && i < MEMO_SLOTS; i++)
+		free(c->memo[i].text);
 	free(c);
 	scache = NULL;
 	free(ublk);
@@ -360,6 +376,36 @@ static void store(struct shape_slot *s, uint64_t h, struct shape *sh,
 	sh->key = NULL;
 }
 
+static void memo_put(struct shape_cache *c, uint64_t th, const char *sql, size_t len,
+		     const struct shape *sh)
+{
+	struct memo *m = &c->memo[th % MEMO_SLOTS];
+
+	if (len + sh->klen > m->cap) {
+		char *t = realloc(m->text, len + sh->klen);
+
+		if (!t) {
+			m->tlen = m->klen = 0;
+			return;
+		}
+		m->text = t;
+		m->cap = len + sh->klen;
+	}
+	m->hash = th;
+	m->tlen = len;
+	m->klen = sh->klen;
+	memcpy(m->text, sql, len);
+	m->key = m->text + len;
+	memcpy(m->key, sh->key, sh->klen);
+}
+
+static const struct memo *memo_get(struct shape_cache *c, uint64_t th, const char *sql, size_t len)
+{
+	const struct memo *m = &c->memo[th % MEMO_SLOTS];
+
+	return m->text && m->hash == th && m->tlen == len && !memcmp(m->text, sql, len) ? m : NULL;
+}
+
 int ag_sql_shape_classify(const char *sql, size_t len, struct ag_sql_result *out)
 {
 	struct shape_cache *c;
@@ -373,6 +419,7 @@ int ag_sql_shape_classify(const char *sql, size_t len, struct ag_sql_result *out
 		shape_free(&sh);
 		return ag_sql_classify_uncached(sql, out);
 	}
+	memo_put(c, ag_sql_hash_text(sql, len), sql, len, &sh);
 	h = ag_sql_hash_text(sh.key, sh.klen);
 	s = &c->slot[h % SHAPE_SLOTS];
 	if (s->key && s->hash == h && s->klen == sh.klen && !memcmp(s->key, sh.key, sh.klen)) {
@@ -398,13 +445,26 @@ int ag_sql_shape_classify(const char *sql, size_t len, struct ag_sql_result *out
 
 int ag_sql_shape_key(const char *sql, size_t len, char **key, size_t *klen)
 {
+	struct shape_cache *c = len <= AG_SQL_SHAPE_MAX_TEXT ? scache_get() : NULL;
+	uint64_t th = c ? ag_sql_hash_text(sql, len) : 0;
+	const struct memo *m = c ? memo_get(c, th, sql, len) : NULL;
 	struct shape sh;
-	int err = shape_of(sql, len, &sh);
+	int err;
 
 	*key = NULL;
 	*klen = 0;
+	if (m) {
+		if (!(*key = malloc(m->klen ? m->klen : 1)))
+			return -ENOMEM;
+		memcpy(*key, m->key, m->klen);
+		*klen = m->klen;
+		return 0;
+	}
+	err = shape_of(sql, len, &sh);
 	if (err)
 		return err;
+	if (c)
+		memo_put(c, th, sql, len, &sh);
 	*key = sh.key;
 	*klen = sh.klen;
 	sh.key = NULL;

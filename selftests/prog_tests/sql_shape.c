@@ -8,6 +8,7 @@
  * parse of its own).
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "sql.h"
@@ -245,6 +246,47 @@ static void subtest_not_keyed(void)
 	ag_sql_cache_flush();
 }
 
+/*
+ * Keys are remembered by text (classify, then the RowDescription's origin analysis): a key
+ * from the memo is the key a fresh scan gives, for the same text only, whatever ran between.
+ */
+static void subtest_key_memo(void)
+{
+	const char *t[] = { "SELECT a FROM t WHERE id = 1", "SELECT a FROM t WHERE id = 2",
+			    "SELECT b FROM t WHERE id = 1", "DELETE FROM t WHERE id = 1",
+			    "SELECT a FROM t WHERE id = 1 -- x" };
+	char *fresh[N_ELEMS(t)] = { 0 }, *k;
+	size_t flen[N_ELEMS(t)] = { 0 }, klen;
+	struct ag_sql_result r;
+
+	for (size_t i = 0; i < N_ELEMS(t); i++) {
+		ag_sql_cache_flush();
+		ASSERT_OK(ag_sql_shape_key(t[i], strlen(t[i]), &fresh[i], &flen[i]), t[i]);
+	}
+	ag_sql_cache_flush();
+	for (int round = 0; round < 2; round++) {
+		for (size_t i = 0; i < N_ELEMS(t); i++) {
+			if (round == 0) {
+				ag_sql_classify(t[i], &r);
+				ag_sql_result_free(&r);
+			}
+			for (size_t j = 0; j < N_ELEMS(t); j++) {
+				if (!ASSERT_OK(ag_sql_shape_key(t[j], strlen(t[j]), &k, &klen), t[j]))
+					continue;
+				ASSERT_TRUE(klen == flen[j] && !memcmp(k, fresh[j], klen), t[j]);
+				free(k);
+			}
+		}
+	}
+	ASSERT_TRUE(flen[0] == flen[1] && !memcmp(fresh[0], fresh[1], flen[0]),
+		    "one shape for two literals");
+	ASSERT_FALSE(flen[0] == flen[2] && !memcmp(fresh[0], fresh[2], flen[0]),
+		     "another column, another key");
+	for (size_t i = 0; i < N_ELEMS(t); i++)
+		free(fresh[i]);
+	ag_sql_cache_flush();
+}
+
 void test_sql_shape(void)
 {
 	char name[96];
@@ -265,5 +307,7 @@ void test_sql_shape(void)
 		subtest_fingerprint();
 	if (test__start_subtest("not_keyed"))
 		subtest_not_keyed();
+	if (test__start_subtest("key_memo_same_as_scan"))
+		subtest_key_memo();
 	ag_sql_cache_flush();
 }
