@@ -38,6 +38,7 @@ struct ctl_client {
 	uid_t uid;		   /* SO_PEERCRED */
 	bool awatch;		   /* approval watch: Responses pushed until it closes */
 	struct ctl_client *anext; /* the approval watchers, on the main loop's thread only */
+	uint64_t apolicy_gen;	  /* a watcher other than root: the policy that last listed it */
 	bool watch;		   /* session watch: kept open, audit entries pushed */
 	uint64_t watch_session;
 	struct ctl_client *wnext; /* the session watchers, main loop only */
@@ -730,6 +731,47 @@ static void client_io(struct ag_io *io, uint32_t events)
 	client_free(c);
 }
 
+/*
+ * A watcher other than root was an approver when it subscribed; after a policy reload it must
+ * still be one to see the next statement. One that is not is told so and let go (its stream
+ * ends once the error is flushed).
+ */
+static bool watcher_still_approver(struct ctl_client *c)
+{
+	uint64_t gen = __atomic_load_n(&watch_d->policy_gen, __ATOMIC_ACQUIRE);
+	Agentgate__Ctl__Response r = AGENTGATE__CTL__RESPONSE__INIT;
+	struct ag_policy_ref *pol;
+	char who[64], err[256];
+	bool ok;
+
+	if (!c->uid || c->apolicy_gen == gen)
+		return true;
+	pol = ag_policy_get(watch_d);
+	ok = ag_approval_is_approver(pol ? pol->p : NULL, c->uid, who, sizeof(who));
+	ag_policy_put(pol);
+	if (ok) {
+		c->apolicy_gen = gen;
+		return true;
+	}
+	pr_info("control socket: %s (uid %u) is no approver under the reloaded policy: its "
+		"approval watch ends",
+		who, (unsigned)c->uid);
+	for (struct ctl_client **pp = &approval_watchers; *pp; pp = &(*pp)->anext)
+		if (*pp == c) {
+			*pp = c->anext;
+			break;
+		}
+	c->awatch = false;
+	snprintf(err, sizeof(err),
+		 "permission denied: %s (uid %u) is no longer an approver (approvals.approvers "
+		 "changed by a policy reload)",
+		 who, (unsigned)c->uid);
+	r.error = err;
+	reply(c, &r);
+	ag_loop_mod(&c->io, EPOLLOUT);
+	return false;
+}
+
 /* On the main loop: one Response with the changed approval to every watcher. */
 static void watch_push(void *arg)
 {
@@ -744,6 +786,8 @@ static void watch_push(void *arg)
 			client_free(c);
 			continue;
 		}
+		if (!watcher_still_approver(c))
+			continue;
 		reply(c, &r);
 		ag_loop_mod(&c->io, EPOLLIN | EPOLLOUT);
 	}
