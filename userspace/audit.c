@@ -36,6 +36,7 @@
 #include "buf.h"
 #include "httprule.h"
 #include "k8s.h"
+#include "keyfile.h"
 #include "log.h"
 #include "pgwire.h"
 #include "session.h"
@@ -179,21 +180,38 @@ static bool sig_ok(EVP_PKEY *k, uint64_t seq, const uint8_t hash[32], const uint
 	return sig_ok_tagged(k, SIG_TAG, seq, hash, 0, sig, siglen);
 }
 
-/* A PEM private key, or a PEM public key (pub_ok). */
-static EVP_PKEY *key_load(const char *path, bool pub_ok)
+/*
+ * A PEM private key, or a PEM public key (pub_ok: a key named to verify with, any readable
+ * file). A private key to sign with only from a root-owned file of mode 0600 or stricter, never
+ * through a symbolic link (err says why; may be NULL). NULL with errno set.
+ */
+static EVP_PKEY *key_load(const char *path, bool pub_ok, char *err, size_t errlen)
 {
-	FILE *f = fopen(path, "r");
+	char e[512];
 	EVP_PKEY *k;
+	FILE *f;
+	int fd;
 
-	if (!f)
+	fd = pub_ok ? open(path, O_RDONLY | O_CLOEXEC)
+		    : ag_keyfile_open(path, "audit signing key", true, err ? err : e,
+				      err ? errlen : sizeof(e));
+	if (fd < 0) {
+		if (!pub_ok)
+			errno = -fd;
 		return NULL;
+	}
+	f = fdopen(fd, "r");
+	if (!f) {
+		close(fd);
+		return NULL;
+	}
 	k = PEM_read_PrivateKey(f, NULL, NULL, NULL);
 	if (!k && pub_ok) {
 		rewind(f);
 		k = PEM_read_PUBKEY(f, NULL, NULL, NULL);
 	}
 	fclose(f);
-	if (k && EVP_PKEY_get_id(k) != EVP_PKEY_ED25519) {
+	if (!k || EVP_PKEY_get_id(k) != EVP_PKEY_ED25519) {
 		EVP_PKEY_free(k);
 		k = NULL;
 		errno = EINVAL;
@@ -204,7 +222,7 @@ static EVP_PKEY *key_load(const char *path, bool pub_ok)
 int ag_audit_sign_file(const char *key_file, uint64_t seq, const uint8_t hash[32], uint8_t sig[64],
 		       char *fingerprint, size_t fplen)
 {
-	EVP_PKEY *k = key_load(key_file, false);
+	EVP_PKEY *k = key_load(key_file, false, NULL, 0);
 	uint8_t raw[32];
 	int rc;
 
@@ -220,7 +238,7 @@ int ag_audit_sign_file(const char *key_file, uint64_t seq, const uint8_t hash[32
 int ag_audit_sign_head_file(const char *key_file, uint64_t seq, const uint8_t hash[32],
 			    int64_t time_ns, uint8_t sig[64])
 {
-	EVP_PKEY *k = key_load(key_file, false);
+	EVP_PKEY *k = key_load(key_file, false, NULL, 0);
 	int rc;
 
 	if (!k)
@@ -856,12 +874,15 @@ static int key_init(const char *state_dir, char *err, size_t errlen)
 	}
 	chmod(dir, 0700);
 	snprintf(A.key_path, sizeof(A.key_path), "%s/%s", state_dir, AG_AUDIT_KEY_FILE);
-	A.key = key_load(A.key_path, false);
-	if (!A.key) {
-		if (!access(A.key_path, F_OK)) {
+	A.key = key_load(A.key_path, false, err, errlen);
+	if (!A.key && errno != ENOENT) {
+		int e = errno;
+
+		if (e == EINVAL)
 			snprintf(err, errlen, "%s: not an Ed25519 private key in PEM", A.key_path);
-			return -EINVAL;
-		}
+		return -e;
+	}
+	if (!A.key) {
 		A.key = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
 		if (!A.key) {
 			snprintf(err, errlen, "cannot generate the audit signing key");
@@ -1969,7 +1990,7 @@ int ag_audit_verify_dir(const char *dir, const char *key_file, struct ag_audit_v
 
 	memset(v, 0, sizeof(*v));
 	if (key_file) {
-		c.trusted = key_load(key_file, true);
+		c.trusted = key_load(key_file, true, NULL, 0);
 		if (!c.trusted) {
 			snprintf(v->reason, sizeof(v->reason),
 				 "%s: not an Ed25519 key in PEM (public or private)", key_file);
@@ -1978,7 +1999,7 @@ int ag_audit_verify_dir(const char *dir, const char *key_file, struct ag_audit_v
 		snprintf(v->key_source, sizeof(v->key_source), "%s", key_file);
 	} else {
 		snprintf(path, sizeof(path), "%s/../%s", dir, AG_AUDIT_KEY_FILE);
-		c.trusted = key_load(path, false);
+		c.trusted = key_load(path, false, NULL, 0);
 		if (c.trusted)
 			snprintf(v->key_source, sizeof(v->key_source), "%s", path);
 	}

@@ -586,7 +586,9 @@ static void subtest_tamper_resign(struct th_pg_gate *g)
 	snprintf(key, sizeof(key), "%s/../other.pem", dir);
 	{
 		EVP_PKEY *k = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
-		FILE *f = fopen(key, "w");
+		int kfd = open(key, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+		/* A signing key is read only from a root-owned 0600 file. */
+		FILE *f = kfd >= 0 ? fdopen(kfd, "w") : NULL;
 		size_t n = 32;
 
 		if (!ASSERT_OK_PTR(k, "keygen") || !ASSERT_OK_PTR(f, "key file"))
