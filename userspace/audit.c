@@ -377,6 +377,10 @@ static struct audit {
 	uint64_t seq;	       /* last assigned */
 	uint8_t hash[32];      /* its chain hash */
 	uint64_t sealed_seq;   /* last checkpoint record */
+	int64_t sealed_ns;     /* its time */
+	/* What ag_audit_status() reads from other threads (the writer stores, atomically). */
+	uint64_t pub_seq, pub_sealed_seq;
+	int64_t pub_sealed_ns;
 	uint64_t head_seq;     /* the newest checkpoint record, for HEAD ... */
 	uint8_t head_hash[32];
 	uint64_t head_written; /* ... and the one HEAD holds */
@@ -440,6 +444,55 @@ bool ag_audit_unavailable(char *why, size_t len)
 uint64_t ag_audit_durable_seq(void)
 {
 	return __atomic_load_n(&A.durable, __ATOMIC_ACQUIRE);
+}
+
+/* The writer's counters, for ag_audit_status() on other threads. */
+static void publish(void)
+{
+	__atomic_store_n(&A.pub_seq, A.seq, __ATOMIC_RELAXED);
+	__atomic_store_n(&A.pub_sealed_seq, A.sealed_seq, __ATOMIC_RELAXED);
+	__atomic_store_n(&A.pub_sealed_ns, A.sealed_ns, __ATOMIC_RELAXED);
+}
+
+const char *ag_audit_fsync_name(enum ag_audit_fsync f)
+{
+	static const char *const n[] = { "batch", "always", "never" };
+
+	return (unsigned)f < 3 ? n[f] : "unknown";
+}
+
+static int seg_list(const char *dir, unsigned **out, size_t *nout);
+
+int ag_audit_status(struct ag_audit_status *st)
+{
+	unsigned *segs = NULL;
+	size_t n = 0;
+
+	memset(st, 0, sizeof(*st));
+	if (!A.on)
+		return -ENODEV;
+	snprintf(st->dir, sizeof(st->dir), "%s", A.dir);
+	st->last_seq = __atomic_load_n(&A.pub_seq, __ATOMIC_RELAXED);
+	st->checkpoint_seq = __atomic_load_n(&A.pub_sealed_seq, __ATOMIC_RELAXED);
+	st->checkpoint_ns = __atomic_load_n(&A.pub_sealed_ns, __ATOMIC_RELAXED);
+	st->durable_seq = ag_audit_durable_seq();
+	pthread_mutex_lock(&A.lock);
+	st->fsync = A.cfg.fsync;
+	pthread_mutex_unlock(&A.lock);
+	st->failing = ag_audit_unavailable(st->reason, sizeof(st->reason));
+	if (!seg_list(A.dir, &segs, &n)) {
+		for (size_t i = 0; i < n; i++) {
+			char path[PATH_MAX + 32];
+			struct stat sb;
+
+			snprintf(path, sizeof(path), "%s/%08u.seg", A.dir, segs[i]);
+			if (!stat(path, &sb))
+				st->bytes += sb.st_size;
+		}
+		st->segments = n;
+		free(segs);
+	}
+	return 0;
 }
 
 /* Enqueues a packed record; the hot path: one allocation, one lock. */
@@ -602,6 +655,7 @@ static void checkpoint_add(void)
 		chain_add_record(&r);
 	}
 	A.sealed_seq = A.seq;
+	A.sealed_ns = r.time_ns;
 	A.head_seq = A.seq;
 	memcpy(A.head_hash, A.hash, 32);
 	A.first_unsealed_ms = 0;
@@ -836,6 +890,7 @@ static void *writer_main(void *arg)
 		     (A.first_unsealed_ms && now - A.first_unsealed_ms >= A.cfg.checkpoint_ms)))
 			checkpoint_add();
 		frame_seal(first);
+		publish();
 
 		if (A.pending && (!A.failed || now >= A.retry_at_ms) && frames_write())
 			A.retry_at_ms = now + RETRY_MS;
@@ -1259,6 +1314,7 @@ int ag_audit_open(const char *state_dir, const struct ag_audit_config *c, char *
 	A.head_written = A.head_seq;
 	A.need_fsync = false;
 	A.durable = A.seq;
+	publish();
 	__atomic_store_n(&A.failed, 0, __ATOMIC_RELEASE);
 	rc = pthread_create(&A.thread, NULL, writer_main, NULL);
 	if (rc) {

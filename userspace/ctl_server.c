@@ -325,6 +325,30 @@ static void do_ca_show(Agentgate__Ctl__Response *r)
 	r->ca = ca;
 }
 
+static void do_audit_status(Agentgate__Ctl__Response *r)
+{
+	Agentgate__Ctl__AuditStatus *m = calloc(1, sizeof(*m));
+	struct ag_audit_status st;
+
+	if (!m || ag_audit_status(&st)) {
+		free(m);
+		r->error = strdup("agentgated has no audit log open");
+		return;
+	}
+	agentgate__ctl__audit_status__init(m);
+	m->dir = xstrdup(st.dir);
+	m->segments = st.segments;
+	m->bytes = st.bytes;
+	m->last_seq = st.last_seq;
+	m->last_checkpoint_seq = st.checkpoint_seq;
+	m->last_checkpoint_at_ns = st.checkpoint_ns;
+	m->durable_seq = st.durable_seq;
+	m->fsync = xstrdup(ag_audit_fsync_name(st.fsync));
+	m->failing = st.failing;
+	m->reason = xstrdup(st.failing ? st.reason : "");
+	r->audit_status = m;
+}
+
 static Agentgate__Ctl__Approval *approval_pb(const struct ag_approval_info *a)
 {
 	Agentgate__Ctl__Approval *m = calloc(1, sizeof(*m));
@@ -556,6 +580,9 @@ static void handle(struct ctl_client *c, const Agentgate__Ctl__Request *req,
 	case AGENTGATE__CTL__REQUEST__CMD_CA_SHOW:
 		do_ca_show(r);
 		break;
+	case AGENTGATE__CTL__REQUEST__CMD_AUDIT_STATUS:
+		do_audit_status(r);
+		break;
 	default:
 		snprintf(err, sizeof(err), "unknown request (agctl newer than agentgated?)");
 		break;
@@ -596,6 +623,12 @@ static void response_free(Agentgate__Ctl__Response *r)
 		free(r->status->state_dir);
 		free(r->status->cgroup_root);
 		free(r->status);
+	}
+	if (r->audit_status) {
+		free(r->audit_status->dir);
+		free(r->audit_status->fsync);
+		free(r->audit_status->reason);
+		free(r->audit_status);
 	}
 	if (r->ca) {
 		free(r->ca->pem);

@@ -7,7 +7,7 @@
  * copy of the log — a record edited, deleted, reordered, the tail cut, the chain re-signed with
  * another key — makes verify exit 1 naming the first bad record. A kill -9 under load loses
  * nothing before the tail and the restart cuts a torn tail; a full disk refuses new sessions with
- * a clear error and loses no record.
+ * a clear error (`agctl audit status` says it is failing, and why) and loses no record.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -191,6 +191,47 @@ static void subtest_verify_intact(struct th_pg_gate *g)
 	ASSERT_OK(th_agctl(&g->d, out, sizeof(out), "audit verify"), "verify via the daemon");
 	ASSERT_HAS_SUBSTR(out, dir, "the daemon's state dir");
 	free(r);
+}
+
+/*
+ * agctl audit status asks the daemon: after sessions the log has records, a checkpoint and
+ * durable ones, and it is not failing; -j names each field.
+ */
+static void subtest_status(struct th_pg_gate *g)
+{
+	long long segs = 0, bytes = 0, seq = 0, cp = 0, durable = 0;
+	char dir[256];
+	yajl_val v, f;
+
+	audit_dir(g, dir, sizeof(dir));
+	ASSERT_OK(psql(g, "SELECT 'status-probe' AS a;"), "a session");
+	settle();
+	if (!ASSERT_OK(th_agctl(&g->d, out, sizeof(out), "audit status"), "agctl audit status"))
+		return;
+	ASSERT_HAS_SUBSTR(out, dir, "names the log directory");
+	ASSERT_HAS_SUBSTR(out, "state:       ok", "not failing");
+	if (!ASSERT_OK(th_agctl(&g->d, out, sizeof(out), "-j audit status"), "-j audit status"))
+		return;
+	v = th_json_parse(out);
+	if (!ASSERT_OK_PTR(v, "JSON")) {
+		printf("%s\n", out);
+		return;
+	}
+	ASSERT_STREQ(th_json_str(v, "dir"), dir, "dir");
+	ASSERT_TRUE(th_json_int(v, "segments", &segs) && segs >= 1, "segments");
+	ASSERT_TRUE(th_json_int(v, "bytes", &bytes) && bytes > 0, "bytes");
+	ASSERT_TRUE(th_json_int(v, "last_seq", &seq) && seq > 0, "last_seq > 0");
+	ASSERT_TRUE(th_json_int(v, "last_checkpoint_seq", &cp) && cp > 0 && cp <= seq,
+		    "last_checkpoint_seq");
+	ASSERT_OK_PTR(th_json_str(v, "last_checkpoint_at"), "last_checkpoint_at");
+	ASSERT_TRUE(th_json_int(v, "durable_seq", &durable) && durable > 0 && durable <= seq,
+		    "durable_seq");
+	ASSERT_STREQ(th_json_str(v, "fsync"), "batch", "fsync policy");
+	f = th_json_get(v, "failing");
+	ASSERT_TRUE(f && YAJL_IS_FALSE(f), "failing: false");
+	f = th_json_get(v, "reason");
+	ASSERT_TRUE(f && YAJL_IS_NULL(f), "reason: null");
+	yajl_tree_free(v);
 }
 
 static void subtest_replay_exact(struct th_pg_gate *g)
@@ -682,6 +723,8 @@ void test_audit(void)
 		subtest_watch_live_statement(&g);
 	if (test__start_subtest("export_since"))
 		subtest_export_since(&g);
+	if (test__start_subtest("status_seq_checkpoint_not_failing"))
+		subtest_status(&g);
 	/* Sealed by a clean stop: the tampering works on copies of a finished log. */
 	ASSERT_OK(th_daemon_stop(&g.d), "stop");
 	r = calloc(1, sizeof(*r));
@@ -892,10 +935,23 @@ void test_audit_disk_full(void)
 		   "new session refused");
 	ASSERT_HAS_SUBSTR(err, "agentgate: audit log unavailable:", "clear error");
 	ASSERT_HAS_SUBSTR(err, "No space left on device", "the reason");
+	/* agctl audit status says so too. */
+	if (ASSERT_OK(th_agctl(&g.d, out, sizeof(out), "-j audit status"), "audit status")) {
+		yajl_val v = th_json_parse(out);
+		yajl_val f = v ? th_json_get(v, "failing") : NULL;
+
+		ASSERT_TRUE(f && YAJL_IS_TRUE(f), "status: failing");
+		ASSERT_HAS_SUBSTR(v ? th_json_str(v, "reason") : NULL, "No space left on device",
+				  "status: the reason");
+		if (v)
+			yajl_tree_free(v);
+	}
 
 	/* Room again: the records are written, sessions accepted. */
 	unlink(filler);
 	ASSERT_TRUE(log_has(&g, "the log is written again", 10000), "recovered");
+	if (ASSERT_OK(th_agctl(&g.d, out, sizeof(out), "audit status"), "audit status after"))
+		ASSERT_HAS_SUBSTR(out, "state:       ok", "status: ok again");
 	ASSERT_OK(psql(&g, "SELECT 'full-after' AS a;"), "new session after recovery");
 	ASSERT_OK(raw_query(fd, "SELECT 'full-6'", sqlstate), "A after recovery");
 	close(fd);
