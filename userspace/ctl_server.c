@@ -81,6 +81,19 @@ static struct ag_daemon *watch_d;
 static void watch_del(struct ctl_client *c);
 static void watch_add(struct ctl_client *c, uint64_t session, Agentgate__Ctl__Response *r);
 
+/* c no longer watches approvals. */
+static void awatch_del(struct ctl_client *c)
+{
+	if (!c->awatch)
+		return;
+	for (struct ctl_client **pp = &approval_watchers; *pp; pp = &(*pp)->anext)
+		if (*pp == c) {
+			*pp = c->anext;
+			break;
+		}
+	c->awatch = false;
+}
+
 static void client_free(struct ctl_client *c)
 {
 	if (c->uid) {
@@ -90,13 +103,7 @@ static void client_free(struct ctl_client *c)
 		if (n && *n)
 			(*n)--;
 	}
-	if (c->awatch) {
-		for (struct ctl_client **pp = &approval_watchers; *pp; pp = &(*pp)->anext)
-			if (*pp == c) {
-				*pp = c->anext;
-				break;
-			}
-	}
+	awatch_del(c);
 	if (c->watch)
 		watch_del(c);
 	ag_loop_del(&c->io);
@@ -789,12 +796,7 @@ static bool watcher_still_approver(struct ctl_client *c)
 	pr_info("control socket: %s (uid %u) is no approver under the reloaded policy: its "
 		"approval watch ends",
 		who, (unsigned)c->uid);
-	for (struct ctl_client **pp = &approval_watchers; *pp; pp = &(*pp)->anext)
-		if (*pp == c) {
-			*pp = c->anext;
-			break;
-		}
-	c->awatch = false;
+	awatch_del(c);
 	snprintf(err, sizeof(err),
 		 "permission denied: %s (uid %u) is no longer an approver (approvals.approvers "
 		 "changed by a policy reload)",

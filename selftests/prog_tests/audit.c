@@ -7,7 +7,8 @@
  * copy of the log — a record edited, deleted, reordered, the tail cut, the chain re-signed with
  * another key — makes verify exit 1 naming the first bad record. A kill -9 under load loses
  * nothing before the tail and the restart cuts a torn tail; a full disk refuses new sessions with
- * a clear error (`agctl audit status` says it is failing, and why) and loses no record.
+ * a clear error (`agctl audit status` says it is failing, and why) and loses no record. A
+ * signing key that is a symbolic link or readable by others stops the start.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -1036,4 +1037,60 @@ void test_audit_policy(void)
 	ASSERT_HAS_SUBSTR(e, "segment_size", "says which");
 	ASSERT_OK_PTR(audit_policy("audit: { rotate: daily }", e, sizeof(e), &c), "unknown key");
 	ASSERT_HAS_SUBSTR(e, "rotate", "names the key");
+}
+
+/* --- the signing key's file ----------------------------------------------------------------- */
+
+/*
+ * The audit signing key is read only from root's own 0600 file, never through a symbolic link:
+ * either stops the start with an error naming the path; 0600 starts again with the same key.
+ */
+void test_audit_key_file(void)
+{
+	static char log[65536];
+	struct th_daemon d = {};
+	char cg[256], policy[1024], key[300], real[320], want[400];
+	int rc;
+
+	if (!ASSERT_OK(th_cgroup_create("auditkey", cg, sizeof(cg)), "cgroup") ||
+	    !ASSERT_OK(th_policy_tcp(policy, sizeof(policy), cg, "x", "127.0.0.47:9", NULL),
+		       "policy"))
+		return;
+	if (!ASSERT_OK(th_daemon_start(&d, policy, NULL), "daemon makes its key"))
+		goto out;
+	th_daemon_stop(&d);
+	snprintf(key, sizeof(key), "%s/%s", d.state_dir, AG_AUDIT_KEY_FILE);
+	snprintf(real, sizeof(real), "%s.real", key);
+	if (!ASSERT_OK(chmod(key, 0644), "chmod 0644"))
+		goto out;
+	rc = th_daemon_restart(&d);
+	ASSERT_EQ(rc, -ECHILD, "a 0644 signing key stops the start");
+	th_daemon_read_log(&d, log, sizeof(log));
+	snprintf(want, sizeof(want),
+		 "audit signing key %s: must be owned by root and mode 0600 (is 0644)", key);
+	ASSERT_HAS_SUBSTR(log, want, "with the rule, the path and the mode");
+	if (!ASSERT_OK(chmod(key, 0600), "chmod 0600") || !ASSERT_OK(rename(key, real), "move") ||
+	    !ASSERT_OK(symlink(real, key), "link"))
+		goto out;
+	rc = th_daemon_restart(&d);
+	ASSERT_EQ(rc, -ECHILD, "a symlinked signing key stops the start");
+	th_daemon_read_log(&d, log, sizeof(log));
+	snprintf(want, sizeof(want), "audit signing key %s: is a symbolic link: refused", key);
+	ASSERT_HAS_SUBSTR(log, want, "and names the path");
+	if (!ASSERT_OK(unlink(key), "unlink") || !ASSERT_OK(rename(real, key), "key back"))
+		goto out;
+	ASSERT_OK(th_daemon_restart(&d), "0600 starts again");
+	th_daemon_stop(&d);
+	{
+		struct th_agctl_result *r = calloc(1, sizeof(*r));
+		char dir[300];
+
+		snprintf(dir, sizeof(dir), "%s/audit", d.state_dir);
+		if (r) {
+			ASSERT_EQ(verify(dir, NULL, r), 0, "one chain, one key");
+			free(r);
+		}
+	}
+out:
+	th_daemon_cleanup(&d);
 }
