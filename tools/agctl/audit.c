@@ -874,8 +874,12 @@ static int do_status(int argc, char **argv)
 		jsonw_end_object(json_wtr);
 	} else {
 		printf("dir:         %s\n", st->dir);
-		printf("segments:    %" PRIu64 " (%s, %" PRIu64 " bytes)\n", st->segments,
-		       fmt_bytes(st->bytes, b, sizeof(b)), st->bytes);
+		if (st->bytes < 1024)
+			b[0] = '\0';
+		else
+			strcat(fmt_bytes(st->bytes, b, sizeof(b) - 2), ", ");
+		printf("segments:    %" PRIu64 " (%s%" PRIu64 " bytes)\n", st->segments, b,
+		       st->bytes);
 		printf("last seq:    %" PRIu64 "\n", st->last_seq);
 		printf("checkpoint:  seq %" PRIu64 " at %s\n", st->last_checkpoint_seq,
 		       st->last_checkpoint_at_ns
