@@ -51,7 +51,8 @@ int th_pg_set_auth(struct th_pg *pg, const char *auth);
 int th_pg_set_ssl(struct th_pg *pg, const char *cert, const char *key);
 /*
  * Test certificates with the openssl tool in a new temp dir (path into dir, mode 0755, files
- * 0644; th_rm_rf it after): two CAs, testca and otherca (NAME.crt, NAME.key), and one leaf per
+ * 0644 but the CA keys, 0600 as agentgated wants a CA key it is given; th_rm_rf it after): two
+ * CAs, testca and otherca (NAME.crt, NAME.key), and one leaf per
  * line of `leaves`, "NAME SAN CA" (SAN as openssl writes it: IP:127.0.0.9,DNS:x.test), EC P-256,
  * for serverAuth and clientAuth. 0 or -errno (openssl's complaint printed).
  */

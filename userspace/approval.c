@@ -8,7 +8,8 @@
  * outlive their statement are grants: the rule for the rest of a session, or a statement
  * fingerprint for an agent and target until a ttl. approvals.notify commands run on a notifier
  * thread of their own (posix_spawn, the request as JSON on stdin, a deadline, SIGKILL), so a
- * hanging hook never holds an approval or a loop up.
+ * hanging hook never holds an approval or a loop up; they get a clean environment and no fd but
+ * stdin, stdout and stderr.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -36,7 +37,11 @@
 #include "policy.h"
 #include "session.h"
 
-extern char **environ;
+/*
+ * What a notify command gets for an environment: nothing of the daemon's own (its environment
+ * may hold what the command has no business seeing); the request comes on stdin.
+ */
+static const char *const notify_env[] = { "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C", NULL };
 
 /* Decided approvals kept for list/show (and watch) after the fact. */
 #define KEEP_DECIDED 256
@@ -373,7 +378,9 @@ static void notify_run(const struct notify_job *j)
 	posix_spawn_file_actions_init(&fa);
 	posix_spawn_file_actions_adddup2(&fa, p[0], 0);
 	posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
-	rc = posix_spawn(&pid, "/bin/sh", &fa, NULL, argv, environ);
+	/* stdin, stdout and stderr only: no socket, key or log fd of the daemon leaks. */
+	posix_spawn_file_actions_addclosefrom_np(&fa, 3);
+	rc = posix_spawn(&pid, "/bin/sh", &fa, NULL, argv, (char **)notify_env);
 	posix_spawn_file_actions_destroy(&fa);
 	close(p[0]);
 	if (rc) {

@@ -107,6 +107,11 @@ bool ag_approval_granted(const struct ag_session *s, const char *rule, uint64_t 
  */
 bool ag_approval_is_approver(const struct ag_policy *p, uid_t uid, char *who, size_t wholen);
 /*
+ * A policy reload leaves pending requests as they were asked: one whose rule no longer says
+ * approve still waits for its decision or its timeout (the agent was told it waits; a reload
+ * neither runs nor refuses its statement behind a human's back). Who may decide is always
+ * judged by the policy in force when the decision comes: callers pass the current one here.
+ *
  * May the peer uid decide approval id under policy p? It must be listed in approvals.approvers
  * (a user name, "group:NAME" or "uid:N"; root when the policy names none) and must not be the
  * uid the agent runs as. 0 and the approver's name in who, or -EPERM/-ENOENT and why in err.

@@ -36,6 +36,7 @@
 #include "buf.h"
 #include "httprule.h"
 #include "k8s.h"
+#include "keyfile.h"
 #include "log.h"
 #include "pgwire.h"
 #include "session.h"
@@ -179,21 +180,38 @@ static bool sig_ok(EVP_PKEY *k, uint64_t seq, const uint8_t hash[32], const uint
 	return sig_ok_tagged(k, SIG_TAG, seq, hash, 0, sig, siglen);
 }
 
-/* A PEM private key, or a PEM public key (pub_ok). */
-static EVP_PKEY *key_load(const char *path, bool pub_ok)
+/*
+ * A PEM private key, or a PEM public key (pub_ok: a key named to verify with, any readable
+ * file). A private key to sign with only from a root-owned file of mode 0600 or stricter, never
+ * through a symbolic link (err says why; may be NULL). NULL with errno set.
+ */
+static EVP_PKEY *key_load(const char *path, bool pub_ok, char *err, size_t errlen)
 {
-	FILE *f = fopen(path, "r");
+	char e[512];
 	EVP_PKEY *k;
+	FILE *f;
+	int fd;
 
-	if (!f)
+	fd = pub_ok ? open(path, O_RDONLY | O_CLOEXEC)
+		    : ag_keyfile_open(path, "audit signing key", true, err ? err : e,
+				      err ? errlen : sizeof(e));
+	if (fd < 0) {
+		if (!pub_ok)
+			errno = -fd;
 		return NULL;
+	}
+	f = fdopen(fd, "r");
+	if (!f) {
+		close(fd);
+		return NULL;
+	}
 	k = PEM_read_PrivateKey(f, NULL, NULL, NULL);
 	if (!k && pub_ok) {
 		rewind(f);
 		k = PEM_read_PUBKEY(f, NULL, NULL, NULL);
 	}
 	fclose(f);
-	if (k && EVP_PKEY_get_id(k) != EVP_PKEY_ED25519) {
+	if (!k || EVP_PKEY_get_id(k) != EVP_PKEY_ED25519) {
 		EVP_PKEY_free(k);
 		k = NULL;
 		errno = EINVAL;
@@ -204,7 +222,7 @@ static EVP_PKEY *key_load(const char *path, bool pub_ok)
 int ag_audit_sign_file(const char *key_file, uint64_t seq, const uint8_t hash[32], uint8_t sig[64],
 		       char *fingerprint, size_t fplen)
 {
-	EVP_PKEY *k = key_load(key_file, false);
+	EVP_PKEY *k = key_load(key_file, false, NULL, 0);
 	uint8_t raw[32];
 	int rc;
 
@@ -220,7 +238,7 @@ int ag_audit_sign_file(const char *key_file, uint64_t seq, const uint8_t hash[32
 int ag_audit_sign_head_file(const char *key_file, uint64_t seq, const uint8_t hash[32],
 			    int64_t time_ns, uint8_t sig[64])
 {
-	EVP_PKEY *k = key_load(key_file, false);
+	EVP_PKEY *k = key_load(key_file, false, NULL, 0);
 	int rc;
 
 	if (!k)
@@ -359,6 +377,10 @@ static struct audit {
 	uint64_t seq;	       /* last assigned */
 	uint8_t hash[32];      /* its chain hash */
 	uint64_t sealed_seq;   /* last checkpoint record */
+	int64_t sealed_ns;     /* its time */
+	/* What ag_audit_status() reads from other threads (the writer stores, atomically). */
+	uint64_t pub_seq, pub_sealed_seq;
+	int64_t pub_sealed_ns;
 	uint64_t head_seq;     /* the newest checkpoint record, for HEAD ... */
 	uint8_t head_hash[32];
 	uint64_t head_written; /* ... and the one HEAD holds */
@@ -422,6 +444,55 @@ bool ag_audit_unavailable(char *why, size_t len)
 uint64_t ag_audit_durable_seq(void)
 {
 	return __atomic_load_n(&A.durable, __ATOMIC_ACQUIRE);
+}
+
+/* The writer's counters, for ag_audit_status() on other threads. */
+static void publish(void)
+{
+	__atomic_store_n(&A.pub_seq, A.seq, __ATOMIC_RELAXED);
+	__atomic_store_n(&A.pub_sealed_seq, A.sealed_seq, __ATOMIC_RELAXED);
+	__atomic_store_n(&A.pub_sealed_ns, A.sealed_ns, __ATOMIC_RELAXED);
+}
+
+const char *ag_audit_fsync_name(enum ag_audit_fsync f)
+{
+	static const char *const n[] = { "batch", "always", "never" };
+
+	return (unsigned)f < 3 ? n[f] : "unknown";
+}
+
+static int seg_list(const char *dir, unsigned **out, size_t *nout);
+
+int ag_audit_status(struct ag_audit_status *st)
+{
+	unsigned *segs = NULL;
+	size_t n = 0;
+
+	memset(st, 0, sizeof(*st));
+	if (!A.on)
+		return -ENODEV;
+	snprintf(st->dir, sizeof(st->dir), "%s", A.dir);
+	st->last_seq = __atomic_load_n(&A.pub_seq, __ATOMIC_RELAXED);
+	st->checkpoint_seq = __atomic_load_n(&A.pub_sealed_seq, __ATOMIC_RELAXED);
+	st->checkpoint_ns = __atomic_load_n(&A.pub_sealed_ns, __ATOMIC_RELAXED);
+	st->durable_seq = ag_audit_durable_seq();
+	pthread_mutex_lock(&A.lock);
+	st->fsync = A.cfg.fsync;
+	pthread_mutex_unlock(&A.lock);
+	st->failing = ag_audit_unavailable(st->reason, sizeof(st->reason));
+	if (!seg_list(A.dir, &segs, &n)) {
+		for (size_t i = 0; i < n; i++) {
+			char path[PATH_MAX + 32];
+			struct stat sb;
+
+			snprintf(path, sizeof(path), "%s/%08u.seg", A.dir, segs[i]);
+			if (!stat(path, &sb))
+				st->bytes += sb.st_size;
+		}
+		st->segments = n;
+		free(segs);
+	}
+	return 0;
 }
 
 /* Enqueues a packed record; the hot path: one allocation, one lock. */
@@ -584,6 +655,7 @@ static void checkpoint_add(void)
 		chain_add_record(&r);
 	}
 	A.sealed_seq = A.seq;
+	A.sealed_ns = r.time_ns;
 	A.head_seq = A.seq;
 	memcpy(A.head_hash, A.hash, 32);
 	A.first_unsealed_ms = 0;
@@ -818,6 +890,7 @@ static void *writer_main(void *arg)
 		     (A.first_unsealed_ms && now - A.first_unsealed_ms >= A.cfg.checkpoint_ms)))
 			checkpoint_add();
 		frame_seal(first);
+		publish();
 
 		if (A.pending && (!A.failed || now >= A.retry_at_ms) && frames_write())
 			A.retry_at_ms = now + RETRY_MS;
@@ -856,12 +929,15 @@ static int key_init(const char *state_dir, char *err, size_t errlen)
 	}
 	chmod(dir, 0700);
 	snprintf(A.key_path, sizeof(A.key_path), "%s/%s", state_dir, AG_AUDIT_KEY_FILE);
-	A.key = key_load(A.key_path, false);
-	if (!A.key) {
-		if (!access(A.key_path, F_OK)) {
+	A.key = key_load(A.key_path, false, err, errlen);
+	if (!A.key && errno != ENOENT) {
+		int e = errno;
+
+		if (e == EINVAL)
 			snprintf(err, errlen, "%s: not an Ed25519 private key in PEM", A.key_path);
-			return -EINVAL;
-		}
+		return -e;
+	}
+	if (!A.key) {
 		A.key = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
 		if (!A.key) {
 			snprintf(err, errlen, "cannot generate the audit signing key");
@@ -1238,6 +1314,7 @@ int ag_audit_open(const char *state_dir, const struct ag_audit_config *c, char *
 	A.head_written = A.head_seq;
 	A.need_fsync = false;
 	A.durable = A.seq;
+	publish();
 	__atomic_store_n(&A.failed, 0, __ATOMIC_RELEASE);
 	rc = pthread_create(&A.thread, NULL, writer_main, NULL);
 	if (rc) {
@@ -1969,7 +2046,7 @@ int ag_audit_verify_dir(const char *dir, const char *key_file, struct ag_audit_v
 
 	memset(v, 0, sizeof(*v));
 	if (key_file) {
-		c.trusted = key_load(key_file, true);
+		c.trusted = key_load(key_file, true, NULL, 0);
 		if (!c.trusted) {
 			snprintf(v->reason, sizeof(v->reason),
 				 "%s: not an Ed25519 key in PEM (public or private)", key_file);
@@ -1978,7 +2055,7 @@ int ag_audit_verify_dir(const char *dir, const char *key_file, struct ag_audit_v
 		snprintf(v->key_source, sizeof(v->key_source), "%s", key_file);
 	} else {
 		snprintf(path, sizeof(path), "%s/../%s", dir, AG_AUDIT_KEY_FILE);
-		c.trusted = key_load(path, false);
+		c.trusted = key_load(path, false, NULL, 0);
 		if (c.trusted)
 			snprintf(v->key_source, sizeof(v->key_source), "%s", path);
 	}

@@ -62,6 +62,22 @@ bool ag_audit_unavailable(char *why, size_t len);
 /* Records written and fsynced so far (the last durable seq), for tests and status. */
 uint64_t ag_audit_durable_seq(void);
 
+/* The live log, for agctl audit status. */
+struct ag_audit_status {
+	char dir[4096];
+	uint64_t segments, bytes; /* the segment files on disk */
+	uint64_t last_seq;
+	uint64_t checkpoint_seq;
+	int64_t checkpoint_ns; /* unix time of that checkpoint record */
+	uint64_t durable_seq;
+	enum ag_audit_fsync fsync;
+	bool failing;
+	char reason[160];
+};
+/* 0, or -ENODEV when no log is open. Reads the log directory (segments, bytes). */
+int ag_audit_status(struct ag_audit_status *st);
+const char *ag_audit_fsync_name(enum ag_audit_fsync f);
+
 /* --- hooks: called on the session's worker thread, never block ---------------------------- */
 
 /* A non-PostgreSQL session is refused here while the log is unavailable (reason set). */

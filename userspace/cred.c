@@ -40,6 +40,7 @@
 
 #include "clock.h"
 #include "cred.h"
+#include "keyfile.h"
 #include "log.h"
 #include "loop.h"
 #include "policy.h"
@@ -105,96 +106,29 @@ static int inflight; /* threads at work (minting, dropping, sweeping) */
 
 /* --- secret files ----------------------------------------------------------------------------- */
 
-static int check_stat(const char *path, const struct stat *st, char *err, size_t errlen)
-{
-	if (!S_ISREG(st->st_mode)) {
-		snprintf(err, errlen, "secret file %s is not a regular file", path);
-		return -EACCES;
-	}
-	if (st->st_uid != 0) {
-		snprintf(err, errlen,
-			 "secret file %s is owned by uid %u, not root (chown root:root %s)", path,
-			 st->st_uid, path);
-		return -EACCES;
-	}
-	if (st->st_mode & 077) {
-		snprintf(err, errlen,
-			 "secret file %s is %s-accessible (mode %04o): only root may read it "
-			 "(chmod 600 %s)",
-			 path, st->st_mode & 070 ? "group" : "world", st->st_mode & 07777, path);
-		return -EACCES;
-	}
-	return 0;
-}
-
+/* The policy check of a secret file: the same open and checks as reading it. */
 int ag_secret_check(const char *path, char *err, size_t errlen)
 {
+	int fd = ag_keyfile_open(path, "secret file", true, err, errlen);
 	struct stat st;
 
-	if (lstat(path, &st)) {
-		int e = errno;
-
-		snprintf(err, errlen, "secret file %s: %s", path, strerror(e));
-		return -e;
+	if (fd >= 0) {
+		close(fd);
+		return 0;
 	}
-	if (S_ISLNK(st.st_mode)) {
-		snprintf(err, errlen, "secret file %s is a symbolic link (name the file itself)",
-			 path);
-		return -EACCES;
-	}
-	return check_stat(path, &st, err, errlen);
+	/*
+	 * agctl policy check run by a user cannot open a file root keeps 0600: judge it by
+	 * lstat() then (a check only: the daemon reads it through the fd checks above).
+	 */
+	if (fd == -EACCES && geteuid() && !lstat(path, &st) && S_ISREG(st.st_mode))
+		return ag_keyfile_check(path, "secret file", &st, err, errlen);
+	return fd;
 }
 
 /* Reads a whole small file after the ownership and mode checks. malloc'ed, NUL-terminated. */
 static char *read_secret_file(const char *path, size_t *len, char *err, size_t errlen, int *rc)
 {
-	struct stat st;
-	char *buf = NULL;
-	size_t used = 0;
-	int fd;
-
-	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-	if (fd < 0) {
-		*rc = errno == ELOOP ? -EACCES : -errno;
-		snprintf(err, errlen, "secret file %s: %s", path,
-			 errno == ELOOP ? "is a symbolic link (name the file itself)"
-					: strerror(errno));
-		return NULL;
-	}
-	if (fstat(fd, &st)) {
-		*rc = -errno;
-		snprintf(err, errlen, "secret file %s: %s", path, strerror(errno));
-		goto out;
-	}
-	*rc = check_stat(path, &st, err, errlen);
-	if (*rc)
-		goto out;
-	if (st.st_size > 64 * 1024) {
-		*rc = -EFBIG;
-		snprintf(err, errlen, "secret file %s is larger than 64 KiB", path);
-		goto out;
-	}
-	buf = malloc(st.st_size + 1);
-	if (!buf) {
-		*rc = -ENOMEM;
-		snprintf(err, errlen, "out of memory");
-		goto out;
-	}
-	while (used < (size_t)st.st_size) {
-		ssize_t n = read(fd, buf + used, st.st_size - used);
-
-		if (n <= 0) {
-			if (n < 0 && errno == EINTR)
-				continue;
-			break;
-		}
-		used += n;
-	}
-	buf[used] = '\0';
-	*len = used;
-out:
-	close(fd);
-	return buf;
+	return ag_keyfile_read(path, "secret file", true, 64 * 1024, len, err, errlen, rc);
 }
 
 static void set_field(struct ag_secret *sec, const char *k, const char *v, size_t vlen)
@@ -1223,7 +1157,8 @@ static EVP_PKEY *key_get(const char *path, char kid[17], char *err, size_t errle
 	struct stat st;
 	EVP_PKEY *pkey;
 
-	if (stat(path, &st)) {
+	/* lstat: a key file that became a symbolic link is loaded again, and so refused. */
+	if (lstat(path, &st)) {
 		snprintf(err, errlen, "key file %s: %s", path, strerror(errno));
 		return NULL;
 	}
@@ -1232,8 +1167,9 @@ static EVP_PKEY *key_get(const char *path, char kid[17], char *err, size_t errle
 		if (strcmp(k->path, path))
 			continue;
 		if (k->dev == st.st_dev && k->ino == st.st_ino &&
-		    k->mtime.tv_sec == st.st_mtim.tv_sec && k->mtime.tv_nsec == st.st_mtim.tv_nsec &&
-		    !check_stat(path, &st, err, errlen)) {
+		    k->mtime.tv_sec == st.st_mtim.tv_sec &&
+		    k->mtime.tv_nsec == st.st_mtim.tv_nsec && S_ISREG(st.st_mode) &&
+		    !ag_keyfile_check(path, "secret file", &st, err, errlen)) {
 			EVP_PKEY_up_ref(k->pkey);
 			memcpy(kid, k->kid, 17);
 			pthread_mutex_unlock(&key_lock);

@@ -182,6 +182,9 @@ ag_ctl_response *ag_ctl_call_simple(const char *path, Agentgate__Ctl__Request__C
 	case AGENTGATE__CTL__REQUEST__CMD_CRED_LIST:
 		req.cred_list = &empty;
 		break;
+	case AGENTGATE__CTL__REQUEST__CMD_AUDIT_STATUS:
+		req.audit_status = &empty;
+		break;
 	default:
 		/* Requests with an argument are built by their callers. */
 		req.cmd_case = AGENTGATE__CTL__REQUEST__CMD__NOT_SET;

@@ -38,6 +38,7 @@ struct ctl_client {
 	uid_t uid;		   /* SO_PEERCRED */
 	bool awatch;		   /* approval watch: Responses pushed until it closes */
 	struct ctl_client *anext; /* the approval watchers, on the main loop's thread only */
+	uint64_t apolicy_gen;	  /* a watcher other than root: the policy that last listed it */
 	bool watch;		   /* session watch: kept open, audit entries pushed */
 	uint64_t watch_session;
 	struct ctl_client *wnext; /* the session watchers, main loop only */
@@ -80,6 +81,19 @@ static struct ag_daemon *watch_d;
 static void watch_del(struct ctl_client *c);
 static void watch_add(struct ctl_client *c, uint64_t session, Agentgate__Ctl__Response *r);
 
+/* c no longer watches approvals. */
+static void awatch_del(struct ctl_client *c)
+{
+	if (!c->awatch)
+		return;
+	for (struct ctl_client **pp = &approval_watchers; *pp; pp = &(*pp)->anext)
+		if (*pp == c) {
+			*pp = c->anext;
+			break;
+		}
+	c->awatch = false;
+}
+
 static void client_free(struct ctl_client *c)
 {
 	if (c->uid) {
@@ -89,13 +103,7 @@ static void client_free(struct ctl_client *c)
 		if (n && *n)
 			(*n)--;
 	}
-	if (c->awatch) {
-		for (struct ctl_client **pp = &approval_watchers; *pp; pp = &(*pp)->anext)
-			if (*pp == c) {
-				*pp = c->anext;
-				break;
-			}
-	}
+	awatch_del(c);
 	if (c->watch)
 		watch_del(c);
 	ag_loop_del(&c->io);
@@ -322,6 +330,30 @@ static void do_ca_show(Agentgate__Ctl__Response *r)
 	ca->not_after = xstrdup(not_after);
 	ca->sha256 = xstrdup(sha);
 	r->ca = ca;
+}
+
+static void do_audit_status(Agentgate__Ctl__Response *r)
+{
+	Agentgate__Ctl__AuditStatus *m = calloc(1, sizeof(*m));
+	struct ag_audit_status st;
+
+	if (!m || ag_audit_status(&st)) {
+		free(m);
+		r->error = strdup("agentgated has no audit log open");
+		return;
+	}
+	agentgate__ctl__audit_status__init(m);
+	m->dir = xstrdup(st.dir);
+	m->segments = st.segments;
+	m->bytes = st.bytes;
+	m->last_seq = st.last_seq;
+	m->last_checkpoint_seq = st.checkpoint_seq;
+	m->last_checkpoint_at_ns = st.checkpoint_ns;
+	m->durable_seq = st.durable_seq;
+	m->fsync = xstrdup(ag_audit_fsync_name(st.fsync));
+	m->failing = st.failing;
+	m->reason = xstrdup(st.failing ? st.reason : "");
+	r->audit_status = m;
 }
 
 static Agentgate__Ctl__Approval *approval_pb(const struct ag_approval_info *a)
@@ -555,6 +587,9 @@ static void handle(struct ctl_client *c, const Agentgate__Ctl__Request *req,
 	case AGENTGATE__CTL__REQUEST__CMD_CA_SHOW:
 		do_ca_show(r);
 		break;
+	case AGENTGATE__CTL__REQUEST__CMD_AUDIT_STATUS:
+		do_audit_status(r);
+		break;
 	default:
 		snprintf(err, sizeof(err), "unknown request (agctl newer than agentgated?)");
 		break;
@@ -595,6 +630,12 @@ static void response_free(Agentgate__Ctl__Response *r)
 		free(r->status->state_dir);
 		free(r->status->cgroup_root);
 		free(r->status);
+	}
+	if (r->audit_status) {
+		free(r->audit_status->dir);
+		free(r->audit_status->fsync);
+		free(r->audit_status->reason);
+		free(r->audit_status);
 	}
 	if (r->ca) {
 		free(r->ca->pem);
@@ -730,6 +771,42 @@ static void client_io(struct ag_io *io, uint32_t events)
 	client_free(c);
 }
 
+/*
+ * A watcher other than root was an approver when it subscribed; after a policy reload it must
+ * still be one to see the next statement. One that is not is told so and let go (its stream
+ * ends once the error is flushed).
+ */
+static bool watcher_still_approver(struct ctl_client *c)
+{
+	uint64_t gen = __atomic_load_n(&watch_d->policy_gen, __ATOMIC_ACQUIRE);
+	Agentgate__Ctl__Response r = AGENTGATE__CTL__RESPONSE__INIT;
+	struct ag_policy_ref *pol;
+	char who[64], err[256];
+	bool ok;
+
+	if (!c->uid || c->apolicy_gen == gen)
+		return true;
+	pol = ag_policy_get(watch_d);
+	ok = ag_approval_is_approver(pol ? pol->p : NULL, c->uid, who, sizeof(who));
+	ag_policy_put(pol);
+	if (ok) {
+		c->apolicy_gen = gen;
+		return true;
+	}
+	pr_info("control socket: %s (uid %u) is no approver under the reloaded policy: its "
+		"approval watch ends",
+		who, (unsigned)c->uid);
+	awatch_del(c);
+	snprintf(err, sizeof(err),
+		 "permission denied: %s (uid %u) is no longer an approver (approvals.approvers "
+		 "changed by a policy reload)",
+		 who, (unsigned)c->uid);
+	r.error = err;
+	reply(c, &r);
+	ag_loop_mod(&c->io, EPOLLOUT);
+	return false;
+}
+
 /* On the main loop: one Response with the changed approval to every watcher. */
 static void watch_push(void *arg)
 {
@@ -744,6 +821,8 @@ static void watch_push(void *arg)
 			client_free(c);
 			continue;
 		}
+		if (!watcher_still_approver(c))
+			continue;
 		reply(c, &r);
 		ag_loop_mod(&c->io, EPOLLIN | EPOLLOUT);
 	}

@@ -25,6 +25,7 @@
 #include <openssl/rand.h>
 #include <openssl/x509v3.h>
 
+#include "keyfile.h"
 #include "log.h"
 #include "tls.h"
 
@@ -175,24 +176,46 @@ static int write_pem(const char *path, mode_t mode, bool key, void *obj, char *e
 	return 0;
 }
 
-static int load_pair(const char *crt, const char *keyp, char *err, size_t errlen)
+/* A PEM file opened by ag_keyfile_open(): the certificate, or the private key (key). */
+static void *read_pem_fd(int fd, bool key)
 {
-	FILE *f;
+	FILE *f = fdopen(fd, "re");
+	void *obj;
 
-	f = fopen(crt, "re");
 	if (!f) {
-		snprintf(err, errlen, "CA certificate %s: %s", crt, strerror(errno));
-		return -errno;
+		close(fd);
+		return NULL;
 	}
-	g.ca = PEM_read_X509(f, NULL, NULL, NULL);
+	obj = key ? (void *)PEM_read_PrivateKey(f, NULL, NULL, NULL)
+		  : (void *)PEM_read_X509(f, NULL, NULL, NULL);
 	fclose(f);
-	f = fopen(keyp, "re");
-	if (!f) {
-		snprintf(err, errlen, "CA key %s: %s", keyp, strerror(errno));
-		return -errno;
+	return obj;
+}
+
+/*
+ * The CA pair. The key must be root's and 0600, never read through a symbolic link; so must the
+ * certificate of the CA kept in the state dir (own_crt). A supplied certificate may be a link
+ * (trust stores are made of them): it is public.
+ */
+static int load_pair(const char *crt, const char *keyp, bool own_crt, char *err, size_t errlen)
+{
+	int fd;
+
+	if (own_crt) {
+		fd = ag_keyfile_open(crt, "CA certificate", false, err, errlen);
+		if (fd < 0)
+			return fd;
+	} else if ((fd = open(crt, O_RDONLY | O_CLOEXEC)) < 0) {
+		int e = errno;
+
+		snprintf(err, errlen, "CA certificate %s: %s", crt, strerror(e));
+		return -e;
 	}
-	g.ca_key = PEM_read_PrivateKey(f, NULL, NULL, NULL);
-	fclose(f);
+	g.ca = read_pem_fd(fd, false);
+	fd = ag_keyfile_open(keyp, "CA key", true, err, errlen);
+	if (fd < 0)
+		return fd;
+	g.ca_key = read_pem_fd(fd, true);
 	if (!g.ca || !g.ca_key) {
 		ssl_errs(err, errlen,
 			 g.ca ? "CA key: not a PEM private key"
@@ -225,13 +248,9 @@ static int ca_load_or_create(const char *state_dir, char *err, size_t errlen)
 		return -errno;
 	}
 	chmod(dir, 0700);
-	if (!stat(key, &st)) {
-		if (st.st_mode & 077) {
-			pr_warn("CA key %s had mode %04o: set to 0600", key, st.st_mode & 07777);
-			chmod(key, 0600);
-		}
-		return load_pair(crt, key, err, errlen);
-	}
+	/* lstat: a dangling link in the key's place is refused, not replaced. */
+	if (!lstat(key, &st))
+		return load_pair(crt, key, true, err, errlen);
 	g.ca_key = EVP_EC_gen("P-256");
 	g.ca = g.ca_key ? ca_create(g.ca_key) : NULL;
 	if (!g.ca) {
@@ -476,7 +495,7 @@ int ag_tls_init(const char *state_dir, const char *ca_cert, const char *ca_key, 
 		snprintf(err, errlen, "--ca-cert and --ca-key go together");
 		return -EINVAL;
 	}
-	rc = ca_cert ? load_pair(ca_cert, ca_key, err, errlen)
+	rc = ca_cert ? load_pair(ca_cert, ca_key, false, err, errlen)
 		     : ca_load_or_create(state_dir, err, errlen);
 	if (rc)
 		goto fail;

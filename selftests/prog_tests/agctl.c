@@ -201,6 +201,13 @@ static void subtest_no_daemon_error(void)
 
 	ASSERT_EQ(AGCTL(r, "-S", NO_DAEMON_SOCKET, "run", "--", "true"), 1, "run exit");
 	ASSERT_HAS_SUBSTR(r->err, "Error: agentgated is not running", "run: clean error");
+
+	/* audit status asks the daemon (verify and export read the files themselves). */
+	ASSERT_EQ(AGCTL(r, "-S", NO_DAEMON_SOCKET, "audit", "status"), 1, "audit status exit");
+	ASSERT_HAS_SUBSTR(r->err, "Error: agentgated is not running", "audit status: clean error");
+	ASSERT_EQ(AGCTL(r, "-S", NO_DAEMON_SOCKET, "audit", "status", "extra"), 1,
+		  "audit status takes no argument");
+	ASSERT_HAS_SUBSTR(r->err, "Error: ", "audit status extra: an error");
 	free(r);
 }
 

@@ -7,7 +7,9 @@
  * agent's own uid cannot approve even when listed, a user who is not listed cannot either, and
  * non-root users get nothing but the approval commands. Fingerprint and session scopes let later
  * statements pass; other sessions run while one waits; a held Parse in a pipeline; the notify
- * hook gets the request as JSON, and a failing or hanging hook holds nothing up; killing a held
+ * hook gets the request as JSON (in a clean environment, with no fd of the daemon's), and a
+ * failing or hanging hook holds nothing up; after a policy reload only the approvers it lists
+ * decide (a held request stays pending, a dropped approver's watch ends); killing a held
  * session, the agent's CancelRequest (57014) or the agent leaving cancels its approval. Also:
  * psql shows the notice then the result, `approval watch` streams changes to a non-root user,
  * and a 4 MiB backlog behind a held statement waits, then runs in order.
@@ -342,6 +344,39 @@ out:
 	close(fd);
 }
 
+/*
+ * Appends what an agctl watch writes on fd to buf (len so far) for up to tries × 100 ms, until
+ * it holds want1 and want2 (NULL: no such condition) or the watch closes its end.
+ */
+static void read_watch(int fd, char *buf, size_t cap, size_t *len, const char *want1,
+		       const char *want2, int tries)
+{
+	for (int i = 0; i < tries; i++) {
+		struct pollfd pf = { .fd = fd, .events = POLLIN };
+		ssize_t n;
+
+		if (poll(&pf, 1, 100) == 1) {
+			n = read(fd, buf + *len, cap - 1 - *len);
+			if (n <= 0)
+				break;
+			*len += n;
+			buf[*len] = '\0';
+		}
+		if ((want1 || want2) && (!want1 || strstr(buf, want1)) &&
+		    (!want2 || strstr(buf, want2)))
+			break;
+	}
+}
+
+/* The fixture's policy again (notify.sh, timeout 5m) after a subtest changed it. */
+static void policy_back(struct ap_ctx *c)
+{
+	char r[2048];
+
+	rules(c, r, sizeof(r), "5m", "notify.sh");
+	ASSERT_OK(th_pg_gate_rules(&c->g, "enforce", r), "policy back");
+}
+
 static void subtest_timeout(struct ap_ctx *c)
 {
 	char r[2048], id[32], want[128];
@@ -366,8 +401,7 @@ static void subtest_timeout(struct ap_ctx *c)
 	}
 	close(fd);
 restore:
-	rules(c, r, sizeof(r), "5m", "notify.sh");
-	ASSERT_OK(th_pg_gate_rules(&c->g, "enforce", r), "policy back");
+	policy_back(c);
 }
 
 static void subtest_own_uid(struct ap_ctx *c)
@@ -783,8 +817,149 @@ static void subtest_notify_fails(struct ap_ctx *c)
 	}
 	close(fd);
 restore:
-	rules(c, r, sizeof(r), "5m", "notify.sh");
-	ASSERT_OK(th_pg_gate_rules(&c->g, "enforce", r), "policy back");
+	policy_back(c);
+}
+
+/*
+ * approvals.notify gets a clean environment (PATH and LANG only: the daemon was started with
+ * AG_TEST_SECRET in its own) and no fd of the daemon's but stdin, stdout and stderr.
+ */
+static void subtest_notify_env(struct ap_ctx *c)
+{
+	char r[2048], id[32], path[300], buf[16384];
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/%d/environ", c->g.d.pid);
+	{
+		FILE *f = fopen(path, "r");
+		size_t n = f ? fread(buf, 1, sizeof(buf) - 1, f) : 0;
+
+		if (f)
+			fclose(f);
+		for (size_t i = 0; i < n; i++)
+			buf[i] = buf[i] ? buf[i] : '\n';
+		buf[n] = '\0';
+		ASSERT_HAS_SUBSTR(buf, "AG_TEST_SECRET=xyz", "the daemon has the variable");
+	}
+	rules(c, r, sizeof(r), "5m", "envdump.sh");
+	if (!ASSERT_OK(th_pg_gate_rules(&c->g, "enforce", r), "policy with an env-dumping notify"))
+		return;
+	fd = connect_nobody(c);
+	if (!ASSERT_GE(fd, 0, "agent connection"))
+		goto restore;
+	if (ASSERT_OK(send_query(fd, "CREATE TABLE ap_env (id int)"), "send") &&
+	    read_hold(fd, "ddl-review", id, sizeof(id))) {
+		bool ran = false;
+
+		/* Behind hang.sh's commands, killed after 10 s each (notify_failure_never_blocks). */
+		snprintf(path, sizeof(path), "%s/notify.done", c->dir);
+		for (int i = 0; i < 3 && !ran; i++)
+			ran = wait_file(path, "done", buf, sizeof(buf));
+		if (ASSERT_TRUE(ran, "the notify command ran")) {
+			snprintf(path, sizeof(path), "%s/notify.env", c->dir);
+			wait_file(path, "PATH=", buf, sizeof(buf));
+			ASSERT_FALSE(strstr(buf, "AG_TEST_SECRET"),
+				     "the daemon's environment stays");
+			ASSERT_HAS_SUBSTR(buf, "PATH=/usr/sbin:/usr/bin:/sbin:/bin\n",
+					  "a fixed PATH");
+			ASSERT_HAS_SUBSTR(buf, "LANG=C\n", "LANG=C");
+			snprintf(path, sizeof(path), "%s/notify.fds", c->dir);
+			wait_file(path, "0", buf, sizeof(buf));
+			/* ls lists its own directory fd (3) too: nothing above it. */
+			for (char *l = strtok(buf, "\n"); l; l = strtok(NULL, "\n"))
+				if (!ASSERT_LE(atoi(l), 3, "no daemon fd in the notify command"))
+					printf("fd %s is open in it\n", l);
+		}
+		agctl_as(c, 0, NULL, 0, NULL, 0, "approval approve %s", id);
+		expect_result(fd, "CZ", "runs");
+	}
+	close(fd);
+restore:
+	policy_back(c);
+}
+
+/*
+ * A policy reload: who may decide is judged by the policy in force at the decision. A held
+ * request stays pending although its rule no longer says approve (the agent was told it waits);
+ * bin, dropped from approvals.approvers, can no longer decide it nor list it, and the approval
+ * watch of nobody, dropped too, ends instead of showing the next change. New statements follow
+ * the new rules.
+ */
+static void subtest_reload_rechecks(struct ap_ctx *c)
+{
+	static const char reloaded[] =
+		"    sql:\n"
+		"      - { name: no-drop, when: { command: [drop] }, then: deny }\n"
+		"      - { name: ddl-review, when: { command: [ddl] }, then: allow }\n"
+		"      - { name: rw, when: { command: [select, insert, update, delete, begin, commit,"
+		" rollback, set, show] }, then: allow }\n"
+		"approvals: { approvers: [root], timeout: 5m }\n";
+	char bin[256], id[32], err[4096], want[64], wbuf[16384] = "";
+	size_t wlen = 0;
+	int p[2], fd, rc, status = 0;
+	pid_t pid = -1;
+
+	fd = connect_nobody(c);
+	if (!ASSERT_GE(fd, 0, "agent connection"))
+		return;
+	if (!ASSERT_OK(send_query(fd, "CREATE TABLE ap_reload (id int)"), "send") ||
+	    !read_hold(fd, "ddl-review", id, sizeof(id)) || !ASSERT_OK(pipe(p), "pipe")) {
+		close(fd);
+		return;
+	}
+	snprintf(bin, sizeof(bin), "%s/agctl", th_build_dir());
+	pid = fork();
+	if (pid == 0) {
+		dup2(p[1], 1);
+		dup2(p[1], 2);
+		close(p[0]);
+		if (setgroups(0, NULL) || setgid(65534) || setuid(NOBODY))
+			_exit(126);
+		execl(bin, bin, "-S", c->g.d.socket, "-j", "approval", "watch", (char *)NULL);
+		_exit(127);
+	}
+	close(p[1]);
+	if (!ASSERT_GT(pid, 0, "agctl approval watch as nobody"))
+		goto out;
+	/* The watch is on once it printed the pending request. */
+	snprintf(want, sizeof(want), "\"id\":\"%s\"", id);
+	read_watch(p[0], wbuf, sizeof(wbuf), &wlen, want, NULL, 150);
+	if (!ASSERT_HAS_SUBSTR(wbuf, want, "nobody watches the pending request"))
+		goto out;
+	if (!ASSERT_OK(th_pg_gate_rules(&c->g, "enforce", reloaded), "reload: root only"))
+		goto out;
+	rc = agctl_as(c, BIN_UID, NULL, 0, err, sizeof(err), "approval approve %s", id);
+	ASSERT_EQ(rc, 1, "bin, dropped from the approvers, cannot approve any more");
+	ASSERT_HAS_SUBSTR(err, "is not an approver", "and is told why");
+	rc = agctl_as(c, BIN_UID, NULL, 0, err, sizeof(err), "approval deny %s", id);
+	ASSERT_EQ(rc, 1, "nor deny");
+	ASSERT_HAS_SUBSTR(err, "is not an approver", "denial refused: why");
+	rc = agctl_as(c, BIN_UID, NULL, 0, err, sizeof(err), "approval list");
+	ASSERT_EQ(rc, 1, "nor list the approvals");
+	ASSERT_TRUE(state_is(c, id, "pending"), "the request waits as it was asked");
+	ASSERT_TRUE(quiet(fd), "its statement did not run");
+	ASSERT_FALSE(table_exists(c, "ap_reload"), "no table yet");
+	ASSERT_OK(agctl_as(c, 0, NULL, 0, NULL, 0, "approval approve %s", id), "root decides");
+	expect_result(fd, "CZ", "then it runs");
+	/* The approval changed: nobody's watch is told it ended and never shows the change. */
+	read_watch(p[0], wbuf, sizeof(wbuf), &wlen, NULL, NULL, 150);
+	ASSERT_HAS_SUBSTR(wbuf, "is no longer an approver", "the watch ends with the reason");
+	ASSERT_FALSE(strstr(wbuf, "\"state\":\"approved\""), "and shows nothing after the reload");
+	if (ASSERT_EQ(waitpid(pid, &status, WNOHANG), pid, "agctl approval watch exited")) {
+		ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1, "exit 1");
+		pid = -1;
+	}
+	/* A new statement follows the new rule. */
+	ASSERT_OK(send_query(fd, "CREATE TABLE ap_reload2 (id int)"), "send");
+	expect_result(fd, "CZ", "a DDL statement after the reload runs without approval");
+out:
+	close(fd);
+	if (pid > 0) {
+		kill(pid, SIGTERM);
+		waitpid(pid, NULL, 0);
+	}
+	close(p[0]);
+	policy_back(c);
 }
 
 static void subtest_kill_cancels(struct ap_ctx *c)
@@ -1050,20 +1225,7 @@ static void subtest_watch(struct ap_ctx *c)
 	expect_result(fd, "CZ", "runs");
 	snprintf(want1, sizeof(want1), "\"id\":\"%s\"", id);
 	snprintf(want2, sizeof(want2), "\"state\":\"approved\"");
-	for (int i = 0; i < 100; i++) {
-		struct pollfd pf = { .fd = p[0], .events = POLLIN };
-		ssize_t n;
-
-		if (poll(&pf, 1, 100) == 1) {
-			n = read(p[0], buf + len, sizeof(buf) - 1 - len);
-			if (n <= 0)
-				break;
-			len += n;
-			buf[len] = '\0';
-		}
-		if (strstr(buf, want1) && strstr(buf, want2))
-			break;
-	}
+	read_watch(p[0], buf, sizeof(buf), &len, want1, want2, 100);
 	ASSERT_HAS_SUBSTR(buf, want1, "watch shows the request");
 	ASSERT_HAS_SUBSTR(buf, "\"state\":\"pending\"", "pending");
 	ASSERT_HAS_SUBSTR(buf, want2, "then the approval");
@@ -1219,6 +1381,7 @@ void test_approval(void)
 {
 	struct ap_ctx *c = calloc(1, sizeof(*c));
 	char r[2048], path[300];
+	int rc;
 
 	if (!ASSERT_OK_PTR(c, "alloc"))
 		return;
@@ -1234,8 +1397,18 @@ void test_approval(void)
 	write_script(path, "cat > /dev/null; exit 3");
 	snprintf(path, sizeof(path), "%s/hang.sh", c->dir);
 	write_script(path, "exec sleep 60");
+	snprintf(path, sizeof(path), "%s/envdump.sh", c->dir);
+	snprintf(r, sizeof(r),
+		 "cat > /dev/null; env > %1$s/notify.env; ls /proc/self/fd > %1$s/notify.fds; "
+		 "echo done > %1$s/notify.done",
+		 c->dir);
+	write_script(path, r);
 	rules(c, r, sizeof(r), "5m", "notify.sh");
-	if (!ASSERT_OK(th_pg_gate_start(&c->g, "127.0.0.2", "md5", "enforce", r), "gate"))
+	/* Something of the daemon's environment that a notify command must not see. */
+	setenv("AG_TEST_SECRET", "xyz", 1);
+	rc = th_pg_gate_start(&c->g, "127.0.0.2", "md5", "enforce", r);
+	unsetenv("AG_TEST_SECRET");
+	if (!ASSERT_OK(rc, "gate"))
 		goto out;
 	/* Non-root agctl reaches the socket in the daemon's temp dir. */
 	chmod(c->g.d.dir, 0711);
@@ -1273,6 +1446,10 @@ void test_approval(void)
 		subtest_notify(c);
 	if (test__start_subtest("notify_failure_never_blocks"))
 		subtest_notify_fails(c);
+	if (test__start_subtest("notify_clean_env_no_daemon_fds"))
+		subtest_notify_env(c);
+	if (test__start_subtest("reload_rechecks_approvers_pending_stays"))
+		subtest_reload_rechecks(c);
 	if (test__start_subtest("kill_cancelrequest_or_leave_cancels"))
 		subtest_kill_cancels(c);
 	if (test__start_subtest("replay_shows_approver_scope_and_denial"))

@@ -7,7 +7,8 @@
  * copy of the log — a record edited, deleted, reordered, the tail cut, the chain re-signed with
  * another key — makes verify exit 1 naming the first bad record. A kill -9 under load loses
  * nothing before the tail and the restart cuts a torn tail; a full disk refuses new sessions with
- * a clear error and loses no record.
+ * a clear error (`agctl audit status` says it is failing, and why) and loses no record. A
+ * signing key that is a symbolic link or readable by others stops the start.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -191,6 +192,47 @@ static void subtest_verify_intact(struct th_pg_gate *g)
 	ASSERT_OK(th_agctl(&g->d, out, sizeof(out), "audit verify"), "verify via the daemon");
 	ASSERT_HAS_SUBSTR(out, dir, "the daemon's state dir");
 	free(r);
+}
+
+/*
+ * agctl audit status asks the daemon: after sessions the log has records, a checkpoint and
+ * durable ones, and it is not failing; -j names each field.
+ */
+static void subtest_status(struct th_pg_gate *g)
+{
+	long long segs = 0, bytes = 0, seq = 0, cp = 0, durable = 0;
+	char dir[256];
+	yajl_val v, f;
+
+	audit_dir(g, dir, sizeof(dir));
+	ASSERT_OK(psql(g, "SELECT 'status-probe' AS a;"), "a session");
+	settle();
+	if (!ASSERT_OK(th_agctl(&g->d, out, sizeof(out), "audit status"), "agctl audit status"))
+		return;
+	ASSERT_HAS_SUBSTR(out, dir, "names the log directory");
+	ASSERT_HAS_SUBSTR(out, "state:       ok", "not failing");
+	if (!ASSERT_OK(th_agctl(&g->d, out, sizeof(out), "-j audit status"), "-j audit status"))
+		return;
+	v = th_json_parse(out);
+	if (!ASSERT_OK_PTR(v, "JSON")) {
+		printf("%s\n", out);
+		return;
+	}
+	ASSERT_STREQ(th_json_str(v, "dir"), dir, "dir");
+	ASSERT_TRUE(th_json_int(v, "segments", &segs) && segs >= 1, "segments");
+	ASSERT_TRUE(th_json_int(v, "bytes", &bytes) && bytes > 0, "bytes");
+	ASSERT_TRUE(th_json_int(v, "last_seq", &seq) && seq > 0, "last_seq > 0");
+	ASSERT_TRUE(th_json_int(v, "last_checkpoint_seq", &cp) && cp > 0 && cp <= seq,
+		    "last_checkpoint_seq");
+	ASSERT_OK_PTR(th_json_str(v, "last_checkpoint_at"), "last_checkpoint_at");
+	ASSERT_TRUE(th_json_int(v, "durable_seq", &durable) && durable > 0 && durable <= seq,
+		    "durable_seq");
+	ASSERT_STREQ(th_json_str(v, "fsync"), "batch", "fsync policy");
+	f = th_json_get(v, "failing");
+	ASSERT_TRUE(f && YAJL_IS_FALSE(f), "failing: false");
+	f = th_json_get(v, "reason");
+	ASSERT_TRUE(f && YAJL_IS_NULL(f), "reason: null");
+	yajl_tree_free(v);
 }
 
 static void subtest_replay_exact(struct th_pg_gate *g)
@@ -586,7 +628,9 @@ static void subtest_tamper_resign(struct th_pg_gate *g)
 	snprintf(key, sizeof(key), "%s/../other.pem", dir);
 	{
 		EVP_PKEY *k = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
-		FILE *f = fopen(key, "w");
+		int kfd = open(key, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+		/* A signing key is read only from a root-owned 0600 file. */
+		FILE *f = kfd >= 0 ? fdopen(kfd, "w") : NULL;
 		size_t n = 32;
 
 		if (!ASSERT_OK_PTR(k, "keygen") || !ASSERT_OK_PTR(f, "key file"))
@@ -680,6 +724,8 @@ void test_audit(void)
 		subtest_watch_live_statement(&g);
 	if (test__start_subtest("export_since"))
 		subtest_export_since(&g);
+	if (test__start_subtest("status_seq_checkpoint_not_failing"))
+		subtest_status(&g);
 	/* Sealed by a clean stop: the tampering works on copies of a finished log. */
 	ASSERT_OK(th_daemon_stop(&g.d), "stop");
 	r = calloc(1, sizeof(*r));
@@ -890,10 +936,23 @@ void test_audit_disk_full(void)
 		   "new session refused");
 	ASSERT_HAS_SUBSTR(err, "agentgate: audit log unavailable:", "clear error");
 	ASSERT_HAS_SUBSTR(err, "No space left on device", "the reason");
+	/* agctl audit status says so too. */
+	if (ASSERT_OK(th_agctl(&g.d, out, sizeof(out), "-j audit status"), "audit status")) {
+		yajl_val v = th_json_parse(out);
+		yajl_val f = v ? th_json_get(v, "failing") : NULL;
+
+		ASSERT_TRUE(f && YAJL_IS_TRUE(f), "status: failing");
+		ASSERT_HAS_SUBSTR(v ? th_json_str(v, "reason") : NULL, "No space left on device",
+				  "status: the reason");
+		if (v)
+			yajl_tree_free(v);
+	}
 
 	/* Room again: the records are written, sessions accepted. */
 	unlink(filler);
 	ASSERT_TRUE(log_has(&g, "the log is written again", 10000), "recovered");
+	if (ASSERT_OK(th_agctl(&g.d, out, sizeof(out), "audit status"), "audit status after"))
+		ASSERT_HAS_SUBSTR(out, "state:       ok", "status: ok again");
 	ASSERT_OK(psql(&g, "SELECT 'full-after' AS a;"), "new session after recovery");
 	ASSERT_OK(raw_query(fd, "SELECT 'full-6'", sqlstate), "A after recovery");
 	close(fd);
@@ -978,4 +1037,60 @@ void test_audit_policy(void)
 	ASSERT_HAS_SUBSTR(e, "segment_size", "says which");
 	ASSERT_OK_PTR(audit_policy("audit: { rotate: daily }", e, sizeof(e), &c), "unknown key");
 	ASSERT_HAS_SUBSTR(e, "rotate", "names the key");
+}
+
+/* --- the signing key's file ----------------------------------------------------------------- */
+
+/*
+ * The audit signing key is read only from root's own 0600 file, never through a symbolic link:
+ * either stops the start with an error naming the path; 0600 starts again with the same key.
+ */
+void test_audit_key_file(void)
+{
+	static char log[65536];
+	struct th_daemon d = {};
+	char cg[256], policy[1024], key[300], real[320], want[400];
+	int rc;
+
+	if (!ASSERT_OK(th_cgroup_create("auditkey", cg, sizeof(cg)), "cgroup") ||
+	    !ASSERT_OK(th_policy_tcp(policy, sizeof(policy), cg, "x", "127.0.0.47:9", NULL),
+		       "policy"))
+		return;
+	if (!ASSERT_OK(th_daemon_start(&d, policy, NULL), "daemon makes its key"))
+		goto out;
+	th_daemon_stop(&d);
+	snprintf(key, sizeof(key), "%s/%s", d.state_dir, AG_AUDIT_KEY_FILE);
+	snprintf(real, sizeof(real), "%s.real", key);
+	if (!ASSERT_OK(chmod(key, 0644), "chmod 0644"))
+		goto out;
+	rc = th_daemon_restart(&d);
+	ASSERT_EQ(rc, -ECHILD, "a 0644 signing key stops the start");
+	th_daemon_read_log(&d, log, sizeof(log));
+	snprintf(want, sizeof(want),
+		 "audit signing key %s: must be owned by root and mode 0600 (is 0644)", key);
+	ASSERT_HAS_SUBSTR(log, want, "with the rule, the path and the mode");
+	if (!ASSERT_OK(chmod(key, 0600), "chmod 0600") || !ASSERT_OK(rename(key, real), "move") ||
+	    !ASSERT_OK(symlink(real, key), "link"))
+		goto out;
+	rc = th_daemon_restart(&d);
+	ASSERT_EQ(rc, -ECHILD, "a symlinked signing key stops the start");
+	th_daemon_read_log(&d, log, sizeof(log));
+	snprintf(want, sizeof(want), "audit signing key %s: is a symbolic link: refused", key);
+	ASSERT_HAS_SUBSTR(log, want, "and names the path");
+	if (!ASSERT_OK(unlink(key), "unlink") || !ASSERT_OK(rename(real, key), "key back"))
+		goto out;
+	ASSERT_OK(th_daemon_restart(&d), "0600 starts again");
+	th_daemon_stop(&d);
+	{
+		struct th_agctl_result *r = calloc(1, sizeof(*r));
+		char dir[300];
+
+		snprintf(dir, sizeof(dir), "%s/audit", d.state_dir);
+		if (r) {
+			ASSERT_EQ(verify(dir, NULL, r), 0, "one chain, one key");
+			free(r);
+		}
+	}
+out:
+	th_daemon_cleanup(&d);
 }

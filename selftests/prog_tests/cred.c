@@ -243,7 +243,9 @@ static void subtest_secret_modes(const char *dir)
 	snprintf(path, sizeof(path), "%s/modes", dir);
 	write_file(path, "user=a password=hunter2\n", 0640);
 	ASSERT_EQ(ag_secret_read(path, &sec, err, sizeof(err)), -EACCES, "group-readable read");
-	ASSERT_HAS_SUBSTR(err, "is group-accessible (mode 0640)", "says group-readable");
+	ASSERT_HAS_SUBSTR(err, "/modes: must be owned by root and mode 0600 (is 0640)",
+			  "says what it must be and what it is");
+	ASSERT_HAS_SUBSTR(err, "group-accessible", "says group-readable");
 	ASSERT_HAS_SUBSTR(err, "chmod 600", "and the fix");
 	ASSERT_EQ(ag_secret_check(path, err, sizeof(err)), -EACCES, "group-readable check");
 
@@ -255,7 +257,7 @@ static void subtest_secret_modes(const char *dir)
 	if (!ASSERT_EQ(chown(path, 65534, 65534), 0, "chown nobody"))
 		return;
 	ASSERT_EQ(ag_secret_read(path, &sec, err, sizeof(err)), -EACCES, "not root's");
-	ASSERT_HAS_SUBSTR(err, "not root", "says who owns it");
+	ASSERT_HAS_SUBSTR(err, "(is 0600, owned by uid 65534, not root)", "says who owns it");
 	ASSERT_EQ(chown(path, 0, 0), 0, "chown root");
 	ASSERT_OK(ag_secret_read(path, &sec, err, sizeof(err)), "0600 root-owned is read");
 	ag_secret_wipe(&sec);
@@ -264,6 +266,8 @@ static void subtest_secret_modes(const char *dir)
 	ASSERT_OK(symlink(path, link), "symlink");
 	ASSERT_EQ(ag_secret_read(link, &sec, err, sizeof(err)), -EACCES, "symlink refused");
 	ASSERT_HAS_SUBSTR(err, "symbolic link", "says so");
+	ASSERT_EQ(ag_secret_check(link, err, sizeof(err)), -EACCES, "symlink refused by the check");
+	ASSERT_HAS_SUBSTR(err, "/link: is a symbolic link: refused", "names the path");
 }
 
 static void subtest_policy(const char *dir)
@@ -779,11 +783,11 @@ static void subtest_wrong_admin_password(struct th_pg_gate *g, struct cred_ctx *
 	ASSERT_OK(th_pg_admin(&g->pg, "ALTER ROLE " ADMIN_ROLE " PASSWORD '" ADMIN_PASSWORD "';",
 			      NULL, 0),
 		  "restored");
-	/* And the secret file made readable to its group after the load: refused at use. */
-	chmod(c->secret, 0640);
+	/* And the secret file made readable to all after the load: refused at use. */
+	chmod(c->secret, 0644);
 	fd = raw_login(g, sqlstate, msg, sizeof(msg));
-	ASSERT_LT(fd, 0, "group-readable secret: refused");
-	ASSERT_HAS_SUBSTR(msg, "is group-accessible (mode 0640)", "says why");
+	ASSERT_LT(fd, 0, "world-readable secret: refused");
+	ASSERT_HAS_SUBSTR(msg, ": must be owned by root and mode 0600 (is 0644)", "says why");
 	/* A reload is refused for the same reason; the running policy stays. */
 	ASSERT_EQ(th_agctl(&g->d, out, sizeof(out), "policy reload"), 1, "reload refused");
 	th_daemon_read_log(&g->d, out, sizeof(out));
@@ -1138,7 +1142,9 @@ void test_cred_pg_refused(void)
 	ASSERT_EQ(rc, -ECHILD, "the daemon refuses to start");
 	th_daemon_read_log(&g.d, log, sizeof(log));
 	ASSERT_HAS_SUBSTR(log, "credential.admin_secret: secret file", "names the key");
-	ASSERT_HAS_SUBSTR(log, "is group-accessible (mode 0640): only root may read it",
+	ASSERT_HAS_SUBSTR(log,
+			  ": must be owned by root and mode 0600 (is 0640), group-accessible: "
+			  "only root may read it",
 			  "and the problem");
 	ASSERT_FALSE(strstr(log, ADMIN_PASSWORD), "without the secret");
 	{

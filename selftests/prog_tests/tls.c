@@ -606,6 +606,49 @@ static void subtest_supplied_ca(struct tls_env *e)
 	th_daemon_cleanup(&d);
 }
 
+/*
+ * The CA in the state dir is read only from root's own files: a CA key that is a symbolic link,
+ * or that others may read, stops the start with an error naming the path; 0600 starts again.
+ */
+static void subtest_state_ca_refused(struct tls_env *e)
+{
+	static char log[65536];
+	struct th_daemon d = {};
+	char cg[256], policy[1024], key[300], real[320], want[400];
+	int rc;
+
+	if (!ASSERT_OK(th_cgroup_create("tls2", cg, sizeof(cg)), "cgroup") ||
+	    !ASSERT_OK(th_policy_tcp(policy, sizeof(policy), cg, "x", "127.0.0.47:9", NULL),
+		       "policy"))
+		return;
+	if (!ASSERT_OK(th_daemon_start(&d, policy, NULL), "daemon makes its CA"))
+		goto out;
+	th_daemon_stop(&d);
+	snprintf(key, sizeof(key), "%s/ca/ca.key", d.state_dir);
+	snprintf(real, sizeof(real), "%s/ca/real.key", d.state_dir);
+	if (!ASSERT_OK(rename(key, real), "move the key") || !ASSERT_OK(symlink(real, key), "link"))
+		goto out;
+	rc = th_daemon_restart(&d);
+	ASSERT_EQ(rc, -ECHILD, "a symlinked CA key stops the start");
+	th_daemon_read_log(&d, log, sizeof(log));
+	snprintf(want, sizeof(want), "CA key %s: is a symbolic link: refused", key);
+	ASSERT_HAS_SUBSTR(log, want, "and names the path");
+	if (!ASSERT_OK(unlink(key), "unlink") || !ASSERT_OK(rename(real, key), "key back") ||
+	    !ASSERT_OK(chmod(key, 0644), "chmod 0644"))
+		goto out;
+	rc = th_daemon_restart(&d);
+	ASSERT_EQ(rc, -ECHILD, "a 0644 CA key stops the start");
+	th_daemon_read_log(&d, log, sizeof(log));
+	snprintf(want, sizeof(want), "CA key %s: must be owned by root and mode 0600 (is 0644)",
+		 key);
+	ASSERT_HAS_SUBSTR(log, want, "with the rule and what it is");
+	ASSERT_OK(chmod(key, 0600), "chmod 0600");
+	ASSERT_OK(th_daemon_restart(&d), "0600 starts again");
+	ASSERT_EQ(th_agctl(&d, out, sizeof(out), "ca show"), 0, "with the same CA");
+out:
+	th_daemon_cleanup(&d);
+}
+
 /* tls: keys as the session layer reads them. */
 static void subtest_policy_modes(void)
 {
@@ -681,6 +724,8 @@ void test_tls(void)
 		subtest_stalled_handshake(&e);
 	if (test__start_subtest("supplied_ca_cert_and_key"))
 		subtest_supplied_ca(&e);
+	if (test__start_subtest("state_ca_key_symlink_or_0644_refused"))
+		subtest_state_ca_refused(&e);
 	if (test__start_subtest("policy_tls_modes"))
 		subtest_policy_modes();
 out:

@@ -3,6 +3,7 @@
  * agctl audit: the tamper-evident audit log, read offline from its directory (the daemon's
  * <state>/audit by default). `verify` checks frames, order, the hash chain, the pinned key, every
  * checkpoint signature and HEAD, and names the first bad record; `export` prints JSON lines.
+ * `status` asks the running daemon how its live log stands (seqs, durability, failure).
  * The record printers here are shared with `session replay` and `session watch`.
  */
 #include <errno.h>
@@ -837,6 +838,64 @@ int audit_watch(uint64_t id)
 	return rc ? -1 : 0;
 }
 
+/* The live log, from the daemon: where it is, how far it got, and whether it is failing. */
+static int do_status(int argc, char **argv)
+{
+	const Agentgate__Ctl__AuditStatus *st;
+	ag_ctl_response *resp;
+	char t[64], b[32];
+
+	if (!NO_MORE_ARGS())
+		return -1;
+	resp = ctl_request_simple(AGENTGATE__CTL__REQUEST__CMD_AUDIT_STATUS);
+	if (!resp)
+		return -1;
+	st = resp->audit_status;
+	if (!st) {
+		p_err("agentgated sent no audit status");
+		ag_ctl_response_free(resp);
+		return -1;
+	}
+	if (json_output) {
+		jsonw_start_object(json_wtr);
+		jsonw_string_field(json_wtr, "dir", st->dir);
+		jsonw_uint_field(json_wtr, "segments", st->segments);
+		jsonw_uint_field(json_wtr, "bytes", st->bytes);
+		jsonw_uint_field(json_wtr, "last_seq", st->last_seq);
+		jsonw_uint_field(json_wtr, "last_checkpoint_seq", st->last_checkpoint_seq);
+		jsonw_time_field(json_wtr, "last_checkpoint_at", st->last_checkpoint_at_ns);
+		jsonw_uint_field(json_wtr, "durable_seq", st->durable_seq);
+		jsonw_string_field(json_wtr, "fsync", st->fsync);
+		jsonw_bool_field(json_wtr, "failing", st->failing);
+		if (st->failing)
+			jsonw_string_field(json_wtr, "reason", st->reason);
+		else
+			jsonw_null_field(json_wtr, "reason");
+		jsonw_end_object(json_wtr);
+	} else {
+		printf("dir:         %s\n", st->dir);
+		if (st->bytes < 1024)
+			b[0] = '\0';
+		else
+			strcat(fmt_bytes(st->bytes, b, sizeof(b) - 2), ", ");
+		printf("segments:    %" PRIu64 " (%s%" PRIu64 " bytes)\n", st->segments, b,
+		       st->bytes);
+		printf("last seq:    %" PRIu64 "\n", st->last_seq);
+		printf("checkpoint:  seq %" PRIu64 " at %s\n", st->last_checkpoint_seq,
+		       st->last_checkpoint_at_ns
+			       ? ag_format_time(st->last_checkpoint_at_ns, t, sizeof(t))
+			       : "-");
+		printf("durable seq: %" PRIu64 "\n", st->durable_seq);
+		printf("fsync:       %s\n", st->fsync);
+		if (st->failing)
+			printf("state:       failing: %s (new sessions are refused)\n", st->reason);
+		else
+			printf("state:       ok\n");
+	}
+	ag_ctl_response_free(resp);
+	return 0;
+}
+
 static int do_help(int argc, char **argv)
 {
 	if (json_output) {
@@ -844,7 +903,8 @@ static int do_help(int argc, char **argv)
 		return 0;
 	}
 	fprintf(help_out,
-		"Usage: %1$s %2$s verify [DIR] [--key FILE]\n"
+		"Usage: %1$s %2$s status\n"
+		"       %1$s %2$s verify [DIR] [--key FILE]\n"
 		"       %1$s %2$s export [DIR] [--since TIME]\n"
 		"       %1$s %2$s help\n"
 		"\n"
@@ -858,6 +918,7 @@ static int do_help(int argc, char **argv)
 
 static const struct cmd cmds[] = {
 	{ "verify", do_verify },
+	{ "status", do_status },
 	{ "export", do_export },
 	{ "help", do_help },
 	{ 0 }
