@@ -286,6 +286,7 @@ int ag_audit_config_parse(const struct ag_kv *kv, size_t n, struct ag_audit_conf
 	c->checkpoint_records = AG_AUDIT_DEFAULT_CHECKPOINT_RECORDS;
 	c->checkpoint_ms = AG_AUDIT_DEFAULT_CHECKPOINT_MS;
 	c->segment_size = AG_AUDIT_DEFAULT_SEGMENT_SIZE;
+	c->body_bytes = AG_AUDIT_DEFAULT_BODY;
 	if (!kv)
 		return 0;
 	if ((v = ag_kv_get(kv, n, "fsync")) && v->value) {
@@ -323,6 +324,12 @@ int ag_audit_config_parse(const struct ag_kv *kv, size_t n, struct ag_audit_conf
 			 v->value);
 		return -EINVAL;
 	}
+	if ((v = ag_kv_get(kv, n, "body_bytes")) && v->value &&
+	    (parse_size(v->value, &c->body_bytes) || c->body_bytes > AG_AUDIT_MAX_BODY)) {
+		snprintf(err, errlen, "audit.body_bytes: \"%s\" is not a size from 0 to 1M (e.g. 4k)",
+			 v->value);
+		return -EINVAL;
+	}
 	return 0;
 bad_fsync:
 	snprintf(err, errlen, "audit.fsync: \"%s\" is not one of always, batch, never", v->value);
@@ -355,6 +362,7 @@ struct tap_item {
 
 static struct audit {
 	bool on;
+	uint64_t body_max; /* cfg.body_bytes, read by the workers (atomic) */
 	char dir[PATH_MAX];
 	char key_path[PATH_MAX];
 	pthread_t thread;
@@ -1272,6 +1280,7 @@ int ag_audit_open(const char *state_dir, const struct ag_audit_config *c, char *
 	int rc;
 
 	A.cfg = *c;
+	__atomic_store_n(&A.body_max, c->body_bytes, __ATOMIC_RELAXED);
 	A.tail = &A.head;
 	A.pending_tail = &A.pending;
 	snprintf(A.dir, sizeof(A.dir), "%s/audit", state_dir);
@@ -1332,6 +1341,7 @@ void ag_audit_set_config(const struct ag_audit_config *c)
 		return;
 	pthread_mutex_lock(&A.lock);
 	A.cfg = *c;
+	__atomic_store_n(&A.body_max, c->body_bytes, __ATOMIC_RELAXED);
 	pthread_mutex_unlock(&A.lock);
 }
 
@@ -1420,8 +1430,17 @@ struct ag_audit_http {
 	unsigned int status;
 	uint64_t masked_at, bytes;
 	bool capped;
-	struct ag_buf body; /* its first AG_AUDIT_MAX_BODY bytes */
+	struct ag_buf body; /* its first audit.body_bytes bytes */
+	EVP_MD_CTX *sha;    /* of the whole body */
 };
+
+static EVP_MD *body_md;
+static pthread_once_t body_md_once = PTHREAD_ONCE_INIT;
+
+static void body_md_fetch(void)
+{
+	body_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+}
 
 static void http_free(struct ag_audit_http *h);
 static void http_emit(struct ag_session *s, struct ag_audit_sess *a);
@@ -1740,6 +1759,7 @@ static void http_free(struct ag_audit_http *h)
 		return;
 	ag_buf_free(&h->owed);
 	ag_buf_free(&h->body);
+	EVP_MD_CTX_free(h->sha);
 	free(h);
 }
 
@@ -1810,6 +1830,14 @@ void ag_audit_http_response(struct ag_session *s, unsigned int status)
 	h->bytes = 0;
 	h->capped = false;
 	ag_buf_consume(&h->body, ag_buf_len(&h->body));
+	pthread_once(&body_md_once, body_md_fetch);
+	if (!h->sha)
+		h->sha = EVP_MD_CTX_new();
+	/* No digest (out of memory) is recorded as none, never as a wrong one. */
+	if (h->sha && (!body_md || !EVP_DigestInit_ex2(h->sha, body_md, NULL))) {
+		EVP_MD_CTX_free(h->sha);
+		h->sha = NULL;
+	}
 }
 
 void ag_audit_http_body(struct ag_session *s, const void *p, size_t n)
@@ -1820,7 +1848,12 @@ void ag_audit_http_body(struct ag_session *s, const void *p, size_t n)
 	if (!A.on || !h || !h->open)
 		return;
 	h->bytes += n;
-	keep = AG_AUDIT_MAX_BODY - ag_buf_len(&h->body);
+	if (h->sha && n && !EVP_DigestUpdate(h->sha, p, n)) {
+		EVP_MD_CTX_free(h->sha);
+		h->sha = NULL;
+	}
+	keep = __atomic_load_n(&A.body_max, __ATOMIC_RELAXED);
+	keep = keep > ag_buf_len(&h->body) ? keep - ag_buf_len(&h->body) : 0;
 	if (n > keep)
 		h->capped = true;
 	if (n && keep && ag_buf_append(&h->body, p, n < keep ? n : keep))
@@ -1832,9 +1865,13 @@ static void http_emit(struct ag_session *s, struct ag_audit_sess *a)
 	Agentgate__Audit__Result res = AGENTGATE__AUDIT__RESULT__INIT;
 	struct ag_audit_http *h = a->http;
 	int64_t t0 = 0;
+	uint8_t sha[32];
+	unsigned int shalen = 0;
 	char tag[32];
 	Record r;
 
+	if (h->sha && !EVP_DigestFinal_ex(h->sha, sha, &shalen))
+		shalen = 0;
 	if (ag_buf_len(&h->owed) >= sizeof(t0)) {
 		memcpy(&t0, ag_buf_head(&h->owed), sizeof(t0));
 		ag_buf_consume(&h->owed, sizeof(t0));
@@ -1847,6 +1884,8 @@ static void http_emit(struct ag_session *s, struct ag_audit_sess *a)
 	res.body.len = ag_buf_len(&h->body);
 	res.body_capped = h->capped;
 	res.body_bytes = h->bytes;
+	res.body_sha256.data = sha;
+	res.body_sha256.len = shalen == sizeof(sha) ? shalen : 0;
 	record_init(&r, s->id, AGENTGATE__AUDIT__KIND__RESULT);
 	res.elapsed_ns = t0 ? r.time_ns - t0 : 0;
 	r.body_case = AGENTGATE__AUDIT__RECORD__BODY_RESULT;

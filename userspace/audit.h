@@ -28,6 +28,7 @@ struct ag_audit_config {
 	uint64_t checkpoint_records; /* a checkpoint after this many records ... */
 	uint64_t checkpoint_ms;	     /* ... or this long after the first unsealed one */
 	uint64_t segment_size;	     /* a new segment once one is this large */
+	uint64_t body_bytes;	     /* an HTTP response body is kept up to this many bytes */
 };
 
 #define AG_AUDIT_DEFAULT_CHECKPOINT_RECORDS 1000
@@ -37,8 +38,13 @@ struct ag_audit_config {
 #define AG_AUDIT_MAX_ROWS 1000
 #define AG_AUDIT_MAX_ROW_BYTES (1u << 20)
 #define AG_AUDIT_MAX_TEXT (64u << 10)
-/* An HTTP response body is kept up to this many bytes (as the agent got it, masked). */
-#define AG_AUDIT_MAX_BODY (64u << 10)
+/*
+ * An HTTP response body (as the agent got it, masked) is kept up to audit.body_bytes, by
+ * default its first 256 bytes (the rest costs a deflate of every byte the gateway serves), and
+ * at most AG_AUDIT_MAX_BODY; its whole length and SHA-256 are always recorded.
+ */
+#define AG_AUDIT_DEFAULT_BODY 256u
+#define AG_AUDIT_MAX_BODY (1u << 20)
 
 #define AG_AUDIT_KEY_FILE "keys/audit-ed25519.pem"
 #define AG_AUDIT_PUB_FILE "audit-ed25519.pub"

@@ -447,6 +447,7 @@ static const struct field audit_fields[] = {
 	{ "checkpoint_records", F_STR },
 	{ "checkpoint_interval", F_DURATION },
 	{ "segment_size", F_STR },
+	{ "body_bytes", F_STR },
 	{ NULL },
 };
 

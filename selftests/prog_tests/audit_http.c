@@ -13,6 +13,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <openssl/sha.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -250,6 +251,8 @@ struct cap_ctx {
 	size_t body_len;
 	char deny_reason[128];
 	const uint8_t *fed;
+	uint8_t sha[32]; /* of the whole body fed */
+	bool sha_ok;
 };
 
 static int cap_cb(void *ctx, const struct ag_audit_entry *e)
@@ -275,6 +278,8 @@ static int cap_cb(void *ctx, const struct ag_audit_entry *e)
 			c->body_bytes = r->result->body_bytes;
 			c->body_len = r->result->body.len;
 			c->body_ok = !memcmp(r->result->body.data, c->fed, r->result->body.len);
+			c->sha_ok = r->result->body_sha256.len == 32 &&
+				    !memcmp(r->result->body_sha256.data, c->sha, 32);
 		}
 	}
 	agentgate__audit__record__free_unpacked(r, NULL);
@@ -282,11 +287,13 @@ static int cap_cb(void *ctx, const struct ag_audit_entry *e)
 }
 
 /*
- * A 200 of 100 000 body bytes fed in pieces keeps its first 64 KiB, says it was cut and how long
- * it was; a refused request keeps the 403's message. Recorded by the hooks proto_http.c calls.
+ * A 200 of 100 000 body bytes fed in pieces keeps its first audit.body_bytes (`keep`: NULL,
+ * the default 256; else that value), says it was cut, how long it was and its SHA-256; a
+ * refused request keeps the 403's message. Recorded by the hooks proto_http.c calls.
  */
-static void subtest_body_capped(void)
+static void subtest_body_capped(const char *keep, size_t want)
 {
+	struct ag_kv kv = { .key = "body_bytes", .value = (char *)keep };
 	struct ag_audit_config cfg;
 	struct ag_http_decision allow = { .action = AG_ACT_ALLOW, .rule = "reads" };
 	struct ag_http_decision deny = { .action = AG_ACT_DENY, .rule = "no-admin" };
@@ -301,7 +308,11 @@ static void subtest_body_capped(void)
 		goto out;
 	for (size_t i = 0; i < 100000; i++)
 		body[i] = 'a' + i % 26;
-	ag_audit_config_parse(NULL, 0, &cfg, err, sizeof(err));
+	if (!ASSERT_OK(ag_audit_config_parse(keep ? &kv : NULL, keep ? 1 : 0, &cfg, err,
+					     sizeof(err)),
+		       err))
+		goto rm;
+	SHA256(body, 100000, c.sha);
 	if (!ASSERT_OK(ag_audit_open(dir, &cfg, err, sizeof(err)), err))
 		goto rm;
 	s->id = 77;
@@ -323,15 +334,38 @@ static void subtest_body_capped(void)
 	ASSERT_EQ(c.statements, 2, "two requests");
 	ASSERT_STREQ(c.deny_reason, "agentgate: blocked by rule no-admin", "the 403's message");
 	ASSERT_EQ(c.results, 1, "one 200");
-	ASSERT_EQ(c.body_len, AG_AUDIT_MAX_BODY, "the first 64 KiB kept");
+	ASSERT_EQ(c.body_len, want, "the first audit.body_bytes kept");
 	ASSERT_TRUE(c.body_ok, "as fed");
 	ASSERT_TRUE(c.capped, "body_capped");
 	ASSERT_EQ(c.body_bytes, 100000, "body_bytes: the whole length");
+	ASSERT_TRUE(c.sha_ok, "body_sha256: the whole body's");
 rm:
 	th_rm_rf(dir);
 out:
 	free(body);
 	free(s);
+}
+
+/* audit.body_bytes: a size up to 1M; anything else is a policy error naming the key. */
+static void subtest_body_bytes_bad(void)
+{
+	static const char *const bad[] = { "-1", "2M", "lots", "" };
+	struct ag_audit_config cfg;
+	char err[256];
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		struct ag_kv kv = { .key = "body_bytes", .value = (char *)bad[i] };
+
+		err[0] = '\0';
+		ASSERT_EQ(ag_audit_config_parse(&kv, 1, &cfg, err, sizeof(err)), -EINVAL, bad[i]);
+		ASSERT_HAS_SUBSTR(err, "audit.body_bytes", "names the key");
+	}
+	{
+		struct ag_kv kv = { .key = "body_bytes", .value = "0" };
+
+		ASSERT_OK(ag_audit_config_parse(&kv, 1, &cfg, err, sizeof(err)), "0: no body");
+		ASSERT_EQ(cfg.body_bytes, 0, "0");
+	}
 }
 
 void test_audit_http(void)
@@ -341,8 +375,12 @@ void test_audit_http(void)
 	char extra[512], secret[256];
 	int fd;
 
-	if (test__start_subtest("body_capped_at_64k"))
-		subtest_body_capped();
+	if (test__start_subtest("body_capped_at_default_256"))
+		subtest_body_capped(NULL, AG_AUDIT_DEFAULT_BODY);
+	if (test__start_subtest("body_capped_at_policy_64k"))
+		subtest_body_capped("64k", 64 << 10);
+	if (test__start_subtest("body_bytes_bad_refused"))
+		subtest_body_bytes_bad();
 	memset(&g, 0, sizeof(g));
 	snprintf(secret, sizeof(secret), "/tmp/agentgate-audit-http-cred-%d", getpid());
 	fd = open(secret, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -354,7 +392,10 @@ void test_audit_http(void)
 	}
 	close(fd);
 	snprintf(extra, sizeof(extra), cred_fmt, secret);
-	if (!ASSERT_OK(th_http_gate_start(&g, "127.0.0.67", true, extra, AH_RULES), "gate"))
+	/* Whole bodies in the log (the default keeps 256 bytes): the watch's last event too. */
+	if (!ASSERT_OK(th_http_gate_start(&g, "127.0.0.67", true, extra,
+					  AH_RULES "audit: { body_bytes: 64k }\n"),
+		       "gate"))
 		goto out;
 	if (test__start_subtest("requests_recorded"))
 		subtest_requests_recorded(&g);

@@ -253,7 +253,8 @@ static void body_plain(const char *sid, const ProtobufCBinaryData *b, bool cappe
 		putchar('\n');
 	if (shown < b->len || lines >= 24 || capped)
 		printf("%s          | ... (%s)\n", sid,
-		       capped ? "body cut in the log" : "more in the log: session replay -j");
+		       capped ? "the log keeps the first audit.body_bytes" :
+				"more in the log: session replay -j");
 }
 
 /* One record as a JSON object: seq, time, session, kind, agent, target, the body's fields, hash. */
@@ -360,6 +361,12 @@ void audit_record_json(struct jsonw *w, uint64_t seq, const uint8_t *hash, const
 			body_json(w, &s->body);
 			jsonw_uint_field(w, "body_bytes", s->body_bytes);
 			jsonw_bool_field(w, "body_capped", s->body_capped);
+			if (s->body_sha256.len == 32) {
+				char sh[65];
+
+				jsonw_string_field(w, "body_sha256",
+						   hex_str(s->body_sha256.data, 32, sh));
+			}
 		}
 		break;
 	}
@@ -461,6 +468,12 @@ void audit_record_plain(const Record *r, int64_t t0, bool with_session)
 			       s->body_bytes, s->body_bytes == 1 ? "" : "s", s->masked_values,
 			       s->masked_values == 1 ? "" : "s", s->elapsed_ns / 1e6);
 			body_plain(sid, &s->body, s->body_capped);
+			if (s->body_sha256.len == 32) {
+				char hx[65];
+
+				printf("%s          sha256 %s\n", sid,
+				       hex_str(s->body_sha256.data, 32, hx));
+			}
 			break;
 		}
 		printf(": %" PRIu64 " row%s, %" PRIu64 " masked value%s, %.3f ms%s\n", s->rows,
