@@ -300,10 +300,34 @@ static const char *password_encryption(const char *auth)
 	return !strcmp(auth, "md5") ? "md5" : "scram-sha-256";
 }
 
+int th_pg_reload(struct th_pg *pg)
+{
+	char before[64] = "", now[64];
+	int rc;
+
+	rc = th_pg_admin(pg, "SELECT pg_conf_load_time();", before, sizeof(before));
+	if (!rc)
+		rc = th_pg_admin(pg, "SELECT pg_reload_conf();", NULL, 0);
+	if (rc)
+		return rc > 0 ? -EIO : rc;
+	/*
+	 * The postmaster rereads its files (pg_hba, SSL certificates) in its SIGHUP handler and
+	 * forks backends only after it: one that reports a new load time was forked after the
+	 * reload. A deadline, not a timing assumption.
+	 */
+	for (int i = 0; i < 300; i++) {
+		if (!th_pg_admin(pg, "SELECT pg_conf_load_time();", now, sizeof(now)) &&
+		    strcmp(now, before))
+			return 0;
+		usleep(50 * 1000);
+	}
+	pg_log("the server did not reload its configuration within 15 s");
+	return -ETIMEDOUT;
+}
+
 int th_pg_set_auth(struct th_pg *pg, const char *auth)
 {
-	char path[256], hba[1024], sql[256], port[16], method[sizeof(pg->auth)];
-	char *argv[] = { TH_PG_BIN "/pg_ctl", "reload", "-s", "-D", pg->data, NULL };
+	char path[256], hba[1024], sql[256], method[sizeof(pg->auth)];
 	int rc;
 
 	/* auth may be pg->auth itself (th_pg_set_ssl keeps the method). */
@@ -320,17 +344,13 @@ int th_pg_set_auth(struct th_pg *pg, const char *auth)
 	rc = write_file(path, hba, false);
 	if (rc)
 		return rc;
-	snprintf(port, sizeof(port), "%d", pg->port);
 	/* The password kept the way the method reads it (md5 needs an md5 hash). */
 	snprintf(sql, sizeof(sql), "SET password_encryption = '%s'; ALTER ROLE %s PASSWORD '%s';",
 		 password_encryption(auth), TH_PG_USER, TH_PG_PASSWORD);
 	rc = th_pg_admin(pg, sql, NULL, 0);
 	if (rc)
 		return rc > 0 ? -EIO : rc;
-	rc = as_postgres(pg, argv, NULL, 0);
-	/* pg_ctl reload only signals: give the postmaster a moment to reread the file. */
-	usleep(300 * 1000);
-	return rc > 0 ? -EIO : rc;
+	return th_pg_reload(pg);
 }
 
 /* Copies src into the data dir as name, the server's own and 0600 (it refuses a readable key). */

@@ -43,6 +43,8 @@ struct th_pg {
 int th_pg_start(struct th_pg *pg, const char *addr, const char *auth);
 /* Rewrites pg_hba for the agent role (and its password's encryption) and reloads. */
 int th_pg_set_auth(struct th_pg *pg, const char *auth);
+/* Has the server reread its configuration files, and waits until new backends run with it. */
+int th_pg_reload(struct th_pg *pg);
 /*
  * TLS on the server: cert and key (PEM files, copied into the data dir) with ssl = on and the
  * agent role's pg_hba line hostssl (its method kept); cert NULL turns ssl off again (host).

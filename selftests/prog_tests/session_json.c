@@ -432,10 +432,10 @@ void test_agctl_session_kill(void)
 		goto out;
 	/* A backend in pg_sleep notices its client's socket closed only when it looks. */
 	if (!ASSERT_OK(th_pg_admin(&g.pg,
-				   "ALTER SYSTEM SET client_connection_check_interval = '200ms';\n"
-				   "SELECT pg_reload_conf();",
+				   "ALTER SYSTEM SET client_connection_check_interval = '200ms';",
 				   NULL, 0),
-		       "client_connection_check_interval"))
+		       "client_connection_check_interval") ||
+	    !ASSERT_OK(th_pg_reload(&g.pg), "reload"))
 		goto out;
 	if (test__start_subtest("psql_connection_ends"))
 		subtest_kill_psql(&g);

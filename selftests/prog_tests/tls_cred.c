@@ -76,10 +76,7 @@ static int server_cert(struct tc_env *e, const char *name)
 	      f);
 	if (fclose(f))
 		return -errno;
-	rc = th_pg_admin(&e->g.pg, "SELECT pg_reload_conf();", NULL, 0);
-	/* The reload is a signal: give the postmaster a moment to reread its files. */
-	usleep(300 * 1000);
-	return rc > 0 ? -EIO : rc;
+	return th_pg_reload(&e->g.pg);
 }
 
 static int before_daemon(struct th_pg_gate *g, void *arg)
