@@ -13,10 +13,11 @@
 # on both legs (certificates from a throwaway CA): direct https to the upstream's TLS port,
 # nginx terminating TLS and proxying over https (keepalive, session reuse, no upstream
 # verification), agentgate terminating the agent's TLS (tls: client: terminate, a leaf minted
-# for the address) and verifying the upstream (verify-full against the CA). Each runs in the modes back to back,
-# in turns, so that a noisy neighbour hits all of them alike; the table gives the median of the
-# rounds and the ratios to direct and to nginx. Target (issue 6): agentgate at or above nginx's
-# proxy throughput on the same core count.
+# for the address) and verifying the upstream (verify-full against the CA). Each runs in the
+# modes back to back, in turns, so that a noisy neighbour hits all of them alike; the table
+# gives the median of the rounds, the ratios to direct and to nginx, and each proxy's CPU time
+# (user + system) per request. Target (issue 6): agentgate at or above nginx's proxy
+# throughput on the same core count.
 #
 # Installs nothing, needs no terminal, removes its servers, daemon, cgroups and pins on every
 # exit; stops itself after AGBENCH_HTTP_LIMIT seconds (default 200).
@@ -269,21 +270,42 @@ esac
 
 RES=$WORK/results
 : >"$RES"
-rps() { # cgroup url
-	in_cgroup "$1" "$WRK" -t"$THREADS" -c"$CONNS" -d"${T}s" "$2" 2>/dev/null |
-		awk '/^Requests\/sec:/ { print $2 }'
+# wrk from a cgroup: "mode workload rps" to $RES, and for a proxy "mode-cpu workload us" (its
+# CPU time, user + system of all its processes, per request: a busy machine disturbs it less).
+run_wrk() { # mode workload cgroup url [proxy pid...]
+	w_mode=$1 w_wl=$2 w_cg=$3 w_url=$4
+	shift 4
+	w_c0=$(cpu_ticks "$@")
+	w_out=$(in_cgroup "$w_cg" "$WRK" -t"$THREADS" -c"$CONNS" -d"${T}s" "$w_url" 2>/dev/null)
+	w_c1=$(cpu_ticks "$@")
+	echo "$w_out" | awk -v m="$w_mode" -v w="$w_wl" -v t=$((w_c1 - w_c0)) -v hz="$TCK" \
+		-v proxy=$# '
+		/ requests in / { n = $1 }
+		/^Requests\/sec:/ { r = $2 }
+		END {
+			printf "%s %s %s\n", m, w, r + 0
+			if (proxy && n > 0)
+				printf "%s-cpu %s %.1f\n", m, w, t * 1000000 / hz / n
+		}' >>"$RES"
+}
+# nginx's proxy: its master and workers.
+nginx_pids() {
+	m=$(cat "$WORK/px/nginx.pid" 2>/dev/null)
+	[ -n "$m" ] && echo "$m $(pgrep -P "$m" | tr '\n' ' ')"
 }
 echo "bench_http: wrk -t$THREADS -c$CONNS -d${T}s, $ROUNDS round(s) ..."
 r=1
 while [ $r -le "$ROUNDS" ]; do
+	# shellcheck disable=SC2046 # the pids are words
 	for w in 1k.txt users.json; do
-		echo "direct $w $(rps "$CG_CLI" "http://$UPADDR:$UPPORT/$w")" >>"$RES"
-		echo "nginx $w $(rps "$CG_CLI" "http://$PXADDR:$PXPORT/$w")" >>"$RES"
-		echo "agentgate $w $(rps "$CG_AGENT" "http://$UPADDR:$UPPORT/$w")" >>"$RES"
+		run_wrk direct $w "$CG_CLI" "http://$UPADDR:$UPPORT/$w"
+		run_wrk nginx $w "$CG_CLI" "http://$PXADDR:$PXPORT/$w" $(nginx_pids)
+		run_wrk agentgate $w "$CG_AGENT" "http://$UPADDR:$UPPORT/$w" "$DPID"
 	done
-	echo "direct tls $(rps "$CG_CLI" "https://$UPADDR:$UPTLS/1k.txt")" >>"$RES"
-	echo "nginx tls $(rps "$CG_CLI" "https://$PXADDR:$PXTLS/1k.txt")" >>"$RES"
-	echo "agentgate tls $(rps "$CG_AGENT" "https://$UPADDR:$UPTLS/1k.txt")" >>"$RES"
+	# shellcheck disable=SC2046
+	run_wrk direct tls "$CG_CLI" "https://$UPADDR:$UPTLS/1k.txt"
+	run_wrk nginx tls "$CG_CLI" "https://$PXADDR:$PXTLS/1k.txt" $(nginx_pids)
+	run_wrk agentgate tls "$CG_AGENT" "https://$UPADDR:$UPTLS/1k.txt" "$DPID"
 	r=$((r + 1))
 done
 
@@ -302,14 +324,15 @@ function ratio(a, b) { if (b == 0) return 0; return a / b }
 NF == 3 { key = $1 SUBSEP $2; val[key, ++cnt[key]] = $3 + 0 }
 END {
 	printf "\nHTTP requests/s, wrk -t%d -c%d -d%ds, median of %d round(s); target: agentgate >= nginx (reverse proxy)\n", threads, conns, t, rounds
-	printf "%-24s %10s %10s %7s %10s %7s %8s  %s\n", "workload", "direct", "nginx", "ratio", \
-		"agentgate", "ratio", "vs nginx", "target"
+	printf "%-24s %10s %10s %7s %10s %7s %8s  %-7s %s\n", "workload", "direct", "nginx", "ratio", \
+		"agentgate", "ratio", "vs nginx", "target", "proxy CPU us/req: nginx, agentgate"
 	split("1k.txt users.json tls", ws, " ")
 	split("1 KiB text|4 KiB JSON (gw masks)|1 KiB text, TLS both legs", names, "|")
 	for (i = 1; i <= 3; i++) {
 		d = median("direct" SUBSEP ws[i]); n = median("nginx" SUBSEP ws[i])
 		g = median("agentgate" SUBSEP ws[i])
-		printf "%-24s %10.0f %10.0f %6.2fx %10.0f %6.2fx %7.2fx  %s\n", names[i], d, n, \
-			ratio(n, d), g, ratio(g, d), ratio(g, n), (g >= n) ? "ok" : "MISSED"
+		printf "%-24s %10.0f %10.0f %6.2fx %10.0f %6.2fx %7.2fx  %-7s %.1f, %.1f\n", names[i], \
+			d, n, ratio(n, d), g, ratio(g, d), ratio(g, n), (g >= n) ? "ok" : "MISSED", \
+			median("nginx-cpu" SUBSEP ws[i]), median("agentgate-cpu" SUBSEP ws[i])
 	}
 }' "$RES"

@@ -340,17 +340,6 @@ out=$(in_cgroup "$CG_AGENT" - timeout 20 "$PSQL" -X -q -A -t -h "$PGADDR" -p "$P
 RES=$WORK/results
 echo "param $CLIENTS $THREADS $T $ROUNDS $LAT_T" >"$RES"
 
-TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
-# CPU time of a process so far, in clock ticks (0 without one).
-cpu_ticks() {
-	if [ -n "$1" ] && [ -r "/proc/$1/stat" ]; then
-		# The fields after the command (which may hold spaces): utime and stime.
-		sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
-	else
-		echo 0
-	fi
-}
-
 # pgbench in a mode; its results go to $RES as "mode workload metric value" lines. Workloads:
 # S, SP, TP; S1 and SP1 are S and SP at one client, with per-transaction logs.
 pgb() { # mode workload round clients threads seconds [log prefix]

@@ -409,6 +409,7 @@ static struct audit {
 	uint64_t seg_size;
 	bool need_fsync;
 	uint64_t last_fsync_ms;
+	uint64_t batch_ms; /* when the writer last took a batch */
 	uint64_t retry_at_ms;
 	struct ag_buf raw;
 
@@ -865,10 +866,21 @@ static void *writer_main(void *arg)
 		struct timespec ts;
 
 		pthread_mutex_lock(&A.lock);
-		if (!A.head && !A.stop) {
+		now = ag_mono_ms();
+		/*
+		 * Records come in batches: WAKE_COUNT of them, or what came in WAKE_MS — not the
+		 * few that arrived while the last batch was written, which under load made a
+		 * frame (a deflate reset, a write) of a handful of records. fsync always takes
+		 * them at once: an agent's answer waits for them.
+		 */
+		if (!A.stop && (!A.head || (A.cfg.fsync != AG_AUDIT_FSYNC_ALWAYS &&
+					    A.queued < WAKE_COUNT &&
+					    now - A.batch_ms < WAKE_MS))) {
 			uint64_t wait_ms = A.cfg.fsync == AG_AUDIT_FSYNC_ALWAYS ? 1000 : WAKE_MS;
 
-			if (A.pending)
+			if (A.head)
+				wait_ms = A.batch_ms + WAKE_MS - now;
+			else if (A.pending)
 				wait_ms = RETRY_MS / 4;
 			clock_gettime(CLOCK_REALTIME, &ts);
 			ts.tv_nsec += (wait_ms % 1000) * 1000000;
@@ -878,6 +890,7 @@ static void *writer_main(void *arg)
 			pthread_cond_timedwait(&A.cond, &A.lock, &ts);
 			A.writer_waiting = false;
 		}
+		A.batch_ms = ag_mono_ms();
 		list = A.head;
 		A.head = NULL;
 		A.tail = &A.head;

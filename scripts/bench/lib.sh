@@ -55,3 +55,15 @@ detach_pins() { # dir
 	"$B/agctl" -B "$1" prog detach >/dev/null 2>&1
 	rm -rf "$1"
 }
+
+TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
+# CPU time (user + system, all threads) of processes so far, in clock ticks (0 without any).
+cpu_ticks() { # pid...
+	t=0
+	for p in "$@"; do
+		[ -r "/proc/$p/stat" ] || continue
+		# The fields after the command (which may hold spaces): utime and stime.
+		t=$((t + $(sed 's/^.*) //' "/proc/$p/stat" | awk '{ print $12 + $13 }')))
+	done
+	echo "$t"
+}
