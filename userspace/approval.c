@@ -219,8 +219,12 @@ static void threads_start(void)
 	pthread_sigmask(SIG_BLOCK, &all, &old);
 	if (pthread_create(&t, &at, timer_main, NULL))
 		pr_err("approvals: cannot start the timer thread: approvals will not expire");
+	else
+		pthread_setname_np(t, "ag-approvals");
 	if (pthread_create(&t, &at, notify_main, NULL))
 		pr_err("approvals: cannot start the notifier thread: approvals.notify is not run");
+	else
+		pthread_setname_np(t, "ag-notify");
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	pthread_attr_destroy(&at);
 }

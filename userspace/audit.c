@@ -21,6 +21,7 @@
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -53,6 +54,9 @@
 #define HEAD_TAG "agentgate/audit/head/v1"
 #define WAKE_MS 10
 #define WAKE_COUNT 256
+/* The writer idles below the workers until records wait this long, or this many. */
+#define BOOST_MS (2 * WAKE_MS)
+#define BOOST_COUNT (4 * WAKE_COUNT)
 #define RETRY_MS 1000
 
 typedef Agentgate__Audit__Record Record;
@@ -410,6 +414,8 @@ static struct audit {
 	bool need_fsync;
 	uint64_t last_fsync_ms;
 	uint64_t batch_ms; /* when the writer last took a batch */
+	uint64_t first_enq_ms; /* when the oldest queued record came (under lock) */
+	bool idle;	       /* the writer runs SCHED_IDLE (under lock) */
 	uint64_t retry_at_ms;
 	struct ag_buf raw;
 
@@ -504,6 +510,20 @@ int ag_audit_status(struct ag_audit_status *st)
 	return 0;
 }
 
+/*
+ * The writer's scheduling class. Idle (SCHED_IDLE) while it keeps up: it takes only what the
+ * workers leave, so its deflate of a batch never delays a statement (on a busy box that was
+ * the latency tail of every session). Normal (SCHED_OTHER) once records wait BOOST_MS or
+ * BOOST_COUNT of them queue — every core busy — until it has caught up; and always with
+ * fsync always, where the agents' answers wait for it.
+ */
+static void writer_class(bool idle)
+{
+	struct sched_param sp = { 0 };
+
+	pthread_setschedparam(A.thread, idle ? SCHED_IDLE : SCHED_OTHER, &sp);
+}
+
 /* Enqueues a packed record; the hot path: one allocation, one lock. */
 static uint64_t enqueue(const Record *r)
 {
@@ -521,6 +541,8 @@ static uint64_t enqueue(const Record *r)
 	n->len = agentgate__audit__record__pack(r, n->data);
 	pthread_mutex_lock(&A.lock);
 	n->enq = enq = ++A.enq;
+	if (!A.head)
+		A.first_enq_ms = ag_mono_ms();
 	*A.tail = n;
 	A.tail = &n->next;
 	A.queued++;
@@ -528,6 +550,12 @@ static uint64_t enqueue(const Record *r)
 	       (A.cfg.fsync == AG_AUDIT_FSYNC_ALWAYS || A.queued >= WAKE_COUNT || A.stop);
 	if (wake)
 		pthread_cond_signal(&A.cond);
+	/* Every core busy and the writer idling below them: it runs at the workers' level. */
+	if (A.idle && (A.queued >= BOOST_COUNT || ag_mono_ms() - A.first_enq_ms >= BOOST_MS)) {
+		/* Under the lock: the writer's own switch back cannot overtake this one. */
+		A.idle = false;
+		writer_class(false);
+	}
 	pthread_mutex_unlock(&A.lock);
 	return enq;
 }
@@ -877,11 +905,17 @@ static void *writer_main(void *arg)
 					    A.queued < WAKE_COUNT &&
 					    now - A.batch_ms < WAKE_MS))) {
 			uint64_t wait_ms = A.cfg.fsync == AG_AUDIT_FSYNC_ALWAYS ? 1000 : WAKE_MS;
+			bool idle = A.cfg.fsync != AG_AUDIT_FSYNC_ALWAYS;
 
 			if (A.head)
 				wait_ms = A.batch_ms + WAKE_MS - now;
 			else if (A.pending)
 				wait_ms = RETRY_MS / 4;
+			if (A.idle != idle && (idle ? !A.head : true)) {
+				/* Caught up (or fsync changed): back to its class. */
+				A.idle = idle;
+				writer_class(idle);
+			}
 			clock_gettime(CLOCK_REALTIME, &ts);
 			ts.tv_nsec += (wait_ms % 1000) * 1000000;
 			ts.tv_sec += wait_ms / 1000 + ts.tv_nsec / 1000000000;
@@ -1339,6 +1373,8 @@ int ag_audit_open(const char *state_dir, const struct ag_audit_config *c, char *
 	publish();
 	__atomic_store_n(&A.failed, 0, __ATOMIC_RELEASE);
 	rc = pthread_create(&A.thread, NULL, writer_main, NULL);
+	if (!rc)
+		pthread_setname_np(A.thread, "ag-audit");
 	if (rc) {
 		snprintf(err, errlen, "audit writer: %s", strerror(rc));
 		return -rc;

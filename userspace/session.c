@@ -1523,11 +1523,15 @@ int ag_workers_start(struct ag_daemon *d, char *err, size_t errlen)
 	for (int i = 0; i < n; i++) {
 		int rc = pthread_create(&d->workers[i]->thread, NULL, worker_main, d->workers[i]);
 
+		char name[16];
+
 		/* pthread_create() returns its error; errno is not set. */
 		if (rc) {
 			snprintf(err, errlen, "starting worker %d: %s", i, strerror(rc));
 			return -rc;
 		}
+		snprintf(name, sizeof(name), "ag-worker%d", i);
+		pthread_setname_np(d->workers[i]->thread, name); /* top -H, perf */
 	}
 	return 0;
 }

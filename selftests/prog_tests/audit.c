@@ -10,8 +10,10 @@
  * a clear error (`agctl audit status` says it is failing, and why) and loses no record. A
  * signing key that is a symbolic link or readable by others stops the start.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1093,4 +1095,83 @@ void test_audit_key_file(void)
 	}
 out:
 	th_daemon_cleanup(&d);
+}
+
+/* --- the writer's scheduling class ---------------------------------------------------------- */
+
+/* The scheduling policy of this process's thread named comm (stat field 41), or -1. */
+static int thread_policy(const char *comm)
+{
+	char path[96], buf[1024];
+	struct dirent *de;
+	int policy = -1;
+	DIR *d = opendir("/proc/self/task");
+
+	while (d && policy < 0 && (de = readdir(d))) {
+		FILE *f;
+		char *p;
+		int field;
+
+		snprintf(path, sizeof(path), "/proc/self/task/%s/comm", de->d_name);
+		f = fopen(path, "r");
+		if (!f)
+			continue;
+		p = fgets(buf, sizeof(buf), f);
+		fclose(f);
+		if (!p || strncmp(buf, comm, strlen(comm)) || buf[strlen(comm)] != '\n')
+			continue;
+		snprintf(path, sizeof(path), "/proc/self/task/%s/stat", de->d_name);
+		f = fopen(path, "r");
+		if (!f)
+			continue;
+		p = fgets(buf, sizeof(buf), f);
+		fclose(f);
+		/* After the command in parentheses: field 3 on, policy is field 41. */
+		p = p ? strrchr(buf, ')') : NULL;
+		for (field = 2; p && field < 41; field++)
+			p = strchr(p + 1, ' ');
+		if (p)
+			policy = atoi(p + 1);
+	}
+	if (d)
+		closedir(d);
+	return policy;
+}
+
+static bool policy_becomes(const char *comm, int want)
+{
+	for (int i = 0; i < 200; i++) {
+		if (thread_policy(comm) == want)
+			return true;
+		usleep(10 * 1000);
+	}
+	return false;
+}
+
+/*
+ * The writer (thread ag-audit) idles below the workers (SCHED_IDLE) once it has caught up, so
+ * that its batches never delay a statement; with fsync: always, where answers wait for it, it
+ * runs as the workers do; back to idle when the policy says batch again.
+ */
+void test_audit_writer_class(void)
+{
+	char dir[] = "/tmp/agentgate-audit-class.XXXXXX", e[256];
+	struct ag_audit_config c;
+
+	if (!ASSERT_OK_PTR(mkdtemp(dir), "temp dir"))
+		return;
+	ag_audit_config_parse(NULL, 0, &c, e, sizeof(e));
+	if (!ASSERT_OK(ag_audit_open(dir, &c, e, sizeof(e)), e))
+		goto rm;
+	ASSERT_TRUE(policy_becomes("ag-audit", SCHED_IDLE), "idle once caught up (fsync batch)");
+	c.fsync = AG_AUDIT_FSYNC_ALWAYS;
+	ag_audit_set_config(&c);
+	ASSERT_TRUE(policy_becomes("ag-audit", SCHED_OTHER), "as the workers with fsync always");
+	c.fsync = AG_AUDIT_FSYNC_BATCH;
+	ag_audit_set_config(&c);
+	ASSERT_TRUE(policy_becomes("ag-audit", SCHED_IDLE), "idle again with batch");
+	ag_audit_close();
+	ASSERT_EQ(thread_policy("ag-audit"), -1, "the writer is gone after close");
+rm:
+	th_rm_rf(dir);
 }
