@@ -193,6 +193,7 @@ static void main_tick(void *arg)
 
 	ag_bpf_events_consume(d->bpf);
 	ag_daemon_seq_tick(d);
+	ag_audit_tick();
 	/* The control socket's listener, paused when fds ran out (ctl_server.c). */
 	if (d->ctl_io.fd >= 0 && d->ctl_io.loop && !d->ctl_io.events)
 		ag_loop_mod(&d->ctl_io, EPOLLIN);

@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -258,6 +259,7 @@ static int parse_size(const char *s, uint64_t *out)
 {
 	char *end;
 	unsigned long long v;
+	int shift = 0;
 
 	if (!s || !*s || *s == '-')
 		return -EINVAL;
@@ -265,12 +267,16 @@ static int parse_size(const char *s, uint64_t *out)
 	v = strtoull(s, &end, 10);
 	if (errno || end == s)
 		return -EINVAL;
+
 	if (*end == 'k' || *end == 'K')
-		v <<= 10, end++;
+		shift = 10, end++;
 	else if (*end == 'm' || *end == 'M')
-		v <<= 20, end++;
+		shift = 20, end++;
 	else if (*end == 'g' || *end == 'G')
-		v <<= 30, end++;
+		shift = 30, end++;
+	if (v > (~0ull >> shift))
+		return -EINVAL; /* it would wrap */
+	v <<= shift;
 	if (*end == 'i')
 		end++;
 	if (*end == 'b' || *end == 'B')
@@ -415,7 +421,11 @@ static struct audit {
 	uint64_t last_fsync_ms;
 	uint64_t batch_ms; /* when the writer last took a batch */
 	uint64_t first_enq_ms; /* when the oldest queued record came (under lock) */
-	bool idle;	       /* the writer runs SCHED_IDLE (under lock) */
+	bool low;	       /* a batch's CPU work runs SCHED_IDLE now (atomic) */
+	bool raise;	       /* ... and was raised (atomic) */
+	uint64_t low_ms;       /* ... since (atomic; 0: not low) */
+	bool no_low;	       /* never low: it could not be raised back */
+	uint64_t low_batches, raised; /* counts (atomic), for tests */
 	uint64_t retry_at_ms;
 	struct ag_buf raw;
 
@@ -511,17 +521,64 @@ int ag_audit_status(struct ag_audit_status *st)
 }
 
 /*
- * The writer's scheduling class. Idle (SCHED_IDLE) while it keeps up: it takes only what the
- * workers leave, so its deflate of a batch never delays a statement (on a busy box that was
- * the latency tail of every session). Normal (SCHED_OTHER) once records wait BOOST_MS or
- * BOOST_COUNT of them queue — every core busy — until it has caught up; and always with
- * fsync always, where the agents' answers wait for it.
+ * The writer's priority. A batch's CPU work (hashing, signing, deflate: no lock held) runs
+ * SCHED_IDLE: a worker waking on that core takes it at once, so a deflate never delays a
+ * statement — on a busy box those were the latency tail of every session (SCHED_BATCH and
+ * nice 19 still made workers wait out a slice). Everything else — the queue's lock, write,
+ * fsync — at the workers' level, so it is never starved holding the lock, and its disk I/O
+ * stays best-effort (ioprio set explicitly: SCHED_IDLE would imply the idle I/O class). A
+ * batch found behind (BOOST_MS old or BOOST_COUNT records) is not lowered; a worker that sees
+ * the backlog grow, or the main loop's tick that sees a low batch last BOOST_MS, raises it.
+ * Never lowered with fsync always (answers wait for it), nor where the daemon could not
+ * raise it back (no CAP_SYS_NICE).
  */
-static void writer_class(bool idle)
+#define IOPRIO_CLASS_BE 2
+#define IOPRIO_PRIO(class, level) (((class) << 13) | (level))
+
+static void writer_class(bool low)
 {
 	struct sched_param sp = { 0 };
 
-	pthread_setschedparam(A.thread, idle ? SCHED_IDLE : SCHED_OTHER, &sp);
+	pthread_setschedparam(A.thread, low ? SCHED_IDLE : SCHED_OTHER, &sp);
+}
+
+/* Raises a low batch (any thread). */
+static void writer_raise(void)
+{
+	if (__atomic_load_n(&A.low, __ATOMIC_ACQUIRE) &&
+	    !__atomic_exchange_n(&A.raise, true, __ATOMIC_ACQ_REL)) {
+		writer_class(false);
+		__atomic_add_fetch(&A.raised, 1, __ATOMIC_RELAXED);
+	}
+}
+
+void ag_audit_writer_stats(uint64_t *low_batches, uint64_t *raised)
+{
+	*low_batches = __atomic_load_n(&A.low_batches, __ATOMIC_RELAXED);
+	*raised = __atomic_load_n(&A.raised, __ATOMIC_RELAXED);
+}
+
+void ag_audit_tick(void)
+{
+	uint64_t since = __atomic_load_n(&A.low_ms, __ATOMIC_ACQUIRE);
+
+	if (A.on && since && ag_mono_ms() - since >= BOOST_MS)
+		writer_raise();
+}
+
+/* Raising a thread's priority back needs CAP_SYS_NICE (bit 23 of CapEff). */
+static bool can_renice(void)
+{
+	char line[128];
+	unsigned long long caps = 0;
+	FILE *f = fopen("/proc/self/status", "re");
+
+	while (f && fgets(line, sizeof(line), f))
+		if (sscanf(line, "CapEff: %llx", &caps) == 1)
+			break;
+	if (f)
+		fclose(f);
+	return caps & (1ull << 23);
 }
 
 /* Enqueues a packed record; the hot path: one allocation, one lock. */
@@ -551,11 +608,9 @@ static uint64_t enqueue(const Record *r)
 	if (wake)
 		pthread_cond_signal(&A.cond);
 	/* Every core busy and the writer idling below them: it runs at the workers' level. */
-	if (A.idle && (A.queued >= BOOST_COUNT || ag_mono_ms() - A.first_enq_ms >= BOOST_MS)) {
-		/* Under the lock: the writer's own switch back cannot overtake this one. */
-		A.idle = false;
-		writer_class(false);
-	}
+	/* Every core busy and a batch running low: it runs at the workers' level. */
+	if (A.queued >= BOOST_COUNT || ag_mono_ms() - A.first_enq_ms >= BOOST_MS)
+		writer_raise();
 	pthread_mutex_unlock(&A.lock);
 	return enq;
 }
@@ -887,10 +942,14 @@ static void durable_advance(void)
 
 static void *writer_main(void *arg)
 {
+	/* An explicit best-effort I/O priority: SCHED_IDLE alone would imply the idle class. */
+	syscall(SYS_ioprio_set, 1 /* IOPRIO_WHO_PROCESS */, gettid(),
+		IOPRIO_PRIO(IOPRIO_CLASS_BE, 4));
+	A.no_low = !can_renice();
 	for (;;) {
 		struct node *list, *n;
 		uint64_t first = A.seq + 1, now;
-		bool stop, tapped;
+		bool stop, tapped, low;
 		struct timespec ts;
 
 		pthread_mutex_lock(&A.lock);
@@ -905,17 +964,11 @@ static void *writer_main(void *arg)
 					    A.queued < WAKE_COUNT &&
 					    now - A.batch_ms < WAKE_MS))) {
 			uint64_t wait_ms = A.cfg.fsync == AG_AUDIT_FSYNC_ALWAYS ? 1000 : WAKE_MS;
-			bool idle = A.cfg.fsync != AG_AUDIT_FSYNC_ALWAYS;
 
 			if (A.head)
 				wait_ms = A.batch_ms + WAKE_MS - now;
 			else if (A.pending)
 				wait_ms = RETRY_MS / 4;
-			if (A.idle != idle && (idle ? !A.head : true)) {
-				/* Caught up (or fsync changed): back to its class. */
-				A.idle = idle;
-				writer_class(idle);
-			}
 			clock_gettime(CLOCK_REALTIME, &ts);
 			ts.tv_nsec += (wait_ms % 1000) * 1000000;
 			ts.tv_sec += wait_ms / 1000 + ts.tv_nsec / 1000000000;
@@ -925,6 +978,8 @@ static void *writer_main(void *arg)
 			A.writer_waiting = false;
 		}
 		A.batch_ms = ag_mono_ms();
+		low = A.head && !A.no_low && A.cfg.fsync != AG_AUDIT_FSYNC_ALWAYS &&
+		      A.queued < BOOST_COUNT && A.batch_ms - A.first_enq_ms < BOOST_MS;
 		list = A.head;
 		A.head = NULL;
 		A.tail = &A.head;
@@ -933,6 +988,16 @@ static void *writer_main(void *arg)
 		tapped = A.taps > 0;
 		pthread_mutex_unlock(&A.lock);
 
+		if (low) {
+			__atomic_store_n(&A.raise, false, __ATOMIC_RELEASE);
+			__atomic_store_n(&A.low_ms, A.batch_ms, __ATOMIC_RELEASE);
+			__atomic_store_n(&A.low, true, __ATOMIC_RELEASE);
+			writer_class(true);
+			__atomic_add_fetch(&A.low_batches, 1, __ATOMIC_RELAXED);
+			/* Raised between the two lines above: up again. */
+			if (__atomic_load_n(&A.raise, __ATOMIC_ACQUIRE))
+				writer_class(false);
+		}
 		while ((n = list)) {
 			list = n->next;
 			chain_add(n->session, n->data, n->len, tapped);
@@ -946,6 +1011,13 @@ static void *writer_main(void *arg)
 			checkpoint_add();
 		frame_seal(first);
 		publish();
+		if (low) {
+			__atomic_store_n(&A.low, false, __ATOMIC_RELEASE);
+			__atomic_store_n(&A.low_ms, 0, __ATOMIC_RELEASE);
+			/* Raised (or raising) already: its call lands; else up now. */
+			if (!__atomic_exchange_n(&A.raise, true, __ATOMIC_ACQ_REL))
+				writer_class(false);
+		}
 
 		if (A.pending && (!A.failed || now >= A.retry_at_ms) && frames_write())
 			A.retry_at_ms = now + RETRY_MS;
@@ -1391,6 +1463,7 @@ void ag_audit_set_config(const struct ag_audit_config *c)
 	pthread_mutex_lock(&A.lock);
 	A.cfg = *c;
 	__atomic_store_n(&A.body_max, c->body_bytes, __ATOMIC_RELAXED);
+	pthread_cond_signal(&A.cond); /* the writer's priority follows fsync at once */
 	pthread_mutex_unlock(&A.lock);
 }
 
@@ -1416,6 +1489,9 @@ void ag_audit_close(void)
 	pthread_mutex_unlock(&A.lock);
 	pthread_join(A.thread, NULL);
 	A.on = false;
+	/* A next ag_audit_open() (tests) starts a writer from scratch. */
+	A.stop = false;
+	A.batch_ms = A.first_enq_ms = 0;
 	if (A.fd >= 0)
 		close(A.fd);
 	A.fd = -1;

@@ -63,6 +63,10 @@ int ag_audit_open(const char *state_dir, const struct ag_audit_config *c, char *
 void ag_audit_set_config(const struct ag_audit_config *c);
 /* Seals the log (a last checkpoint), writes everything queued, stops the writer. */
 void ag_audit_close(void);
+/* The main loop's tick: raises the writer when its low-priority batch has waited too long. */
+void ag_audit_tick(void);
+/* Batches whose CPU work ran at low priority, and how many were raised (tests). */
+void ag_audit_writer_stats(uint64_t *low_batches, uint64_t *raised);
 /* True (and why) while the log cannot be written: new sessions are refused. */
 bool ag_audit_unavailable(char *why, size_t len);
 /* Records written and fsynced so far (the last durable seq), for tests and status. */

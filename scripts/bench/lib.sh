@@ -58,12 +58,14 @@ detach_pins() { # dir
 
 TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
 # CPU time (user + system, all threads) of processes so far, in clock ticks (0 without any).
+# (sh has no locals: the names here are used nowhere else; an empty pid is none, not /proc/stat)
 cpu_ticks() { # pid...
-	t=0
-	for p in "$@"; do
-		[ -r "/proc/$p/stat" ] || continue
+	ct_t=0
+	for ct_p in "$@"; do
+		case $ct_p in '' | *[!0-9]*) continue ;; esac
+		[ -r "/proc/$ct_p/stat" ] || continue
 		# The fields after the command (which may hold spaces): utime and stime.
-		t=$((t + $(sed 's/^.*) //' "/proc/$p/stat" | awk '{ print $12 + $13 }')))
+		ct_t=$((ct_t + $(sed 's/^.*) //' "/proc/$ct_p/stat" | awk '{ print $12 + $13 }')))
 	done
-	echo "$t"
+	echo "$ct_t"
 }

@@ -349,7 +349,7 @@ out:
 /* audit.body_bytes: a size up to 1M; anything else is a policy error naming the key. */
 static void subtest_body_bytes_bad(void)
 {
-	static const char *const bad[] = { "-1", "2M", "lots", "" };
+	static const char *const bad[] = { "-1", "2M", "lots", "", "17179869184g" };
 	struct ag_audit_config cfg;
 	char err[256];
 
