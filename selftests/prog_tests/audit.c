@@ -1101,43 +1101,49 @@ out:
 
 /* --- the writer's scheduling class ---------------------------------------------------------- */
 
-/* The scheduling policy of this process's thread named comm (stat field 41), or -1. */
-static int thread_policy(const char *comm)
+/* The id of this process's thread named comm, or -1. */
+static int thread_named(const char *comm)
 {
-	char path[96], buf[1024];
+	char path[96], buf[64];
 	struct dirent *de;
-	int policy = -1;
+	int tid = -1;
 	DIR *d = opendir("/proc/self/task");
 
-	while (d && policy < 0 && (de = readdir(d))) {
+	while (d && tid < 0 && (de = readdir(d))) {
 		FILE *f;
-		char *p;
-		int field;
 
 		snprintf(path, sizeof(path), "/proc/self/task/%s/comm", de->d_name);
 		f = fopen(path, "r");
 		if (!f)
 			continue;
-		p = fgets(buf, sizeof(buf), f);
+		if (fgets(buf, sizeof(buf), f) && !strncmp(buf, comm, strlen(comm)) &&
+		    buf[strlen(comm)] == '\n')
+			tid = atoi(de->d_name);
 		fclose(f);
-		if (!p || strncmp(buf, comm, strlen(comm)) || buf[strlen(comm)] != '\n')
-			continue;
-		snprintf(path, sizeof(path), "/proc/self/task/%s/stat", de->d_name);
-		f = fopen(path, "r");
-		if (!f)
-			continue;
-		p = fgets(buf, sizeof(buf), f);
-		fclose(f);
-		/* After the command in parentheses: field 3 on, policy is field 41. */
-		p = p ? strrchr(buf, ')') : NULL;
-		for (field = 2; p && field < 41; field++)
-			p = strchr(p + 1, ' ');
-		if (p)
-			policy = atoi(p + 1);
 	}
 	if (d)
 		closedir(d);
-	return policy;
+	return tid;
+}
+
+/* The scheduling policy of this process's thread named comm (stat field 41), or -1. */
+static int thread_policy(const char *comm)
+{
+	char path[96], buf[1024], *p = NULL;
+	int tid = thread_named(comm), field;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/self/task/%d/stat", tid);
+	f = tid > 0 ? fopen(path, "r") : NULL;
+	if (f) {
+		p = fgets(buf, sizeof(buf), f);
+		fclose(f);
+	}
+	/* After the command in parentheses: field 3 on, policy is field 41. */
+	p = p ? strrchr(buf, ')') : NULL;
+	for (field = 2; p && field < 41; field++)
+		p = strchr(p + 1, ' ');
+	return p ? atoi(p + 1) : -1;
 }
 
 static bool policy_becomes(const char *comm, int want)
@@ -1153,29 +1159,10 @@ static bool policy_becomes(const char *comm, int want)
 /* The I/O priority class of this process's thread named comm, or -1. */
 static int thread_ioprio_class(const char *comm)
 {
-	char path[96], buf[64];
-	struct dirent *de;
-	int cls = -1;
-	DIR *d = opendir("/proc/self/task");
+	int tid = thread_named(comm);
+	long v = tid > 0 ? syscall(SYS_ioprio_get, 1 /* IOPRIO_WHO_PROCESS */, tid) : -1;
 
-	while (d && cls < 0 && (de = readdir(d))) {
-		FILE *f;
-
-		snprintf(path, sizeof(path), "/proc/self/task/%s/comm", de->d_name);
-		f = fopen(path, "r");
-		if (!f)
-			continue;
-		if (fgets(buf, sizeof(buf), f) && !strncmp(buf, comm, strlen(comm)) &&
-		    buf[strlen(comm)] == '\n') {
-			long v = syscall(SYS_ioprio_get, 1 /* IOPRIO_WHO_PROCESS */, atoi(de->d_name));
-
-			cls = v < 0 ? -1 : (int)(v >> 13);
-		}
-		fclose(f);
-	}
-	if (d)
-		closedir(d);
-	return cls;
+	return v < 0 ? -1 : (int)(v >> 13);
 }
 
 /*
