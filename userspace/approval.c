@@ -369,6 +369,8 @@ static void notify_run(const struct notify_job *j)
 {
 	char *const argv[] = { "/bin/sh", "-c", j->cmd, NULL };
 	posix_spawn_file_actions_t fa;
+	posix_spawnattr_t sa;
+	sigset_t none, all;
 	uint64_t deadline = ag_mono_ms() + NOTIFY_DEADLINE_MS;
 	size_t len = strlen(j->json), off = 0;
 	int p[2], rc, status = 0;
@@ -384,7 +386,18 @@ static void notify_run(const struct notify_job *j)
 	posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
 	/* stdin, stdout and stderr only: no socket, key or log fd of the daemon leaks. */
 	posix_spawn_file_actions_addclosefrom_np(&fa, 3);
-	rc = posix_spawn(&pid, "/bin/sh", &fa, NULL, argv, (char **)notify_env);
+	/*
+	 * Signals as a fresh process has them: this thread blocks all of them (the main loop's
+	 * signalfd takes them) and the daemon ignores SIGPIPE; a hook inherits neither.
+	 */
+	posix_spawnattr_init(&sa);
+	sigemptyset(&none);
+	sigfillset(&all);
+	posix_spawnattr_setsigmask(&sa, &none);
+	posix_spawnattr_setsigdefault(&sa, &all);
+	posix_spawnattr_setflags(&sa, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+	rc = posix_spawn(&pid, "/bin/sh", &fa, &sa, argv, (char **)notify_env);
+	posix_spawnattr_destroy(&sa);
 	posix_spawn_file_actions_destroy(&fa);
 	close(p[0]);
 	if (rc) {

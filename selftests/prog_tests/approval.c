@@ -869,6 +869,18 @@ static void subtest_notify_env(struct ap_ctx *c)
 			for (char *l = strtok(buf, "\n"); l; l = strtok(NULL, "\n"))
 				if (!ASSERT_LE(atoi(l), 3, "no daemon fd in the notify command"))
 					printf("fd %s is open in it\n", l);
+			/* Not the notifier thread's blocked signals, nor the daemon's SIG_IGN. */
+			snprintf(path, sizeof(path), "%s/notify.sig", c->dir);
+			wait_file(path, "SigIgn", buf, sizeof(buf));
+			{
+				const char *b = strstr(buf, "SigBlk:"), *i = strstr(buf, "SigIgn:");
+				/* Signals 1..31; glibc keeps its own two RT signals (32, 33). */
+				unsigned long long blk = b ? strtoull(b + 7, NULL, 16) : ~0ull;
+				unsigned long long ign = i ? strtoull(i + 7, NULL, 16) : ~0ull;
+
+				ASSERT_EQ(blk & 0x7fffffffull, 0, "no signal blocked");
+				ASSERT_EQ(ign & 0x7fffffffull, 0, "no signal ignored (SIGPIPE)");
+			}
 		}
 		agctl_as(c, 0, NULL, 0, NULL, 0, "approval approve %s", id);
 		expect_result(fd, "CZ", "runs");
@@ -1400,6 +1412,7 @@ void test_approval(void)
 	snprintf(path, sizeof(path), "%s/envdump.sh", c->dir);
 	snprintf(r, sizeof(r),
 		 "cat > /dev/null; env > %1$s/notify.env; ls /proc/self/fd > %1$s/notify.fds; "
+		 "grep -E '^Sig(Blk|Ign):' /proc/self/status > %1$s/notify.sig; "
 		 "echo done > %1$s/notify.done",
 		 c->dir);
 	write_script(path, r);
