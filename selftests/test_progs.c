@@ -356,26 +356,36 @@ static void summary_line(const char *line, size_t len)
 	summary_printf("  %.*s", (int)len, line);
 }
 
-/* The assertion lines (": FAIL ") and runner lines of bytes [from, to) of the capture file. */
+static bool summary_wanted(const char *line)
+{
+	return strstr(line, ": FAIL ") || !strncmp(line, "runner:", 7);
+}
+
+/*
+ * The assertion lines (": FAIL ") and runner lines of bytes [from, to) of the capture file. A
+ * line longer than the buffer (an assertion prints its whole haystack) is kept cut, its head
+ * naming the assertion, and the rest of it skipped.
+ */
 static void summary_collect(int log_fd, long from, long to)
 {
 	char buf[8192];
 	size_t have = 0;
 	long off = from;
+	bool skip = false; /* in the tail of a line too long for buf */
 
 	if (log_fd < 0)
 		return;
 	for (;;) {
 		ssize_t n = 0;
-		size_t want = sizeof(buf) - have, start = 0;
+		size_t want = sizeof(buf) - 1 - have, start = 0;
 
 		if (to >= 0 && (size_t)(to - off) < want)
 			want = to - off;
 		if (want)
 			n = pread(log_fd, buf + have, want, off);
 		if (n <= 0) {
-			/* The last line, unterminated; or a line longer than the buffer. */
-			if (have && (strstr(buf, ": FAIL ") || !strncmp(buf, "runner:", 7)))
+			buf[have] = '\0';
+			if (have && !skip && summary_wanted(buf))
 				summary_line(buf, have);
 			return;
 		}
@@ -385,15 +395,20 @@ static void summary_collect(int log_fd, long from, long to)
 			if (buf[i] != '\n')
 				continue;
 			buf[i] = '\0';
-			if (strstr(buf + start, ": FAIL ") || !strncmp(buf + start, "runner:", 7))
+			if (!skip && summary_wanted(buf + start))
 				summary_line(buf + start, i - start);
+			skip = false;
 			start = i + 1;
 		}
-		if (start == 0 && have == sizeof(buf))
-			start = have; /* one line fills the buffer: dropped */
+		if (start == 0 && have == sizeof(buf) - 1) {
+			buf[have] = '\0';
+			if (!skip && summary_wanted(buf))
+				summary_printf("  %.*s ...", 400, buf);
+			skip = true;
+			start = have;
+		}
 		memmove(buf, buf + start, have - start);
 		have -= start;
-		buf[have] = '\0';
 	}
 }
 
