@@ -472,11 +472,14 @@ uint64_t ag_audit_durable_seq(void)
 }
 
 /* The writer's counters, for ag_audit_status() on other threads. */
+/* One snapshot for ag_audit_status() (under the lock: its fields agree with each other). */
 static void publish(void)
 {
-	__atomic_store_n(&A.pub_seq, A.seq, __ATOMIC_RELAXED);
-	__atomic_store_n(&A.pub_sealed_seq, A.sealed_seq, __ATOMIC_RELAXED);
-	__atomic_store_n(&A.pub_sealed_ns, A.sealed_ns, __ATOMIC_RELAXED);
+	pthread_mutex_lock(&A.lock);
+	A.pub_seq = A.seq;
+	A.pub_sealed_seq = A.sealed_seq;
+	A.pub_sealed_ns = A.sealed_ns;
+	pthread_mutex_unlock(&A.lock);
 }
 
 const char *ag_audit_fsync_name(enum ag_audit_fsync f)
@@ -497,11 +500,12 @@ int ag_audit_status(struct ag_audit_status *st)
 	if (!A.on)
 		return -ENODEV;
 	snprintf(st->dir, sizeof(st->dir), "%s", A.dir);
-	st->last_seq = __atomic_load_n(&A.pub_seq, __ATOMIC_RELAXED);
-	st->checkpoint_seq = __atomic_load_n(&A.pub_sealed_seq, __ATOMIC_RELAXED);
-	st->checkpoint_ns = __atomic_load_n(&A.pub_sealed_ns, __ATOMIC_RELAXED);
-	st->durable_seq = ag_audit_durable_seq();
 	pthread_mutex_lock(&A.lock);
+	/* durable first: it only ever trails what was published before it. */
+	st->durable_seq = ag_audit_durable_seq();
+	st->last_seq = A.pub_seq;
+	st->checkpoint_seq = A.pub_sealed_seq;
+	st->checkpoint_ns = A.pub_sealed_ns;
 	st->fsync = A.cfg.fsync;
 	pthread_mutex_unlock(&A.lock);
 	st->failing = ag_audit_unavailable(st->reason, sizeof(st->reason));
@@ -1010,7 +1014,6 @@ static void *writer_main(void *arg)
 		     (A.first_unsealed_ms && now - A.first_unsealed_ms >= A.cfg.checkpoint_ms)))
 			checkpoint_add();
 		frame_seal(first);
-		publish();
 		if (low) {
 			__atomic_store_n(&A.low, false, __ATOMIC_RELEASE);
 			__atomic_store_n(&A.low_ms, 0, __ATOMIC_RELEASE);
@@ -1018,6 +1021,7 @@ static void *writer_main(void *arg)
 			if (!__atomic_exchange_n(&A.raise, true, __ATOMIC_ACQ_REL))
 				writer_class(false);
 		}
+		publish();
 
 		if (A.pending && (!A.failed || now >= A.retry_at_ms) && frames_write())
 			A.retry_at_ms = now + RETRY_MS;
