@@ -670,11 +670,28 @@ static SSL_CTX *client_ctx(const struct ag_policy_target *t, enum ag_tls_upstrea
 			goto fail;
 		}
 	}
-	if (crt && (SSL_CTX_use_certificate_chain_file(ctx, crt) != 1 ||
-		    SSL_CTX_use_PrivateKey_file(ctx, key ? key : crt, SSL_FILETYPE_PEM) != 1 ||
-		    SSL_CTX_check_private_key(ctx) != 1)) {
-		ssl_errs(err, errlen, "tls.cert_file/key_file");
-		goto fail;
+	if (crt) {
+		/* The client key as the daemon's own keys are read (keyfile.h): root's, 0600. */
+		size_t klen;
+		int krc;
+		char *pem = ag_keyfile_read(key ? key : crt, "tls.key_file", true, 1 << 20, &klen,
+					    err, errlen, &krc);
+		BIO *bio = pem ? BIO_new_mem_buf(pem, (int)klen) : NULL;
+		EVP_PKEY *pk = bio ? PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL) : NULL;
+		bool ok = pk && SSL_CTX_use_certificate_chain_file(ctx, crt) == 1 &&
+			  SSL_CTX_use_PrivateKey(ctx, pk) == 1 && SSL_CTX_check_private_key(ctx) == 1;
+
+		EVP_PKEY_free(pk);
+		BIO_free(bio);
+		if (pem) {
+			OPENSSL_cleanse(pem, klen);
+			free(pem);
+		}
+		if (!ok) {
+			if (pem)
+				ssl_errs(err, errlen, "tls.cert_file/key_file");
+			goto fail;
+		}
 	}
 	if (alpn_http && SSL_CTX_set_alpn_protos(ctx, (const unsigned char *)"\x08http/1.1", 9)) {
 		snprintf(err, errlen, "ALPN: out of memory");

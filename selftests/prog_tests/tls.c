@@ -468,7 +468,7 @@ static void subtest_bulk_both_ways(struct tls_env *e)
 
 static void subtest_verify_ca_and_mtls(struct tls_env *e)
 {
-	char script[1024];
+	char script[1024], path[300];
 	int rc;
 
 	/* verify-ca: the chain only, so a certificate for another name passes. */
@@ -492,6 +492,15 @@ static void subtest_verify_ca_and_mtls(struct tls_env *e)
 	snprintf(script, sizeof(script),
 		 "PATH=/usr/bin:/bin; curl -sS --max-time 20 --cacert %s https://%s:%d/mtls",
 		 e->gw_ca, MTLS_ADDR, e->web_port[WEB_MTLS]);
+	/* Its key as the daemon's own keys: root's and 0600, or no session (and why). */
+	snprintf(path, sizeof(path), "%s/client.key", e->dir);
+	if (ASSERT_OK(chmod(path, 0644), "client key 0644")) {
+		rc = sh(e->g.tagged, script, 30000);
+		ASSERT_NEQ(rc, 0, "a group/other-readable client key: refused");
+		ASSERT_TRUE(log_has(e, "client.key: must be owned by root and mode 0600 (is 0644)"),
+			    "logged with the fix");
+		ASSERT_OK(chmod(path, 0600), "0600 again");
+	}
 	rc = sh(e->g.tagged, script, 30000);
 	if (!ASSERT_EQ(rc, 0, "mTLS upstream"))
 		printf("stderr: %s\n", err);
