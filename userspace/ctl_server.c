@@ -525,6 +525,8 @@ static void handle(struct ctl_client *c, const Agentgate__Ctl__Request *req,
 		break;
 	case AGENTGATE__CTL__REQUEST__CMD_APPROVAL_WATCH:
 		do_approvals(r, NULL);
+		/* Judged an approver under this policy just now (root_only/approver check above). */
+		c->apolicy_gen = __atomic_load_n(&d->policy_gen, __ATOMIC_ACQUIRE);
 		c->awatch = true;
 		c->anext = approval_watchers;
 		approval_watchers = c;
@@ -828,6 +830,18 @@ static void watch_push(void *arg)
 	}
 	response_free(&r);
 	free(a);
+}
+
+/* After a policy reload (main loop): a watcher no longer an approver is let go at once. */
+void ag_ctl_policy_changed(struct ag_daemon *d)
+{
+	(void)d;
+	if (!watch_d)
+		return;
+	for (struct ctl_client *c = approval_watchers, *next; c; c = next) {
+		next = c->anext;
+		watcher_still_approver(c);
+	}
 }
 
 /* ag_approval_watch_hook: any thread. */

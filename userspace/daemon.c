@@ -270,6 +270,7 @@ int ag_daemon_reload(struct ag_daemon *d, char *err, size_t errlen)
 		return -EINVAL;
 	}
 	rc = ag_daemon_set_policy(d, p, err, errlen);
+	ag_ctl_policy_changed(d);
 	if (rc)
 		pr_warn("policy %s loaded with problems: %s", d->opts.config, err);
 	else

@@ -116,6 +116,8 @@ int ag_session_kill_by_id(struct ag_daemon *d, uint64_t id);
 /* Control socket (ctl_server.c). */
 int ag_ctl_server_start(struct ag_daemon *d, char *err, size_t errlen);
 void ag_ctl_server_stop(struct ag_daemon *d);
+/* A reloaded policy: control clients whose rights came from the old one are judged again. */
+void ag_ctl_policy_changed(struct ag_daemon *d);
 
 /* sessions.log (sessionlog.c). */
 int ag_slog_open(struct ag_daemon *d, char *err, size_t errlen);

@@ -940,6 +940,9 @@ static void subtest_reload_rechecks(struct ap_ctx *c)
 		goto out;
 	if (!ASSERT_OK(th_pg_gate_rules(&c->g, "enforce", reloaded), "reload: root only"))
 		goto out;
+	/* Let go at the reload itself, not at the next change it would have been shown. */
+	read_watch(p[0], wbuf, sizeof(wbuf), &wlen, "is no longer an approver", NULL, 150);
+	ASSERT_HAS_SUBSTR(wbuf, "is no longer an approver", "the watch ends at the reload");
 	rc = agctl_as(c, BIN_UID, NULL, 0, err, sizeof(err), "approval approve %s", id);
 	ASSERT_EQ(rc, 1, "bin, dropped from the approvers, cannot approve any more");
 	ASSERT_HAS_SUBSTR(err, "is not an approver", "and is told why");
