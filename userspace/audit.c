@@ -571,7 +571,7 @@ void ag_audit_tick(void)
 }
 
 /* Raising a thread's priority back needs CAP_SYS_NICE (bit 23 of CapEff). */
-static bool can_renice(void)
+bool ag_audit_can_renice(void)
 {
 	char line[128];
 	unsigned long long caps = 0;
@@ -949,7 +949,7 @@ static void *writer_main(void *arg)
 	/* An explicit best-effort I/O priority: SCHED_IDLE alone would imply the idle class. */
 	syscall(SYS_ioprio_set, 1 /* IOPRIO_WHO_PROCESS */, gettid(),
 		IOPRIO_PRIO(IOPRIO_CLASS_BE, 4));
-	A.no_low = !can_renice();
+	A.no_low = !ag_audit_can_renice();
 	for (;;) {
 		struct node *list, *n;
 		uint64_t first = A.seq + 1, now;

@@ -65,6 +65,8 @@ void ag_audit_set_config(const struct ag_audit_config *c);
 void ag_audit_close(void);
 /* The main loop's tick: raises the writer when its low-priority batch has waited too long. */
 void ag_audit_tick(void);
+/* Can the writer be raised back from low priority (CAP_SYS_NICE)? Else it never goes low. */
+bool ag_audit_can_renice(void);
 /* Batches whose CPU work ran at low priority, and how many were raised (tests). */
 void ag_audit_writer_stats(uint64_t *low_batches, uint64_t *raised);
 /* True (and why) while the log cannot be written: new sessions are refused. */
