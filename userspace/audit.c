@@ -396,7 +396,7 @@ static struct audit {
 	uint8_t hash[32];      /* its chain hash */
 	uint64_t sealed_seq;   /* last checkpoint record */
 	int64_t sealed_ns;     /* its time */
-	/* What ag_audit_status() reads from other threads (the writer stores, atomically). */
+	/* What ag_audit_status() reads from other threads (publish(), under the lock). */
 	uint64_t pub_seq, pub_sealed_seq;
 	int64_t pub_sealed_ns;
 	uint64_t head_seq;     /* the newest checkpoint record, for HEAD ... */
@@ -425,7 +425,7 @@ static struct audit {
 	bool raise;	       /* ... and was raised (atomic) */
 	uint64_t low_ms;       /* ... since (atomic; 0: not low) */
 	bool no_low;	       /* never low: it could not be raised back */
-	uint64_t low_batches, raised; /* counts (atomic), for tests */
+	uint64_t low_batches;  /* count (atomic), for tests */
 	uint64_t retry_at_ms;
 	struct ag_buf raw;
 
@@ -550,16 +550,13 @@ static void writer_class(bool low)
 static void writer_raise(void)
 {
 	if (__atomic_load_n(&A.low, __ATOMIC_ACQUIRE) &&
-	    !__atomic_exchange_n(&A.raise, true, __ATOMIC_ACQ_REL)) {
+	    !__atomic_exchange_n(&A.raise, true, __ATOMIC_ACQ_REL))
 		writer_class(false);
-		__atomic_add_fetch(&A.raised, 1, __ATOMIC_RELAXED);
-	}
 }
 
-void ag_audit_writer_stats(uint64_t *low_batches, uint64_t *raised)
+void ag_audit_writer_stats(uint64_t *low_batches)
 {
 	*low_batches = __atomic_load_n(&A.low_batches, __ATOMIC_RELAXED);
-	*raised = __atomic_load_n(&A.raised, __ATOMIC_RELAXED);
 }
 
 void ag_audit_tick(void)

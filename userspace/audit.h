@@ -67,8 +67,8 @@ void ag_audit_close(void);
 void ag_audit_tick(void);
 /* Can the writer be raised back from low priority (CAP_SYS_NICE)? Else it never goes low. */
 bool ag_audit_can_renice(void);
-/* Batches whose CPU work ran at low priority, and how many were raised (tests). */
-void ag_audit_writer_stats(uint64_t *low_batches, uint64_t *raised);
+/* Batches whose CPU work ran at low priority (tests). */
+void ag_audit_writer_stats(uint64_t *low_batches);
 /* True (and why) while the log cannot be written: new sessions are refused. */
 bool ag_audit_unavailable(char *why, size_t len);
 /* Records written and fsynced so far (the last durable seq), for tests and status. */

@@ -894,8 +894,8 @@ restore:
  * A policy reload: who may decide is judged by the policy in force at the decision. A held
  * request stays pending although its rule no longer says approve (the agent was told it waits);
  * bin, dropped from approvals.approvers, can no longer decide it nor list it, and the approval
- * watch of nobody, dropped too, ends instead of showing the next change. New statements follow
- * the new rules.
+ * watch of nobody, dropped too, ends at the reload and never shows the next change. New
+ * statements follow the new rules.
  */
 static void subtest_reload_rechecks(struct ap_ctx *c)
 {
