@@ -923,6 +923,8 @@ static void on_io(struct ag_session *s, enum ag_side i, uint32_t events)
 	/* Ended by an earlier event of this batch: its sockets are closed, its memory not yet. */
 	if (s->state == AG_SESS_CLOSED)
 		return;
+	s->io_seen = true;
+	s->tls_slim = false;
 	if (i == AG_SIDE_UPSTREAM && s->state == AG_SESS_CONNECTING) {
 		if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))
 			upstream_connected(s);
@@ -1445,6 +1447,32 @@ static bool handshake_expired(const struct ag_session *s, void *arg)
 	return false;
 }
 
+/*
+ * A TLS session of this worker with no event for a whole tick gives back its record buffers
+ * (about 17 KiB each way per SSL, 4 of them: an idle TLS session would hold 78 KiB instead
+ * of 12). OpenSSL allocates them again at the next record; SSL_free_buffers() keeps them while
+ * they hold data. Busy sessions keep theirs (SSL_MODE_RELEASE_BUFFERS would cost a malloc and
+ * a free per record). Runs on the worker, the only thread that touches its sessions' SSLs.
+ */
+static bool tls_slim(const struct ag_session *cs, void *arg)
+{
+	struct ag_session *s = (struct ag_session *)cs;
+	bool slim = true;
+
+	if (s->w != arg)
+		return false;
+	if (!s->io_seen && !s->tls_slim &&
+	    (s->state == AG_SESS_ACTIVE || s->state == AG_SESS_CLOSING)) {
+		for (int i = 0; i < 2; i++)
+			if (s->side[i].ssl && s->side[i].tls == AG_TLS_UP &&
+			    !SSL_free_buffers(s->side[i].ssl))
+				slim = false;
+		s->tls_slim = slim;
+	}
+	s->io_seen = false;
+	return false;
+}
+
 /* Connect timeouts: a worker tick scans the daemon table for its own connecting sessions. */
 static void worker_tick(void *arg)
 {
@@ -1461,6 +1489,7 @@ static void worker_tick(void *arg)
 
 		tls_failed(s, agent ? AG_SIDE_AGENT : AG_SIDE_UPSTREAM, "handshake timed out");
 	}
+	table_find(w->d, tls_slim, w); /* each session, none matches */
 	/* Listeners paused for want of fds (on_listener) try again. */
 	for (int k = 0; k < 2; k++)
 		if (w->lis[k].fd >= 0 && w->lis[k].loop && !w->lis[k].events)
