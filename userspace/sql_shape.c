@@ -233,6 +233,126 @@ static void unpack_free(void *data, void *p)
 
 static ProtobufCAllocator unpack_allocator = { unpack_alloc, unpack_free, NULL };
 
+/*
+ * The quick key: for the plain statements most clients send (identifiers, keywords, operators,
+ * integers, decimals, standard strings), the text itself with each constant's bytes replaced
+ * by one byte naming its kind, without a pg_query_scan. It must be a finer key than the scan's:
+ * two texts with the same quick key have the same tokens but for constant values. So the quick
+ * path takes only what it lexes exactly as PostgreSQL's lexer does, and gives up (-EINVAL: the
+ * scanner decides) on anything else: comments, dollar quotes and parameters ($), quoted names,
+ * any string with a prefix (E'', B'', X'', N'', U&'') or a backslash in it, numbers touching a
+ * letter, dot or quote (1e5, 1.x, .5, 1..2), bytes outside printable ASCII and PostgreSQL's
+ * whitespace. Everything between constants is kept byte for byte, so the lexer reads the rest
+ * of two such texts alike; constants are digits-only or quote-delimited, so no token around one
+ * can take a byte of it. The constant marks (bytes 1 to 3) never occur in an accepted text, and
+ * a quick key starts with QUICK_TAG, which no scan key does (a token kind is under 2^16). Its
+ * "tokens" (sh->start, sh->kind) are the `;` outside constants only: what map_offsets needs.
+ */
+#define QUICK_TAG "\xff\xff\xff\xff"
+
+enum { QUICK_ICONST = 1, QUICK_FCONST = 2, QUICK_SCONST = 3 };
+
+static bool q_ident_start(unsigned char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+}
+
+static bool q_digit(unsigned char c)
+{
+	return c >= '0' && c <= '9';
+}
+
+static bool q_ident_cont(unsigned char c)
+{
+	return q_ident_start(c) || q_digit(c) || c == '$';
+}
+
+/* The operator and punctuation bytes kept as they are ('-' and '/' checked for comments). */
+static bool q_self(unsigned char c)
+{
+	return c && strchr(",()[].;:+-*/%^<>=~!@#&|`?", c);
+}
+
+static int quick_shape(const char *sql, size_t len, struct shape *sh)
+{
+	const unsigned char *p = (const unsigned char *)sql;
+	size_t i = 0, from = 0;
+	uint8_t mark;
+
+	if (key_add(sh, QUICK_TAG, 4))
+		return -ENOMEM;
+	while (i < len) {
+		unsigned char c = p[i];
+
+		if (pg_space(c)) {
+			i++;
+		} else if (q_ident_start(c)) {
+			while (++i < len && q_ident_cont(p[i]))
+				;
+		} else if (q_digit(c)) {
+			size_t start = i;
+			uint64_t v = 0;
+			bool big = false;
+
+			/* After a dot (.5, t.1) the lexer may read otherwise: the scanner decides. */
+			if (i && p[i - 1] == '.')
+				return -EINVAL;
+			for (; i < len && q_digit(p[i]); i++) {
+				v = v * 10 + (p[i] - '0');
+				big |= v > 2147483647u; /* the lexer's ICONST is an int32 */
+			}
+			mark = big ? QUICK_FCONST : QUICK_ICONST;
+			if (i < len && p[i] == '.') {
+				if (i + 1 >= len || !q_digit(p[i + 1]))
+					return -EINVAL;
+				for (i++; i < len && q_digit(p[i]); i++)
+					;
+				mark = QUICK_FCONST;
+			}
+			if (i < len && (q_ident_cont(p[i]) || p[i] == '.' || p[i] == '\'' ||
+					p[i] == '"'))
+				return -EINVAL;
+			if (key_add(sh, sql + from, start - from) || key_add(sh, &mark, 1))
+				return -ENOMEM;
+			from = i;
+		} else if (c == '\'') {
+			size_t start = i;
+
+			/* A prefix (E'', B'', X'', N'', U&'') or something touching it. */
+			if (i && (q_ident_cont(p[i - 1]) || p[i - 1] == '&'))
+				return -EINVAL;
+			for (i++;; i++) {
+				if (i >= len)
+					return -EINVAL; /* unterminated */
+				if (p[i] == '\'') {
+					if (i + 1 < len && p[i + 1] == '\'') {
+						i++;
+						continue;
+					}
+					break;
+				}
+				if (p[i] < 0x20 || p[i] > 0x7e || p[i] == '\\')
+					return -EINVAL;
+			}
+			i++;
+			mark = QUICK_SCONST;
+			if (key_add(sh, sql + from, start - from) || key_add(sh, &mark, 1))
+				return -ENOMEM;
+			from = i;
+		} else if (q_self(c)) {
+			if ((c == '-' && i + 1 < len && p[i + 1] == '-') ||
+			    (c == '/' && i + 1 < len && p[i + 1] == '*'))
+				return -EINVAL;
+			if (c == ';' && tok_add(sh, i, PG_QUERY__TOKEN__ASCII_59))
+				return -ENOMEM;
+			i++;
+		} else {
+			return -EINVAL; /* $, quoted names, backslash, control or non-ASCII bytes */
+		}
+	}
+	return key_add(sh, sql + from, len - from);
+}
+
 /* Keys sql by shape (0), or says it cannot be (-EINVAL, -ENOMEM). */
 static int shape_of(const char *sql, size_t len, struct shape *sh)
 {
@@ -243,6 +363,13 @@ static int shape_of(const char *sql, size_t len, struct shape *sh)
 	memset(sh, 0, sizeof(*sh));
 	if (len > AG_SQL_SHAPE_MAX_TEXT)
 		return -EINVAL;
+	err = quick_shape(sql, len, sh);
+	if (err != -EINVAL) {
+		if (err)
+			shape_free(sh);
+		return err;
+	}
+	shape_free(sh);
 	sr = pg_query_scan(sql);
 	if (sr.error) {
 		pg_query_free_scan_result(sr);
