@@ -36,6 +36,7 @@
 #include "clock.h"
 #include "audit.h"
 #include "audit.pb-c.h"
+#include "audit_pack.h"
 #include "buf.h"
 #include "httprule.h"
 #include "k8s.h"
@@ -586,7 +587,7 @@ bool ag_audit_can_renice(void)
 /* Enqueues a packed record; the hot path: one allocation, one lock. */
 static uint64_t enqueue(const Record *r)
 {
-	size_t len = agentgate__audit__record__get_packed_size(r);
+	size_t len = ag_audit_record_size(r);
 	struct node *n = malloc(sizeof(*n) + len);
 	uint64_t enq;
 	bool wake;
@@ -597,7 +598,7 @@ static uint64_t enqueue(const Record *r)
 	}
 	n->next = NULL;
 	n->session = r->session;
-	n->len = agentgate__audit__record__pack(r, n->data);
+	n->len = ag_audit_record_pack(r, n->data);
 	pthread_mutex_lock(&A.lock);
 	n->enq = enq = ++A.enq;
 	if (!A.head)

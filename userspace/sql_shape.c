@@ -294,7 +294,7 @@ static int quick_shape(const char *sql, size_t len, struct shape *sh)
 			uint64_t v = 0;
 			bool big = false;
 
-			/* After a dot (.5, t.1) the lexer may read otherwise: the scanner decides. */
+			/* After a dot (.5, t.1) the lexer may read otherwise: the scanner says. */
 			if (i && p[i - 1] == '.')
 				return -EINVAL;
 			for (; i < len && q_digit(p[i]); i++) {

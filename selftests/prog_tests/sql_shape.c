@@ -171,7 +171,8 @@ static const struct hostile pairs[] = {
 	{ "quick_quoted_identifier", "SELECT 'x' FROM t WHERE a = 1",
 	  "SELECT \"x\" FROM t WHERE a = 1", false },
 	{ "quick_exponent", "SELECT * FROM t WHERE a = 1", "SELECT * FROM t WHERE a = 1e1", false },
-	{ "quick_leading_dot", "SELECT * FROM t WHERE a = 1", "SELECT * FROM t WHERE a = .1", false },
+	{ "quick_leading_dot", "SELECT * FROM t WHERE a = 1", "SELECT * FROM t WHERE a = .1",
+	  false },
 	{ "quick_trailing_junk", "SELECT 1 FROM t", "SELECT 1from t", false },
 	{ "quick_non_ascii", "SELECT 'x' FROM t", "SELECT '\xc3\xa9' FROM t", false },
 	{ "quick_param", "SELECT * FROM t WHERE a = 1", "SELECT * FROM t WHERE a = $1", false },
@@ -388,12 +389,14 @@ static void subtest_disguises_differential(void)
 {
 	static const char *const frag[] = {
 		"1", "42", "2147483648", "12.5", "-1", "'x'", "'x''y'", "';DELETE FROM t;'",
-		"'a'';DELETE FROM t;--'", "'a\\'", "E'a\\';DELETE FROM t;--'", "$$;DELETE FROM t;$$",
+		"'a'';DELETE FROM t;--'", "'a\\'", "E'a\\';DELETE FROM t;--'",
+		"$$;DELETE FROM t;$$",
 		"$q$x$q$", "1e5", ".5", "1.", "1..2", "0x1F", "U&'\\0041'", "B'01'", "X'ff'",
 		"N'x'", "'a'\n'b'", "'a' 'b'", "1/*;DELETE FROM t;*/", "1--;DELETE FROM t\n",
 		"$1", "\"x\"", "1;DELETE FROM t", "(SELECT lo_import('/etc/passwd'))",
 		"pg_read_file('/etc/passwd')", "'x'::regclass", "'unterminated", "1 /* 'x' */",
-		"1 /* '", "' */; DELETE FROM t; /* '", "E'\\''", "'\\'", "E'\\'; DELETE FROM t; --'",
+		"1 /* '", "' */; DELETE FROM t; /* '", "E'\\''", "'\\'",
+		"E'\\'; DELETE FROM t; --'",
 	};
 	static const char *const tmpl[] = {
 		"SELECT a FROM t WHERE b = %s AND c = %s",
