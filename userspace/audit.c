@@ -1758,6 +1758,15 @@ void ag_audit_session_end(struct ag_session *s)
 	s->audit = NULL;
 }
 
+/* The string at src (up to max bytes, or its NUL) into dst, cut to fit: snprintf's "%.*s". */
+static void copy_cut(char *dst, size_t size, const char *src, size_t max)
+{
+	size_t n = strnlen(src, max < size - 1 ? max : size - 1);
+
+	memcpy(dst, src, n);
+	dst[n] = '\0';
+}
+
 void ag_audit_statement(struct ag_session *s, const char *message, const char *name,
 			const char *text, size_t len, enum ag_action action, const char *rule,
 			const char *classes, const char *reason)
@@ -1775,7 +1784,7 @@ void ag_audit_statement(struct ag_session *s, const char *message, const char *n
 			a->stmt_ns = ag_unix_ns();
 		a->pending = true;
 		a->execute = true;
-		snprintf(a->portal, sizeof(a->portal), "%s", name ? name : "");
+		copy_cut(a->portal, sizeof(a->portal), name ? name : "", SIZE_MAX);
 		return;
 	}
 	if (text) {
@@ -1849,21 +1858,19 @@ void ag_audit_result(struct ag_session *s, const uint8_t *msg, size_t len)
 		return;
 	switch (msg[0]) {
 	case PG_B_COMMAND_COMPLETE:
-		snprintf(tag, sizeof(tag), "%.*s", (int)strnlen((const char *)msg + PG_HDR,
-							       len - PG_HDR),
-			 (const char *)msg + PG_HDR);
+		copy_cut(tag, sizeof(tag), (const char *)msg + PG_HDR, len - PG_HDR);
 		break;
 	case PG_B_EMPTY_QUERY:
-		snprintf(tag, sizeof(tag), "empty");
+		copy_cut(tag, sizeof(tag), "empty", SIZE_MAX);
 		break;
 	case PG_B_PORTAL_SUSPENDED:
-		snprintf(tag, sizeof(tag), "suspended");
+		copy_cut(tag, sizeof(tag), "suspended", SIZE_MAX);
 		break;
 	case PG_B_ERROR: {
 		const char *c = pg_error_field(msg + PG_HDR, len - PG_HDR, 'C');
 
-		snprintf(tag, sizeof(tag), "error");
-		snprintf(code, sizeof(code), "%.5s", c ? c : "");
+		copy_cut(tag, sizeof(tag), "error", SIZE_MAX);
+		copy_cut(code, sizeof(code), c ? c : "", 5);
 		break;
 	}
 	default:
