@@ -1817,6 +1817,26 @@ void ag_audit_statement(struct ag_session *s, const char *message, const char *n
 	a->pending = true;
 }
 
+/*
+ * ag_buf_append() for a statement's row description and kept rows, which are small: a first
+ * block of SMALL_BUF bytes (served by malloc's per-thread cache) rather than ag_buf's 4 KiB
+ * (a trip through malloc's bins, which consolidates them, twice per statement); more grows
+ * as ag_buf grows. Drained, the buffer is freed as any ag_buf (an idle session holds none).
+ */
+#define SMALL_BUF 512
+
+static int buf_append_small(struct ag_buf *b, const void *p, size_t n)
+{
+	if (!b->data && n <= SMALL_BUF) {
+		b->data = malloc(SMALL_BUF);
+		if (!b->data)
+			return -ENOMEM;
+		b->cap = SMALL_BUF;
+		b->start = b->end = 0;
+	}
+	return ag_buf_append(b, p, n);
+}
+
 void ag_audit_rowdesc(struct ag_session *s, const uint8_t *msg, size_t len)
 {
 	struct ag_audit_sess *a;
@@ -1824,7 +1844,7 @@ void ag_audit_rowdesc(struct ag_session *s, const uint8_t *msg, size_t len)
 	if (!A.on || !(a = sess_state(s)) || len < PG_HDR)
 		return;
 	ag_buf_consume(&a->rowdesc, ag_buf_len(&a->rowdesc));
-	ag_buf_append(&a->rowdesc, msg + PG_HDR, len - PG_HDR);
+	buf_append_small(&a->rowdesc, msg + PG_HDR, len - PG_HDR);
 }
 
 void ag_audit_row(struct ag_session *s, const uint8_t *msg, size_t len)
@@ -1841,7 +1861,7 @@ void ag_audit_row(struct ag_session *s, const uint8_t *msg, size_t len)
 		return;
 	}
 	put32(l, len - PG_HDR);
-	if (ag_buf_append(&a->kept, l, 4) ||
+	if (buf_append_small(&a->kept, l, 4) ||
 	    ag_buf_append(&a->kept, msg + PG_HDR, len - PG_HDR)) {
 		a->capped = true;
 		return;
