@@ -4,7 +4,7 @@
 set -eu
 
 PKGS="
-make gcc clang llvm pkg-config bpftool libbpf-dev libelf-dev zlib1g-dev libssl-dev
+make gcc clang llvm pkg-config bpftool libbpf-dev libelf-dev zlib1g-dev libdeflate-dev libssl-dev
 libyaml-dev libprotobuf-c-dev protobuf-c-compiler libnl-3-dev libnl-idiag-3-dev
 libnl-route-3-dev libpg-query-dev libhttp-parser-dev libyajl-dev libpq-dev
 iproute2 procps psmisc util-linux curl openssl python3 python3-psycopg2

@@ -1115,6 +1115,12 @@ static int parse_stmt_rules(struct parse_ctx *c, const yaml_node_t *n, const cha
 		if (pick(c, v, "action", action_names, &idx))
 			return -EINVAL;
 		r->then = action_vals[idx];
+		if (fields == sql_when_fields) {
+			const struct ag_kv *cmd = ag_kv_get(r->when, r->nwhen, "command");
+
+			for (size_t i = 0; cmd && i < cmd->nlist; i++)
+				r->classes |= ag_sql_class_by_name(cmd->list[i]);
+		}
 	}
 	return 0;
 }

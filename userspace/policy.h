@@ -72,6 +72,7 @@ struct ag_policy_stmt_rule {
 	size_t nwhen;
 	enum ag_action then;
 	int line;
+	uint64_t classes; /* sql rules: the command: list as class bits (sql.h), set at load */
 };
 
 struct ag_policy_rule {

@@ -791,7 +791,7 @@ static int decide_rules(struct ag_session *s, const char *sql, size_t len, struc
 		free(adj);
 		return 0; /* only empty statements: nothing runs */
 	}
-	ag_sql_decide(pg->rule, &view, &d);
+	ag_sql_decide_run(pg->rule, &view, &d);
 	free(adj);
 	v->action = s->observe && d.action != AG_ACT_ALLOW ? AG_ACT_OBSERVE : d.action;
 	copy_str(v->rule, sizeof(v->rule), d.rule ? d.rule : "");
@@ -2117,7 +2117,7 @@ static int policy_refresh(struct ag_session *s)
 
 				if (!st->classes || st->classes == AG_SQL_EMPTY)
 					continue;
-				ag_sql_decide(rule, &view, &d);
+				ag_sql_decide_run(rule, &view, &d);
 				if (d.action == AG_ACT_DENY ||
 				    (d.action == AG_ACT_APPROVE && !st->approved)) {
 					snprintf(buf, sizeof(buf),

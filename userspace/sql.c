@@ -1946,14 +1946,12 @@ static const struct umbrella {
 		  AG_SQL_ROLE | AG_SQL_FILE | AG_SQL_PROGRAM },
 };
 
-/* The classes of stmt (a statement's bits) that a command: list covers. */
-static uint64_t covered_classes(const struct ag_kv *cmd, uint64_t stmt)
+/* The classes of stmt (a statement's bits) that a command: list (its bits: listed) covers. */
+static uint64_t covered_classes(uint64_t listed, uint64_t stmt)
 {
-	uint64_t listed = 0, cov;
+	uint64_t cov;
 	size_t i;
 
-	for (i = 0; i < cmd->nlist; i++)
-		listed |= ag_sql_class_by_name(cmd->list[i]);
 	cov = listed;
 	for (i = 0; i < sizeof(umbrellas) / sizeof(umbrellas[0]); i++)
 		if (listed & umbrellas[i].bit)
@@ -1988,7 +1986,10 @@ static void near_miss(struct near_miss *m, const char *rule, uint64_t classes, c
 		*m = (struct near_miss){ rule, classes, table, left };
 }
 
-/* Does every condition of r's when: hold for s? why gets what matched. */
+/*
+ * Does every condition of r's when: hold for s? why gets what matched and miss the near
+ * misses, unless why is NULL (a decision that is not explained).
+ */
 static bool rule_matches(const struct ag_policy_stmt_rule *r, const struct ag_sql_stmt *s,
 			 char *why, size_t len, struct near_miss *miss)
 {
@@ -1998,28 +1999,33 @@ static bool rule_matches(const struct ag_policy_stmt_rule *r, const struct ag_sq
 	bool every = lets_run(r->then);
 	char list[192], names[256];
 
-	why[0] = '\0';
+	if (why)
+		why[0] = '\0';
 	if (cmd && every) {
-		uint64_t cov = covered_classes(cmd, s->classes);
+		uint64_t cov = covered_classes(r->classes, s->classes);
 
 		if (!s->classes || cov != s->classes) {
-			if (cov)
+			if (cov && why)
 				near_miss(miss, r->name, s->classes & ~cov, NULL);
 			return false;
 		}
-		list_str(cmd, list, sizeof(list));
-		why_add(why, len, "command %s covered by [%s]",
-			ag_sql_class_names(s->classes, names, sizeof(names)), list);
+		if (why) {
+			list_str(cmd, list, sizeof(list));
+			why_add(why, len, "command %s covered by [%s]",
+				ag_sql_class_names(s->classes, names, sizeof(names)), list);
+		}
 	} else if (cmd) {
 		const char *hit = NULL;
 
-		for (size_t i = 0; i < cmd->nlist && !hit; i++)
+		if (!(s->classes & r->classes))
+			return false;
+		for (size_t i = 0; why && i < cmd->nlist && !hit; i++)
 			if (s->classes & ag_sql_class_by_name(cmd->list[i]))
 				hit = cmd->list[i];
-		if (!hit)
-			return false;
-		list_str(cmd, list, sizeof(list));
-		why_add(why, len, "command %s in [%s]", hit, list);
+		if (why) {
+			list_str(cmd, list, sizeof(list));
+			why_add(why, len, "command %s in [%s]", hit ? hit : "?", list);
+		}
 	}
 	if (tabs && every) {
 		for (size_t i = 0; i < s->ntables; i++) {
@@ -2029,15 +2035,18 @@ static bool rule_matches(const struct ag_policy_stmt_rule *r, const struct ag_sq
 				if (table_matches(tabs->list[j], s->tables[i]))
 					break;
 			if (j == tabs->nlist) {
-				near_miss(miss, r->name, 0, s->tables[i]);
+				if (why)
+					near_miss(miss, r->name, 0, s->tables[i]);
 				return false;
 			}
 		}
-		list_str(tabs, list, sizeof(list));
-		if (s->ntables)
-			why_add(why, len, "every table in [%s]", list);
-		else
-			why_add(why, len, "no table outside [%s]", list);
+		if (why) {
+			list_str(tabs, list, sizeof(list));
+			if (s->ntables)
+				why_add(why, len, "every table in [%s]", list);
+			else
+				why_add(why, len, "no table outside [%s]", list);
+		}
 	} else if (tabs) {
 		const char *t = NULL, *g = NULL;
 
@@ -2049,35 +2058,40 @@ static bool rule_matches(const struct ag_policy_stmt_rule *r, const struct ag_sq
 				}
 		if (!g)
 			return false;
-		why_add(why, len, "table %s matches %s", t, g);
+		if (why)
+			why_add(why, len, "table %s matches %s", t, g);
 	}
 	if (where && where->value) {
 		bool writes = s->classes & (AG_SQL_UPDATE | AG_SQL_DELETE);
 
 		if (!strcmp(where->value, "absent") ? !s->where_absent : !writes || s->where_absent)
 			return false;
-		why_add(why, len, "where %s", where->value);
+		if (why)
+			why_add(why, len, "where %s", where->value);
 	}
-	if (!why[0])
+	if (why && !why[0])
 		snprintf(why, len, "no conditions");
 	return true;
 }
 
-void ag_sql_decide_stmt(const struct ag_policy_rule *rule, const struct ag_sql_stmt *s,
-			struct ag_sql_decision *d)
+/* ag_sql_decide_stmt(), d->why left empty unless explain. */
+static void decide_stmt(const struct ag_policy_rule *rule, const struct ag_sql_stmt *s,
+			struct ag_sql_decision *d, bool explain)
 {
 	struct near_miss miss = { 0 };
 	char names[256], left[192] = "";
+	char *why = explain ? d->why : NULL;
 
-	memset(d, 0, sizeof(*d));
 	d->action = AG_ACT_DENY;
 	d->rule = "default";
+	d->stmt = 0;
+	d->why[0] = '\0';
 	if (!rule) {
 		snprintf(d->why, sizeof(d->why), "no rule for this agent and target");
 		return;
 	}
 	for (size_t i = 0; i < rule->nsql; i++)
-		if (rule_matches(&rule->sql[i], s, d->why, sizeof(d->why), &miss)) {
+		if (rule_matches(&rule->sql[i], s, why, sizeof(d->why), &miss)) {
 			d->action = rule->sql[i].then;
 			d->rule = rule->sql[i].name;
 			return;
@@ -2088,6 +2102,8 @@ void ag_sql_decide_stmt(const struct ag_policy_rule *rule, const struct ag_sql_s
 		snprintf(d->why, sizeof(d->why), "empty query, nothing runs");
 		return;
 	}
+	if (!explain)
+		return;
 	if (miss.table)
 		snprintf(left, sizeof(left), " (%s does not cover table %s)", miss.rule,
 			 miss.table);
@@ -2098,6 +2114,13 @@ void ag_sql_decide_stmt(const struct ag_policy_rule *rule, const struct ag_sql_s
 		 s->classes ? ag_sql_class_names(s->classes, names, sizeof(names))
 			    : "(an unclassified statement)",
 		 left);
+}
+
+void ag_sql_decide_stmt(const struct ag_policy_rule *rule, const struct ag_sql_stmt *s,
+			struct ag_sql_decision *d)
+{
+	memset(d, 0, sizeof(*d));
+	decide_stmt(rule, s, d, true);
 }
 
 static int restrictiveness(enum ag_action a)
@@ -2115,23 +2138,45 @@ static int restrictiveness(enum ag_action a)
 	return 3;
 }
 
-void ag_sql_decide(const struct ag_policy_rule *rule, const struct ag_sql_result *r,
-		   struct ag_sql_decision *d)
+static void decide(const struct ag_policy_rule *rule, const struct ag_sql_result *r,
+		   struct ag_sql_decision *d, bool explain)
 {
 	struct ag_sql_decision one;
 
-	memset(d, 0, sizeof(*d));
 	d->action = AG_ACT_DENY;
 	d->rule = "default";
+	d->stmt = 0;
+	d->why[0] = '\0';
 	if (!r || r->error || !r->nstmts) {
 		snprintf(d->why, sizeof(d->why), "the SQL does not parse");
 		return;
 	}
 	for (size_t i = 0; i < r->nstmts; i++) {
-		ag_sql_decide_stmt(rule, &r->stmts[i], &one);
+		decide_stmt(rule, &r->stmts[i], &one, explain);
 		if (!i || restrictiveness(one.action) > restrictiveness(d->action)) {
 			*d = one;
 			d->stmt = i;
 		}
 	}
+}
+
+void ag_sql_decide(const struct ag_policy_rule *rule, const struct ag_sql_result *r,
+		   struct ag_sql_decision *d)
+{
+	memset(d, 0, sizeof(*d));
+	decide(rule, r, d, true);
+}
+
+void ag_sql_decide_run(const struct ag_policy_rule *rule, const struct ag_sql_result *r,
+		       struct ag_sql_decision *d)
+{
+	size_t at;
+
+	decide(rule, r, d, false);
+	if (d->action == AG_ACT_ALLOW || d->action == AG_ACT_OBSERVE || d->why[0])
+		return;
+	/* It stops the string: the deciding statement's why, as ag_sql_decide gives it. */
+	at = d->stmt;
+	decide_stmt(rule, &r->stmts[at], d, true);
+	d->stmt = at;
 }

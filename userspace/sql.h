@@ -179,6 +179,12 @@ const struct ag_policy_rule *ag_sql_rule_for(const struct ag_policy *p, const ch
  */
 void ag_sql_decide(const struct ag_policy_rule *rule, const struct ag_sql_result *r,
 		   struct ag_sql_decision *d);
+/*
+ * The same decision for a statement about to run: d->why is filled only when the action
+ * stops it (deny, approve), as ag_sql_decide fills it; an allow or observe is not explained.
+ */
+void ag_sql_decide_run(const struct ag_policy_rule *rule, const struct ag_sql_result *r,
+		       struct ag_sql_decision *d);
 /* One statement against the rule, as ag_sql_decide does for each (d->stmt is 0). */
 void ag_sql_decide_stmt(const struct ag_policy_rule *rule, const struct ag_sql_stmt *s,
 			struct ag_sql_decision *d);

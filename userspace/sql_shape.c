@@ -151,6 +151,22 @@ static void shape_free(struct shape *sh)
 	memset(sh, 0, sizeof(*sh));
 }
 
+/*
+ * A thread's shapes are built in one scratch shape (tsh), its arrays kept from one statement
+ * to the next (three allocations fewer per statement), unless one made them large.
+ */
+static __thread struct shape tsh;
+
+#define SCRATCH_KEEP_KEY 8192
+#define SCRATCH_KEEP_TOK 1024
+
+static void shape_done(struct shape *sh)
+{
+	if (sh != &tsh || sh->kcap > SCRATCH_KEEP_KEY || sh->cap > SCRATCH_KEEP_TOK)
+		shape_free(sh);
+	sh->klen = sh->ntok = 0;
+}
+
 /* The tokens of scan in sql, into sh. 0, or -EINVAL when sql must not be keyed by shape. */
 static int shape_build(const char *sql, size_t len, const PgQuery__ScanResult *scan,
 		       struct shape *sh)
@@ -233,6 +249,126 @@ static void unpack_free(void *data, void *p)
 
 static ProtobufCAllocator unpack_allocator = { unpack_alloc, unpack_free, NULL };
 
+/*
+ * The quick key: for the plain statements most clients send (identifiers, keywords, operators,
+ * integers, decimals, standard strings), the text itself with each constant's bytes replaced
+ * by one byte naming its kind, without a pg_query_scan. It must be a finer key than the scan's:
+ * two texts with the same quick key have the same tokens but for constant values. So the quick
+ * path takes only what it lexes exactly as PostgreSQL's lexer does, and gives up (-EINVAL: the
+ * scanner decides) on anything else: comments, dollar quotes and parameters ($), quoted names,
+ * any string with a prefix (E'', B'', X'', N'', U&'') or a backslash in it, numbers touching a
+ * letter, dot or quote (1e5, 1.x, .5, 1..2), bytes outside printable ASCII and PostgreSQL's
+ * whitespace. Everything between constants is kept byte for byte, so the lexer reads the rest
+ * of two such texts alike; constants are digits-only or quote-delimited, so no token around one
+ * can take a byte of it. The constant marks (bytes 1 to 3) never occur in an accepted text, and
+ * a quick key starts with QUICK_TAG, which no scan key does (a token kind is under 2^16). Its
+ * "tokens" (sh->start, sh->kind) are the `;` outside constants only: what map_offsets needs.
+ */
+#define QUICK_TAG "\xff\xff\xff\xff"
+
+enum { QUICK_ICONST = 1, QUICK_FCONST = 2, QUICK_SCONST = 3 };
+
+static bool q_ident_start(unsigned char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+}
+
+static bool q_digit(unsigned char c)
+{
+	return c >= '0' && c <= '9';
+}
+
+static bool q_ident_cont(unsigned char c)
+{
+	return q_ident_start(c) || q_digit(c) || c == '$';
+}
+
+/* The operator and punctuation bytes kept as they are ('-' and '/' checked for comments). */
+static bool q_self(unsigned char c)
+{
+	return c && strchr(",()[].;:+-*/%^<>=~!@#&|`?", c);
+}
+
+static int quick_shape(const char *sql, size_t len, struct shape *sh)
+{
+	const unsigned char *p = (const unsigned char *)sql;
+	size_t i = 0, from = 0;
+	uint8_t mark;
+
+	if (key_add(sh, QUICK_TAG, 4))
+		return -ENOMEM;
+	while (i < len) {
+		unsigned char c = p[i];
+
+		if (pg_space(c)) {
+			i++;
+		} else if (q_ident_start(c)) {
+			while (++i < len && q_ident_cont(p[i]))
+				;
+		} else if (q_digit(c)) {
+			size_t start = i;
+			uint64_t v = 0;
+			bool big = false;
+
+			/* After a dot (.5, t.1) the lexer may read otherwise: the scanner says. */
+			if (i && p[i - 1] == '.')
+				return -EINVAL;
+			for (; i < len && q_digit(p[i]); i++) {
+				v = v * 10 + (p[i] - '0');
+				big |= v > 2147483647u; /* the lexer's ICONST is an int32 */
+			}
+			mark = big ? QUICK_FCONST : QUICK_ICONST;
+			if (i < len && p[i] == '.') {
+				if (i + 1 >= len || !q_digit(p[i + 1]))
+					return -EINVAL;
+				for (i++; i < len && q_digit(p[i]); i++)
+					;
+				mark = QUICK_FCONST;
+			}
+			if (i < len && (q_ident_cont(p[i]) || p[i] == '.' || p[i] == '\'' ||
+					p[i] == '"'))
+				return -EINVAL;
+			if (key_add(sh, sql + from, start - from) || key_add(sh, &mark, 1))
+				return -ENOMEM;
+			from = i;
+		} else if (c == '\'') {
+			size_t start = i;
+
+			/* A prefix (E'', B'', X'', N'', U&'') or something touching it. */
+			if (i && (q_ident_cont(p[i - 1]) || p[i - 1] == '&'))
+				return -EINVAL;
+			for (i++;; i++) {
+				if (i >= len)
+					return -EINVAL; /* unterminated */
+				if (p[i] == '\'') {
+					if (i + 1 < len && p[i + 1] == '\'') {
+						i++;
+						continue;
+					}
+					break;
+				}
+				if (p[i] < 0x20 || p[i] > 0x7e || p[i] == '\\')
+					return -EINVAL;
+			}
+			i++;
+			mark = QUICK_SCONST;
+			if (key_add(sh, sql + from, start - from) || key_add(sh, &mark, 1))
+				return -ENOMEM;
+			from = i;
+		} else if (q_self(c)) {
+			if ((c == '-' && i + 1 < len && p[i + 1] == '-') ||
+			    (c == '/' && i + 1 < len && p[i + 1] == '*'))
+				return -EINVAL;
+			if (c == ';' && tok_add(sh, i, PG_QUERY__TOKEN__ASCII_59))
+				return -ENOMEM;
+			i++;
+		} else {
+			return -EINVAL; /* $, quoted names, backslash, control or non-ASCII bytes */
+		}
+	}
+	return key_add(sh, sql + from, len - from);
+}
+
 /* Keys sql by shape (0), or says it cannot be (-EINVAL, -ENOMEM). */
 static int shape_of(const char *sql, size_t len, struct shape *sh)
 {
@@ -240,9 +376,13 @@ static int shape_of(const char *sql, size_t len, struct shape *sh)
 	PgQuery__ScanResult *scan;
 	int err;
 
-	memset(sh, 0, sizeof(*sh));
+	sh->klen = sh->ntok = 0;
 	if (len > AG_SQL_SHAPE_MAX_TEXT)
 		return -EINVAL;
+	err = quick_shape(sql, len, sh);
+	if (err != -EINVAL)
+		return err;
+	sh->klen = sh->ntok = 0;
 	sr = pg_query_scan(sql);
 	if (sr.error) {
 		pg_query_free_scan_result(sr);
@@ -260,8 +400,6 @@ static int shape_of(const char *sql, size_t len, struct shape *sh)
 	/* A key is at most 9 bytes per byte of text ("1,1,..."): bound what a slot may hold. */
 	if (!err && sh->klen > SHAPE_MAX_KEY)
 		err = -EINVAL;
-	if (err)
-		shape_free(sh);
 	return err;
 }
 
@@ -285,6 +423,7 @@ static void scache_destroy(void *p)
 	scache = NULL;
 	free(ublk);
 	ublk = NULL;
+	shape_free(&tsh);
 }
 
 static void scache_key_init(void)
@@ -370,10 +509,14 @@ static void store(struct shape_slot *s, uint64_t h, struct shape *sh,
 	}
 	s->r.fingerprint = 0; /* the fingerprint is the text's, kept with the text */
 	s->map = map;
+	s->key = malloc(sh->klen);
+	if (!s->key) {
+		slot_clear(s);
+		return;
+	}
+	memcpy(s->key, sh->key, sh->klen);
 	s->hash = h;
-	s->key = sh->key; /* the slot takes the key */
 	s->klen = sh->klen;
-	sh->key = NULL;
 }
 
 static void memo_put(struct shape_cache *c, uint64_t th, const char *sql, size_t len,
@@ -410,36 +553,37 @@ int ag_sql_shape_classify(const char *sql, size_t len, struct ag_sql_result *out
 {
 	struct shape_cache *c;
 	struct shape_slot *s;
-	struct shape sh;
+	struct shape *sh = &tsh;
 	uint64_t h;
 	int ret;
 
-	memset(&sh, 0, sizeof(sh));
-	if (!(c = scache_get()) || shape_of(sql, len, &sh)) {
-		shape_free(&sh);
+	/* The scratch shape lives with the thread's cache (freed with it). */
+	if (!(c = scache_get()) || shape_of(sql, len, sh)) {
+		if (c)
+			shape_done(sh);
 		return ag_sql_classify_uncached(sql, out);
 	}
-	memo_put(c, ag_sql_hash_text(sql, len), sql, len, &sh);
-	h = ag_sql_hash_text(sh.key, sh.klen);
+	memo_put(c, ag_sql_hash_text(sql, len), sql, len, sh);
+	h = ag_sql_hash_text(sh->key, sh->klen);
 	s = &c->slot[h % SHAPE_SLOTS];
-	if (s->key && s->hash == h && s->klen == sh.klen && !memcmp(s->key, sh.key, sh.klen)) {
+	if (s->key && s->hash == h && s->klen == sh->klen && !memcmp(s->key, sh->key, sh->klen)) {
 		c->hits++;
 		ret = ag_sql_result_copy(&s->r, out);
 		for (size_t i = 0; !ret && i < out->nstmts; i++) {
 			struct ag_sql_stmt *st = &out->stmts[i];
 			int a = s->map[2 * i], b = s->map[2 * i + 1];
 
-			st->location = a < 0 ? 0 : sh.start[a] + 1;
-			st->length = b < 0 ? 0 : sh.start[b] - st->location;
+			st->location = a < 0 ? 0 : sh->start[a] + 1;
+			st->length = b < 0 ? 0 : sh->start[b] - st->location;
 		}
-		shape_free(&sh);
+		shape_done(sh);
 		return ret;
 	}
 	c->misses++;
 	ret = ag_sql_classify_uncached(sql, out);
 	if (!ret && !out->literal_read && !out->error)
-		store(s, h, &sh, out);
-	shape_free(&sh);
+		store(s, h, sh, out);
+	shape_done(sh);
 	return ret;
 }
 
@@ -448,7 +592,7 @@ int ag_sql_shape_key(const char *sql, size_t len, char **key, size_t *klen)
 	struct shape_cache *c = len <= AG_SQL_SHAPE_MAX_TEXT ? scache_get() : NULL;
 	uint64_t th = c ? ag_sql_hash_text(sql, len) : 0;
 	const struct memo *m = c ? memo_get(c, th, sql, len) : NULL;
-	struct shape sh;
+	struct shape own = { 0 }, *sh = c ? &tsh : &own;
 	int err;
 
 	*key = NULL;
@@ -460,14 +604,15 @@ int ag_sql_shape_key(const char *sql, size_t len, char **key, size_t *klen)
 		*klen = m->klen;
 		return 0;
 	}
-	err = shape_of(sql, len, &sh);
-	if (err)
-		return err;
-	if (c)
-		memo_put(c, th, sql, len, &sh);
-	*key = sh.key;
-	*klen = sh.klen;
-	sh.key = NULL;
-	shape_free(&sh);
-	return 0;
+	err = shape_of(sql, len, sh);
+	if (!err && c)
+		memo_put(c, th, sql, len, sh);
+	if (!err && !(*key = malloc(sh->klen ? sh->klen : 1)))
+		err = -ENOMEM;
+	if (!err) {
+		memcpy(*key, sh->key, sh->klen);
+		*klen = sh->klen;
+	}
+	shape_done(sh);
+	return err;
 }

@@ -1268,7 +1268,7 @@ void test_sql_decide(void)
 	for (size_t i = 0; i < N_ELEMS(decide_cases); i++) {
 		const struct decide_case *c = &decide_cases[i];
 		const struct ag_policy_rule *rule;
-		struct ag_sql_decision d;
+		struct ag_sql_decision d, run;
 		struct ag_sql_result r;
 
 		if (!test__start_subtest(c->name))
@@ -1286,6 +1286,13 @@ void test_sql_decide(void)
 		ASSERT_EQ(d.stmt, c->stmt, "deciding statement");
 		if (c->why)
 			ASSERT_HAS_SUBSTR(d.why, c->why, "why");
+		/* The data path's decision (why only when it stops the string) is the same. */
+		ag_sql_decide_run(rule, &r, &run);
+		ASSERT_EQ(run.action, d.action, "run: action");
+		ASSERT_STREQ(run.rule, d.rule, "run: rule");
+		ASSERT_EQ(run.stmt, d.stmt, "run: deciding statement");
+		if (d.action == AG_ACT_DENY || d.action == AG_ACT_APPROVE)
+			ASSERT_STREQ(run.why, d.why, "run: why of a refusal");
 		ag_sql_result_free(&r);
 	}
 	if (test__start_subtest("rule_for")) {

@@ -93,6 +93,22 @@ static const struct same_shape hits[] = {
 	{ "do_body_is_a_constant",
 	  "DO $$ BEGIN PERFORM 1; END $$",
 	  "DO $$ BEGIN DROP TABLE x; END $$" },
+	/* the quick key (no scan): a doubled quote is inside the constant, so is what follows */
+	{ "quick_doubled_quote_is_one_constant",
+	  "SELECT 'a''b', 1 FROM t",
+	  "SELECT 'a'';DELETE FROM t;--', 2 FROM t" },
+	{ "quick_semicolon_in_string",
+	  "SELECT 'x' FROM t WHERE a = 1; SELECT 2",
+	  "SELECT ';DELETE FROM t;' FROM t WHERE a = 22; SELECT 33" },
+	{ "quick_string_continuation",
+	  "SELECT 'a'\n'b' FROM t",
+	  "SELECT 'c;'\n';d' FROM t" },
+	{ "quick_int32_bound",
+	  "SELECT * FROM t WHERE a = 2147483647",
+	  "SELECT * FROM t WHERE a = 0000000000000000000001" },
+	{ "quick_bigint_is_fconst",
+	  "SELECT * FROM t WHERE a = 2147483648",
+	  "SELECT * FROM t WHERE a = 12.5" },
 };
 
 struct hostile {
@@ -136,6 +152,30 @@ static const struct hostile pairs[] = {
 	  "SELECT 'a' FROM t\n; DELETE FROM t", true },
 	{ "negative_number_vs_operator", "SELECT * FROM t WHERE a = -1",
 	  "SELECT * FROM t WHERE a = - - 1", false },
+	/* a quick-keyed benign text, and a disguise the quick path must leave to the scanner */
+	{ "quick_e_prefix", "SELECT 'a', 1 FROM t",
+	  "SELECT E'a\\', 1 FROM t; DELETE FROM t; --', 1 FROM t", false },
+	{ "quick_backslash_in_string", "SELECT 'a', 1 FROM t",
+	  "SELECT 'a\\', 1 FROM t", false },
+	{ "quick_unicode_prefix", "SELECT x & 'a' FROM t", "SELECT U&'a' FROM t", false },
+	{ "quick_line_comment", "SELECT 1 - 1 FROM t; DELETE FROM t WHERE a = 1",
+	  "SELECT 1 --1 FROM t; DELETE FROM t WHERE a = 1\n", true },
+	{ "quick_block_comment", "SELECT 1 / 1; DELETE FROM t WHERE a = 1",
+	  "SELECT 1 /*1; DELETE FROM t WHERE a = 1*/", true },
+	{ "quick_quotes_in_block_comment", "SELECT 1 /* 'x' */; SELECT 2",
+	  "SELECT 1 /* ' */; DELETE FROM t; /* ' */; SELECT 2", true },
+	{ "quick_quote_in_line_comment", "SELECT 1 -- 'x'\n; SELECT 2",
+	  "SELECT 1 -- '\n; DELETE FROM t; -- '\n; SELECT 2", true },
+	{ "quick_dollar_quote", "SELECT 1, 1; DELETE FROM t WHERE a = 1",
+	  "SELECT 1, $$; DELETE FROM t WHERE a = 1$$", true },
+	{ "quick_quoted_identifier", "SELECT 'x' FROM t WHERE a = 1",
+	  "SELECT \"x\" FROM t WHERE a = 1", false },
+	{ "quick_exponent", "SELECT * FROM t WHERE a = 1", "SELECT * FROM t WHERE a = 1e1", false },
+	{ "quick_leading_dot", "SELECT * FROM t WHERE a = 1", "SELECT * FROM t WHERE a = .1",
+	  false },
+	{ "quick_trailing_junk", "SELECT 1 FROM t", "SELECT 1from t", false },
+	{ "quick_non_ascii", "SELECT 'x' FROM t", "SELECT '\xc3\xa9' FROM t", false },
+	{ "quick_param", "SELECT * FROM t WHERE a = 1", "SELECT * FROM t WHERE a = $1", false },
 };
 /* clang-format on */
 
@@ -287,6 +327,105 @@ static void subtest_key_memo(void)
 	ag_sql_cache_flush();
 }
 
+static bool quick_keyed(const char *sql)
+{
+	char *k;
+	size_t klen;
+	bool quick;
+
+	if (ag_sql_shape_key(sql, strlen(sql), &k, &klen))
+		return false;
+	quick = klen >= 4 && !memcmp(k, "\xff\xff\xff\xff", 4);
+	free(k);
+	return quick;
+}
+
+/* Which texts the quick path keys (no scan) and which it leaves to the scanner. */
+static void subtest_quick_keyed(void)
+{
+	static const struct {
+		const char *sql;
+		bool quick;
+	} c[] = {
+		{ "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;", true },
+		{ "UPDATE pgbench_accounts SET abalance = abalance + -4000 WHERE aid = 9;", true },
+		{ "INSERT INTO t (a, b) VALUES (1, 'x''y'); SELECT 2.5", true },
+		{ "BEGIN;", true },
+		{ "SELECT 1 -- c", false },
+		{ "SELECT 1 /* c */", false },
+		{ "SELECT $$x$$", false },
+		{ "SELECT $1", false },
+		{ "SELECT E'x'", false },
+		{ "SELECT B'1'", false },
+		{ "SELECT X'1'", false },
+		{ "SELECT N'x'", false },
+		{ "SELECT U&'x'", false },
+		{ "SELECT \"x\"", false },
+		{ "SELECT 'a\\'", false },
+		{ "SELECT '\t'", false },
+		{ "SELECT 1e5", false },
+		{ "SELECT .5", false },
+		{ "SELECT 1.", false },
+		{ "SELECT 1..2", false },
+		{ "SELECT 0x1f", false },
+		{ "SELECT 'unterminated", false },
+		{ "SELECT '\xc3\xa9'", false },
+		{ "SELECT\v1", false },
+	};
+
+	ag_sql_cache_flush();
+	for (size_t i = 0; i < N_ELEMS(c); i++)
+		ASSERT_EQ(quick_keyed(c[i].sql), c[i].quick, c[i].sql);
+	ag_sql_cache_flush();
+}
+
+/*
+ * Every pair of constant-like fragments in the places of constants of a few templates, all
+ * through one warm cache: each text's answer is its own parse's, whichever text of its key came
+ * first. The fragments are the disguises a constant-folding key could misread (quotes, escapes,
+ * prefixes, comments, dollar quotes, semicolons, exponents, dots, parameters, writes).
+ */
+static void subtest_disguises_differential(void)
+{
+	static const char *const frag[] = {
+		"1", "42", "2147483648", "12.5", "-1", "'x'", "'x''y'", "';DELETE FROM t;'",
+		"'a'';DELETE FROM t;--'", "'a\\'", "E'a\\';DELETE FROM t;--'",
+		"$$;DELETE FROM t;$$",
+		"$q$x$q$", "1e5", ".5", "1.", "1..2", "0x1F", "U&'\\0041'", "B'01'", "X'ff'",
+		"N'x'", "'a'\n'b'", "'a' 'b'", "1/*;DELETE FROM t;*/", "1--;DELETE FROM t\n",
+		"$1", "\"x\"", "1;DELETE FROM t", "(SELECT lo_import('/etc/passwd'))",
+		"pg_read_file('/etc/passwd')", "'x'::regclass", "'unterminated", "1 /* 'x' */",
+		"1 /* '", "' */; DELETE FROM t; /* '", "E'\\''", "'\\'",
+		"E'\\'; DELETE FROM t; --'",
+	};
+	static const char *const tmpl[] = {
+		"SELECT a FROM t WHERE b = %s AND c = %s",
+		"UPDATE t SET a = %s WHERE b = %s",
+		"SELECT %s; SELECT %s FROM u",
+		"INSERT INTO t VALUES (%s, %s) RETURNING a",
+	};
+	char sql[512];
+	size_t bad = 0, n = 0;
+	uint64_t h0;
+	struct ag_sql_result r;
+	bool hit;
+
+	ag_sql_cache_flush();
+	h0 = shape_hits();
+	for (size_t t = 0; t < N_ELEMS(tmpl); t++)
+		for (size_t i = 0; i < N_ELEMS(frag); i++)
+			for (size_t j = 0; j < N_ELEMS(frag); j++) {
+				snprintf(sql, sizeof(sql), tmpl[t], frag[i], frag[j]);
+				if (!classify_checked(sql, &r, &hit))
+					bad++;
+				ag_sql_result_free(&r);
+				n++;
+			}
+	ASSERT_EQ(bad, 0, "every text as its own parse");
+	ASSERT_GT(shape_hits() - h0, n / 10, "the shape cache answered many");
+	ag_sql_cache_flush();
+}
+
 void test_sql_shape(void)
 {
 	char name[96];
@@ -309,5 +448,9 @@ void test_sql_shape(void)
 		subtest_not_keyed();
 	if (test__start_subtest("key_memo_same_as_scan"))
 		subtest_key_memo();
+	if (test__start_subtest("quick_keyed"))
+		subtest_quick_keyed();
+	if (test__start_subtest("disguises_differential"))
+		subtest_disguises_differential();
 	ag_sql_cache_flush();
 }
