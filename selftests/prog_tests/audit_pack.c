@@ -132,6 +132,36 @@ static void subtest_other_kinds(void)
 	ASSERT_TRUE(same_as_protobuf_c(&r, "statement case, no body"), "no body");
 }
 
+/*
+ * The hand packer writes the fields it knows: a field added to audit.proto's Record (outside
+ * its body), Statement or Result must be added to audit_pack.c too, or it would silently be
+ * left out of every statement record. This fails until it is.
+ */
+static void subtest_knows_every_field(void)
+{
+	static const struct {
+		const ProtobufCMessageDescriptor *d;
+		unsigned int last; /* fields 1..last, each written by audit_pack.c */
+		unsigned int body; /* then this many oneof body fields (Record) */
+	} known[] = {
+		{ &agentgate__audit__statement__descriptor, 9, 0 },
+		{ &agentgate__audit__result__descriptor, 15, 0 },
+		{ &agentgate__audit__record__descriptor, 3, 9 },
+	};
+
+	for (size_t k = 0; k < sizeof(known) / sizeof(known[0]); k++) {
+		const ProtobufCMessageDescriptor *d = known[k].d;
+
+		if (!ASSERT_EQ(d->n_fields, known[k].last + known[k].body, d->name))
+			continue;
+		for (unsigned int i = 0; i < known[k].last; i++)
+			ASSERT_EQ(d->fields[i].id, i + 1, d->fields[i].name);
+		for (unsigned int i = known[k].last; i < d->n_fields; i++)
+			ASSERT_NEQ(d->fields[i].flags & PROTOBUF_C_FIELD_FLAG_ONEOF, 0,
+				   d->fields[i].name);
+	}
+}
+
 void test_audit_pack(void)
 {
 	if (test__start_subtest("statement_as_protobuf_c"))
@@ -140,4 +170,6 @@ void test_audit_pack(void)
 		subtest_result();
 	if (test__start_subtest("other_kinds_protobuf_c"))
 		subtest_other_kinds();
+	if (test__start_subtest("knows_every_field_of_audit_proto"))
+		subtest_knows_every_field();
 }
