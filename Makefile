@@ -19,7 +19,7 @@ msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
 endif
 
 PKGS := libbpf libelf zlib yaml-0.1 libprotobuf-c libnl-3.0 libnl-idiag-3.0 libnl-route-3.0 openssl \
-	libpq
+	libpq libdeflate
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 

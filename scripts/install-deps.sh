@@ -6,7 +6,7 @@ set -eu
 PKGS="
 make gcc clang llvm pkg-config bpftool libbpf-dev libelf-dev zlib1g-dev libssl-dev
 libyaml-dev libprotobuf-c-dev protobuf-c-compiler libnl-3-dev libnl-idiag-3-dev
-libnl-route-3-dev libpg-query-dev libhttp-parser-dev libyajl-dev libpq-dev
+libnl-route-3-dev libpg-query-dev libhttp-parser-dev libyajl-dev libpq-dev libdeflate-dev
 iproute2 procps psmisc util-linux curl openssl python3 python3-psycopg2
 postgresql postgresql-client pgbouncer nginx-light wrk
 "
