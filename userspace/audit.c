@@ -1912,7 +1912,8 @@ void ag_audit_http_request(struct ag_session *s, const char *method, const char 
 	Agentgate__Audit__Statement st = AGENTGATE__AUDIT__STATEMENT__INIT;
 	struct ag_audit_http *h;
 	enum ag_action act;
-	char classes[800] = "", why[256] = "", *text;
+	char classes[800] = "", why[256] = "", line[512], *text = line;
+	size_t ml = strlen(method), pl = strlen(path);
 	Record r;
 
 	if (!A.on || !(h = http_state(s)))
@@ -1922,8 +1923,14 @@ void ag_audit_http_request(struct ag_session *s, const char *method, const char 
 	act = refused ? AG_ACT_DENY : d->action == AG_ACT_ALLOW ? AG_ACT_ALLOW : AG_ACT_OBSERVE;
 	if (act == AG_ACT_OBSERVE && d->action != AG_ACT_OBSERVE)
 		snprintf(why, sizeof(why), "observe mode, would refuse: %s", d->why);
-	if (asprintf(&text, "%s %s", method, path) < 0)
+	/* "METHOD PATH": on the stack unless the path is long (no printf, no malloc each) */
+	if (ml + pl + 2 > sizeof(line) && !(text = malloc(ml + pl + 2)))
 		text = NULL;
+	if (text) {
+		memcpy(text, method, ml);
+		text[ml] = ' ';
+		memcpy(text + ml + 1, path, pl + 1);
+	}
 	if (k)
 		k8s_attrs(k, classes, sizeof(classes));
 	st.message = (char *)"request";
@@ -1937,7 +1944,8 @@ void ag_audit_http_request(struct ag_session *s, const char *method, const char 
 	r.body_case = AGENTGATE__AUDIT__RECORD__BODY_STATEMENT;
 	r.statement = &st;
 	s->audit->last_enq = enqueue(&r);
-	free(text);
+	if (text != line)
+		free(text);
 	ag_buf_append(&h->owed, &r.time_ns, sizeof(r.time_ns));
 }
 
@@ -1999,7 +2007,20 @@ static void http_emit(struct ag_session *s, struct ag_audit_sess *a)
 		memcpy(&t0, ag_buf_head(&h->owed), sizeof(t0));
 		ag_buf_consume(&h->owed, sizeof(t0));
 	}
-	snprintf(tag, sizeof(tag), "HTTP %u", h->status);
+	{
+		/* "HTTP <status>", without printf (once per response) */
+		char num[12];
+		size_t i = sizeof(num);
+		unsigned int v = h->status;
+
+		do {
+			num[--i] = '0' + v % 10;
+			v /= 10;
+		} while (v);
+		memcpy(tag, "HTTP ", 5);
+		memcpy(tag + 5, num + i, sizeof(num) - i);
+		tag[5 + sizeof(num) - i] = '\0';
+	}
 	res.command_tag = tag;
 	res.http_status = h->status;
 	res.masked_values = s->masked_values - h->masked_at;

@@ -108,6 +108,7 @@ struct http {
 
 	struct http_ent *qh, *qt; /* FIFO */
 	size_t qn;
+	struct http_ent *spare; /* the last one popped, for the next request: no malloc each */
 
 	struct ag_buf to[2]; /* bytes for each side, sent once per input() call */
 	struct ag_buf scratch;
@@ -147,6 +148,34 @@ static void out_add(struct http *h, enum ag_side to, const void *p, size_t n)
 
 static void out_printf(struct http *h, enum ag_side to, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
+
+/* A chunk's size line ("%zx\r\n"), without printf: once per chunk of every re-framed body. */
+static void out_chunk_size(struct http *h, enum ag_side to, size_t n)
+{
+	char buf[2 * sizeof(size_t) + 2];
+	size_t i = sizeof(buf);
+
+	buf[--i] = '\n';
+	buf[--i] = '\r';
+	do {
+		buf[--i] = "0123456789abcdef"[n & 15];
+		n >>= 4;
+	} while (n);
+	out_add(h, to, buf + i, sizeof(buf) - i);
+}
+
+/* A small decimal (a status code, an HTTP version digit), without printf. */
+static void out_uint(struct http *h, enum ag_side to, unsigned int v)
+{
+	char buf[12];
+	size_t i = sizeof(buf);
+
+	do {
+		buf[--i] = '0' + v % 10;
+		v /= 10;
+	} while (v);
+	out_add(h, to, buf + i, sizeof(buf) - i);
+}
 
 static void out_printf(struct http *h, enum ag_side to, const char *fmt, ...)
 {
@@ -405,8 +434,18 @@ static void ent_free(struct http_ent *e)
 
 static struct http_ent *ent_push(struct http *h)
 {
-	struct http_ent *e = calloc(1, sizeof(*e));
+	struct http_ent *e = h->spare;
 
+	if (e) {
+		struct ag_buf resp = e->resp;
+
+		h->spare = NULL;
+		memset(e, 0, sizeof(*e));
+		e->resp = resp;
+		e->resp.start = e->resp.end = 0;
+	} else {
+		e = calloc(1, sizeof(*e));
+	}
 	if (!e) {
 		h->err = -ENOMEM;
 		return NULL;
@@ -428,7 +467,10 @@ static void ent_pop(struct http *h)
 	if (!h->qh)
 		h->qt = NULL;
 	h->qn--;
-	ent_free(e);
+	if (h->spare)
+		ent_free(e);
+	else
+		h->spare = e;
 }
 
 /*
@@ -574,7 +616,7 @@ static int rq_body(http_parser *p, const char *at, size_t len)
 	if (!h->body_forward || !len)
 		return 0;
 	if (h->body_chunked)
-		out_printf(h, AG_SIDE_UPSTREAM, "%zx\r\n", len);
+		out_chunk_size(h, AG_SIDE_UPSTREAM, len);
 	out_add(h, AG_SIDE_UPSTREAM, at, len);
 	if (h->body_chunked)
 		out_add(h, AG_SIDE_UPSTREAM, "\r\n", 2);
@@ -609,14 +651,27 @@ static const http_parser_settings rq_settings = {
  */
 static int head_scan(const uint8_t *p, size_t len, size_t *hlen, const char **why)
 {
-	size_t i = 0, line = 0, lines = 0;
+	/* Bytes that end a line or are refused in a header: CR, LF, NUL, controls but HT, DEL. */
+	static const uint8_t special[256] = {
+		[0 ... 8] = 1, [10 ... 31] = 1, [127] = 1,
+	};
+	size_t i = 0, line = 0, lines = 0, lim = len < HTTP_HEAD_MAX ? len : HTTP_HEAD_MAX;
 
 	while (i + 1 < len && p[i] == '\r' && p[i + 1] == '\n' && i < 64)
 		i += 2; /* empty lines before a request are allowed (RFC 9112 2.2) */
 	line = i;
 	for (; i < len; i++) {
-		uint8_t c = p[i];
+		uint8_t c;
 
+		/* the plain bytes of a line, up to its 8 KiB and the block's 64 KiB */
+		{
+			size_t stop = line + HTTP_LINE_MAX + 1 < lim ? line + HTTP_LINE_MAX + 1 : lim;
+
+			while (i < stop && !special[p[i]])
+				i++;
+		}
+		if (i >= len)
+			break;
 		if (i >= HTTP_HEAD_MAX) {
 			*why = "header block over 64 KiB";
 			return -1;
@@ -625,6 +680,7 @@ static int head_scan(const uint8_t *p, size_t len, size_t *hlen, const char **wh
 			*why = "header line over 8 KiB";
 			return -1;
 		}
+		c = p[i];
 		if (c == '\r') {
 			if (i + 1 >= len)
 				return 0;
@@ -660,10 +716,8 @@ static int head_scan(const uint8_t *p, size_t len, size_t *hlen, const char **wh
 			*why = "NUL byte in the header";
 			return -1;
 		}
-		if ((c < 0x20 && c != '\t') || c == 0x7f) {
-			*why = "control character in the header";
-			return -1;
-		}
+		*why = "control character in the header";
+		return -1;
 	}
 	if (len >= HTTP_HEAD_MAX) {
 		*why = "header block over 64 KiB";
@@ -811,9 +865,11 @@ static void forward_head(struct ag_session *s, const char *method, const char *t
 	bool dropped = false;
 
 	cred_refresh(s, h);
-	out_printf(h, AG_SIDE_UPSTREAM, "%s ", method);
+	out_add(h, AG_SIDE_UPSTREAM, method, strlen(method));
+	out_add(h, AG_SIDE_UPSTREAM, " ", 1);
 	out_add(h, AG_SIDE_UPSTREAM, target, tlen);
-	out_printf(h, AG_SIDE_UPSTREAM, " HTTP/1.%d\r\n", h->rq.http_minor);
+	/* framing_check() let only HTTP/1.0 and 1.1 through */
+	out_add(h, AG_SIDE_UPSTREAM, h->rq.http_minor ? " HTTP/1.1\r\n" : " HTTP/1.0\r\n", 11);
 	if (host_from_url)
 		out_printf(h, AG_SIDE_UPSTREAM, "Host: %s\r\n", host_from_url);
 	for (size_t i = 0; i < h->nhdr; i++) {
@@ -1241,7 +1297,7 @@ static void body_out(struct http *h, const void *p, size_t n)
 	if (!n)
 		return;
 	if (h->r_chunked)
-		out_printf(h, AG_SIDE_AGENT, "%zx\r\n", n);
+		out_chunk_size(h, AG_SIDE_AGENT, n);
 	out_add(h, AG_SIDE_AGENT, p, n);
 	if (h->r_chunked)
 		out_add(h, AG_SIDE_AGENT, "\r\n", 2);
@@ -1519,7 +1575,13 @@ static long response_head(struct ag_session *s)
 	if (!bodyless && (reframe || chunked_in) && e->http10)
 		h->r_close = true; /* close-delimited to an HTTP/1.0 agent */
 
-	out_printf(h, AG_SIDE_AGENT, "HTTP/%d.%d %u ", h->rs.http_major, h->rs.http_minor, st);
+	out_add(h, AG_SIDE_AGENT, "HTTP/", 5);
+	out_uint(h, AG_SIDE_AGENT, h->rs.http_major);
+	out_add(h, AG_SIDE_AGENT, ".", 1);
+	out_uint(h, AG_SIDE_AGENT, h->rs.http_minor);
+	out_add(h, AG_SIDE_AGENT, " ", 1);
+	out_uint(h, AG_SIDE_AGENT, st);
+	out_add(h, AG_SIDE_AGENT, " ", 1);
 	out_add(h, AG_SIDE_AGENT, h->reason, h->reason ? h->reasonlen : 0);
 	out_add(h, AG_SIDE_AGENT, "\r\n", 2);
 	for (size_t i = 0; i < h->nrh; i++) {
@@ -1917,6 +1979,8 @@ static void http_fini(struct ag_session *s)
 	}
 	while (h->qh)
 		ent_pop(h);
+	if (h->spare)
+		ent_free(h->spare);
 	response_end_state(h);
 	mask_clear(h);
 	ag_buf_free(&h->to[0]);
