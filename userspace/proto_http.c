@@ -110,7 +110,7 @@ struct http {
 	size_t qn;
 	struct http_ent *spare; /* the last one popped, for the next request: no malloc each */
 
-	struct ag_buf to[2]; /* bytes for each side, sent once per input() call */
+	struct ag_buf *to; /* bytes for each side, sent once per input() call: the worker's */
 	struct ag_buf scratch;
 	int err; /* -errno while building output */
 
@@ -135,9 +135,24 @@ struct http {
 	char held_id[AG_APPROVAL_ID_MAX];
 };
 
+/*
+ * What one input() (or eof()) call builds for each side is sent at its end (out_flush()), so
+ * the buffers are empty between calls: one pair per worker thread serves all its sessions, with
+ * no malloc and free of them per request and no memory held by an idle session.
+ */
+static __thread struct ag_buf worker_to[2];
+
 static inline struct http *H(struct ag_session *s)
 {
 	return s->proto_state;
+}
+
+/* At the start of a call: this thread's pair, empty (never another session's leftovers). */
+static void out_begin(struct http *h)
+{
+	h->to = worker_to;
+	for (int i = 0; i < 2; i++)
+		h->to[i].start = h->to[i].end = 0;
 }
 
 static void out_add(struct http *h, enum ag_side to, const void *p, size_t n)
@@ -209,7 +224,9 @@ static int out_flush(struct ag_session *s)
 		if (!ag_buf_len(b))
 			continue;
 		rc = ag_session_send(s, i, ag_buf_head(b), ag_buf_len(b));
-		ag_buf_consume(b, ag_buf_len(b));
+		b->start = b->end = 0;
+		if (b->cap > (256u << 10))
+			ag_buf_free(b); /* a big body's: not kept */
 		if (rc) {
 			ag_session_fail(s, true, "http: relay to %s: %s",
 					i == AG_SIDE_AGENT ? "agent" : "upstream",
@@ -525,7 +542,7 @@ static long bad_request(struct ag_session *s, const char *why)
 	if (h->ustate != U_BODY)
 		out_add(h, AG_SIDE_AGENT, ag_buf_head(&resp), ag_buf_len(&resp));
 	ag_buf_free(&resp);
-	ag_buf_free(&h->to[AG_SIDE_UPSTREAM]);
+	h->to[AG_SIDE_UPSTREAM].start = h->to[AG_SIDE_UPSTREAM].end = 0; /* nothing goes up */
 	close_both(s);
 	return 0;
 }
@@ -1899,6 +1916,7 @@ static int http_init(struct ag_session *s)
 	if (!h)
 		return -ENOMEM;
 	h->verdict = -1;
+	h->to = worker_to;
 	s->proto_state = h;
 	http_parser_init(&h->rq, HTTP_REQUEST);
 	http_parser_init(&h->rs, HTTP_RESPONSE);
@@ -1912,8 +1930,10 @@ static int http_init(struct ag_session *s)
 
 static long http_input(struct ag_session *s, enum ag_side from, const uint8_t *data, size_t len)
 {
-	long used = from == AG_SIDE_AGENT ? agent_process(s, data, len)
-					  : upstream_process(s, data, len);
+	long used;
+
+	out_begin(H(s));
+	used = from == AG_SIDE_AGENT ? agent_process(s, data, len) : upstream_process(s, data, len);
 
 	if (used < 0 || s->state == AG_SESS_CLOSED)
 		return -1;
@@ -1926,6 +1946,7 @@ static void http_eof(struct ag_session *s, enum ag_side from)
 {
 	struct http *h = H(s);
 
+	out_begin(h);
 	if (from == AG_SIDE_AGENT) {
 		h->agent_eof = true;
 		if (h->held) {
@@ -1983,8 +2004,9 @@ static void http_fini(struct ag_session *s)
 		ent_free(h->spare);
 	response_end_state(h);
 	mask_clear(h);
-	ag_buf_free(&h->to[0]);
-	ag_buf_free(&h->to[1]);
+	if (h->to)
+		for (int i = 0; i < 2; i++)
+			h->to[i].start = h->to[i].end = 0;
 	ag_buf_free(&h->scratch);
 	ag_scrub_free(&h->scrub);
 	explicit_bzero(h->cred, sizeof(h->cred));
