@@ -1876,6 +1876,32 @@ static struct ag_audit_http *http_state(struct ag_session *s)
 	return a ? a->http : NULL;
 }
 
+/*
+ * Empties b, keeping its storage when small (no malloc and free per request: ag_buf's own
+ * 4 KiB first allocation is past malloc's thread cache).
+ */
+static void http_buf_empty(struct ag_buf *b)
+{
+	b->start = b->end = 0;
+	if (b->cap > 4096)
+		ag_buf_free(b);
+}
+
+/* Room for len more bytes, a small buffer first (not ag_buf's 4 KiB): 0 or -ENOMEM. */
+static int http_buf_room(struct ag_buf *b, size_t len)
+{
+	size_t cap = len < 64 ? 64 : len;
+
+	if (b->data)
+		return 0;
+	b->data = malloc(cap);
+	if (!b->data)
+		return -ENOMEM;
+	b->cap = cap;
+	b->start = b->end = 0;
+	return 0;
+}
+
 static void http_free(struct ag_audit_http *h)
 {
 	if (!h)
@@ -1946,7 +1972,8 @@ void ag_audit_http_request(struct ag_session *s, const char *method, const char 
 	s->audit->last_enq = enqueue(&r);
 	if (text != line)
 		free(text);
-	ag_buf_append(&h->owed, &r.time_ns, sizeof(r.time_ns));
+	if (!http_buf_room(&h->owed, 8 * sizeof(r.time_ns)))
+		ag_buf_append(&h->owed, &r.time_ns, sizeof(r.time_ns));
 }
 
 void ag_audit_http_response(struct ag_session *s, unsigned int status)
@@ -1960,7 +1987,7 @@ void ag_audit_http_response(struct ag_session *s, unsigned int status)
 	h->masked_at = s->masked_values;
 	h->bytes = 0;
 	h->capped = false;
-	ag_buf_consume(&h->body, ag_buf_len(&h->body));
+	http_buf_empty(&h->body);
 	pthread_once(&body_md_once, body_md_fetch);
 	if (!h->sha)
 		h->sha = EVP_MD_CTX_new();
@@ -1987,7 +2014,9 @@ void ag_audit_http_body(struct ag_session *s, const void *p, size_t n)
 	keep = keep > ag_buf_len(&h->body) ? keep - ag_buf_len(&h->body) : 0;
 	if (n > keep)
 		h->capped = true;
-	if (n && keep && ag_buf_append(&h->body, p, n < keep ? n : keep))
+	if (n && keep &&
+	    (http_buf_room(&h->body, __atomic_load_n(&A.body_max, __ATOMIC_RELAXED)) ||
+	     ag_buf_append(&h->body, p, n < keep ? n : keep)))
 		h->capped = true;
 }
 
@@ -2005,7 +2034,9 @@ static void http_emit(struct ag_session *s, struct ag_audit_sess *a)
 		shalen = 0;
 	if (ag_buf_len(&h->owed) >= sizeof(t0)) {
 		memcpy(&t0, ag_buf_head(&h->owed), sizeof(t0));
-		ag_buf_consume(&h->owed, sizeof(t0));
+		h->owed.start += sizeof(t0);
+		if (!ag_buf_len(&h->owed))
+			http_buf_empty(&h->owed);
 	}
 	{
 		/* "HTTP <status>", without printf (once per response) */
@@ -2036,7 +2067,7 @@ static void http_emit(struct ag_session *s, struct ag_audit_sess *a)
 	r.result = &res;
 	a->last_enq = enqueue(&r);
 	h->open = false;
-	ag_buf_consume(&h->body, ag_buf_len(&h->body));
+	http_buf_empty(&h->body);
 }
 
 void ag_audit_http_done(struct ag_session *s)
