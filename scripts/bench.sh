@@ -6,12 +6,15 @@
 # kernel relay (--kernel-relay on, experimental). build/agbench starts its own sink/echo server on
 # 127.0.0.2; one daemon per mode, each with its own cgroup, port and pins, runs for the whole
 # bench, and each test runs in every mode back to back (in turns) so that a noisy neighbour hits
-# all of them alike; the tables give the median and the best of the rounds.
+# all of them alike; the tables give the median and the best of the rounds. First, on each fresh
+# daemon, what an idle session costs it: AGBENCH_IDLE connections (10000, or what the open-file
+# limit allows: two descriptors a session) held at once, and the growth of its resident memory.
 # Installs nothing, needs no terminal, removes its cgroups, daemons and pins on every exit, and
 # stops itself after 290 s.
 #
 # Environment: AGBENCH_BYTES (default 536870912), AGBENCH_RTTS (20000), AGBENCH_CONNS (2000),
-# AGBENCH_ROUNDS (5), AGBENCH_KRELAY (0; 1 adds the kernel relay column); AGBENCH_KEEP=FILE keeps
+# AGBENCH_ROUNDS (5), AGBENCH_IDLE (10000), AGBENCH_KRELAY (0; 1 adds the kernel relay column);
+# AGBENCH_KEEP=FILE keeps
 # the raw results (scripts/bench.sh --table FILE).
 set -u
 
@@ -23,6 +26,10 @@ BYTES=${AGBENCH_BYTES:-536870912}
 RTTS=${AGBENCH_RTTS:-20000}
 CONNS=${AGBENCH_CONNS:-2000}
 ROUNDS=${AGBENCH_ROUNDS:-5}
+# Two descriptors a session in the daemon, a few of its own: what the hard limit allows.
+IDLE=${AGBENCH_IDLE:-10000}
+NOFILE=$(ulimit -Hn)
+[ "$NOFILE" = unlimited ] || [ "$IDLE" -le $(((NOFILE - 100) / 2)) ] || IDLE=$(((NOFILE - 100) / 2))
 LIMIT=290
 
 fail() {
@@ -127,6 +134,16 @@ table() {
 		else
 			w = sprintf("mixed: the fast path is better on %d of %d metrics by median, %d by best round", wm, nm, wb)
 		printf "\nwinner: %s\n", w
+		if (cnt["gw" SUBSEP "idle_held"]) {
+			printf "\nidle sessions (DESIGN.md: under 64 KiB of daemon memory each, 10,000 held):\n"
+			for (k = 2; k <= nmodes; k++) {
+				h = median(modes[k] SUBSEP "idle_held")
+				x = median(modes[k] SUBSEP "idle_kib_per_session")
+				printf "  %-18s %d held at once, %.1f KiB of daemon memory each %s\n", \
+					labels[k] ":", h, x, (x < 64 && h >= 10000) ? "ok" : \
+					(x < 64 ? "(memory ok; fewer than 10,000: the open-file limit)" : "MISSED")
+			}
+		}
 	}' "$1"
 }
 
@@ -220,11 +237,11 @@ fi
 run() { # mode round test
 	case $1 in
 	direct) cg= ;;
-	*) cg="--cgroup $CGROOT/$TAG-$1" ;;
+	*) cg="--cgroup $CGROOT/$TAG-$1 --pid $(cat "$WORK/$1/pid")" ;;
 	esac
 	# shellcheck disable=SC2086
 	"$B/agbench" --port "$SRVPORT" $cg --bytes "$BYTES" --rtts "$RTTS" --conns "$CONNS" \
-		--timeout 60 "$3" >"$WORK/out" 2>"$WORK/err" || {
+		--idle "$IDLE" --timeout 60 "$3" >"$WORK/out" 2>"$WORK/err" || {
 		cat "$WORK/err" >&2
 		[ "$1" = direct ] || tail -5 "$WORK/$1/log" >&2
 		fail "agbench $3 failed in mode $1 (round $2)"
@@ -238,6 +255,11 @@ echo "agentgate bench: $((BYTES / 1048576)) MiB bulk per direction, $RTTS round 
 r=1
 order="direct gw fp"
 [ "$KRELAY" = 1 ] && order="$order kr"
+# Idle sessions first, while each daemon's heap is fresh (later tests leave it grown).
+for m in $order; do
+	[ "$m" = direct ] || run "$m" 0 idle
+done
+echo "  $IDLE idle sessions held in each gateway mode"
 while [ $r -le "$ROUNDS" ]; do
 	for t in up down both rr conn; do
 		for m in $order; do

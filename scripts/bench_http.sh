@@ -22,7 +22,9 @@
 # Installs nothing, needs no terminal, removes its servers, daemon, cgroups and pins on every
 # exit; stops itself after AGBENCH_HTTP_LIMIT seconds (default 200).
 # Environment: AGBENCH_HTTP_T (seconds per run, 5), AGBENCH_HTTP_ROUNDS (3),
-# AGBENCH_HTTP_CONNS (32), AGBENCH_HTTP_THREADS (2), AGBENCH_BUILD (build).
+# AGBENCH_HTTP_CONNS (32), AGBENCH_HTTP_THREADS (2), AGBENCH_HTTP_IDLE (500: keep-alive
+# sessions held idle at once through the gateway, plain then TLS, first, for the daemon's memory
+# per idle session; 0 skips it), AGBENCH_BUILD (build).
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -34,6 +36,7 @@ ROUNDS=${AGBENCH_HTTP_ROUNDS:-3}
 CONNS=${AGBENCH_HTTP_CONNS:-32}
 THREADS=${AGBENCH_HTTP_THREADS:-2}
 LIMIT=${AGBENCH_HTTP_LIMIT:-200}
+IDLE=${AGBENCH_HTTP_IDLE:-500}
 NGINX=/usr/sbin/nginx
 WRK=/usr/bin/wrk
 UPADDR=127.0.0.4
@@ -270,6 +273,23 @@ esac
 
 RES=$WORK/results
 : >"$RES"
+# An idle session's cost, first, while the daemon's heap is fresh: IDLE keep-alive sessions
+# (one request each) held at once, plain then TLS on both legs, and the growth of the daemon's
+# resident memory.
+if [ "$IDLE" -gt 0 ]; then
+	for k in http https; do
+		port=$UPPORT
+		[ $k = https ] && port=$UPTLS
+		in_cgroup "$CG_AGENT" /usr/bin/python3 scripts/bench/idle.py $k --pid "$DPID" -n "$IDLE" \
+			--host "$UPADDR" --port "$port" --path /1k.txt --cafile "$GWCA" \
+			>"$WORK/idle" 2>"$WORK/idle.err" || {
+			cat "$WORK/idle.err" >&2
+			fail "holding $IDLE idle $k sessions through the gateway failed"
+		}
+		awk -v k=$k '{ printf "idle-%s %s %s\n", k, $1, $2 }' "$WORK/idle" >>"$RES"
+	done
+	echo "bench_http: $IDLE idle sessions held through the gateway, plain and TLS"
+fi
 # wrk from a cgroup: "mode workload rps" to $RES, and for a proxy "mode-cpu workload us" (its
 # CPU time, user + system of all its processes, per request: a busy machine disturbs it less).
 run_wrk() { # mode workload cgroup url [proxy pid...]
@@ -334,5 +354,14 @@ END {
 		printf "%-24s %10.0f %10.0f %6.2fx %10.0f %6.2fx %7.2fx  %-7s %.1f, %.1f\n", names[i], \
 			d, n, ratio(n, d), g, ratio(g, d), ratio(g, n), (g >= n) ? "ok" : "MISSED", \
 			median("nginx-cpu" SUBSEP ws[i]), median("agentgate-cpu" SUBSEP ws[i])
+	}
+	for (i = 1; i <= 2; i++) {
+		k = i == 1 ? "http" : "https"
+		if (!cnt["idle-" k SUBSEP "idle_held"])
+			continue
+		x = median("idle-" k SUBSEP "idle_kib_per_session")
+		printf "%sidle %s sessions: %d held at once through the gateway, %.1f KiB of daemon memory each (DESIGN.md: under 64 KiB) %s\n", \
+			i == 1 ? "\n" : "", k == "http" ? "HTTP" : "HTTPS (TLS both legs)", \
+			median("idle-" k SUBSEP "idle_held"), x, x < 64 ? "ok" : "MISSED"
 	}
 }' "$RES"

@@ -28,7 +28,8 @@
 # Environment: AGBENCH_PG_T (seconds per throughput run, default 5), AGBENCH_PG_LAT_T (seconds
 # per latency run, 4), AGBENCH_PG_ROUNDS (3), AGBENCH_PG_CLIENTS (8), AGBENCH_PG_THREADS (2),
 # AGBENCH_PG_SCALE (10), AGBENCH_PG_LAT (1: run the one-client part, 0: skip it),
-# AGBENCH_BUILD (build), AGBENCH_PG_DAEMON_ARGS (extra agentgated arguments, e.g.
+# AGBENCH_PG_IDLE (500: sessions held idle at once, first, for the daemon's memory per idle
+# session; 0 skips it), AGBENCH_BUILD (build), AGBENCH_PG_DAEMON_ARGS (extra agentgated arguments, e.g.
 # "--fastpath on"), AGBENCH_PG_KEEP=FILE keeps the raw results (scripts/bench_pg.sh --table FILE
 # formats them again).
 set -u
@@ -44,6 +45,7 @@ CLIENTS=${AGBENCH_PG_CLIENTS:-8}
 THREADS=${AGBENCH_PG_THREADS:-2}
 SCALE=${AGBENCH_PG_SCALE:-10}
 LAT=${AGBENCH_PG_LAT:-1}
+IDLE=${AGBENCH_PG_IDLE:-500}
 TLS=${AGBENCH_PG_TLS:-1}
 LIMIT=${AGBENCH_PG_LIMIT:-440}
 PGBIN=/usr/lib/postgresql/15/bin
@@ -105,6 +107,10 @@ END {
 				m("agentgate-tls", tw[i], "cpu_us")
 		}
 	}
+	if (cnt["agentgate" SUBSEP "idle" SUBSEP "idle_held"])
+		printf "\nidle sessions: %d held at once through the gateway, %.1f KiB of daemon memory each (DESIGN.md: under 64 KiB) %s\n", \
+			m("agentgate", "idle", "idle_held"), m("agentgate", "idle", "idle_kib_per_session"), \
+			m("agentgate", "idle", "idle_kib_per_session") < 64 ? "ok" : "MISSED"
 	if (!cnt["direct" SUBSEP "S1" SUBSEP "tps"])
 		exit
 	printf "\nlatency, one client (-c 1 -j 1 -T %d), median of %d round(s); target: agentgate p50 +<30 us, p99 +<100 us\n", lt, rounds
@@ -229,7 +235,7 @@ cat >>"$WORK/data/postgresql.conf" <<EOF
 listen_addresses = '$PGADDR'
 port = $PGPORT
 unix_socket_directories = '$WORK'
-max_connections = 50
+max_connections = $((IDLE + 50))
 shared_buffers = 128MB
 fsync = off
 synchronous_commit = off
@@ -339,6 +345,18 @@ out=$(in_cgroup "$CG_AGENT" - timeout 20 "$PSQL" -X -q -A -t -h "$PGADDR" -p "$P
 # --- the runs ------------------------------------------------------------------------------------
 RES=$WORK/results
 echo "param $CLIENTS $THREADS $T $ROUNDS $LAT_T" >"$RES"
+
+# An idle session's cost, first, while the daemon's heap is fresh: IDLE sessions (a query and a
+# commit each) held at once, and the growth of the daemon's resident memory.
+if [ "$IDLE" -gt 0 ]; then
+	run in_cgroup "$CG_AGENT" - /usr/bin/python3 scripts/bench/idle.py pg --pid "$DPID" \
+		-n "$IDLE" --host "$PGADDR" --port "$PGPORT" --db "$DB" >"$WORK/idle" 2>"$WORK/idle.err" || {
+		cat "$WORK/idle.err" >&2
+		fail "holding $IDLE idle sessions through the gateway failed"
+	}
+	sed 's/^/agentgate idle /' "$WORK/idle" >>"$RES"
+	echo "  $IDLE idle sessions held through the gateway"
+fi
 
 # pgbench in a mode; its results go to $RES as "mode workload metric value" lines. Workloads:
 # S, SP, TP; S1 and SP1 are S and SP at one client, with per-transaction logs.

@@ -33,6 +33,8 @@
 #include "tls.h"
 
 #define DRAIN_TIMEOUT_MS 10000
+/* Open files the daemon asks for (root only; see main()). */
+#define AG_NOFILE_WANT 262144
 
 static struct ag_daemon daemon_ctx;
 static uint64_t drain_deadline;
@@ -441,10 +443,20 @@ int main(int argc, char **argv)
 		struct rlimit rl = { RLIM_INFINITY, RLIM_INFINITY };
 
 		setrlimit(RLIMIT_MEMLOCK, &rl);
-		/* Two fds a session: the usual soft limit of 1024 would cap us near 500. */
-		if (!getrlimit(RLIMIT_NOFILE, &rl) && rl.rlim_cur < rl.rlim_max) {
-			rl.rlim_cur = rl.rlim_max;
-			setrlimit(RLIMIT_NOFILE, &rl);
+		/*
+		 * Two fds a session (four while a raw relay's pipes live): the usual soft limit
+		 * of 1024 would cap us near 500, and a hard limit of 20000 below 10,000 sessions.
+		 * Root may go up to fs.nr_open; else the soft limit goes up to the hard one.
+		 */
+		if (!getrlimit(RLIMIT_NOFILE, &rl)) {
+			struct rlimit want = { AG_NOFILE_WANT, AG_NOFILE_WANT };
+
+			if (rl.rlim_max < AG_NOFILE_WANT && !setrlimit(RLIMIT_NOFILE, &want))
+				rl = want;
+			else if (rl.rlim_cur < rl.rlim_max) {
+				rl.rlim_cur = rl.rlim_max;
+				setrlimit(RLIMIT_NOFILE, &rl);
+			}
 		}
 	}
 	signal(SIGPIPE, SIG_IGN);

@@ -38,6 +38,13 @@
 
 #define AG_READ_CHUNK (64 * 1024)
 #define AG_HIGH_WM (256 * 1024)
+/*
+ * Pipes a worker keeps for its raw relays. A side holds a pipe only while spliced bytes wait
+ * in it: an idle session holds none (four fds and a pipe ring less each; 10,000 idle sessions
+ * must fit in 20,000 open files), and a worker needs about as many pipes as it has sessions
+ * with a full peer.
+ */
+#define AG_PIPE_POOL 32
 #define AG_CONNECT_TIMEOUT_MS 10000
 /* A peer that starts a handshake and stalls holds the session no longer than this. */
 #define AG_TLS_HANDSHAKE_TIMEOUT_MS 10000
@@ -54,6 +61,9 @@ struct ag_worker {
 	struct ag_io lis[2];
 	uint8_t *scratch;
 	struct ag_session *mine; /* this worker's sessions (for the tick), via wnext */
+	/* Empty pipes of raw relays, for the next side that has bytes to splice (pipe_get()). */
+	int pipes[AG_PIPE_POOL][2];
+	int npipes;
 };
 
 const char *ag_session_state_name(int state)
@@ -158,6 +168,42 @@ static size_t queued(const struct ag_side_conn *c)
 	return ag_buf_len(&c->out) + c->piped;
 }
 
+/* An empty pipe for a raw relay's side: the worker's, or a new one. false: none to be had. */
+static bool pipe_get(struct ag_worker *w, int p[2])
+{
+	if (p[0] >= 0)
+		return true;
+	if (w->npipes) {
+		w->npipes--;
+		p[0] = w->pipes[w->npipes][0];
+		p[1] = w->pipes[w->npipes][1];
+		return true;
+	}
+	if (pipe2(p, O_NONBLOCK | O_CLOEXEC)) {
+		p[0] = p[1] = -1;
+		return false;
+	}
+	/* Fewer wakeups per megabyte; the kernel's default is 64 KiB. */
+	fcntl(p[1], F_SETPIPE_SZ, AG_HIGH_WM);
+	return true;
+}
+
+/* A side's pipe, empty, back to its worker (closed when the worker has enough). */
+static void pipe_put(struct ag_worker *w, int p[2])
+{
+	if (p[0] < 0)
+		return;
+	if (w->npipes < AG_PIPE_POOL) {
+		w->pipes[w->npipes][0] = p[0];
+		w->pipes[w->npipes][1] = p[1];
+		w->npipes++;
+	} else {
+		close(p[0]);
+		close(p[1]);
+	}
+	p[0] = p[1] = -1;
+}
+
 /* Moves what the pipe holds for side i into its socket; -errno on a write error. */
 static int drain_pipe(struct ag_session *s, enum ag_side i)
 {
@@ -178,6 +224,7 @@ static int drain_pipe(struct ag_session *s, enum ag_side i)
 		else
 			s->bytes_down += n;
 	}
+	pipe_put(s->w, c->pipe);
 	return 0;
 }
 
@@ -542,15 +589,7 @@ static bool can_splice(struct ag_session *s, enum ag_side i)
 	if (!s->proto->raw || s->fastpath || s->krelay || !upstream_ready(s) || ag_buf_len(&s->side[i].in) ||
 	    ag_buf_len(&o->out) || s->tls_detect || s->side[i].tls || o->tls)
 		return false;
-	if (o->pipe[0] < 0) {
-		if (pipe2(o->pipe, O_NONBLOCK | O_CLOEXEC)) {
-			o->pipe[0] = o->pipe[1] = -1;
-			return false;
-		}
-		/* Fewer wakeups per megabyte; the kernel's default is 64 KiB. */
-		fcntl(o->pipe[1], F_SETPIPE_SZ, AG_HIGH_WM);
-	}
-	return true;
+	return pipe_get(s->w, o->pipe);
 }
 
 /* Raw relay of what side i sent: splice it through the other side's pipe. */
@@ -561,8 +600,15 @@ static void side_splice(struct ag_session *s, enum ag_side i)
 	int budget = 16, rc;
 
 	while (budget-- > 0 && !c->rd_eof) {
-		ssize_t n = splice(c->io.fd, NULL, s->side[o].pipe[1], NULL, AG_HIGH_WM,
-				   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+		ssize_t n;
+
+		/* The last drain gave the pipe back when it emptied it. */
+		if (!pipe_get(s->w, s->side[o].pipe)) {
+			ag_session_fail(s, true, "relay pipe: %s", strerror(errno));
+			return;
+		}
+		n = splice(c->io.fd, NULL, s->side[o].pipe[1], NULL, AG_HIGH_WM,
+			   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
 
 		if (n < 0) {
 			if (errno == EINTR)
@@ -586,6 +632,8 @@ static void side_splice(struct ag_session *s, enum ag_side i)
 		if (s->side[o].piped)
 			break; /* the other side is full: wait for EPOLLOUT there */
 	}
+	if (!s->side[o].piped)
+		pipe_put(s->w, s->side[o].pipe);
 	settle(s);
 }
 
@@ -921,6 +969,8 @@ static void on_io(struct ag_session *s, enum ag_side i, uint32_t events)
 	/* Ended by an earlier event of this batch: its sockets are closed, its memory not yet. */
 	if (s->state == AG_SESS_CLOSED)
 		return;
+	s->io_seen = true;
+	s->tls_slim = false;
 	if (i == AG_SIDE_UPSTREAM && s->state == AG_SESS_CONNECTING) {
 		if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))
 			upstream_connected(s);
@@ -983,9 +1033,11 @@ static void session_free(void *arg)
 	for (int i = 0; i < 2; i++) {
 		ag_buf_free(&s->side[i].in);
 		ag_buf_free(&s->side[i].out);
-		if (s->side[i].pipe[0] >= 0) {
+		if (s->side[i].piped) {
 			close(s->side[i].pipe[0]);
 			close(s->side[i].pipe[1]);
+		} else {
+			pipe_put(s->w, s->side[i].pipe);
 		}
 	}
 	ag_krelay_free(s);
@@ -1441,6 +1493,32 @@ static bool handshake_expired(const struct ag_session *s, void *arg)
 	return false;
 }
 
+/*
+ * A TLS session of this worker with no event for a whole tick gives back its record buffers
+ * (about 17 KiB each way per SSL, 4 of them: an idle TLS session would hold 78 KiB instead
+ * of 12). OpenSSL allocates them again at the next record; SSL_free_buffers() keeps them while
+ * they hold data. Busy sessions keep theirs (SSL_MODE_RELEASE_BUFFERS would cost a malloc and
+ * a free per record). Runs on the worker, the only thread that touches its sessions' SSLs.
+ */
+static bool tls_slim(const struct ag_session *cs, void *arg)
+{
+	struct ag_session *s = (struct ag_session *)cs;
+	bool slim = true;
+
+	if (s->w != arg)
+		return false;
+	if (!s->io_seen && !s->tls_slim &&
+	    (s->state == AG_SESS_ACTIVE || s->state == AG_SESS_CLOSING)) {
+		for (int i = 0; i < 2; i++)
+			if (s->side[i].ssl && s->side[i].tls == AG_TLS_UP &&
+			    !SSL_free_buffers(s->side[i].ssl))
+				slim = false;
+		s->tls_slim = slim;
+	}
+	s->io_seen = false;
+	return false;
+}
+
 /* Connect timeouts: a worker tick scans the daemon table for its own connecting sessions. */
 static void worker_tick(void *arg)
 {
@@ -1457,6 +1535,7 @@ static void worker_tick(void *arg)
 
 		tls_failed(s, agent ? AG_SIDE_AGENT : AG_SIDE_UPSTREAM, "handshake timed out");
 	}
+	table_find(w->d, tls_slim, w); /* each session, none matches */
 	/* Listeners paused for want of fds (on_listener) try again. */
 	for (int k = 0; k < 2; k++)
 		if (w->lis[k].fd >= 0 && w->lis[k].loop && !w->lis[k].events)
@@ -1628,6 +1707,10 @@ void ag_workers_stop(struct ag_daemon *d)
 		}
 		close_listeners_cb(w);
 		ag_loop_free(w->loop);
+		while (w->npipes--) {
+			close(w->pipes[w->npipes][0]);
+			close(w->pipes[w->npipes][1]);
+		}
 		free(w->scratch);
 		free(w);
 	}

@@ -77,6 +77,8 @@ struct ag_session {
 	char upstream[64];
 	char reason[192];
 	bool observe;
+	bool io_seen;	/* an event since the worker's last tick (idle TLS sessions, see tls_slim()) */
+	bool tls_slim;	/* its TLS record buffers given back since its last event */
 	bool fastpath;
 	bool krelay_want; /* raw, kernel relay on: engage once the upstream is up (krelay.h) */
 	struct ag_krelay *krelay;

@@ -4,7 +4,9 @@
  * server stays in the caller's cgroup), optionally moves itself into a cgroup (a tagged one, so
  * that its connects are redirected through agentgated) and measures, as a client would see it:
  * bulk throughput up, down and both ways at once; request/response latency (ping-pong on one
- * connection, p50/p99); and the rate of short connections (connect, one exchange, close).
+ * connection, p50/p99); the rate of short connections (connect, one exchange, close); and what
+ * an idle session costs the gateway (N connections held open after one exchange each: the
+ * growth of a given process's resident memory, per connection).
  * Clients use non-blocking sockets with poll(), as Go, libuv, libpq or curl do. Results are
  * printed as "name value" lines for scripts/bench.sh; every wait is bounded.
  */
@@ -24,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -42,6 +45,8 @@ struct opts {
 	uint64_t bytes;
 	int rtts;
 	int conns;
+	int idle;	/* connections the idle test holds */
+	int pid;	/* whose memory the idle test measures (0: none) */
 	int duration_s; /* hard limit for the whole run */
 	const char *tests;
 };
@@ -214,6 +219,8 @@ static void serve(int lfd)
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	/* A thread per connection: the idle test holds thousands of them. */
+	pthread_attr_setstacksize(&attr, 128 * 1024);
 	for (;;) {
 		int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
 		pthread_t t;
@@ -461,6 +468,79 @@ static void test_conn(const struct opts *o)
 	printf("conn_per_s %.0f\n", o->conns / ((double)(now_ns() - t0) / 1e9));
 }
 
+/* Resident memory of process pid in KiB (smaps_rollup: every mapping), or -1. */
+static long rss_kib(int pid)
+{
+	char path[64], line[256];
+	long kib = -1;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/smaps_rollup", pid);
+	f = fopen(path, "r");
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "Rss: %ld kB", &kib) == 1)
+			break;
+	fclose(f);
+	return kib;
+}
+
+/*
+ * o->idle connections, each up end to end (one echo through it), then all held at once: the
+ * growth of o->pid's resident memory per connection once they are idle.
+ */
+static void test_idle(const struct opts *o)
+{
+	uint8_t msg[2] = { CMD_ECHO, 'i' }, back;
+	int *fds = calloc(o->idle, sizeof(*fds));
+	long before = o->pid ? rss_kib(o->pid) : -1, after;
+	uint64_t t0 = now_ns();
+
+	if (!fds)
+		die("out of memory");
+	if (o->pid && before < 0)
+		die("cannot read the memory of pid %d", o->pid);
+	for (int i = 0; i < o->idle; i++) {
+		fds[i] = cli_connect(o);
+		cli_send(fds[i], msg, sizeof(msg));
+		cli_recv(fds[i], &back, 1, 1);
+		if (i && i % 2000 == 0)
+			fprintf(stderr, "agbench: idle: %d of %d connections up\n", i, o->idle);
+	}
+	/* Let the gateway finish what the last exchanges started (logs, buffers given back). */
+	usleep(500 * 1000);
+	/* Every one still up: an echo on each. */
+	for (int i = 0; i < o->idle; i++) {
+		cli_send(fds[i], msg + 1, 1);
+		cli_recv(fds[i], &back, 1, 1);
+	}
+	after = o->pid ? rss_kib(o->pid) : -1;
+	printf("idle_held %d\n", o->idle);
+	printf("idle_setup_s %.2f\n", (double)(now_ns() - t0) / 1e9);
+	if (o->pid)
+		printf("idle_kib_per_session %.1f\n", (double)(after - before) / o->idle);
+	for (int i = 0; i < o->idle; i++)
+		close(fds[i]);
+	free(fds);
+}
+
+/* Room for n connections in the client, and in the server (forked: it inherits the limit). */
+static void raise_nofile(int n)
+{
+	struct rlimit rl;
+	rlim_t want = (rlim_t)n + 256;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) || rl.rlim_cur >= want)
+		return;
+	rl.rlim_cur = want;
+	if (rl.rlim_max < want)
+		rl.rlim_max = want; /* root: up to fs.nr_open */
+	if (setrlimit(RLIMIT_NOFILE, &rl))
+		die("cannot raise the open file limit to %llu: %s", (unsigned long long)want,
+		    strerror(errno));
+}
+
 static void join_cgroup(const char *cg)
 {
 	char path[4096];
@@ -476,8 +556,10 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"Usage: agbench [--addr IP] [--port PORT] [--cgroup DIR] [--bytes N] [--rtts N]\n"
-		"               [--conns N] [--timeout SEC] [TEST,...]\n"
-		"  TEST := { up | down | both | rr | conn } (default: all)\n"
+		"               [--conns N] [--idle N] [--pid PID] [--timeout SEC] [TEST,...]\n"
+		"  TEST := { up | down | both | rr | conn | idle } (default: all but idle)\n"
+		"  idle holds --idle connections (10000) open at once and reports the growth of\n"
+		"  --pid's resident memory per connection.\n"
 		"  Starts a server on IP:PORT (127.0.0.2, an ephemeral port), moves itself into\n"
 		"  the cgroup DIR (absolute path) if given, and runs the tests against the "
 		"server.\n");
@@ -518,12 +600,15 @@ int main(int argc, char **argv)
 					    { "rtts", required_argument, NULL, 'r' },
 					    { "conns", required_argument, NULL, 'n' },
 					    { "timeout", required_argument, NULL, 't' },
+					    { "idle", required_argument, NULL, 'i' },
+					    { "pid", required_argument, NULL, 'P' },
 					    { "help", no_argument, NULL, 'h' },
 					    { 0 } };
 	struct opts o = { .addr = "127.0.0.2",
 			  .bytes = 1ULL << 30,
 			  .rtts = 20000,
 			  .conns = 2000,
+			  .idle = 10000,
 			  .duration_s = 120,
 			  .tests = "up,down,both,rr,conn" };
 	int c, lfd, status;
@@ -552,6 +637,12 @@ int main(int argc, char **argv)
 		case 't':
 			o.duration_s = atoi(optarg);
 			break;
+		case 'i':
+			o.idle = atoi(optarg);
+			break;
+		case 'P':
+			o.pid = atoi(optarg);
+			break;
 		default:
 			usage();
 		}
@@ -559,9 +650,11 @@ int main(int argc, char **argv)
 	if (optind < argc)
 		o.tests = argv[optind];
 	if (o.port < 0 || o.port > 65535 || !o.bytes || o.rtts < 1 || o.conns < 1 ||
-	    o.duration_s < 1)
+	    o.idle < 1 || o.pid < 0 || o.duration_s < 1)
 		usage();
 
+	if (wanted(o.tests, "idle"))
+		raise_nofile(o.idle);
 	/* The server is forked before the client moves: it stays outside the tagged cgroup. */
 	lfd = make_listener(o.addr, o.port, &o.port);
 	srv = fork();
@@ -586,6 +679,8 @@ int main(int argc, char **argv)
 		test_rr(&o);
 	if (wanted(o.tests, "conn"))
 		test_conn(&o);
+	if (wanted(o.tests, "idle"))
+		test_idle(&o);
 
 	kill(srv, SIGKILL);
 	waitpid(srv, &status, 0);

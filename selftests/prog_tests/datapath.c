@@ -10,6 +10,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <dirent.h>
 #include <errno.h>
 #include <poll.h>
 #include <sched.h>
@@ -424,6 +425,70 @@ out:
 		th_job_free(jobs[i]);
 }
 
+/* Open descriptors of process pid, or -1. */
+static int fd_count(pid_t pid)
+{
+	char path[64];
+	struct dirent *e;
+	int n = 0;
+	DIR *dir;
+
+	snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
+	dir = opendir(path);
+	if (!dir)
+		return -1;
+	while ((e = readdir(dir)))
+		n += e->d_name[0] != '.';
+	closedir(dir);
+	return n;
+}
+
+#define IDLE_CONNS 300
+
+/*
+ * Sessions that moved data and went idle hold their two sockets and nothing else: a raw
+ * relay's pipes go back to the worker once empty (10,000 idle sessions must fit in 20,000
+ * open files). They are taken again when data flows.
+ */
+static void subtest_idle_no_pipes(struct th_gate *g)
+{
+	struct th_job *j = th_job_new(AF_INET, "127.0.0.2", th_server_port(g->echo4));
+	int base = fd_count(g->d.pid), held = -1, rc;
+	pid_t pid;
+
+	if (!ASSERT_OK_PTR(j, "job") || !ASSERT_GT(base, 0, "daemon fds"))
+		goto out;
+	j->nconns = IDLE_CONNS;
+	j->expect_echo = true; /* a line each way, spliced through the relay's pipes */
+	j->hold_ms = 30000;
+	j->again = true;
+	j->timeout_ms = 60000;
+	pid = th_spawn_in_cgroup(g->tagged, th_job_run, j);
+	if (!ASSERT_GT(pid, 0, "spawn"))
+		goto out;
+	for (int t = 0; t < 3000 && !j->ready; t++)
+		usleep(10 * 1000);
+	if (ASSERT_EQ(j->ready, 1, "all exchanged, holding")) {
+		/* The last sessions' pipes are given back as their echoes finish. */
+		for (int t = 0; t < 100; t++) {
+			held = fd_count(g->d.pid);
+			if (held <= base + 2 * IDLE_CONNS + 32 + 16)
+				break;
+			usleep(50 * 1000);
+		}
+		if (!ASSERT_LE(held, base + 2 * IDLE_CONNS + 32 + 16,
+			       "idle sessions hold two fds each (plus the worker's pipes)"))
+			printf("daemon fds: %d before, %d with %d idle sessions\n", base, held,
+			       IDLE_CONNS);
+	}
+	j->release = 1;
+	rc = th_wait(pid, 90000);
+	if (!ASSERT_EQ(rc, 0, "every connection echoes again after the idle time"))
+		printf("%d bad, first error %s\n", j->bad, strerror(j->first_error));
+out:
+	th_job_free(j);
+}
+
 /* up bytes to a sink that sends down bytes: both streams hash-compared at the far end. */
 static void transfer_check(struct th_gate *g, uint64_t up, uint64_t down, size_t max_chunk,
 			   bool early_eof, int timeout_ms)
@@ -835,6 +900,8 @@ static void relay_suite(const char *daemon_args)
 		subtest_agent_reset_idle(&g, stall_fd, stall_port);
 	if (test__start_subtest("concurrent_200"))
 		subtest_concurrent(&g, 64 * 1024, 0);
+	if (test__start_subtest("idle_sessions_hold_no_pipes"))
+		subtest_idle_no_pipes(&g);
 	if (test__start_subtest("bulk_100mb_each_way"))
 		transfer_check(&g, 100 * MB, 100 * MB, 0, false, 240000);
 	if (test__start_subtest("half_close_agent_first"))

@@ -287,6 +287,31 @@ static void subtest_pg_verify_full(struct tls_env *e)
 	}
 }
 
+/*
+ * A TLS session with no traffic for two worker ticks (1 s each) gives back its record buffers
+ * (session.c, tls_slim()): here while the server sleeps on a statement, both legs idle. The
+ * answer, and the statements after it, come through the buffers OpenSSL allocates again.
+ */
+static void subtest_pg_idle_slim_resumes(struct tls_env *e)
+{
+	char conn[600];
+	char *argv[] = { "/usr/bin/psql", "-X", "-A", "-t", "-d", conn,
+			 "-c", "SELECT 'before'",
+			 "-c", "SELECT 'slept ' || pg_sleep(2.6)::text",
+			 "-c", "SELECT repeat('r', 100000) = repeat('r', 100000), 'after'",
+			 NULL };
+	int rc;
+
+	snprintf(conn, sizeof(conn),
+		 "host=%s port=%d user=%s dbname=%s sslmode=verify-full sslrootcert=%s", PG_ADDR,
+		 e->g.pg.port, TH_PG_USER, TH_PG_DB, e->gw_ca);
+	out[0] = err[0] = '\0';
+	rc = th_pg_exec(e->g.tagged, argv, NULL, out, sizeof(out), err, sizeof(err), 30000);
+	if (!ASSERT_EQ(rc, 0, "psql over TLS both legs, idle in the middle"))
+		printf("stderr: %s\n", err);
+	ASSERT_STREQ(out, "before\nslept \nt|after\n", "every answer, in order");
+}
+
 static void set_server_cert(struct tls_env *e, const char *name)
 {
 	char crt[256], key[256];
@@ -709,6 +734,8 @@ void test_tls(void)
 		subtest_ca_files(&e);
 	if (test__start_subtest("pg_verify_full_both_legs"))
 		subtest_pg_verify_full(&e);
+	if (test__start_subtest("pg_idle_session_slims_and_resumes"))
+		subtest_pg_idle_slim_resumes(&e);
 	if (test__start_subtest("pg_upstream_wrong_name_refused"))
 		subtest_pg_wrong_name(&e);
 	if (test__start_subtest("pg_upstream_unknown_ca_refused"))
