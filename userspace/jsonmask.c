@@ -114,7 +114,15 @@ static int fail(struct ag_jmask *j, int err)
 
 static int put(struct ag_jmask *j, const void *p, size_t n)
 {
-	return ag_buf_append(j->out, p, n) ? fail(j, -ENOMEM) : 1;
+	struct ag_buf *b = j->out;
+
+	/* most pieces are a few bytes into a buffer with room: no call for them */
+	if (b->cap - b->end >= n) {
+		memcpy(b->data + b->end, p, n);
+		b->end += n;
+		return 1;
+	}
+	return ag_buf_append(b, p, n) ? fail(j, -ENOMEM) : 1;
 }
 
 /* Bytes a JSON string cannot hold as they are: '"', '\\' and the controls below 0x20. */
@@ -124,8 +132,9 @@ static const uint8_t needs_esc[256] = {
 
 static int put_string(struct ag_jmask *j, const unsigned char *s, size_t len)
 {
+	struct ag_buf *b = j->out;
 	size_t run = 0, i = 0;
-	uint8_t *w = ag_buf_reserve(j->out, len + 2);
+	uint8_t *w = b->cap - b->end >= len + 2 ? b->data + b->end : ag_buf_reserve(b, len + 2);
 
 	if (!w)
 		return fail(j, -ENOMEM);
