@@ -30,8 +30,9 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
-#include <libdeflate.h>
 #include <zlib.h>
+
+#include <libdeflate.h>
 
 #include "clock.h"
 #include "audit.h"
@@ -1910,6 +1911,32 @@ static struct ag_audit_http *http_state(struct ag_session *s)
 	return a ? a->http : NULL;
 }
 
+/*
+ * Empties b, keeping its storage when small (no malloc and free per request: ag_buf's own
+ * 4 KiB first allocation is past malloc's thread cache).
+ */
+static void http_buf_empty(struct ag_buf *b)
+{
+	b->start = b->end = 0;
+	if (b->cap > 4096)
+		ag_buf_free(b);
+}
+
+/* Room for len more bytes, a small buffer first (not ag_buf's 4 KiB): 0 or -ENOMEM. */
+static int http_buf_room(struct ag_buf *b, size_t len)
+{
+	size_t cap = len < 64 ? 64 : len;
+
+	if (b->data)
+		return 0;
+	b->data = malloc(cap);
+	if (!b->data)
+		return -ENOMEM;
+	b->cap = cap;
+	b->start = b->end = 0;
+	return 0;
+}
+
 static void http_free(struct ag_audit_http *h)
 {
 	if (!h)
@@ -1946,7 +1973,8 @@ void ag_audit_http_request(struct ag_session *s, const char *method, const char 
 	Agentgate__Audit__Statement st = AGENTGATE__AUDIT__STATEMENT__INIT;
 	struct ag_audit_http *h;
 	enum ag_action act;
-	char classes[800] = "", why[256] = "", *text;
+	char classes[800] = "", why[256] = "", line[512], *text = line;
+	size_t ml = strlen(method), pl = strlen(path);
 	Record r;
 
 	if (!A.on || !(h = http_state(s)))
@@ -1956,8 +1984,14 @@ void ag_audit_http_request(struct ag_session *s, const char *method, const char 
 	act = refused ? AG_ACT_DENY : d->action == AG_ACT_ALLOW ? AG_ACT_ALLOW : AG_ACT_OBSERVE;
 	if (act == AG_ACT_OBSERVE && d->action != AG_ACT_OBSERVE)
 		snprintf(why, sizeof(why), "observe mode, would refuse: %s", d->why);
-	if (asprintf(&text, "%s %s", method, path) < 0)
+	/* "METHOD PATH": on the stack unless the path is long (no printf, no malloc each) */
+	if (ml + pl + 2 > sizeof(line) && !(text = malloc(ml + pl + 2)))
 		text = NULL;
+	if (text) {
+		memcpy(text, method, ml);
+		text[ml] = ' ';
+		memcpy(text + ml + 1, path, pl + 1);
+	}
 	if (k)
 		k8s_attrs(k, classes, sizeof(classes));
 	st.message = (char *)"request";
@@ -1971,8 +2005,10 @@ void ag_audit_http_request(struct ag_session *s, const char *method, const char 
 	r.body_case = AGENTGATE__AUDIT__RECORD__BODY_STATEMENT;
 	r.statement = &st;
 	s->audit->last_enq = enqueue(&r);
-	free(text);
-	ag_buf_append(&h->owed, &r.time_ns, sizeof(r.time_ns));
+	if (text != line)
+		free(text);
+	if (!http_buf_room(&h->owed, 8 * sizeof(r.time_ns)))
+		ag_buf_append(&h->owed, &r.time_ns, sizeof(r.time_ns));
 }
 
 void ag_audit_http_response(struct ag_session *s, unsigned int status)
@@ -1986,7 +2022,7 @@ void ag_audit_http_response(struct ag_session *s, unsigned int status)
 	h->masked_at = s->masked_values;
 	h->bytes = 0;
 	h->capped = false;
-	ag_buf_consume(&h->body, ag_buf_len(&h->body));
+	http_buf_empty(&h->body);
 	pthread_once(&body_md_once, body_md_fetch);
 	if (!h->sha)
 		h->sha = EVP_MD_CTX_new();
@@ -2013,7 +2049,9 @@ void ag_audit_http_body(struct ag_session *s, const void *p, size_t n)
 	keep = keep > ag_buf_len(&h->body) ? keep - ag_buf_len(&h->body) : 0;
 	if (n > keep)
 		h->capped = true;
-	if (n && keep && ag_buf_append(&h->body, p, n < keep ? n : keep))
+	if (n && keep &&
+	    (http_buf_room(&h->body, __atomic_load_n(&A.body_max, __ATOMIC_RELAXED)) ||
+	     ag_buf_append(&h->body, p, n < keep ? n : keep)))
 		h->capped = true;
 }
 
@@ -2031,9 +2069,24 @@ static void http_emit(struct ag_session *s, struct ag_audit_sess *a)
 		shalen = 0;
 	if (ag_buf_len(&h->owed) >= sizeof(t0)) {
 		memcpy(&t0, ag_buf_head(&h->owed), sizeof(t0));
-		ag_buf_consume(&h->owed, sizeof(t0));
+		h->owed.start += sizeof(t0);
+		if (!ag_buf_len(&h->owed))
+			http_buf_empty(&h->owed);
 	}
-	snprintf(tag, sizeof(tag), "HTTP %u", h->status);
+	{
+		/* "HTTP <status>", without printf (once per response) */
+		char num[12];
+		size_t i = sizeof(num);
+		unsigned int v = h->status;
+
+		do {
+			num[--i] = '0' + v % 10;
+			v /= 10;
+		} while (v);
+		memcpy(tag, "HTTP ", 5);
+		memcpy(tag + 5, num + i, sizeof(num) - i);
+		tag[5 + sizeof(num) - i] = '\0';
+	}
 	res.command_tag = tag;
 	res.http_status = h->status;
 	res.masked_values = s->masked_values - h->masked_at;
@@ -2049,7 +2102,7 @@ static void http_emit(struct ag_session *s, struct ag_audit_sess *a)
 	r.result = &res;
 	a->last_enq = enqueue(&r);
 	h->open = false;
-	ag_buf_consume(&h->body, ag_buf_len(&h->body));
+	http_buf_empty(&h->body);
 }
 
 void ag_audit_http_done(struct ag_session *s)

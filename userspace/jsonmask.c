@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Streaming JSON masking (jsonmask.h). The parser's callbacks re-emit each event to the
- * generator at once; what the generator produced is moved to the caller's buffer after every
- * chunk, so memory stays bounded by the nesting depth and the longest single value (yajl keeps a
- * string that spans chunks until it is whole).
+ * Streaming JSON masking (jsonmask.h). The parser's callbacks re-emit each event at once into
+ * the caller's buffer, written as yajl's generator writes it (compact, the same string escapes:
+ * emit.c-style here to skip the generator's second buffer and its per-byte printer), so memory
+ * stays bounded by the nesting depth and the longest single value (yajl keeps a string that
+ * spans chunks until it is whole).
  */
 #include <errno.h>
 #include <fnmatch.h>
@@ -11,7 +12,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <yajl/yajl_gen.h>
 #include <yajl/yajl_parse.h>
 
 #include "jsonmask.h"
@@ -25,13 +25,15 @@ struct jm_frame {
 	bool map;
 	bool secret;	      /* a Secret object: its data and stringData are masked */
 	bool mask_all;	      /* every scalar below is masked whole */
+	bool any;	      /* a member or element was written: the next one after a ',' */
+	uint8_t keylen;	      /* strlen(key) */
 	char key[JM_KEY_MAX]; /* the member being read (maps) */
 };
 
 struct ag_jmask {
 	struct ag_jmask_opts o;
 	yajl_handle p;
-	yajl_gen g;
+	struct ag_buf *out; /* where the masked document goes (during a feed) */
 	struct jm_frame st[JM_MAX_DEPTH];
 	int depth;
 	struct jm_pat *pats;
@@ -51,6 +53,7 @@ static struct jm_frame *top(struct ag_jmask *j)
 struct jm_pat {
 	char *buf;
 	char *part[JM_PAT_PARTS];
+	size_t len[JM_PAT_PARTS];
 	bool glob[JM_PAT_PARTS];
 	int n;
 };
@@ -67,7 +70,9 @@ static bool path_matches(const struct ag_jmask *j, const struct jm_pat *pat)
 			d--;
 		if (d < 0)
 			return false;
-		if (pat->glob[np - 1] ? fnmatch(want, j->st[d].key, 0) : strcmp(want, j->st[d].key))
+		if (pat->glob[np - 1] ? fnmatch(want, j->st[d].key, 0)
+				      : pat->len[np - 1] != j->st[d].keylen ||
+						memcmp(want, j->st[d].key, pat->len[np - 1]))
 			return false;
 		np--;
 		d--;
@@ -105,6 +110,99 @@ static int fail(struct ag_jmask *j, int err)
 	return 0; /* stops the parse */
 }
 
+/* --- output, byte for byte as yajl_gen (no beautify, no solidus escape) writes it --------- */
+
+static int put(struct ag_jmask *j, const void *p, size_t n)
+{
+	struct ag_buf *b = j->out;
+
+	/* most pieces are a few bytes into a buffer with room: no call for them */
+	if (b->cap - b->end >= n) {
+		memcpy(b->data + b->end, p, n);
+		b->end += n;
+		return 1;
+	}
+	return ag_buf_append(b, p, n) ? fail(j, -ENOMEM) : 1;
+}
+
+/* Bytes a JSON string cannot hold as they are: '"', '\\' and the controls below 0x20. */
+static const uint8_t needs_esc[256] = {
+	[0 ... 0x1f] = 1, ['"'] = 1, ['\\'] = 1,
+};
+
+static int put_string(struct ag_jmask *j, const unsigned char *s, size_t len)
+{
+	struct ag_buf *b = j->out;
+	size_t run = 0, i = 0;
+	uint8_t *w = b->cap - b->end >= len + 2 ? b->data + b->end : ag_buf_reserve(b, len + 2);
+
+	if (!w)
+		return fail(j, -ENOMEM);
+	while (i < len && !needs_esc[s[i]])
+		i++;
+	if (i == len) {
+		/* the common case: nothing to escape, one copy */
+		w[0] = '"';
+		memcpy(w + 1, s, len);
+		w[len + 1] = '"';
+		ag_buf_commit(j->out, len + 2);
+		return 1;
+	}
+	if (!put(j, "\"", 1))
+		return 0;
+	for (; i < len; i++) {
+		static const char hex[] = "0123456789ABCDEF";
+		char u[6] = { '\\', 'u', '0', '0' };
+		const char *e;
+		size_t el = 2;
+
+		if (!needs_esc[s[i]])
+			continue;
+		switch (s[i]) {
+		case '\r': e = "\\r"; break;
+		case '\n': e = "\\n"; break;
+		case '\\': e = "\\\\"; break;
+		case '"': e = "\\\""; break;
+		case '\f': e = "\\f"; break;
+		case '\b': e = "\\b"; break;
+		case '\t': e = "\\t"; break;
+		default:
+			u[4] = hex[s[i] >> 4];
+			u[5] = hex[s[i] & 15];
+			e = u;
+			el = 6;
+		}
+		if (!put(j, s + run, i - run) || !put(j, e, el))
+			return 0;
+		run = i + 1;
+	}
+	return put(j, s + run, len - run) && put(j, "\"", 1);
+}
+
+/* Before a value: a ',' after an array's earlier element (a map's key wrote its ':'). */
+static int value_sep(struct ag_jmask *j)
+{
+	struct jm_frame *f = top(j);
+
+	if (!f || f->map)
+		return 1;
+	if (f->any && !put(j, ",", 1))
+		return 0;
+	f->any = true;
+	return 1;
+}
+
+/* A scalar's text as it is (a number, true, false, null), after its separator. */
+static int put_atom(struct ag_jmask *j, const void *p, size_t n)
+{
+	return value_sep(j) && put(j, p, n);
+}
+
+static int put_string_value(struct ag_jmask *j, const unsigned char *s, size_t len)
+{
+	return value_sep(j) && put_string(j, s, len);
+}
+
 static int emit_masked_scalar(struct ag_jmask *j, const unsigned char *s, size_t len, bool text)
 {
 	bool whole = value_whole(j), is_null = false;
@@ -121,23 +219,19 @@ static int emit_masked_scalar(struct ag_jmask *j, const unsigned char *s, size_t
 		goto as_is;
 	j->masked += rc;
 	if (is_null)
-		return yajl_gen_null(j->g) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM);
-	return yajl_gen_string(j->g, ag_buf_head(&j->tmp), ag_buf_len(&j->tmp)) ==
-			       yajl_gen_status_ok
-		       ? 1
-		       : fail(j, -ENOMEM);
+		return put_atom(j, "null", 4);
+	return put_string_value(j, ag_buf_head(&j->tmp), ag_buf_len(&j->tmp));
 as_is:
 	if (text)
-		return yajl_gen_string(j->g, s, len) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM);
-	return yajl_gen_number(j->g, (const char *)s, len) == yajl_gen_status_ok ? 1
-										 : fail(j, -ENOMEM);
+		return put_string_value(j, s, len);
+	return put_atom(j, s, len);
 }
 
 /* A top-level value done: a newline after it, and the generator ready for the next. */
 static int value_done(struct ag_jmask *j, int rc)
 {
 	if (rc && !j->depth)
-		yajl_gen_reset(j->g, "\n");
+		return put(j, "\n", 1);
 	return rc;
 }
 
@@ -145,7 +239,7 @@ static int cb_null(void *ctx)
 {
 	struct ag_jmask *j = ctx;
 
-	return value_done(j, yajl_gen_null(j->g) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM));
+	return value_done(j, put_atom(j, "null", 4));
 }
 
 static int cb_boolean(void *ctx, int v)
@@ -154,10 +248,9 @@ static int cb_boolean(void *ctx, int v)
 
 	if (j->o.m && value_whole(j)) {
 		j->masked++;
-		return value_done(j,
-				  yajl_gen_null(j->g) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM));
+		return value_done(j, put_atom(j, "null", 4));
 	}
-	return value_done(j, yajl_gen_bool(j->g, v) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM));
+	return value_done(j, v ? put_atom(j, "true", 4) : put_atom(j, "false", 5));
 }
 
 static int cb_number(void *ctx, const char *s, size_t len)
@@ -207,18 +300,18 @@ static int cb_start_map(void *ctx)
 {
 	struct ag_jmask *j = ctx;
 
-	if (!push(j, true))
+	if (!value_sep(j) || !push(j, true))
 		return 0;
-	return yajl_gen_map_open(j->g) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM);
+	return put(j, "{", 1);
 }
 
 static int cb_start_array(void *ctx)
 {
 	struct ag_jmask *j = ctx;
 
-	if (!push(j, false))
+	if (!value_sep(j) || !push(j, false))
 		return 0;
-	return yajl_gen_array_open(j->g) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM);
+	return put(j, "[", 1);
 }
 
 static int pop(struct ag_jmask *j)
@@ -232,19 +325,25 @@ static int cb_map_key(void *ctx, const unsigned char *s, size_t len)
 	struct ag_jmask *j = ctx;
 	struct jm_frame *f = top(j);
 
+	size_t klen = len;
+
 	if (len >= JM_KEY_MAX)
 		len = JM_KEY_MAX - 1;
 	memcpy(f->key, s, len);
 	f->key[len] = '\0';
-	return yajl_gen_string(j->g, s, len) == yajl_gen_status_ok ? 1 : fail(j, -ENOMEM);
+	f->keylen = strnlen(f->key, len); /* as strcmp() read it: up to a \u0000 */
+	if (f->any && !put(j, ",", 1))
+		return 0;
+	f->any = true;
+	return put_string(j, s, klen) && put(j, ":", 1);
 }
 
 static int cb_end_map(void *ctx)
 {
 	struct ag_jmask *j = ctx;
 
-	if (yajl_gen_map_close(j->g) != yajl_gen_status_ok)
-		return fail(j, -ENOMEM);
+	if (!put(j, "}", 1))
+		return 0;
 	return pop(j);
 }
 
@@ -252,8 +351,8 @@ static int cb_end_array(void *ctx)
 {
 	struct ag_jmask *j = ctx;
 
-	if (yajl_gen_array_close(j->g) != yajl_gen_status_ok)
-		return fail(j, -ENOMEM);
+	if (!put(j, "]", 1))
+		return 0;
 	return pop(j);
 }
 
@@ -277,8 +376,7 @@ struct ag_jmask *ag_jmask_new(const struct ag_jmask_opts *o)
 		return NULL;
 	j->o = *o;
 	j->p = yajl_alloc(&callbacks, NULL, j);
-	j->g = yajl_gen_alloc(NULL);
-	if (!j->p || !j->g) {
+	if (!j->p) {
 		ag_jmask_free(j);
 		errno = ENOMEM;
 		return NULL;
@@ -297,6 +395,7 @@ struct ag_jmask *ag_jmask_new(const struct ag_jmask_opts *o)
 		for (char *t = strtok_r(pt->buf, ".", &save); t && pt->n < JM_PAT_PARTS;
 		     t = strtok_r(NULL, ".", &save)) {
 			pt->glob[pt->n] = strpbrk(t, "*?[\\") != NULL;
+			pt->len[pt->n] = strlen(t);
 			pt->part[pt->n++] = t;
 		}
 	}
@@ -313,8 +412,6 @@ void ag_jmask_free(struct ag_jmask *j)
 		return;
 	if (j->p)
 		yajl_free(j->p);
-	if (j->g)
-		yajl_gen_free(j->g);
 	for (size_t i = 0; i < j->npats; i++)
 		free(j->pats[i].buf);
 	free(j->pats);
@@ -322,23 +419,13 @@ void ag_jmask_free(struct ag_jmask *j)
 	free(j);
 }
 
-/* Moves what the generator holds to out. */
-static int drain(struct ag_jmask *j, struct ag_buf *out)
-{
-	const unsigned char *buf;
-	size_t len;
-
-	yajl_gen_get_buf(j->g, &buf, &len);
-	if (len && ag_buf_append(out, buf, len))
-		return -ENOMEM;
-	yajl_gen_clear(j->g);
-	return 0;
-}
-
+/* After a parse into out (from its length before): what failed appends nothing. */
 static int result(struct ag_jmask *j, yajl_status st, const uint8_t *data, size_t len,
-		  struct ag_buf *out)
+		  struct ag_buf *out, size_t before)
 {
 	int n;
+
+	j->out = NULL;
 
 	if (st != yajl_status_ok && !j->err) {
 		unsigned char *e = yajl_get_error(j->p, 0, data, len);
@@ -348,10 +435,10 @@ static int result(struct ag_jmask *j, yajl_status st, const uint8_t *data, size_
 			yajl_free_error(j->p, e);
 		j->err = -EPROTO;
 	}
-	if (j->err)
+	if (j->err) {
+		out->end = out->start + before;
 		return j->err;
-	if (drain(j, out))
-		return -ENOMEM;
+	}
 	n = j->masked;
 	j->masked = 0;
 	return n;
@@ -359,16 +446,22 @@ static int result(struct ag_jmask *j, yajl_status st, const uint8_t *data, size_
 
 int ag_jmask_feed(struct ag_jmask *j, const uint8_t *data, size_t len, struct ag_buf *out)
 {
+	size_t before = ag_buf_len(out);
+
 	if (j->err)
 		return j->err;
-	return result(j, yajl_parse(j->p, data, len), data, len, out);
+	j->out = out;
+	return result(j, yajl_parse(j->p, data, len), data, len, out, before);
 }
 
 int ag_jmask_finish(struct ag_jmask *j, struct ag_buf *out)
 {
+	size_t before = ag_buf_len(out);
+
 	if (j->err)
 		return j->err;
-	return result(j, yajl_complete_parse(j->p), NULL, 0, out);
+	j->out = out;
+	return result(j, yajl_complete_parse(j->p), NULL, 0, out, before);
 }
 
 const char *ag_jmask_error(const struct ag_jmask *j)

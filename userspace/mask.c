@@ -1412,7 +1412,8 @@ static int render(const struct ag_masker *m, const uint8_t *val, size_t len, con
 
 static int rescan(const struct ag_masker *m, const uint8_t *val, size_t len, struct spans *all)
 {
-	struct ag_buf probe = {};
+	/* One probe buffer per thread (the masker is shared, read-only): no malloc per value. */
+	static __thread struct ag_buf probe;
 	struct spans sp;
 	int err = 0;
 
@@ -1457,7 +1458,8 @@ static int rescan(const struct ag_masker *m, const uint8_t *val, size_t len, str
 		}
 		spans_settle(all);
 	}
-	ag_buf_free(&probe);
+	if (probe.cap > (64u << 10))
+		ag_buf_free(&probe); /* a huge value's: not kept */
 	spans_free(&sp);
 	return err;
 }

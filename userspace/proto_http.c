@@ -108,8 +108,9 @@ struct http {
 
 	struct http_ent *qh, *qt; /* FIFO */
 	size_t qn;
+	struct http_ent *spare; /* the last one popped, for the next request: no malloc each */
 
-	struct ag_buf to[2]; /* bytes for each side, sent once per input() call */
+	struct ag_buf *to; /* bytes for each side, sent once per input() call: the worker's */
 	struct ag_buf scratch;
 	int err; /* -errno while building output */
 
@@ -134,9 +135,24 @@ struct http {
 	char held_id[AG_APPROVAL_ID_MAX];
 };
 
+/*
+ * What one input() (or eof()) call builds for each side is sent at its end (out_flush()), so
+ * the buffers are empty between calls: one pair per worker thread serves all its sessions, with
+ * no malloc and free of them per request and no memory held by an idle session.
+ */
+static __thread struct ag_buf worker_to[2];
+
 static inline struct http *H(struct ag_session *s)
 {
 	return s->proto_state;
+}
+
+/* At the start of a call: this thread's pair, empty (never another session's leftovers). */
+static void out_begin(struct http *h)
+{
+	h->to = worker_to;
+	for (int i = 0; i < 2; i++)
+		h->to[i].start = h->to[i].end = 0;
 }
 
 static void out_add(struct http *h, enum ag_side to, const void *p, size_t n)
@@ -147,6 +163,34 @@ static void out_add(struct http *h, enum ag_side to, const void *p, size_t n)
 
 static void out_printf(struct http *h, enum ag_side to, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
+
+/* A chunk's size line ("%zx\r\n"), without printf: once per chunk of every re-framed body. */
+static void out_chunk_size(struct http *h, enum ag_side to, size_t n)
+{
+	char buf[2 * sizeof(size_t) + 2];
+	size_t i = sizeof(buf);
+
+	buf[--i] = '\n';
+	buf[--i] = '\r';
+	do {
+		buf[--i] = "0123456789abcdef"[n & 15];
+		n >>= 4;
+	} while (n);
+	out_add(h, to, buf + i, sizeof(buf) - i);
+}
+
+/* A small decimal (a status code, an HTTP version digit), without printf. */
+static void out_uint(struct http *h, enum ag_side to, unsigned int v)
+{
+	char buf[12];
+	size_t i = sizeof(buf);
+
+	do {
+		buf[--i] = '0' + v % 10;
+		v /= 10;
+	} while (v);
+	out_add(h, to, buf + i, sizeof(buf) - i);
+}
 
 static void out_printf(struct http *h, enum ag_side to, const char *fmt, ...)
 {
@@ -180,7 +224,9 @@ static int out_flush(struct ag_session *s)
 		if (!ag_buf_len(b))
 			continue;
 		rc = ag_session_send(s, i, ag_buf_head(b), ag_buf_len(b));
-		ag_buf_consume(b, ag_buf_len(b));
+		b->start = b->end = 0;
+		if (b->cap > (256u << 10))
+			ag_buf_free(b); /* a big body's: not kept */
 		if (rc) {
 			ag_session_fail(s, true, "http: relay to %s: %s",
 					i == AG_SIDE_AGENT ? "agent" : "upstream",
@@ -405,8 +451,18 @@ static void ent_free(struct http_ent *e)
 
 static struct http_ent *ent_push(struct http *h)
 {
-	struct http_ent *e = calloc(1, sizeof(*e));
+	struct http_ent *e = h->spare;
 
+	if (e) {
+		struct ag_buf resp = e->resp;
+
+		h->spare = NULL;
+		memset(e, 0, sizeof(*e));
+		e->resp = resp;
+		e->resp.start = e->resp.end = 0;
+	} else {
+		e = calloc(1, sizeof(*e));
+	}
 	if (!e) {
 		h->err = -ENOMEM;
 		return NULL;
@@ -428,7 +484,10 @@ static void ent_pop(struct http *h)
 	if (!h->qh)
 		h->qt = NULL;
 	h->qn--;
-	ent_free(e);
+	if (h->spare)
+		ent_free(e);
+	else
+		h->spare = e;
 }
 
 /*
@@ -483,7 +542,7 @@ static long bad_request(struct ag_session *s, const char *why)
 	if (h->ustate != U_BODY)
 		out_add(h, AG_SIDE_AGENT, ag_buf_head(&resp), ag_buf_len(&resp));
 	ag_buf_free(&resp);
-	ag_buf_free(&h->to[AG_SIDE_UPSTREAM]);
+	h->to[AG_SIDE_UPSTREAM].start = h->to[AG_SIDE_UPSTREAM].end = 0; /* nothing goes up */
 	close_both(s);
 	return 0;
 }
@@ -574,7 +633,7 @@ static int rq_body(http_parser *p, const char *at, size_t len)
 	if (!h->body_forward || !len)
 		return 0;
 	if (h->body_chunked)
-		out_printf(h, AG_SIDE_UPSTREAM, "%zx\r\n", len);
+		out_chunk_size(h, AG_SIDE_UPSTREAM, len);
 	out_add(h, AG_SIDE_UPSTREAM, at, len);
 	if (h->body_chunked)
 		out_add(h, AG_SIDE_UPSTREAM, "\r\n", 2);
@@ -609,14 +668,27 @@ static const http_parser_settings rq_settings = {
  */
 static int head_scan(const uint8_t *p, size_t len, size_t *hlen, const char **why)
 {
-	size_t i = 0, line = 0, lines = 0;
+	/* Bytes that end a line or are refused in a header: CR, LF, NUL, controls but HT, DEL. */
+	static const uint8_t special[256] = {
+		[0 ... 8] = 1, [10 ... 31] = 1, [127] = 1,
+	};
+	size_t i = 0, line = 0, lines = 0, lim = len < HTTP_HEAD_MAX ? len : HTTP_HEAD_MAX;
 
 	while (i + 1 < len && p[i] == '\r' && p[i + 1] == '\n' && i < 64)
 		i += 2; /* empty lines before a request are allowed (RFC 9112 2.2) */
 	line = i;
 	for (; i < len; i++) {
-		uint8_t c = p[i];
+		uint8_t c;
 
+		/* the plain bytes of a line, up to its 8 KiB and the block's 64 KiB */
+		{
+			size_t stop = line + HTTP_LINE_MAX + 1 < lim ? line + HTTP_LINE_MAX + 1 : lim;
+
+			while (i < stop && !special[p[i]])
+				i++;
+		}
+		if (i >= len)
+			break;
 		if (i >= HTTP_HEAD_MAX) {
 			*why = "header block over 64 KiB";
 			return -1;
@@ -625,6 +697,7 @@ static int head_scan(const uint8_t *p, size_t len, size_t *hlen, const char **wh
 			*why = "header line over 8 KiB";
 			return -1;
 		}
+		c = p[i];
 		if (c == '\r') {
 			if (i + 1 >= len)
 				return 0;
@@ -660,10 +733,8 @@ static int head_scan(const uint8_t *p, size_t len, size_t *hlen, const char **wh
 			*why = "NUL byte in the header";
 			return -1;
 		}
-		if ((c < 0x20 && c != '\t') || c == 0x7f) {
-			*why = "control character in the header";
-			return -1;
-		}
+		*why = "control character in the header";
+		return -1;
 	}
 	if (len >= HTTP_HEAD_MAX) {
 		*why = "header block over 64 KiB";
@@ -811,9 +882,11 @@ static void forward_head(struct ag_session *s, const char *method, const char *t
 	bool dropped = false;
 
 	cred_refresh(s, h);
-	out_printf(h, AG_SIDE_UPSTREAM, "%s ", method);
+	out_add(h, AG_SIDE_UPSTREAM, method, strlen(method));
+	out_add(h, AG_SIDE_UPSTREAM, " ", 1);
 	out_add(h, AG_SIDE_UPSTREAM, target, tlen);
-	out_printf(h, AG_SIDE_UPSTREAM, " HTTP/1.%d\r\n", h->rq.http_minor);
+	/* framing_check() let only HTTP/1.0 and 1.1 through */
+	out_add(h, AG_SIDE_UPSTREAM, h->rq.http_minor ? " HTTP/1.1\r\n" : " HTTP/1.0\r\n", 11);
 	if (host_from_url)
 		out_printf(h, AG_SIDE_UPSTREAM, "Host: %s\r\n", host_from_url);
 	for (size_t i = 0; i < h->nhdr; i++) {
@@ -1241,7 +1314,7 @@ static void body_out(struct http *h, const void *p, size_t n)
 	if (!n)
 		return;
 	if (h->r_chunked)
-		out_printf(h, AG_SIDE_AGENT, "%zx\r\n", n);
+		out_chunk_size(h, AG_SIDE_AGENT, n);
 	out_add(h, AG_SIDE_AGENT, p, n);
 	if (h->r_chunked)
 		out_add(h, AG_SIDE_AGENT, "\r\n", 2);
@@ -1519,7 +1592,13 @@ static long response_head(struct ag_session *s)
 	if (!bodyless && (reframe || chunked_in) && e->http10)
 		h->r_close = true; /* close-delimited to an HTTP/1.0 agent */
 
-	out_printf(h, AG_SIDE_AGENT, "HTTP/%d.%d %u ", h->rs.http_major, h->rs.http_minor, st);
+	out_add(h, AG_SIDE_AGENT, "HTTP/", 5);
+	out_uint(h, AG_SIDE_AGENT, h->rs.http_major);
+	out_add(h, AG_SIDE_AGENT, ".", 1);
+	out_uint(h, AG_SIDE_AGENT, h->rs.http_minor);
+	out_add(h, AG_SIDE_AGENT, " ", 1);
+	out_uint(h, AG_SIDE_AGENT, st);
+	out_add(h, AG_SIDE_AGENT, " ", 1);
 	out_add(h, AG_SIDE_AGENT, h->reason, h->reason ? h->reasonlen : 0);
 	out_add(h, AG_SIDE_AGENT, "\r\n", 2);
 	for (size_t i = 0; i < h->nrh; i++) {
@@ -1837,6 +1916,7 @@ static int http_init(struct ag_session *s)
 	if (!h)
 		return -ENOMEM;
 	h->verdict = -1;
+	h->to = worker_to;
 	s->proto_state = h;
 	http_parser_init(&h->rq, HTTP_REQUEST);
 	http_parser_init(&h->rs, HTTP_RESPONSE);
@@ -1850,8 +1930,10 @@ static int http_init(struct ag_session *s)
 
 static long http_input(struct ag_session *s, enum ag_side from, const uint8_t *data, size_t len)
 {
-	long used = from == AG_SIDE_AGENT ? agent_process(s, data, len)
-					  : upstream_process(s, data, len);
+	long used;
+
+	out_begin(H(s));
+	used = from == AG_SIDE_AGENT ? agent_process(s, data, len) : upstream_process(s, data, len);
 
 	if (used < 0 || s->state == AG_SESS_CLOSED)
 		return -1;
@@ -1864,6 +1946,7 @@ static void http_eof(struct ag_session *s, enum ag_side from)
 {
 	struct http *h = H(s);
 
+	out_begin(h);
 	if (from == AG_SIDE_AGENT) {
 		h->agent_eof = true;
 		if (h->held) {
@@ -1917,10 +2000,13 @@ static void http_fini(struct ag_session *s)
 	}
 	while (h->qh)
 		ent_pop(h);
+	if (h->spare)
+		ent_free(h->spare);
 	response_end_state(h);
 	mask_clear(h);
-	ag_buf_free(&h->to[0]);
-	ag_buf_free(&h->to[1]);
+	if (h->to)
+		for (int i = 0; i < 2; i++)
+			h->to[i].start = h->to[i].end = 0;
 	ag_buf_free(&h->scratch);
 	ag_scrub_free(&h->scrub);
 	explicit_bzero(h->cred, sizeof(h->cred));

@@ -405,6 +405,45 @@ void ag_session_fail(struct ag_session *s, bool reset, const char *fmt, ...)
 	session_end(s, reset);
 }
 
+static void side_readable(struct ag_session *s, enum ag_side i);
+
+static void tls_kicked(struct ag_session *s, enum ag_side i)
+{
+	struct ag_side_conn *c = &s->side[i];
+
+	c->tls_kicked = false;
+	if (s->state != AG_SESS_CLOSED && c->tls == AG_TLS_UP && !c->rd_eof && !c->paused)
+		side_readable(s, i);
+}
+
+static void tls_kicked_agent(void *arg)
+{
+	tls_kicked(arg, AG_SIDE_AGENT);
+}
+
+static void tls_kicked_upstream(void *arg)
+{
+	tls_kicked(arg, AG_SIDE_UPSTREAM);
+}
+
+/*
+ * Records OpenSSL read ahead (tls.c) and the handler has not seen: the socket may be empty, so
+ * its epoll says nothing; a read of them is queued on the loop instead. Not while tls_readable()
+ * runs (it reads on), nor when the last SSL_read wanted more from the socket (a partial record:
+ * the socket reports the rest). The session is freed by a later loop call than this one.
+ */
+static void tls_kick(struct ag_session *s, enum ag_side i)
+{
+	struct ag_side_conn *c = &s->side[i];
+
+	if (c->tls_reading || c->tls_starved || c->tls_kicked || !c->ssl ||
+	    !SSL_has_pending(c->ssl))
+		return;
+	if (!ag_loop_call(s->w->loop, i == AG_SIDE_AGENT ? tls_kicked_agent : tls_kicked_upstream,
+			  s))
+		c->tls_kicked = true;
+}
+
 /* EPOLLIN on side i unless it is done or its destination is over the watermark. */
 static void side_update_events(struct ag_session *s, enum ag_side i)
 {
@@ -435,6 +474,8 @@ static void side_update_events(struct ag_session *s, enum ag_side i)
 			  : c->clear_out > 0)
 		ev |= EPOLLOUT;
 	ag_loop_mod(&c->io, ev | c->tls_want);
+	if ((ev & EPOLLIN) && c->tls == AG_TLS_UP)
+		tls_kick(s, i);
 }
 
 static bool session_done(const struct ag_session *s)
@@ -725,15 +766,19 @@ static void tls_readable(struct ag_session *s, enum ag_side i)
 	int budget = 16;
 
 	c->tls_want = 0;
+	c->tls_reading = true;
 	while (budget-- > 0 && !c->rd_eof && !c->paused && s->state != AG_SESS_CLOSED) {
 		size_t n = 0;
 		int e;
 
 		ERR_clear_error();
+		c->tls_starved = false;
 		if (!SSL_read_ex(c->ssl, s->w->scratch, AG_READ_CHUNK, &n)) {
 			e = SSL_get_error(c->ssl, 0);
-			if (e == SSL_ERROR_WANT_READ)
+			if (e == SSL_ERROR_WANT_READ) {
+				c->tls_starved = true;
 				break;
+			}
 			if (e == SSL_ERROR_WANT_WRITE) {
 				c->tls_want = EPOLLOUT;
 				break;
@@ -767,6 +812,7 @@ static void tls_readable(struct ag_session *s, enum ag_side i)
 		if (!SSL_has_pending(c->ssl))
 			break;
 	}
+	c->tls_reading = false;
 	settle(s);
 }
 

@@ -53,6 +53,9 @@ struct ag_side_conn {
 	uint32_t tls_want;  /* epoll events the handshake (or an SSL_read) waits for */
 	size_t clear_out;   /* head bytes of out still to go in clear before the handshake */
 	uint64_t tls_deadline_ms; /* the handshake's end at the latest (monotonic) */
+	bool tls_reading; /* in tls_readable(): it reads on by itself */
+	bool tls_starved; /* the last SSL_read wanted bytes from the socket */
+	bool tls_kicked;  /* a read of what OpenSSL read ahead is queued on the loop */
 };
 
 struct ag_session {

@@ -479,6 +479,11 @@ static SSL_CTX *ctx_new(const SSL_METHOD *m)
 	SSL_CTX_set_options(c, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF |
 				       SSL_OP_NO_COMPRESSION);
 	SSL_CTX_set_mode(c, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+	/*
+	 * Read-ahead: a record's header and body in one read(2), not two (session.c reads on what
+	 * OpenSSL holds, as the socket's epoll cannot report it).
+	 */
+	SSL_CTX_set_read_ahead(c, 1);
 	return c;
 }
 

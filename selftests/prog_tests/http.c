@@ -579,6 +579,27 @@ void test_http_jsonmask(void)
 		   sizeof(res));
 	ASSERT_EQ(n, 1, "list item masked");
 	ASSERT_HAS_SUBSTR(res, "\"data\":{\"a\":\"[REDACTED]\"}", "items[*].data");
+	/*
+	 * The output is written as yajl's generator writes it: compact, the same string escapes
+	 * (controls as \u00XX, a solidus as it is), arrays' and maps' separators, empty ones,
+	 * several top-level values each on its line; fed byte by byte and in one piece alike.
+	 */
+	o = (struct ag_jmask_opts){ .m = m, .keys = keys, .nkeys = 2 };
+	for (size_t step = 1; step <= 4096; step *= 4096) {
+		n = jm_run(&o,
+			   "{\"e\":\"q\\\"b\\\\s\\/c\\u0001\\u001f\\t\\n\\r\\b\\f\\u00e9 \x7f\","
+			   "\"x\":[],\"y\":{},\"z\":[[1,{}],\"a\",-0.5e-3,true,false,null],"
+			   "\"ssn\":{\"a\":[1,\"x\",{\"b\":true}]},\"n\":\"to bob@example.org\"}"
+			   " 42 \"s\" [1,2]\n",
+			   step, res, sizeof(res));
+		ASSERT_EQ(n, 4, "masked: three under ssn, one e-mail");
+		ASSERT_STREQ(res,
+			     "{\"e\":\"q\\\"b\\\\s/c\\u0001\\u001F\\t\\n\\r\\b\\f\xc3\xa9 \x7f\","
+			     "\"x\":[],\"y\":{},\"z\":[[1,{}],\"a\",-0.5e-3,true,false,null],"
+			     "\"ssn\":{\"a\":[null,\"[REDACTED]\",{\"b\":null}]},"
+			     "\"n\":\"to [REDACTED:email]\"}\n42\n\"s\"\n[1,2]\n",
+			     "escapes, separators, top-level values as yajl_gen writes them");
+	}
 	/* not JSON: refused, never passed on as it is */
 	n = jm_run(&o, "{\"data\": {\"a\": \"x\"} garbage", 4, res, sizeof(res));
 	ASSERT_EQ(n, -EPROTO, "invalid JSON is an error");

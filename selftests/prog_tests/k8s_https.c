@@ -7,6 +7,7 @@
  * JWT authenticator would, so a replayed or expired token straight to it is refused.
  */
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -197,6 +198,58 @@ static void subtest_replayed_token_refused(struct https_env *e)
 	ASSERT_TRUE(!strncmp(out, "HTTP/1.1 401", 12), "and an agent's own token is no JWT");
 }
 
+/*
+ * The client's Finished and 40 pipelined requests, each its own TLS record, in one write: the
+ * gateway reads records ahead (tls.c), more than one read of the loop takes, with the socket
+ * empty after the first read. Every request must still be answered.
+ */
+static void subtest_records_read_ahead_all_answered(struct https_env *e)
+{
+	static const char script[] =
+		"import socket, ssl, sys, time\n"
+		"ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
+		"ctx.maximum_version = ssl.TLSVersion.TLSv1_3\n"
+		"s = socket.create_connection((sys.argv[2], int(sys.argv[3])))\n"
+		"i, o = ssl.MemoryBIO(), ssl.MemoryBIO()\n"
+		"t = ctx.wrap_bio(i, o, server_hostname=sys.argv[2])\n"
+		"while True:\n"
+		"    try:\n"
+		"        t.do_handshake(); break\n"
+		"    except ssl.SSLWantReadError:\n"
+		"        s.sendall(o.read()); d = s.recv(65536)\n"
+		"        if not d: sys.exit('closed in the handshake')\n"
+		"        i.write(d)\n"
+		"req = ('GET /api/v1/namespaces/default/pods HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n'\n"
+		"       % sys.argv[2]).encode()\n"
+		"for _ in range(40): t.write(req)\n"
+		"s.sendall(o.read())\n"
+		"got, end = b'', time.time() + 20\n"
+		"s.settimeout(1)\n"
+		"while got.count(b'HTTP/1.1 200') < 40 and time.time() < end:\n"
+		"    try:\n"
+		"        d = s.recv(65536)\n"
+		"    except socket.timeout:\n"
+		"        continue\n"
+		"    if not d: break\n"
+		"    i.write(d)\n"
+		"    while True:\n"
+		"        try:\n"
+		"            got += t.read(65536)\n"
+		"        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):\n"
+		"            break\n"
+		"print('answers=%d' % got.count(b'HTTP/1.1 200'))\n";
+	char port[16];
+	char *argv[] = { "/usr/bin/python3", "-c", (char *)script, e->gwca, HTTPS_ADDR, port, NULL };
+
+	snprintf(port, sizeof(port), "%d", e->g.port);
+	if (!ASSERT_OK(th_http_run(&e->g, argv, out, sizeof(out), err, sizeof(err)), "python")) {
+		printf("%s\n", err);
+		return;
+	}
+	ASSERT_HAS_SUBSTR(out, "answers=40", "every pipelined request answered");
+	ASSERT_OK(kill(e->g.d.pid, 0), "daemon alive");
+}
+
 static void subtest_kubectl_get_pods(struct https_env *e)
 {
 	size_t before;
@@ -310,6 +363,8 @@ void test_k8s_https(void)
 		subtest_read_with_gateway_token(e);
 	if (test__start_subtest("replayed_token_refused_by_server"))
 		subtest_replayed_token_refused(e);
+	if (test__start_subtest("records_read_ahead_all_answered"))
+		subtest_records_read_ahead_all_answered(e);
 	if (have_kubectl && test__start_subtest("kubectl_https_get_pods_no_credential"))
 		subtest_kubectl_get_pods(e);
 	if (have_kubectl && test__start_subtest("kubectl_https_exec_forbidden"))
