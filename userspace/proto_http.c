@@ -84,8 +84,8 @@ struct http {
 	enum a_state astate;
 	enum u_state ustate;
 
-	/* the request being parsed: pointers into the input of the current call */
-	struct ag_http_hdr hdr[HTTP_MAX_HEADERS];
+	/* the request being parsed: pointers into the input of the current call (worker_hdr) */
+	struct ag_http_hdr *hdr;
 	size_t nhdr;
 	bool hdr_overflow, in_head, last_value, msg_done;
 	const char *url;
@@ -94,7 +94,7 @@ struct http {
 	bool cur_close;			 /* the current request asked for Connection: close */
 
 	/* the response being parsed */
-	struct ag_http_hdr rh[HTTP_MAX_HEADERS];
+	struct ag_http_hdr *rh; /* worker_rh */
 	size_t nrh;
 	bool rh_overflow, r_in_head, r_last_value, r_done;
 	const char *reason;
@@ -141,6 +141,12 @@ struct http {
  * no malloc and free of them per request and no memory held by an idle session.
  */
 static __thread struct ag_buf worker_to[2];
+/*
+ * A head's header fields likewise: a head is parsed whole within one call (head_scan()) and its
+ * fields are read before the call returns, so the worker's arrays serve all its sessions and an
+ * idle session holds 16 KiB less. Each message's parse points its session at them again.
+ */
+static __thread struct ag_http_hdr worker_hdr[HTTP_MAX_HEADERS], worker_rh[HTTP_MAX_HEADERS];
 
 static inline struct http *H(struct ag_session *s)
 {
@@ -584,6 +590,7 @@ static int rq_begin(http_parser *p)
 {
 	struct http *h = H(p->data);
 
+	h->hdr = worker_hdr;
 	h->nhdr = 0;
 	h->hdr_overflow = h->last_value = h->msg_done = false;
 	h->in_head = true;
@@ -1257,6 +1264,7 @@ static int rs_begin(http_parser *p)
 {
 	struct http *h = H(p->data);
 
+	h->rh = worker_rh;
 	h->nrh = 0;
 	h->rh_overflow = h->r_last_value = h->r_done = false;
 	h->r_in_head = true;
