@@ -1495,9 +1495,9 @@ static bool handshake_expired(const struct ag_session *s, void *arg)
 
 /*
  * A TLS session of this worker with no event for a whole tick gives back its record buffers
- * (about 17 KiB each way per SSL, 4 of them: an idle TLS session would hold 78 KiB instead
- * of 12). OpenSSL allocates them again at the next record; SSL_free_buffers() keeps them while
- * they hold data. Busy sessions keep theirs (SSL_MODE_RELEASE_BUFFERS would cost a malloc and
+ * (about 17 KiB each way per SSL, 4 of them with TLS on both legs: most of what an idle TLS
+ * session would hold). OpenSSL allocates them again at the next record; SSL_free_buffers()
+ * keeps them while they hold data. Busy sessions keep theirs (SSL_MODE_RELEASE_BUFFERS would cost a malloc and
  * a free per record). Runs on the worker, the only thread that touches its sessions' SSLs.
  */
 static bool tls_slim(const struct ag_session *cs, void *arg)
