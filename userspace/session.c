@@ -1500,6 +1500,34 @@ static bool handshake_expired(const struct ag_session *s, void *arg)
  * keeps them while they hold data. Busy sessions keep theirs (SSL_MODE_RELEASE_BUFFERS would cost a malloc and
  * a free per record). Runs on the worker, the only thread that touches its sessions' SSLs.
  */
+/*
+ * OpenSSL before 3.0.14 (3.1.6, 3.2.2, 3.3.1) freed a read buffer that held a record's header
+ * only, or a decrypted record not yet read (CVE-2024-4741): slimming waits for a fixed library.
+ */
+static bool free_buffers_safe(void)
+{
+	static int safe = -1;
+
+	if (safe < 0) {
+		unsigned long v = OpenSSL_version_num();
+		unsigned int major = v >> 28, minor = (v >> 20) & 0xff, patch = (v >> 4) & 0xff;
+		static const unsigned int fixed[] = { 14, 6, 2, 1 }; /* 3.0 .. 3.3 */
+
+		safe = major > 3 || (major == 3 && (minor > 3 || patch >= fixed[minor]));
+	}
+	return safe;
+}
+
+/*
+ * May side c's SSL give its buffers back: no decrypted bytes waiting for a paused side or a
+ * queued read. (A record begun but not whole is SSL_free_buffers()'s own refusal: tls_starved
+ * cannot tell it, as every read of an idle side ends wanting bytes.)
+ */
+static bool tls_idle(const struct ag_side_conn *c)
+{
+	return !c->paused && !c->tls_kicked && !SSL_has_pending(c->ssl);
+}
+
 static bool tls_slim(const struct ag_session *cs, void *arg)
 {
 	struct ag_session *s = (struct ag_session *)cs;
@@ -1507,12 +1535,14 @@ static bool tls_slim(const struct ag_session *cs, void *arg)
 
 	if (s->w != arg)
 		return false;
-	if (!s->io_seen && !s->tls_slim &&
+	if (!s->io_seen && !s->tls_slim && free_buffers_safe() &&
 	    (s->state == AG_SESS_ACTIVE || s->state == AG_SESS_CLOSING)) {
-		for (int i = 0; i < 2; i++)
-			if (s->side[i].ssl && s->side[i].tls == AG_TLS_UP &&
-			    !SSL_free_buffers(s->side[i].ssl))
+		for (int i = 0; i < 2; i++) {
+			if (!s->side[i].ssl || s->side[i].tls != AG_TLS_UP)
+				continue;
+			if (!tls_idle(&s->side[i]) || !SSL_free_buffers(s->side[i].ssl))
 				slim = false;
+		}
 		s->tls_slim = slim;
 	}
 	s->io_seen = false;
