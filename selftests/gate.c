@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "gate.h"
 #include "test_progs.h"
@@ -162,4 +164,29 @@ bool th_check_session_start(const struct th_gate *g, int pid, const char *target
 	ok &= ASSERT_EQ(v, uid, "uid");
 	yajl_tree_free(ev);
 	return ok;
+}
+
+bool th_key_file_refusals(struct th_daemon *d, const char *key, const char *what)
+{
+	static char log[65536];
+	char real[320], want[400];
+
+	snprintf(real, sizeof(real), "%s.real", key);
+	if (!ASSERT_OK(chmod(key, 0644), "chmod 0644"))
+		return false;
+	ASSERT_EQ(th_daemon_restart(d), -ECHILD, "a 0644 key stops the start");
+	th_daemon_read_log(d, log, sizeof(log));
+	snprintf(want, sizeof(want), "%s %s: must be owned by root and mode 0600 (is 0644)", what,
+		 key);
+	ASSERT_HAS_SUBSTR(log, want, "with the rule, the path and the mode");
+	if (!ASSERT_OK(chmod(key, 0600), "chmod 0600") || !ASSERT_OK(rename(key, real), "move") ||
+	    !ASSERT_OK(symlink(real, key), "link"))
+		return false;
+	ASSERT_EQ(th_daemon_restart(d), -ECHILD, "a symlinked key stops the start");
+	th_daemon_read_log(d, log, sizeof(log));
+	snprintf(want, sizeof(want), "%s %s: is a symbolic link: refused", what, key);
+	ASSERT_HAS_SUBSTR(log, want, "and names the path");
+	if (!ASSERT_OK(unlink(key), "unlink") || !ASSERT_OK(rename(real, key), "key back"))
+		return false;
+	return ASSERT_OK(th_daemon_restart(d), "0600 starts again");
 }

@@ -46,3 +46,13 @@ int th_job_in(const char *rel, struct th_job *j, int timeout_ms);
 bool th_check_session_start(const struct th_gate *g, int pid, const char *target,
 			    const char *orig_dst, const char *orig_dst_alt, const char *cgroup,
 			    const char *comm, long long uid);
+
+/* ---- the daemon's key files ---- */
+
+/*
+ * Key file key (one the stopped daemon d made; what names it in errors, "CA key") made 0644,
+ * then a symbolic link to a copy of itself: each stops the next start with "<what> <key>: ..."
+ * in the log (the rule and the mode; that it is a link). Then it is put back, 0600 and a plain
+ * file, and d starts again. true when every step held (failures are test failures).
+ */
+bool th_key_file_refusals(struct th_daemon *d, const char *key, const char *what);
