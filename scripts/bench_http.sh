@@ -24,7 +24,8 @@
 # Environment: AGBENCH_HTTP_T (seconds per run, 5), AGBENCH_HTTP_ROUNDS (3),
 # AGBENCH_HTTP_CONNS (32), AGBENCH_HTTP_THREADS (2), AGBENCH_HTTP_IDLE (500: keep-alive
 # sessions held idle at once through the gateway, plain then TLS, first, for the daemon's memory
-# per idle session; 0 skips it), AGBENCH_BUILD (build).
+# per idle session; 0 skips it), AGBENCH_BUILD (build), AGBENCH_PERF (a path prefix: each
+# agentgate run is recorded with perf record -g into PREFIX.WORKLOAD, for perf report).
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -296,8 +297,10 @@ run_wrk() { # mode workload cgroup url [proxy pid...]
 	w_mode=$1 w_wl=$2 w_cg=$3 w_url=$4
 	shift 4
 	w_c0=$(cpu_ticks "$@")
+	[ "$w_mode" = agentgate ] && perf_start "$w_wl" "$DPID" "$T"
 	w_out=$(in_cgroup "$w_cg" "$WRK" -t"$THREADS" -c"$CONNS" -d"${T}s" "$w_url" 2>/dev/null)
 	w_c1=$(cpu_ticks "$@")
+	perf_wait
 	echo "$w_out" | awk -v m="$w_mode" -v w="$w_wl" -v t=$((w_c1 - w_c0)) -v hz="$TCK" \
 		-v proxy=$# '
 		/ requests in / { n = $1 }

@@ -31,7 +31,8 @@
 # AGBENCH_PG_IDLE (500: sessions held idle at once, first, for the daemon's memory per idle
 # session; 0 skips it), AGBENCH_BUILD (build), AGBENCH_PG_DAEMON_ARGS (extra agentgated arguments, e.g.
 # "--fastpath on"), AGBENCH_PG_KEEP=FILE keeps the raw results (scripts/bench_pg.sh --table FILE
-# formats them again).
+# formats them again), AGBENCH_PERF=PREFIX records each gateway run with perf record -g into
+# PREFIX.MODE-WORKLOAD-ROUND (for perf report).
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -386,11 +387,13 @@ pgb() { # mode workload round clients threads seconds [log prefix]
 	agentgate | agentgate-tls) p_pid=$DPID ;;
 	esac
 	p_cpu0=$(cpu_ticks "$p_pid")
+	case $p_mode in agentgate*) perf_start "$p_mode-$p_wl-$p_round" "$p_pid" "$p_t" ;; esac
 	# shellcheck disable=SC2086
 	run in_cgroup "$p_cg" - env $p_env "$PGBENCH" -n $args -c "$p_c" -j "$p_j" -T "$p_t" \
 		-h "$p_host" -p "$p_port" -U postgres "$DB" >"$WORK/out" 2>"$WORK/err"
 	rc=$?
 	p_cpu1=$(cpu_ticks "$p_pid")
+	perf_wait
 	tps=$(awk '/^tps = / { print $3; exit }' "$WORK/out")
 	txns=$(awk '/^number of transactions actually processed: / { print $6; exit }' "$WORK/out")
 	lat=$(awk '/^latency average = / { print $4; exit }' "$WORK/out")

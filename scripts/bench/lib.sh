@@ -69,3 +69,22 @@ cpu_ticks() { # pid...
 	done
 	echo "$ct_t"
 }
+
+# With AGBENCH_PERF=PREFIX set, records process $2 with perf record -g for $3 seconds into
+# PREFIX.$1 (in the background: perf_wait waits for it), for perf report; otherwise nothing.
+PERF_JOB=
+perf_start() { # name pid seconds
+	PERF_JOB=
+	[ -n "${AGBENCH_PERF:-}" ] && [ -n "$2" ] || return 0
+	command -v perf >/dev/null 2>&1 || {
+		echo "$BENCH_NAME: AGBENCH_PERF is set but perf is not installed" >&2
+		return 0
+	}
+	perf record -q -F 999 -g -p "$2" -o "$AGBENCH_PERF.$1" -- sleep "$3" >/dev/null 2>&1 &
+	PERF_JOB=$!
+}
+perf_wait() {
+	[ -n "$PERF_JOB" ] && wait "$PERF_JOB"
+	PERF_JOB=
+	return 0
+}
