@@ -1,13 +1,16 @@
 #!/bin/sh
 # SPDX-License-Identifier: GPL-2.0
 # The PostgreSQL bench: pgbench against one throwaway PostgreSQL 15 (initdb as the postgres
-# user into a temp dir, listening on 127.0.0.2 only, fsync off, pgbench -i -s 10) in three
-# modes, side by side in one run:
+# user into a temp dir, listening on 127.0.0.2 and 127.0.0.6, fsync off, pgbench -i -s 10) in
+# four modes, side by side in one run:
 #   direct     the client talks to the server;
 #   pgbouncer  through PgBouncer in session mode (127.0.0.3, its own config, as postgres);
 #   agentgate  the client in a tagged cgroup, through agentgated with full enforcement: a rule
 #              with sql: rules allowing pgbench's statements and a mask: (a column rule and
-#              the value detectors, so masking is active), and the daemon's session log.
+#              the value detectors, so masking is active), and the daemon's session log;
+#   relay      the same tagged client through the same daemon to a protocol: tcp target (the
+#              server's second address, 127.0.0.6): bytes relayed, nothing parsed. Its ratio
+#              is the floor of one user-space hop on this host: no enforcement can beat it.
 # Workloads: -S (simple), -S -M prepared, TPC-B -M prepared, at a fixed client count; then one
 # client (-S simple and -S prepared) for the added latency (pgbench's average, and p50/p99 from
 # its per-transaction log). Each workload runs in the modes back to back, in turns, so that a
@@ -22,8 +25,8 @@
 # per transaction: handshakes per second), as ratios to direct TLS in a third table.
 #
 # Installs nothing, needs no terminal, and removes its server, PgBouncer, daemon, cgroups and
-# pins on every exit; stops itself after AGBENCH_PG_LIMIT seconds (default 340; a default run
-# takes about 4.5 minutes, 5.5 with the TLS part).
+# pins on every exit; stops itself after AGBENCH_PG_LIMIT seconds (default 540; a default run
+# takes about 5.5 minutes, 6.5 with the TLS part).
 #
 # Environment: AGBENCH_PG_T (seconds per throughput run, default 5), AGBENCH_PG_LAT_T (seconds
 # per latency run, 4), AGBENCH_PG_ROUNDS (3), AGBENCH_PG_CLIENTS (8), AGBENCH_PG_THREADS (2),
@@ -48,13 +51,14 @@ SCALE=${AGBENCH_PG_SCALE:-10}
 LAT=${AGBENCH_PG_LAT:-1}
 IDLE=${AGBENCH_PG_IDLE:-500}
 TLS=${AGBENCH_PG_TLS:-1}
-LIMIT=${AGBENCH_PG_LIMIT:-440}
+LIMIT=${AGBENCH_PG_LIMIT:-540}
 PGBIN=/usr/lib/postgresql/15/bin
 PGBENCH=/usr/bin/pgbench
 PSQL=/usr/bin/psql
 PGBOUNCER=/usr/sbin/pgbouncer
 PGADDR=127.0.0.2
 PBADDR=127.0.0.3
+RAWADDR=127.0.0.6
 DB=bench
 
 fail() {
@@ -84,17 +88,23 @@ END {
 	split("S SP TP", wls, " ")
 	split("-S (simple)|-S -M prepared|TPC-B -M prepared", names, "|")
 	printf "\nTPS, pgbench -c %d -j %d -T %d, median of %d round(s); target: agentgate >= 0.80x direct and ahead of pgbouncer\n", clients, threads, t, rounds
-	printf "%-18s %9s %10s %6s %10s %6s  %-18s %s\n", "workload", "direct", "pgbouncer", "ratio", \
-		"agentgate", "ratio", "target", "proxy CPU us/txn: pgbouncer, agentgate"
+	printf "%-18s %9s %10s %6s %10s %6s  %-18s %-34s %10s %6s  %s\n", "workload", "direct", \
+		"pgbouncer", "ratio", "agentgate", "ratio", "target", \
+		"proxy CPU us/txn: pgbouncer, agentgate", "tcp relay", "ratio", "relay CPU us/txn"
 	for (i = 1; i <= 3; i++) {
 		w = wls[i]
 		d = m("direct", w, "tps"); p = m("pgbouncer", w, "tps"); g = m("agentgate", w, "tps")
 		rp = d > 0 ? p / d : 0
 		rg = d > 0 ? g / d : 0
 		verdict = ((rg >= 0.80) ? "ok" : "MISSED") ", " ((g > p) ? "ahead" : "behind")
-		printf "%-18s %9.1f %10.1f %5.2fx %10.1f %5.2fx  %-18s %.1f, %.1f\n", names[i], d, p, rp, \
-			g, rg, verdict, m("pgbouncer", w, "cpu_us"), m("agentgate", w, "cpu_us")
+		rr = m("relay", w, "tps")
+		printf "%-18s %9.1f %10.1f %5.2fx %10.1f %5.2fx  %-18s %-34s %10s %6s  %.1f\n", names[i], d, \
+			p, rp, g, rg, verdict, sprintf("%.1f, %.1f", m("pgbouncer", w, "cpu_us"), \
+			m("agentgate", w, "cpu_us")), rr < 0 ? "-" : sprintf("%.1f", rr), \
+			rr < 0 || d <= 0 ? "-" : sprintf("%.2fx", rr / d), m("relay", w, "cpu_us")
 	}
+	if (cnt["relay" SUBSEP "S" SUBSEP "tps"])
+		printf "(tcp relay: the same daemon relaying the same bytes to a protocol: tcp target, nothing parsed or recorded but the session: the floor of one user-space hop here)\n"
 	if (cnt["direct-tls" SUBSEP "S" SUBSEP "tps"]) {
 		printf "\nTLS on both legs (verify-full), pgbench -c %d -j %d -T %d, median of %d round(s)\n", clients, threads, t, rounds
 		printf "%-30s %11s %11s %6s  %s\n", "workload", "direct TLS", "agentgate", "ratio", \
@@ -233,7 +243,7 @@ run in_cgroup "$CG_SRV" postgres "$PGBIN/initdb" -D "$WORK/data" -A trust -U pos
 	fail "initdb failed"
 }
 cat >>"$WORK/data/postgresql.conf" <<EOF
-listen_addresses = '$PGADDR'
+listen_addresses = '$PGADDR,$RAWADDR'
 port = $PGPORT
 unix_socket_directories = '$WORK'
 max_connections = $((IDLE + 50))
@@ -309,6 +319,9 @@ targets:
   - name: db
     protocol: postgres
     address: $PGADDR:$PGPORT
+  - name: dbraw
+    protocol: tcp
+    address: $RAWADDR:$PGPORT
 rules:
   - agent: bench
     target: db
@@ -375,6 +388,7 @@ pgb() { # mode workload round clients threads seconds [log prefix]
 	direct) p_cg=$CG_CLI p_host=$PGADDR p_port=$PGPORT ;;
 	pgbouncer) p_cg=$CG_CLI p_host=$PBADDR p_port=$PBPORT ;;
 	agentgate) p_cg=$CG_AGENT p_host=$PGADDR p_port=$PGPORT ;;
+	relay) p_cg=$CG_AGENT p_host=$RAWADDR p_port=$PGPORT ;;
 	direct-tls) p_cg=$CG_CLI p_host=$PGADDR p_port=$PGPORT
 		p_env="PGSSLMODE=verify-full PGSSLROOTCERT=$WORK/tls/ca.crt" ;;
 	agentgate-tls) p_cg=$CG_AGENT p_host=$PGADDR p_port=$PGPORT
@@ -384,7 +398,7 @@ pgb() { # mode workload round clients threads seconds [log prefix]
 	p_pid=
 	case $p_mode in
 	pgbouncer) p_pid=$(cat "$WORK/pgbouncer.pid" 2>/dev/null) ;;
-	agentgate | agentgate-tls) p_pid=$DPID ;;
+	agentgate | agentgate-tls | relay) p_pid=$DPID ;;
 	esac
 	p_cpu0=$(cpu_ticks "$p_pid")
 	case $p_mode in agentgate*) perf_start "$p_mode-$p_wl-$p_round" "$p_pid" "$p_t" ;; esac
@@ -425,7 +439,7 @@ pgb() { # mode workload round clients threads seconds [log prefix]
 
 echo "agentgate PostgreSQL bench: pgbench -c $CLIENTS -j $THREADS -T $T, scale $SCALE," \
 	"$ROUNDS round(s); modes run back to back in turns"
-order="direct pgbouncer agentgate"
+order="direct pgbouncer agentgate relay"
 r=1
 while [ "$r" -le "$ROUNDS" ]; do
 	for wl in S SP TP; do

@@ -631,6 +631,13 @@ static void side_splice(struct ag_session *s, enum ag_side i)
 		}
 		if (s->side[o].piped)
 			break; /* the other side is full: wait for EPOLLOUT there */
+		/*
+		 * A short splice emptied the socket (as a short read does in side_readable()):
+		 * no third splice just to hear EAGAIN. Under AG_READ_CHUNK, so that bulk, whose
+		 * splices the pipe's slots may cut short, still loops.
+		 */
+		if (n < AG_READ_CHUNK)
+			break;
 	}
 	if (!s->side[o].piped)
 		pipe_put(s->w, s->side[o].pipe);
