@@ -1,14 +1,16 @@
 #!/bin/sh
 # SPDX-License-Identifier: GPL-2.0
 # The HTTP bench: wrk against one static upstream (nginx serving files from a temp dir on
-# 127.0.0.4, worker_processes 2) in three modes, side by side in one run:
+# 127.0.0.4, worker_processes 2) in four modes, side by side in one run:
 #   direct     wrk talks to the upstream;
 #   nginx      through nginx as a reverse proxy (127.0.0.5, worker_processes 2, upstream
 #              keepalive), the usual way to put a proxy in front of an HTTP API;
 #   agentgate  wrk in a tagged cgroup, through agentgated with full enforcement: http: rules
 #              decided per request (first match, default deny), the agent's requests rebuilt
 #              and re-framed, and for the JSON workload a mask: (keys and detectors) applied to
-#              the streamed body — which nginx does not do.
+#              the streamed body — which nginx does not do;
+#   relay      the 1 KiB file through the same daemon to a protocol: tcp target (the upstream's
+#              third port): bytes relayed, nothing parsed. The floor of the hop on this host.
 # Workloads: a 1 KiB text file and a 4 KiB JSON document, and the 1 KiB file over HTTPS with TLS
 # on both legs (certificates from a throwaway CA): direct https to the upstream's TLS port,
 # nginx terminating TLS and proxying over https (keepalive, session reuse, no upstream
@@ -140,6 +142,8 @@ free_port 30000
 UPPORT=$PORT
 free_port 30000
 UPTLS=$PORT
+free_port 30000
+UPRAW=$PORT
 cat >"$WORK/up/nginx.conf" <<EOF
 worker_processes 2;
 daemon off;
@@ -156,6 +160,7 @@ http {
 	scgi_temp_path $WORK/up;
 	keepalive_requests 1000000;
 	server { listen $UPADDR:$UPPORT; root $WORK/www; }
+	server { listen $UPADDR:$UPRAW; root $WORK/www; }
 	server {
 		listen $UPADDR:$UPTLS ssl;
 		ssl_certificate $WORK/pki/up.crt;
@@ -227,6 +232,9 @@ targets:
   - name: web
     protocol: http
     address: $UPADDR:$UPPORT
+  - name: webraw
+    protocol: tcp
+    address: $UPADDR:$UPRAW
   - name: webtls
     protocol: http
     address: $UPADDR:$UPTLS
@@ -325,6 +333,7 @@ while [ $r -le "$ROUNDS" ]; do
 		run_wrk nginx $w "$CG_CLI" "http://$PXADDR:$PXPORT/$w" $(nginx_pids)
 		run_wrk agentgate $w "$CG_AGENT" "http://$UPADDR:$UPPORT/$w" "$DPID"
 	done
+	run_wrk relay 1k.txt "$CG_AGENT" "http://$UPADDR:$UPRAW/1k.txt" "$DPID"
 	# shellcheck disable=SC2046
 	run_wrk direct tls "$CG_CLI" "https://$UPADDR:$UPTLS/1k.txt"
 	run_wrk nginx tls "$CG_CLI" "https://$PXADDR:$PXTLS/1k.txt" $(nginx_pids)
@@ -357,6 +366,14 @@ END {
 		printf "%-24s %10.0f %10.0f %6.2fx %10.0f %6.2fx %7.2fx  %-7s %.1f, %.1f\n", names[i], \
 			d, n, ratio(n, d), g, ratio(g, d), ratio(g, n), (g >= n) ? "ok" : "MISSED", \
 			median("nginx-cpu" SUBSEP ws[i]), median("agentgate-cpu" SUBSEP ws[i])
+	}
+	if (cnt["relay" SUBSEP "1k.txt"]) {
+		d = median("direct" SUBSEP "1k.txt"); n = median("nginx" SUBSEP "1k.txt")
+		g = median("relay" SUBSEP "1k.txt")
+		printf "%-24s %10.0f %10.0f %6.2fx %10.0f %6.2fx %7.2fx  %-7s %.1f, %.1f\n", \
+			"1 KiB text, tcp relay", d, n, ratio(n, d), g, ratio(g, d), ratio(g, n), "-", \
+			median("nginx-cpu" SUBSEP "1k.txt"), median("relay-cpu" SUBSEP "1k.txt")
+		printf "(tcp relay: the same daemon relaying the same bytes to a protocol: tcp target, nothing parsed: the floor of the hop)\n"
 	}
 	for (i = 1; i <= 2; i++) {
 		k = i == 1 ? "http" : "https"
