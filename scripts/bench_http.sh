@@ -334,8 +334,8 @@ while [ $r -le "$ROUNDS" ]; do
 		run_wrk agentgate $w "$CG_AGENT" "http://$UPADDR:$UPPORT/$w" "$DPID"
 	done
 	run_wrk relay 1k.txt "$CG_AGENT" "http://$UPADDR:$UPRAW/1k.txt" "$DPID"
-	# shellcheck disable=SC2046
 	run_wrk direct tls "$CG_CLI" "https://$UPADDR:$UPTLS/1k.txt"
+	# shellcheck disable=SC2046 # the pids are words
 	run_wrk nginx tls "$CG_CLI" "https://$PXADDR:$PXTLS/1k.txt" $(nginx_pids)
 	run_wrk agentgate tls "$CG_AGENT" "https://$UPADDR:$UPTLS/1k.txt" "$DPID"
 	r=$((r + 1))
