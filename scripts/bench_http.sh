@@ -22,11 +22,12 @@
 # throughput on the same core count.
 #
 # Installs nothing, needs no terminal, removes its servers, daemon, cgroups and pins on every
-# exit; stops itself after AGBENCH_HTTP_LIMIT seconds (default 200).
+# exit; stops itself after AGBENCH_HTTP_LIMIT seconds (default 260).
 # Environment: AGBENCH_HTTP_T (seconds per run, 5), AGBENCH_HTTP_ROUNDS (3),
 # AGBENCH_HTTP_CONNS (32), AGBENCH_HTTP_THREADS (2), AGBENCH_HTTP_IDLE (500: keep-alive
 # sessions held idle at once through the gateway, plain then TLS, first, for the daemon's memory
-# per idle session; 0 skips it), AGBENCH_BUILD (build), AGBENCH_PERF (a path prefix: each
+# per idle session; 0 skips it), AGBENCH_BUILD (build), AGBENCH_HTTP_DAEMON_ARGS (extra
+# agentgated arguments, e.g. "--workers 1"), AGBENCH_PERF (a path prefix: each
 # agentgate run is recorded with perf record -g into PREFIX.WORKLOAD, for perf report).
 set -u
 
@@ -38,7 +39,7 @@ T=${AGBENCH_HTTP_T:-5}
 ROUNDS=${AGBENCH_HTTP_ROUNDS:-3}
 CONNS=${AGBENCH_HTTP_CONNS:-32}
 THREADS=${AGBENCH_HTTP_THREADS:-2}
-LIMIT=${AGBENCH_HTTP_LIMIT:-200}
+LIMIT=${AGBENCH_HTTP_LIMIT:-260}
 IDLE=${AGBENCH_HTTP_IDLE:-500}
 NGINX=/usr/sbin/nginx
 WRK=/usr/bin/wrk
@@ -256,9 +257,10 @@ rules:
       - { name: reads, when: { method: [GET, HEAD] }, then: allow }
 default: deny
 EOF
+# shellcheck disable=SC2086 # extra arguments are words
 "$B/agentgated" --foreground --config "$WORK/gw/policy.yaml" --state-dir "$WORK/gw/state" \
-	--socket "$WORK/gw/ctl.sock" --bpffs "$PINS" --port "$GWPORT" >"$WORK/gw/log" 2>&1 \
-	</dev/null &
+	--socket "$WORK/gw/ctl.sock" --bpffs "$PINS" --port "$GWPORT" \
+	${AGBENCH_HTTP_DAEMON_ARGS:-} >"$WORK/gw/log" 2>&1 </dev/null &
 DPID=$!
 i=0
 until grep -qs 'listening on' "$WORK/gw/log"; do
