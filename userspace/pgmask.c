@@ -520,12 +520,69 @@ void pg_catalog_cache_put(const char *target, const char *database, const char *
 
 /* --- shapes ------------------------------------------------------------------------------ */
 
+struct pg_sql *pg_sql_new(const char *text, size_t len)
+{
+	struct pg_sql *q = malloc(sizeof(*q) + len + 1);
+
+	if (!q)
+		return NULL;
+	q->refs = 1;
+	q->analysed = false;
+	q->cat = NULL;
+	q->m = NULL;
+	q->orig = NULL;
+	memcpy(q->text, text, len);
+	q->text[len] = '\0';
+	return q;
+}
+
+struct pg_sql *pg_sql_ref(struct pg_sql *q)
+{
+	if (q)
+		q->refs++;
+	return q;
+}
+
+void pg_sql_unref(struct pg_sql *q)
+{
+	if (!q || --q->refs)
+		return;
+	sql_origin_unref(q->orig);
+	pg_catalog_unref(q->cat);
+	free(q);
+}
+
+/* The origin of q's outputs against mk's catalog, analysed once per catalog and masker. */
+static int pg_sql_origin(struct pg_sql *q, const struct pg_masking *mk, struct sql_origin **out)
+{
+	struct sql_origin *o;
+	int err;
+
+	if (!q->analysed || q->cat != mk->cat || q->m != mk->m) {
+		err = sql_origin_analyze(q->text, mk->m, mk->cat, &o);
+		if (err)
+			return err;
+		sql_origin_unref(q->orig);
+		pg_catalog_unref(q->cat);
+		q->orig = o;
+		q->cat = pg_catalog_ref((struct pg_catalog *)mk->cat);
+		q->m = mk->m;
+		q->analysed = true;
+	}
+	*out = sql_origin_ref(q->orig);
+	return 0;
+}
+
 struct pg_shape *pg_shape_new(void)
 {
-	struct pg_shape *sh = calloc(1, sizeof(*sh));
+	/*
+	 * One per Describe or result: not calloc (nor malloc and memset, which the compiler makes
+	 * a calloc), which skips malloc's per-thread cache.
+	 */
+	struct pg_shape *sh = malloc(sizeof(*sh));
 
 	if (sh)
-		sh->refs = 1;
+		*sh = (struct pg_shape){ .refs = 1 };
 	return sh;
 }
 
@@ -541,7 +598,7 @@ void pg_shape_unref(struct pg_shape *sh)
 	if (!sh || --sh->refs)
 		return;
 	sql_origin_unref(sh->orig);
-	free(sh->sql);
+	pg_sql_unref(sh->sql);
 	free(sh->cols);
 	free(sh);
 }
@@ -569,7 +626,7 @@ int pg_shape_from_rowdesc(struct pg_shape *sh, const struct pg_masking *mk, cons
 
 		sql_origin_unref(sh->orig);
 		sh->orig = NULL;
-		err = sql_origin_analyze(sh->sql, mk->m, mk->cat, &sh->orig);
+		err = pg_sql_origin(sh->sql, mk, &sh->orig);
 		if (err)
 			return err;
 	}
@@ -578,7 +635,8 @@ int pg_shape_from_rowdesc(struct pg_shape *sh, const struct pg_masking *mk, cons
 	if (r.bad)
 		return -EPROTO;
 	if (n) {
-		cols = calloc(n, sizeof(*cols));
+		/* Every field is set below (not calloc, which skips malloc's thread cache). */
+		cols = malloc(n * sizeof(*cols));
 		if (!cols)
 			return -ENOMEM;
 	}

@@ -151,7 +151,7 @@ struct pg_refusal {
 struct pg_qinfo {
 	struct pg_copy_spec **copies;
 	size_t n, next;
-	char *sql; /* the string, for the origin of its results' columns (sqlorigin.h) */
+	struct pg_sql *sql; /* the string, for the origin of its results' columns (sqlorigin.h) */
 };
 
 /* --- prepared statements and portals ------------------------------------------------------ */
@@ -175,7 +175,7 @@ struct pg_stmt {
 	bool where_absent;
 	bool approved;		   /* its Parse was let through by an approval */
 	struct pg_copy_spec *copy; /* a COPY TO STDOUT (masking only) */
-	char *sql;		   /* for the origin of its result columns (masking only) */
+	struct pg_sql *sql;	   /* for the origin of its result columns (masking only) */
 };
 
 struct pg_portal {
@@ -529,7 +529,7 @@ static void stmt_unref(struct pg_stmt *st)
 		free(st->tables[i]);
 	free(st->tables);
 	pg_copy_spec_free(st->copy);
-	free(st->sql);
+	pg_sql_unref(st->sql);
 	free(st->nm.name);
 	free(st);
 }
@@ -559,6 +559,16 @@ static void map_clear(struct pg_map *m, bool portals)
 	m->nb = m->n = 0;
 }
 
+/* One per Query with masking: not calloc, which skips malloc's per-thread cache. */
+static struct pg_qinfo *qinfo_new(void)
+{
+	struct pg_qinfo *qi = malloc(sizeof(*qi));
+
+	if (qi)
+		*qi = (struct pg_qinfo){ 0 };
+	return qi;
+}
+
 static void qinfo_free(struct pg_qinfo *qi)
 {
 	if (!qi)
@@ -566,7 +576,7 @@ static void qinfo_free(struct pg_qinfo *qi)
 	for (size_t i = 0; i < qi->n; i++)
 		pg_copy_spec_free(qi->copies[i]);
 	free(qi->copies);
-	free(qi->sql);
+	pg_sql_unref(qi->sql);
 	free(qi);
 }
 
@@ -1289,7 +1299,7 @@ static int on_query(struct ag_session *s, struct fwd *f, const uint8_t *msg, siz
 
 		rc = copy_specs(s, sql, len, &r, &list, &n, &v);
 		if (!rc && n) {
-			qi = calloc(1, sizeof(*qi));
+			qi = qinfo_new();
 			if (qi) {
 				qi->copies = list;
 				qi->n = n;
@@ -1306,8 +1316,8 @@ static int on_query(struct ag_session *s, struct fwd *f, const uint8_t *msg, siz
 	if (!v.refuse && pg->mk.m && pg->cat_sql) {
 		/* Column rules: the results' shapes read the string's origins (sqlorigin.h). */
 		if (!qi)
-			qi = calloc(1, sizeof(*qi));
-		if (!qi || !(qi->sql = strndup(sql, len))) {
+			qi = qinfo_new();
+		if (!qi || !(qi->sql = pg_sql_new(sql, len))) {
 			rc = -ENOMEM;
 			goto out;
 		}
@@ -1398,7 +1408,8 @@ static int on_parse(struct ag_session *s, struct fwd *f, const uint8_t *msg, siz
 			st->copy = copies[0];
 			copies[0] = NULL;
 		}
-		if (!rc && st && pg->mk.m && pg->cat_sql && !st->sql && !(st->sql = strdup(sql)))
+		if (!rc && st && pg->mk.m && pg->cat_sql && !st->sql &&
+		    !(st->sql = pg_sql_new(sql, sqllen)))
 			rc = -ENOMEM;
 		if (rc)
 			goto out;
@@ -1483,10 +1494,8 @@ static int on_describe(struct ag_session *s, struct fwd *f, const uint8_t *msg, 
 		if (p) {
 			pg_shape_unref(p->shape);
 			p->shape = pg_shape_ref(sh);
-			if (p->stmt && p->stmt->sql && !(sh->sql = strdup(p->stmt->sql))) {
-				pg_shape_unref(sh);
-				return -ENOMEM;
-			}
+			if (p->stmt)
+				sh->sql = pg_sql_ref(p->stmt->sql);
 		}
 	}
 	fwd_keep(f, msg - f->base, total);
@@ -1523,8 +1532,9 @@ static int on_execute(struct ag_session *s, struct fwd *f, const uint8_t *msg, s
 		if (!sh) {
 			/* Rows we must mask and no RowDescription asked for: ask ourselves. */
 			sh = pg_shape_new();
-			if (!sh || (st && st->sql && !(sh->sql = strdup(st->sql))) ||
-			    pg_put_describe(&pg->scratch, 'P', name)) {
+			if (sh && st)
+				sh->sql = pg_sql_ref(st->sql);
+			if (!sh || pg_put_describe(&pg->scratch, 'P', name)) {
 				pg_shape_unref(sh);
 				stmt_unref(st);
 				return -ENOMEM;
@@ -2456,11 +2466,8 @@ static int upstream_message(struct ag_session *s, struct fwd *f, const uint8_t *
 		} else if (h && h->kind == PQ_QUERY && pg->mk.m && type == PG_B_ROW_DESC) {
 			pg_shape_unref(pg->qshape);
 			pg->qshape = pg_shape_new();
-			if (pg->qshape && h->qinfo && h->qinfo->sql &&
-			    !(pg->qshape->sql = strdup(h->qinfo->sql))) {
-				pg_shape_unref(pg->qshape);
-				pg->qshape = NULL;
-			}
+			if (pg->qshape && h->qinfo)
+				pg->qshape->sql = pg_sql_ref(h->qinfo->sql);
 			rc = pg->qshape ? pg_shape_from_rowdesc(pg->qshape, &pg->mk, body, blen)
 					: -ENOMEM;
 		}
