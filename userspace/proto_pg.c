@@ -255,9 +255,13 @@ static inline struct pg *PG(struct ag_session *s)
 	return s->proto_state;
 }
 
+/* snprintf(dst, len, "%s", src), without printf's machinery (a rule's name per statement). */
 static void copy_str(char *dst, size_t len, const char *src)
 {
-	snprintf(dst, len, "%s", src ? src : "");
+	size_t n = src ? strnlen(src, len - 1) : 0;
+
+	memcpy(dst, src ? src : "", n);
+	dst[n] = '\0';
 }
 
 /* A statement for the log: one line, bounded. */
@@ -1257,17 +1261,30 @@ static bool is_ddl(uint64_t classes)
 /* --- agent messages ------------------------------------------------------------------------ */
 
 /* A decided Query or Parse, for the audit log. */
+/* ag_sql_class_names() into the thread's buffer, the last set's names kept (one per statement). */
+static const char *class_names(uint64_t classes)
+{
+	static __thread char names[256];
+	static __thread uint64_t last;
+	static __thread bool valid;
+
+	if (!valid || classes != last) {
+		ag_sql_class_names(classes, names, sizeof(names));
+		last = classes;
+		valid = true;
+	}
+	return names;
+}
+
 static void audit_statement(struct ag_session *s, const char *what, const char *name,
 			    const char *sql, size_t len, const struct verdict *v)
 {
-	char classes[256];
 	/* Refused without a deny or approve rule: unparseable, an unknown EXECUTE, a limit. */
 	enum ag_action a = v->refuse && v->action != AG_ACT_APPROVE ? AG_ACT_DENY : v->action;
 
-	ag_sql_class_names(v->classes, classes, sizeof(classes));
 	ag_audit_statement(s, what, name, sql, len, a,
 			   v->refuse && v->action == AG_ACT_ALLOW ? NULL : v->rule[0] ? v->rule : NULL,
-			   classes,
+			   class_names(v->classes),
 			   v->refuse && v->refusal ? v->refusal->message : NULL);
 }
 
