@@ -268,25 +268,39 @@ static ProtobufCAllocator unpack_allocator = { unpack_alloc, unpack_free, NULL }
 
 enum { QUICK_ICONST = 1, QUICK_FCONST = 2, QUICK_SCONST = 3 };
 
-static bool q_ident_start(unsigned char c)
+/* The bytes the quick path knows, by what they may be (one lookup per byte of a statement). */
+enum { Q_START = 1, Q_DIGIT = 2, Q_CONT = 4, Q_SELF = 8 };
+
+static const uint8_t q_class[256] = {
+	['a' ... 'z'] = Q_START | Q_CONT, ['A' ... 'Z'] = Q_START | Q_CONT,
+	['_'] = Q_START | Q_CONT,	  ['0' ... '9'] = Q_DIGIT | Q_CONT,
+	['$'] = Q_CONT,
+	/* The operator and punctuation bytes kept as they are ('-' and '/' checked for comments). */
+	[','] = Q_SELF, ['('] = Q_SELF, [')'] = Q_SELF, ['['] = Q_SELF, [']'] = Q_SELF,
+	['.'] = Q_SELF, [';'] = Q_SELF, [':'] = Q_SELF, ['+'] = Q_SELF, ['-'] = Q_SELF,
+	['*'] = Q_SELF, ['/'] = Q_SELF, ['%'] = Q_SELF, ['^'] = Q_SELF, ['<'] = Q_SELF,
+	['>'] = Q_SELF, ['='] = Q_SELF, ['~'] = Q_SELF, ['!'] = Q_SELF, ['@'] = Q_SELF,
+	['#'] = Q_SELF, ['&'] = Q_SELF, ['|'] = Q_SELF, ['`'] = Q_SELF, ['?'] = Q_SELF,
+};
+
+static inline bool q_ident_start(unsigned char c)
 {
-	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+	return q_class[c] & Q_START;
 }
 
-static bool q_digit(unsigned char c)
+static inline bool q_digit(unsigned char c)
 {
-	return c >= '0' && c <= '9';
+	return q_class[c] & Q_DIGIT;
 }
 
-static bool q_ident_cont(unsigned char c)
+static inline bool q_ident_cont(unsigned char c)
 {
-	return q_ident_start(c) || q_digit(c) || c == '$';
+	return q_class[c] & Q_CONT;
 }
 
-/* The operator and punctuation bytes kept as they are ('-' and '/' checked for comments). */
-static bool q_self(unsigned char c)
+static inline bool q_self(unsigned char c)
 {
-	return c && strchr(",()[].;:+-*/%^<>=~!@#&|`?", c);
+	return q_class[c] & Q_SELF;
 }
 
 static int quick_shape(const char *sql, size_t len, struct shape *sh)
