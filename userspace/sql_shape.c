@@ -630,3 +630,28 @@ int ag_sql_shape_key(const char *sql, size_t len, char **key, size_t *klen)
 	shape_done(sh);
 	return err;
 }
+
+int ag_sql_shape_key_peek(const char *sql, size_t len, const char **key, size_t *klen)
+{
+	struct shape_cache *c = len <= AG_SQL_SHAPE_MAX_TEXT ? scache_get() : NULL;
+	uint64_t th = c ? ag_sql_hash_text(sql, len) : 0;
+	const struct memo *m = c ? memo_get(c, th, sql, len) : NULL;
+	int err;
+
+	if (!c)
+		return len <= AG_SQL_SHAPE_MAX_TEXT ? -ENOMEM : -EINVAL;
+	if (!m) {
+		err = shape_of(sql, len, &tsh);
+		if (!err)
+			memo_put(c, th, sql, len, &tsh);
+		shape_done(&tsh);
+		if (err)
+			return err;
+		m = memo_get(c, th, sql, len);
+		if (!m)
+			return -ENOMEM;
+	}
+	*key = m->key;
+	*klen = m->klen;
+	return 0;
+}

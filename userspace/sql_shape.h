@@ -29,5 +29,10 @@ void ag_sql_shape_flush(void);
  * does not depend on constants (sqlorigin.c). 0, or -EINVAL when sql has no shape key.
  */
 int ag_sql_shape_key(const char *sql, size_t len, char **key, size_t *klen);
+/*
+ * The same key, not copied: *key points into the thread's cache, valid up to its next call
+ * into this module. 0, or -EINVAL when sql has no shape key (or -ENOMEM: no cache to keep it).
+ */
+int ag_sql_shape_key_peek(const char *sql, size_t len, const char **key, size_t *klen);
 /* The hash of n bytes both caches use (sql.c). */
 uint64_t ag_sql_hash_text(const char *s, size_t n);
