@@ -1626,6 +1626,7 @@ struct cache_slot {
 	uint64_t hash;
 	size_t len;
 	char *text;
+	size_t tcap, rcap;	/* the sizes of text and r.stmts, reused by the next store */
 	struct ag_sql_result r; /* ret -EINVAL: r.error holds the message */
 	int ret;
 	bool has_fp; /* fp computed (ag_sql_fingerprint) */
@@ -1711,7 +1712,8 @@ static void *moved(void *p, uintptr_t from, uintptr_t to)
 	return (void *)((uintptr_t)p - from + to);
 }
 
-int ag_sql_result_copy(const struct ag_sql_result *src, struct ag_sql_result *dst)
+/* ag_sql_result_copy() into blk (src->size bytes or more, dst's then), or a new block (NULL). */
+static int result_copy_in(const struct ag_sql_result *src, struct ag_sql_result *dst, void *blk)
 {
 	uintptr_t from = (uintptr_t)src->stmts, to;
 
@@ -1719,11 +1721,15 @@ int ag_sql_result_copy(const struct ag_sql_result *src, struct ag_sql_result *ds
 	dst->fingerprint = src->fingerprint;
 	dst->error_pos = src->error_pos;
 	dst->literal_read = src->literal_read;
-	if (src->error && !(dst->error = strdup(src->error)))
+	if (src->error && !(dst->error = strdup(src->error))) {
+		free(blk);
 		return -ENOMEM;
-	if (!src->stmts)
+	}
+	if (!src->stmts) {
+		free(blk);
 		return 0;
-	dst->stmts = malloc(src->size);
+	}
+	dst->stmts = blk ? blk : malloc(src->size);
 	if (!dst->stmts) {
 		free(dst->error);
 		dst->error = NULL;
@@ -1747,6 +1753,47 @@ int ag_sql_result_copy(const struct ag_sql_result *src, struct ag_sql_result *ds
 			s->prepare_name = moved(s->prepare_name, from, to);
 	}
 	return 0;
+}
+
+int ag_sql_result_copy(const struct ag_sql_result *src, struct ag_sql_result *dst)
+{
+	return result_copy_in(src, dst, NULL);
+}
+
+/*
+ * Keeps r (ret) for sql in slot s, in the slot's own buffers when they are big enough: a text
+ * classified by shape (a new constant each time) takes a slot with every miss.
+ */
+static void slot_store(struct cache_slot *s, uint64_t h, const char *sql, size_t len,
+		       const struct ag_sql_result *r, int ret)
+{
+	void *blk = NULL;
+
+	if (s->tcap < len + 1) {
+		free(s->text);
+		s->tcap = 0;
+		if (!(s->text = malloc(len + 1))) {
+			slot_clear(s);
+			return; /* a cache that cannot grow is only slower */
+		}
+		s->tcap = len + 1;
+	}
+	if (r->stmts && s->r.stmts && s->rcap >= r->size) {
+		blk = s->r.stmts;
+		s->r.stmts = NULL;
+	}
+	ag_sql_result_free(&s->r);
+	if (result_copy_in(r, &s->r, blk)) {
+		slot_clear(s);
+		return;
+	}
+	s->rcap = blk ? s->rcap : r->size;
+	memcpy(s->text, sql, len + 1);
+	s->hash = h;
+	s->len = len;
+	s->ret = ret;
+	s->has_fp = false;
+	s->fp = 0;
 }
 
 int ag_sql_classify(const char *sql, struct ag_sql_result *out)
@@ -1774,16 +1821,7 @@ int ag_sql_classify(const char *sql, struct ag_sql_result *out)
 	ret = ag_sql_shape_classify(sql, len, out);
 	if (ret && ret != -EINVAL)
 		return ret;
-	slot_clear(s);
-	s->text = malloc(len + 1);
-	if (!s->text || ag_sql_result_copy(out, &s->r)) {
-		slot_clear(s); /* a cache that cannot grow is only slower */
-		return ret;
-	}
-	memcpy(s->text, sql, len + 1);
-	s->hash = h;
-	s->len = len;
-	s->ret = ret;
+	slot_store(s, h, sql, len, out, ret);
 	return ret;
 }
 
