@@ -2031,9 +2031,7 @@ static void near_miss(struct near_miss *m, const char *rule, uint64_t classes, c
 static bool rule_matches(const struct ag_policy_stmt_rule *r, const struct ag_sql_stmt *s,
 			 char *why, size_t len, struct near_miss *miss)
 {
-	const struct ag_kv *cmd = ag_kv_get(r->when, r->nwhen, "command");
-	const struct ag_kv *tabs = ag_kv_get(r->when, r->nwhen, "tables");
-	const struct ag_kv *where = ag_kv_get(r->when, r->nwhen, "where");
+	const struct ag_kv *cmd = r->w_command, *tabs = r->w_tables, *where = r->w_where;
 	bool every = lets_run(r->then);
 	char list[192], names[256];
 
