@@ -1818,7 +1818,7 @@ int ag_sql_classify(const char *sql, struct ag_sql_result *out)
 		return ag_sql_result_copy(&s->r, out) ?: s->ret;
 	}
 	c->misses++;
-	ret = ag_sql_shape_classify(sql, len, out);
+	ret = ag_sql_shape_classify(sql, len, h, out);
 	if (ret && ret != -EINVAL)
 		return ret;
 	slot_store(s, h, sql, len, out, ret);

@@ -563,7 +563,7 @@ static const struct memo *memo_get(struct shape_cache *c, uint64_t th, const cha
 	return m->text && m->hash == th && m->tlen == len && !memcmp(m->text, sql, len) ? m : NULL;
 }
 
-int ag_sql_shape_classify(const char *sql, size_t len, struct ag_sql_result *out)
+int ag_sql_shape_classify(const char *sql, size_t len, uint64_t th, struct ag_sql_result *out)
 {
 	struct shape_cache *c;
 	struct shape_slot *s;
@@ -577,7 +577,7 @@ int ag_sql_shape_classify(const char *sql, size_t len, struct ag_sql_result *out
 			shape_done(sh);
 		return ag_sql_classify_uncached(sql, out);
 	}
-	memo_put(c, ag_sql_hash_text(sql, len), sql, len, sh);
+	memo_put(c, th, sql, len, sh);
 	h = ag_sql_hash_text(sh->key, sh->klen);
 	s = &c->slot[h % SHAPE_SLOTS];
 	if (s->key && s->hash == h && s->klen == sh->klen && !memcmp(s->key, sh->key, sh->klen)) {

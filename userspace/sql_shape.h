@@ -17,9 +17,10 @@
 
 /*
  * ag_sql_classify_uncached(sql), answered from the calling thread's shape cache when a
- * statement of the same shape was classified before; len is strlen(sql).
+ * statement of the same shape was classified before; len is strlen(sql), hash
+ * ag_sql_hash_text(sql, len) (the caller's text cache has it already).
  */
-int ag_sql_shape_classify(const char *sql, size_t len, struct ag_sql_result *out);
+int ag_sql_shape_classify(const char *sql, size_t len, uint64_t hash, struct ag_sql_result *out);
 /* Hits and misses of the calling thread's shape cache (statements it could key only). */
 void ag_sql_shape_stats(uint64_t *hits, uint64_t *misses);
 /* Frees the calling thread's shape cache. */
