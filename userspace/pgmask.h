@@ -96,7 +96,7 @@ struct pg_shape {
 	int refs;
 	bool known; /* RowDescription or NoData arrived */
 	bool any;   /* some column may be rewritten */
-	uint16_t ncols;
+	uint16_t ncols, ccap; /* ccap: room in cols */
 	struct pg_col *cols;
 	struct pg_sql *sql;	 /* its statement, analysed when the RowDescription comes */
 	struct sql_origin *orig; /* outputs derived from masked columns (sqlorigin.h), or NULL */
