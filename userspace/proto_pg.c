@@ -255,11 +255,16 @@ static inline struct pg *PG(struct ag_session *s)
 	return s->proto_state;
 }
 
-/* snprintf(dst, len, "%s", src), without printf's machinery (a rule's name per statement). */
+/*
+ * snprintf(dst, len, "%s", src), without printf's machinery (a rule's name per statement); strlen,
+ * not strnlen: libpg_query's own strnlen, a byte at a time, stands in for libc's.
+ */
 static void copy_str(char *dst, size_t len, const char *src)
 {
-	size_t n = src ? strnlen(src, len - 1) : 0;
+	size_t n = src ? strlen(src) : 0;
 
+	if (n > len - 1)
+		n = len - 1;
 	memcpy(dst, src ? src : "", n);
 	dst[n] = '\0';
 }
