@@ -1792,8 +1792,11 @@ void ag_audit_statement(struct ag_session *s, const char *message, const char *n
 		st.text_truncated = len > AG_AUDIT_MAX_TEXT;
 		if (st.text_truncated)
 			len = AG_AUDIT_MAX_TEXT;
-		/* The wire's strings end in a NUL: copied only when cut (or not terminated). */
-		if (st.text_truncated || strnlen(text, len + 1) != len)
+		/*
+		 * The wire's strings end in a NUL: copied only when cut (or not terminated). (memchr,
+		 * not strnlen: libpg_query's own strnlen, a byte at a time, stands in for libc's.)
+		 */
+		if (st.text_truncated || memchr(text, 0, len + 1) != text + len)
 			t = strndup(text, len);
 		else
 			st.text = (char *)text;

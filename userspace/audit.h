@@ -97,7 +97,7 @@ bool ag_audit_refuse_session(struct ag_session *s);
 void ag_audit_session_start(struct ag_session *s);
 /* Also frees the session's audit state; records a start first for a session never started. */
 void ag_audit_session_end(struct ag_session *s);
-/* message: query | parse | execute | function_call; text may be NULL. */
+/* message: query | parse | execute | function_call; text may be NULL, else len bytes and a NUL. */
 void ag_audit_statement(struct ag_session *s, const char *message, const char *name,
 			const char *text, size_t len, enum ag_action action, const char *rule,
 			const char *classes, const char *reason);

@@ -29,9 +29,15 @@ static void run_calls(struct ag_loop *l)
 {
 	struct ag_call *c;
 
+	/*
+	 * None queued (the common batch): no lock. A call queued as this reads is not lost: its
+	 * eventfd write, after the queue's unlock, wakes the loop for the next batch.
+	 */
+	if (!__atomic_load_n(&l->calls, __ATOMIC_ACQUIRE))
+		return;
 	pthread_mutex_lock(&l->lock);
 	c = l->calls;
-	l->calls = NULL;
+	__atomic_store_n(&l->calls, NULL, __ATOMIC_RELAXED);
 	l->calls_tail = &l->calls;
 	pthread_mutex_unlock(&l->lock);
 	while (c) {
@@ -204,7 +210,7 @@ int ag_loop_call(struct ag_loop *l, void (*fn)(void *), void *arg)
 	c->arg = arg;
 	c->next = NULL;
 	pthread_mutex_lock(&l->lock);
-	*l->calls_tail = c;
+	__atomic_store_n(l->calls_tail, c, __ATOMIC_RELEASE); /* read unlocked: run_calls() */
 	l->calls_tail = &c->next;
 	pthread_mutex_unlock(&l->lock);
 	if (write(l->wake.fd, &one, sizeof(one)) < 0)

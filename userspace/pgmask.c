@@ -520,12 +520,101 @@ void pg_catalog_cache_put(const char *target, const char *database, const char *
 
 /* --- shapes ------------------------------------------------------------------------------ */
 
+struct pg_sql *pg_sql_new(const char *text, size_t len)
+{
+	struct pg_sql *q = malloc(sizeof(*q) + len + 1);
+
+	if (!q)
+		return NULL;
+	q->refs = 1;
+	q->analysed = false;
+	q->cat = NULL;
+	q->m = NULL;
+	q->orig = NULL;
+	memcpy(q->text, text, len);
+	q->text[len] = '\0';
+	return q;
+}
+
+struct pg_sql *pg_sql_ref(struct pg_sql *q)
+{
+	if (q)
+		q->refs++;
+	return q;
+}
+
+void pg_sql_unref(struct pg_sql *q)
+{
+	if (!q || --q->refs)
+		return;
+	sql_origin_unref(q->orig);
+	pg_catalog_unref(q->cat);
+	free(q);
+}
+
+/* The origin of q's outputs against mk's catalog, analysed once per catalog and masker. */
+static int pg_sql_origin(struct pg_sql *q, const struct pg_masking *mk, struct sql_origin **out)
+{
+	struct sql_origin *o;
+	int err;
+
+	if (!q->analysed || q->cat != mk->cat || q->m != mk->m) {
+		err = sql_origin_analyze(q->text, mk->m, mk->cat, &o);
+		if (err)
+			return err;
+		sql_origin_unref(q->orig);
+		pg_catalog_unref(q->cat);
+		q->orig = o;
+		q->cat = pg_catalog_ref((struct pg_catalog *)mk->cat);
+		q->m = mk->m;
+		q->analysed = true;
+	}
+	*out = sql_origin_ref(q->orig);
+	return 0;
+}
+
+/*
+ * A shape is made per Describe and per result and freed when the statement is done: each
+ * thread keeps the last one freed, with its column array, for the next (no malloc and free of
+ * either per statement). Not calloc for a new one: it skips malloc's per-thread cache.
+ */
+#define SPARE_MAX_COLS 64
+
+static __thread struct pg_shape *spare_shape;
+static pthread_key_t spare_key;
+static pthread_once_t spare_once = PTHREAD_ONCE_INIT;
+
+static void spare_free(void *p)
+{
+	struct pg_shape *sh = p;
+
+	if (sh) {
+		free(sh->cols);
+		free(sh);
+	}
+	spare_shape = NULL;
+}
+
+static void spare_key_init(void)
+{
+	pthread_key_create(&spare_key, spare_free); /* frees a thread's spare when it exits */
+}
+
 struct pg_shape *pg_shape_new(void)
 {
-	struct pg_shape *sh = calloc(1, sizeof(*sh));
+	struct pg_shape *sh = spare_shape;
+	struct pg_col *cols = NULL;
+	uint16_t ccap = 0;
 
-	if (sh)
-		sh->refs = 1;
+	if (sh) {
+		spare_shape = NULL;
+		pthread_setspecific(spare_key, NULL);
+		cols = sh->cols;
+		ccap = sh->ccap;
+	} else if (!(sh = malloc(sizeof(*sh)))) {
+		return NULL;
+	}
+	*sh = (struct pg_shape){ .refs = 1, .cols = cols, .ccap = ccap };
 	return sh;
 }
 
@@ -541,16 +630,20 @@ void pg_shape_unref(struct pg_shape *sh)
 	if (!sh || --sh->refs)
 		return;
 	sql_origin_unref(sh->orig);
-	free(sh->sql);
+	pg_sql_unref(sh->sql);
+	if (!spare_shape && sh->ccap <= SPARE_MAX_COLS) {
+		pthread_once(&spare_once, spare_key_init);
+		spare_shape = sh;
+		pthread_setspecific(spare_key, sh);
+		return;
+	}
 	free(sh->cols);
 	free(sh);
 }
 
 void pg_shape_set_nodata(struct pg_shape *sh)
 {
-	free(sh->cols);
-	sh->cols = NULL;
-	sh->ncols = 0;
+	sh->ncols = 0; /* (the array stays for the next RowDescription) */
 	sh->any = false;
 	sh->known = true;
 }
@@ -569,7 +662,7 @@ int pg_shape_from_rowdesc(struct pg_shape *sh, const struct pg_masking *mk, cons
 
 		sql_origin_unref(sh->orig);
 		sh->orig = NULL;
-		err = sql_origin_analyze(sh->sql, mk->m, mk->cat, &sh->orig);
+		err = pg_sql_origin(sh->sql, mk, &sh->orig);
 		if (err)
 			return err;
 	}
@@ -577,10 +670,16 @@ int pg_shape_from_rowdesc(struct pg_shape *sh, const struct pg_masking *mk, cons
 	n = pg_rd_u16(&r);
 	if (r.bad)
 		return -EPROTO;
-	if (n) {
-		cols = calloc(n, sizeof(*cols));
+	/* Every field is set below: the shape's own array when it has room. */
+	if (n > sh->ccap) {
+		cols = malloc(n * sizeof(*cols));
 		if (!cols)
 			return -ENOMEM;
+	} else {
+		cols = sh->cols;
+		sh->ncols = 0; /* rewritten in place: unknown until done */
+		sh->known = false;
+		sh->any = false;
 	}
 	for (uint16_t i = 0; i < n; i++) {
 		struct pg_col *c = &cols[i];
@@ -595,7 +694,8 @@ int pg_shape_from_rowdesc(struct pg_shape *sh, const struct pg_masking *mk, cons
 		pg_rd_u32(&r); /* typmod */
 		c->format = (int16_t)pg_rd_u16(&r);
 		if (r.bad) {
-			free(cols);
+			if (cols != sh->cols)
+				free(cols);
 			return -EPROTO;
 		}
 		covered = c->table && pg_catalog_covered(mk->cat, c->table, c->attnum, &ctype);
@@ -603,8 +703,11 @@ int pg_shape_from_rowdesc(struct pg_shape *sh, const struct pg_masking *mk, cons
 		plan_col(c, mk, covered || c->derived);
 		any |= c->act != PG_COL_PASS;
 	}
-	free(sh->cols);
-	sh->cols = cols;
+	if (cols != sh->cols) {
+		free(sh->cols);
+		sh->cols = cols;
+		sh->ccap = n;
+	}
 	sh->ncols = n;
 	sh->any = any;
 	sh->known = true;

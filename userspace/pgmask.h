@@ -72,14 +72,33 @@ struct pg_col {
 
 struct sql_origin;
 
+/*
+ * A statement's text, shared by the statement and the shapes of its results (refcounted, one
+ * thread), with the origin of its outputs as last analysed: analysed again only when the
+ * catalog or the masker is another (a prepared statement's every Describe: no copy of the
+ * text, no shape key, no lookup in sqlorigin.c's cache).
+ */
+struct pg_sql {
+	int refs;
+	bool analysed;		   /* orig holds for cat and m */
+	struct pg_catalog *cat;	   /* a reference, so that its address is no other's */
+	const struct ag_masker *m; /* (compared only) */
+	struct sql_origin *orig;
+	char text[];
+};
+
+struct pg_sql *pg_sql_new(const char *text, size_t len);
+struct pg_sql *pg_sql_ref(struct pg_sql *q);
+void pg_sql_unref(struct pg_sql *q);
+
 /* Shared by a portal and the Executes queued on it (refcounted, one thread). */
 struct pg_shape {
 	int refs;
 	bool known; /* RowDescription or NoData arrived */
 	bool any;   /* some column may be rewritten */
-	uint16_t ncols;
+	uint16_t ncols, ccap; /* ccap: room in cols */
 	struct pg_col *cols;
-	char *sql;		 /* its statement, analysed when the RowDescription comes */
+	struct pg_sql *sql;	 /* its statement, analysed when the RowDescription comes */
 	struct sql_origin *orig; /* outputs derived from masked columns (sqlorigin.h), or NULL */
 };
 

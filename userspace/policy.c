@@ -1120,6 +1120,10 @@ static int parse_stmt_rules(struct parse_ctx *c, const yaml_node_t *n, const cha
 
 			for (size_t i = 0; cmd && i < cmd->nlist; i++)
 				r->classes |= ag_sql_class_by_name(cmd->list[i]);
+			/* Looked up here once, not for every statement (sql.c). */
+			r->w_command = cmd;
+			r->w_tables = ag_kv_get(r->when, r->nwhen, "tables");
+			r->w_where = ag_kv_get(r->when, r->nwhen, "where");
 		}
 	}
 	return 0;

@@ -73,6 +73,8 @@ struct ag_policy_stmt_rule {
 	enum ag_action then;
 	int line;
 	uint64_t classes; /* sql rules: the command: list as class bits (sql.h), set at load */
+	/* sql rules: when:'s command, tables and where (into when, or NULL), set at load */
+	const struct ag_kv *w_command, *w_tables, *w_where;
 };
 
 struct ag_policy_rule {

@@ -151,7 +151,7 @@ struct pg_refusal {
 struct pg_qinfo {
 	struct pg_copy_spec **copies;
 	size_t n, next;
-	char *sql; /* the string, for the origin of its results' columns (sqlorigin.h) */
+	struct pg_sql *sql; /* the string, for the origin of its results' columns (sqlorigin.h) */
 };
 
 /* --- prepared statements and portals ------------------------------------------------------ */
@@ -175,7 +175,7 @@ struct pg_stmt {
 	bool where_absent;
 	bool approved;		   /* its Parse was let through by an approval */
 	struct pg_copy_spec *copy; /* a COPY TO STDOUT (masking only) */
-	char *sql;		   /* for the origin of its result columns (masking only) */
+	struct pg_sql *sql;	   /* for the origin of its result columns (masking only) */
 };
 
 struct pg_portal {
@@ -255,9 +255,18 @@ static inline struct pg *PG(struct ag_session *s)
 	return s->proto_state;
 }
 
+/*
+ * snprintf(dst, len, "%s", src), without printf's machinery (a rule's name per statement); strlen,
+ * not strnlen: libpg_query's own strnlen, a byte at a time, stands in for libc's.
+ */
 static void copy_str(char *dst, size_t len, const char *src)
 {
-	snprintf(dst, len, "%s", src ? src : "");
+	size_t n = src ? strlen(src) : 0;
+
+	if (n > len - 1)
+		n = len - 1;
+	memcpy(dst, src ? src : "", n);
+	dst[n] = '\0';
 }
 
 /* A statement for the log: one line, bounded. */
@@ -529,7 +538,7 @@ static void stmt_unref(struct pg_stmt *st)
 		free(st->tables[i]);
 	free(st->tables);
 	pg_copy_spec_free(st->copy);
-	free(st->sql);
+	pg_sql_unref(st->sql);
 	free(st->nm.name);
 	free(st);
 }
@@ -559,6 +568,16 @@ static void map_clear(struct pg_map *m, bool portals)
 	m->nb = m->n = 0;
 }
 
+/* One per Query with masking: not calloc, which skips malloc's per-thread cache. */
+static struct pg_qinfo *qinfo_new(void)
+{
+	struct pg_qinfo *qi = malloc(sizeof(*qi));
+
+	if (qi)
+		*qi = (struct pg_qinfo){ 0 };
+	return qi;
+}
+
 static void qinfo_free(struct pg_qinfo *qi)
 {
 	if (!qi)
@@ -566,7 +585,7 @@ static void qinfo_free(struct pg_qinfo *qi)
 	for (size_t i = 0; i < qi->n; i++)
 		pg_copy_spec_free(qi->copies[i]);
 	free(qi->copies);
-	free(qi->sql);
+	pg_sql_unref(qi->sql);
 	free(qi);
 }
 
@@ -1247,17 +1266,30 @@ static bool is_ddl(uint64_t classes)
 /* --- agent messages ------------------------------------------------------------------------ */
 
 /* A decided Query or Parse, for the audit log. */
+/* ag_sql_class_names() into the thread's buffer, the last set's names kept (one per statement). */
+static const char *class_names(uint64_t classes)
+{
+	static __thread char names[256];
+	static __thread uint64_t last;
+	static __thread bool valid;
+
+	if (!valid || classes != last) {
+		ag_sql_class_names(classes, names, sizeof(names));
+		last = classes;
+		valid = true;
+	}
+	return names;
+}
+
 static void audit_statement(struct ag_session *s, const char *what, const char *name,
 			    const char *sql, size_t len, const struct verdict *v)
 {
-	char classes[256];
 	/* Refused without a deny or approve rule: unparseable, an unknown EXECUTE, a limit. */
 	enum ag_action a = v->refuse && v->action != AG_ACT_APPROVE ? AG_ACT_DENY : v->action;
 
-	ag_sql_class_names(v->classes, classes, sizeof(classes));
 	ag_audit_statement(s, what, name, sql, len, a,
 			   v->refuse && v->action == AG_ACT_ALLOW ? NULL : v->rule[0] ? v->rule : NULL,
-			   classes,
+			   class_names(v->classes),
 			   v->refuse && v->refusal ? v->refusal->message : NULL);
 }
 
@@ -1289,7 +1321,7 @@ static int on_query(struct ag_session *s, struct fwd *f, const uint8_t *msg, siz
 
 		rc = copy_specs(s, sql, len, &r, &list, &n, &v);
 		if (!rc && n) {
-			qi = calloc(1, sizeof(*qi));
+			qi = qinfo_new();
 			if (qi) {
 				qi->copies = list;
 				qi->n = n;
@@ -1306,8 +1338,8 @@ static int on_query(struct ag_session *s, struct fwd *f, const uint8_t *msg, siz
 	if (!v.refuse && pg->mk.m && pg->cat_sql) {
 		/* Column rules: the results' shapes read the string's origins (sqlorigin.h). */
 		if (!qi)
-			qi = calloc(1, sizeof(*qi));
-		if (!qi || !(qi->sql = strndup(sql, len))) {
+			qi = qinfo_new();
+		if (!qi || !(qi->sql = pg_sql_new(sql, len))) {
 			rc = -ENOMEM;
 			goto out;
 		}
@@ -1398,7 +1430,8 @@ static int on_parse(struct ag_session *s, struct fwd *f, const uint8_t *msg, siz
 			st->copy = copies[0];
 			copies[0] = NULL;
 		}
-		if (!rc && st && pg->mk.m && pg->cat_sql && !st->sql && !(st->sql = strdup(sql)))
+		if (!rc && st && pg->mk.m && pg->cat_sql && !st->sql &&
+		    !(st->sql = pg_sql_new(sql, sqllen)))
 			rc = -ENOMEM;
 		if (rc)
 			goto out;
@@ -1483,10 +1516,8 @@ static int on_describe(struct ag_session *s, struct fwd *f, const uint8_t *msg, 
 		if (p) {
 			pg_shape_unref(p->shape);
 			p->shape = pg_shape_ref(sh);
-			if (p->stmt && p->stmt->sql && !(sh->sql = strdup(p->stmt->sql))) {
-				pg_shape_unref(sh);
-				return -ENOMEM;
-			}
+			if (p->stmt)
+				sh->sql = pg_sql_ref(p->stmt->sql);
 		}
 	}
 	fwd_keep(f, msg - f->base, total);
@@ -1523,8 +1554,9 @@ static int on_execute(struct ag_session *s, struct fwd *f, const uint8_t *msg, s
 		if (!sh) {
 			/* Rows we must mask and no RowDescription asked for: ask ourselves. */
 			sh = pg_shape_new();
-			if (!sh || (st && st->sql && !(sh->sql = strdup(st->sql))) ||
-			    pg_put_describe(&pg->scratch, 'P', name)) {
+			if (sh && st)
+				sh->sql = pg_sql_ref(st->sql);
+			if (!sh || pg_put_describe(&pg->scratch, 'P', name)) {
 				pg_shape_unref(sh);
 				stmt_unref(st);
 				return -ENOMEM;
@@ -2456,11 +2488,8 @@ static int upstream_message(struct ag_session *s, struct fwd *f, const uint8_t *
 		} else if (h && h->kind == PQ_QUERY && pg->mk.m && type == PG_B_ROW_DESC) {
 			pg_shape_unref(pg->qshape);
 			pg->qshape = pg_shape_new();
-			if (pg->qshape && h->qinfo && h->qinfo->sql &&
-			    !(pg->qshape->sql = strdup(h->qinfo->sql))) {
-				pg_shape_unref(pg->qshape);
-				pg->qshape = NULL;
-			}
+			if (pg->qshape && h->qinfo)
+				pg->qshape->sql = pg_sql_ref(h->qinfo->sql);
 			rc = pg->qshape ? pg_shape_from_rowdesc(pg->qshape, &pg->mk, body, blen)
 					: -ENOMEM;
 		}

@@ -377,6 +377,15 @@ int ag_session_send(struct ag_session *s, enum ag_side to, const void *data, siz
 	}
 	if (off < len && ag_buf_append(&c->out, (const uint8_t *)data + off, len - off))
 		return -ENOMEM;
+	/*
+	 * All of it went out on a clear side that had nothing queued: what either side waits for
+	 * is what it was (nothing queued, so no EPOLLOUT; the other side's pause, on this one's
+	 * queue, unchanged), so no update (two per message relayed). A kernel relay's give and
+	 * TLS may change it: updated.
+	 */
+	if (off == len && !queued(c) && !s->krelay && !c->tls && !s->side[other(to)].tls &&
+	    !(c->io.events & EPOLLOUT))
+		return 0;
 	side_update_events(s, to);
 	side_update_events(s, other(to));
 	return 0;
@@ -888,13 +897,16 @@ static void side_readable(struct ag_session *s, enum ag_side i)
 		pump_input(s, i, s->w->scratch, n);
 		if (s->state == AG_SESS_CLOSED)
 			return;
-		side_update_events(s, i);
 		/*
 		 * A short read emptied the socket: no recv() just to hear EAGAIN (a third of
 		 * the syscalls of a request/response round trip). The epoll is level-triggered:
-		 * whatever arrives from now on, a FIN included, is reported again.
+		 * whatever arrives from now on, a FIN included, is reported again. (settle()
+		 * updates both sides' events.)
 		 */
-		if (c->paused || n < AG_READ_CHUNK)
+		if (n < AG_READ_CHUNK)
+			break;
+		side_update_events(s, i);
+		if (c->paused)
 			break;
 	}
 	settle(s);

@@ -1626,6 +1626,7 @@ struct cache_slot {
 	uint64_t hash;
 	size_t len;
 	char *text;
+	size_t tcap, rcap;	/* the sizes of text and r.stmts, reused by the next store */
 	struct ag_sql_result r; /* ret -EINVAL: r.error holds the message */
 	int ret;
 	bool has_fp; /* fp computed (ag_sql_fingerprint) */
@@ -1711,7 +1712,8 @@ static void *moved(void *p, uintptr_t from, uintptr_t to)
 	return (void *)((uintptr_t)p - from + to);
 }
 
-int ag_sql_result_copy(const struct ag_sql_result *src, struct ag_sql_result *dst)
+/* ag_sql_result_copy() into blk (src->size bytes or more, dst's then), or a new block (NULL). */
+static int result_copy_in(const struct ag_sql_result *src, struct ag_sql_result *dst, void *blk)
 {
 	uintptr_t from = (uintptr_t)src->stmts, to;
 
@@ -1719,11 +1721,15 @@ int ag_sql_result_copy(const struct ag_sql_result *src, struct ag_sql_result *ds
 	dst->fingerprint = src->fingerprint;
 	dst->error_pos = src->error_pos;
 	dst->literal_read = src->literal_read;
-	if (src->error && !(dst->error = strdup(src->error)))
+	if (src->error && !(dst->error = strdup(src->error))) {
+		free(blk);
 		return -ENOMEM;
-	if (!src->stmts)
+	}
+	if (!src->stmts) {
+		free(blk);
 		return 0;
-	dst->stmts = malloc(src->size);
+	}
+	dst->stmts = blk ? blk : malloc(src->size);
 	if (!dst->stmts) {
 		free(dst->error);
 		dst->error = NULL;
@@ -1749,6 +1755,47 @@ int ag_sql_result_copy(const struct ag_sql_result *src, struct ag_sql_result *ds
 	return 0;
 }
 
+int ag_sql_result_copy(const struct ag_sql_result *src, struct ag_sql_result *dst)
+{
+	return result_copy_in(src, dst, NULL);
+}
+
+/*
+ * Keeps r (ret) for sql in slot s, in the slot's own buffers when they are big enough: a text
+ * classified by shape (a new constant each time) takes a slot with every miss.
+ */
+static void slot_store(struct cache_slot *s, uint64_t h, const char *sql, size_t len,
+		       const struct ag_sql_result *r, int ret)
+{
+	void *blk = NULL;
+
+	if (s->tcap < len + 1) {
+		free(s->text);
+		s->tcap = 0;
+		if (!(s->text = malloc(len + 1))) {
+			slot_clear(s);
+			return; /* a cache that cannot grow is only slower */
+		}
+		s->tcap = len + 1;
+	}
+	if (r->stmts && s->r.stmts && s->rcap >= r->size) {
+		blk = s->r.stmts;
+		s->r.stmts = NULL;
+	}
+	ag_sql_result_free(&s->r);
+	if (result_copy_in(r, &s->r, blk)) {
+		slot_clear(s);
+		return;
+	}
+	s->rcap = blk ? s->rcap : r->size;
+	memcpy(s->text, sql, len + 1);
+	s->hash = h;
+	s->len = len;
+	s->ret = ret;
+	s->has_fp = false;
+	s->fp = 0;
+}
+
 int ag_sql_classify(const char *sql, struct ag_sql_result *out)
 {
 	struct cache_slot *s;
@@ -1771,19 +1818,10 @@ int ag_sql_classify(const char *sql, struct ag_sql_result *out)
 		return ag_sql_result_copy(&s->r, out) ?: s->ret;
 	}
 	c->misses++;
-	ret = ag_sql_shape_classify(sql, len, out);
+	ret = ag_sql_shape_classify(sql, len, h, out);
 	if (ret && ret != -EINVAL)
 		return ret;
-	slot_clear(s);
-	s->text = malloc(len + 1);
-	if (!s->text || ag_sql_result_copy(out, &s->r)) {
-		slot_clear(s); /* a cache that cannot grow is only slower */
-		return ret;
-	}
-	memcpy(s->text, sql, len + 1);
-	s->hash = h;
-	s->len = len;
-	s->ret = ret;
+	slot_store(s, h, sql, len, out, ret);
 	return ret;
 }
 
@@ -1993,9 +2031,7 @@ static void near_miss(struct near_miss *m, const char *rule, uint64_t classes, c
 static bool rule_matches(const struct ag_policy_stmt_rule *r, const struct ag_sql_stmt *s,
 			 char *why, size_t len, struct near_miss *miss)
 {
-	const struct ag_kv *cmd = ag_kv_get(r->when, r->nwhen, "command");
-	const struct ag_kv *tabs = ag_kv_get(r->when, r->nwhen, "tables");
-	const struct ag_kv *where = ag_kv_get(r->when, r->nwhen, "where");
+	const struct ag_kv *cmd = r->w_command, *tabs = r->w_tables, *where = r->w_where;
 	bool every = lets_run(r->then);
 	char list[192], names[256];
 

@@ -268,25 +268,39 @@ static ProtobufCAllocator unpack_allocator = { unpack_alloc, unpack_free, NULL }
 
 enum { QUICK_ICONST = 1, QUICK_FCONST = 2, QUICK_SCONST = 3 };
 
-static bool q_ident_start(unsigned char c)
+/* The bytes the quick path knows, by what they may be (one lookup per byte of a statement). */
+enum { Q_START = 1, Q_DIGIT = 2, Q_CONT = 4, Q_SELF = 8 };
+
+static const uint8_t q_class[256] = {
+	['a' ... 'z'] = Q_START | Q_CONT, ['A' ... 'Z'] = Q_START | Q_CONT,
+	['_'] = Q_START | Q_CONT,	  ['0' ... '9'] = Q_DIGIT | Q_CONT,
+	['$'] = Q_CONT,
+	/* The operator and punctuation bytes kept as they are ('-' and '/' checked for comments). */
+	[','] = Q_SELF, ['('] = Q_SELF, [')'] = Q_SELF, ['['] = Q_SELF, [']'] = Q_SELF,
+	['.'] = Q_SELF, [';'] = Q_SELF, [':'] = Q_SELF, ['+'] = Q_SELF, ['-'] = Q_SELF,
+	['*'] = Q_SELF, ['/'] = Q_SELF, ['%'] = Q_SELF, ['^'] = Q_SELF, ['<'] = Q_SELF,
+	['>'] = Q_SELF, ['='] = Q_SELF, ['~'] = Q_SELF, ['!'] = Q_SELF, ['@'] = Q_SELF,
+	['#'] = Q_SELF, ['&'] = Q_SELF, ['|'] = Q_SELF, ['`'] = Q_SELF, ['?'] = Q_SELF,
+};
+
+static inline bool q_ident_start(unsigned char c)
 {
-	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+	return q_class[c] & Q_START;
 }
 
-static bool q_digit(unsigned char c)
+static inline bool q_digit(unsigned char c)
 {
-	return c >= '0' && c <= '9';
+	return q_class[c] & Q_DIGIT;
 }
 
-static bool q_ident_cont(unsigned char c)
+static inline bool q_ident_cont(unsigned char c)
 {
-	return q_ident_start(c) || q_digit(c) || c == '$';
+	return q_class[c] & Q_CONT;
 }
 
-/* The operator and punctuation bytes kept as they are ('-' and '/' checked for comments). */
-static bool q_self(unsigned char c)
+static inline bool q_self(unsigned char c)
 {
-	return c && strchr(",()[].;:+-*/%^<>=~!@#&|`?", c);
+	return q_class[c] & Q_SELF;
 }
 
 static int quick_shape(const char *sql, size_t len, struct shape *sh)
@@ -549,7 +563,7 @@ static const struct memo *memo_get(struct shape_cache *c, uint64_t th, const cha
 	return m->text && m->hash == th && m->tlen == len && !memcmp(m->text, sql, len) ? m : NULL;
 }
 
-int ag_sql_shape_classify(const char *sql, size_t len, struct ag_sql_result *out)
+int ag_sql_shape_classify(const char *sql, size_t len, uint64_t th, struct ag_sql_result *out)
 {
 	struct shape_cache *c;
 	struct shape_slot *s;
@@ -563,7 +577,7 @@ int ag_sql_shape_classify(const char *sql, size_t len, struct ag_sql_result *out
 			shape_done(sh);
 		return ag_sql_classify_uncached(sql, out);
 	}
-	memo_put(c, ag_sql_hash_text(sql, len), sql, len, sh);
+	memo_put(c, th, sql, len, sh);
 	h = ag_sql_hash_text(sh->key, sh->klen);
 	s = &c->slot[h % SHAPE_SLOTS];
 	if (s->key && s->hash == h && s->klen == sh->klen && !memcmp(s->key, sh->key, sh->klen)) {
@@ -615,4 +629,29 @@ int ag_sql_shape_key(const char *sql, size_t len, char **key, size_t *klen)
 	}
 	shape_done(sh);
 	return err;
+}
+
+int ag_sql_shape_key_peek(const char *sql, size_t len, const char **key, size_t *klen)
+{
+	struct shape_cache *c = len <= AG_SQL_SHAPE_MAX_TEXT ? scache_get() : NULL;
+	uint64_t th = c ? ag_sql_hash_text(sql, len) : 0;
+	const struct memo *m = c ? memo_get(c, th, sql, len) : NULL;
+	int err;
+
+	if (!c)
+		return len <= AG_SQL_SHAPE_MAX_TEXT ? -ENOMEM : -EINVAL;
+	if (!m) {
+		err = shape_of(sql, len, &tsh);
+		if (!err)
+			memo_put(c, th, sql, len, &tsh);
+		shape_done(&tsh);
+		if (err)
+			return err;
+		m = memo_get(c, th, sql, len);
+		if (!m)
+			return -ENOMEM;
+	}
+	*key = m->key;
+	*klen = m->klen;
+	return 0;
 }

@@ -17,9 +17,10 @@
 
 /*
  * ag_sql_classify_uncached(sql), answered from the calling thread's shape cache when a
- * statement of the same shape was classified before; len is strlen(sql).
+ * statement of the same shape was classified before; len is strlen(sql), hash
+ * ag_sql_hash_text(sql, len) (the caller's text cache has it already).
  */
-int ag_sql_shape_classify(const char *sql, size_t len, struct ag_sql_result *out);
+int ag_sql_shape_classify(const char *sql, size_t len, uint64_t hash, struct ag_sql_result *out);
 /* Hits and misses of the calling thread's shape cache (statements it could key only). */
 void ag_sql_shape_stats(uint64_t *hits, uint64_t *misses);
 /* Frees the calling thread's shape cache. */
@@ -29,5 +30,10 @@ void ag_sql_shape_flush(void);
  * does not depend on constants (sqlorigin.c). 0, or -EINVAL when sql has no shape key.
  */
 int ag_sql_shape_key(const char *sql, size_t len, char **key, size_t *klen);
+/*
+ * The same key, not copied: *key points into the thread's cache, valid up to its next call
+ * into this module. 0, or -EINVAL when sql has no shape key (or -ENOMEM: no cache to keep it).
+ */
+int ag_sql_shape_key_peek(const char *sql, size_t len, const char **key, size_t *klen);
 /* The hash of n bytes both caches use (sql.c). */
 uint64_t ag_sql_hash_text(const char *s, size_t n);

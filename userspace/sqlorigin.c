@@ -572,6 +572,7 @@ int sql_origin_analyze(const char *sql, const struct ag_masker *m, const struct 
 {
 	struct origin_slot *s;
 	size_t len = strlen(sql), klen;
+	const char *peek;
 	char *key;
 	bool shaped = true;
 	int err;
@@ -581,23 +582,25 @@ int sql_origin_analyze(const char *sql, const struct ag_masker *m, const struct 
 		return 0; /* no column rules */
 	if (len > ORIGIN_MAX_SQL)
 		return analyze(sql, m, cat, out);
-	if (ag_sql_shape_key(sql, len, &key, &klen)) {
+	/* The key is looked up where it is, copied only to be kept. */
+	if (ag_sql_shape_key_peek(sql, len, &peek, &klen)) {
 		shaped = false;
-		key = strdup(sql);
-		if (!key)
-			return analyze(sql, m, cat, out);
+		peek = sql;
 		klen = len;
 	}
-	s = &origin_cache[(ag_sql_hash_text(key, klen) ^ (uintptr_t)cat) % ORIGIN_CACHE];
+	s = &origin_cache[(ag_sql_hash_text(peek, klen) ^ (uintptr_t)cat) % ORIGIN_CACHE];
 	pthread_mutex_lock(&origin_lock);
 	if (s->key && s->cat == cat && s->shaped == shaped && s->klen == klen &&
-	    !memcmp(s->key, key, klen)) {
+	    !memcmp(s->key, peek, klen)) {
 		*out = sql_origin_ref(s->o);
 		pthread_mutex_unlock(&origin_lock);
-		free(key);
 		return 0;
 	}
 	pthread_mutex_unlock(&origin_lock);
+	key = malloc(klen ? klen : 1);
+	if (!key)
+		return analyze(sql, m, cat, out);
+	memcpy(key, peek, klen);
 	err = analyze(sql, m, cat, out);
 	if (err) {
 		free(key);
