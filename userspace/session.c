@@ -233,6 +233,17 @@ static const char *side_name(enum ag_side i)
 	return i == AG_SIDE_AGENT ? "agent" : "upstream";
 }
 
+/*
+ * The thread's OpenSSL error queue emptied before a TLS read or write (SSL_get_error() needs
+ * it so): looked at first, as it is almost always empty already and ERR_clear_error() wipes
+ * all of its slots every time (about 1% of the daemon's CPU on small HTTPS requests).
+ */
+static inline void tls_err_clear(void)
+{
+	if (ERR_peek_error())
+		ERR_clear_error();
+}
+
 /* Bytes through side i's TLS: how much it took before it would block, or -errno. */
 static ssize_t tls_send(struct ag_side_conn *c, const uint8_t *data, size_t len, int *err)
 {
@@ -242,7 +253,7 @@ static ssize_t tls_send(struct ag_side_conn *c, const uint8_t *data, size_t len,
 		size_t n = 0;
 		int e;
 
-		ERR_clear_error();
+		tls_err_clear();
 		if (SSL_write_ex(c->ssl, data + off, len - off, &n)) {
 			off += n;
 			continue;
@@ -787,7 +798,7 @@ static void tls_readable(struct ag_session *s, enum ag_side i)
 		size_t n = 0;
 		int e;
 
-		ERR_clear_error();
+		tls_err_clear();
 		c->tls_starved = false;
 		if (!SSL_read_ex(c->ssl, s->w->scratch, AG_READ_CHUNK, &n)) {
 			e = SSL_get_error(c->ssl, 0);
