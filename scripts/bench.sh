@@ -13,7 +13,7 @@
 # stops itself after 290 s.
 #
 # Environment: AGBENCH_BYTES (default 536870912), AGBENCH_RTTS (20000), AGBENCH_CONNS (2000),
-# AGBENCH_ROUNDS (5), AGBENCH_IDLE (10000), AGBENCH_KRELAY (0; 1 adds the kernel relay column);
+# AGBENCH_ROUNDS (5), AGBENCH_IDLE (10000; 0 skips it), AGBENCH_KRELAY (0; 1 adds the kernel relay column);
 # AGBENCH_KEEP=FILE keeps
 # the raw results (scripts/bench.sh --table FILE).
 set -u
@@ -241,7 +241,7 @@ run() { # mode round test
 	esac
 	# shellcheck disable=SC2086
 	"$B/agbench" --port "$SRVPORT" $cg --bytes "$BYTES" --rtts "$RTTS" --conns "$CONNS" \
-		--idle "$IDLE" --timeout 60 "$3" >"$WORK/out" 2>"$WORK/err" || {
+		--idle "$((IDLE > 0 ? IDLE : 1))" --timeout 60 "$3" >"$WORK/out" 2>"$WORK/err" || {
 		cat "$WORK/err" >&2
 		[ "$1" = direct ] || tail -5 "$WORK/$1/log" >&2
 		fail "agbench $3 failed in mode $1 (round $2)"
@@ -256,10 +256,12 @@ r=1
 order="direct gw fp"
 [ "$KRELAY" = 1 ] && order="$order kr"
 # Idle sessions first, while each daemon's heap is fresh (later tests leave it grown).
-for m in $order; do
-	[ "$m" = direct ] || run "$m" 0 idle
-done
-echo "  $IDLE idle sessions held in each gateway mode"
+if [ "$IDLE" -gt 0 ]; then
+	for m in $order; do
+		[ "$m" = direct ] || run "$m" 0 idle
+	done
+	echo "  $IDLE idle sessions held in each gateway mode"
+fi
 while [ $r -le "$ROUNDS" ]; do
 	for t in up down both rr conn; do
 		for m in $order; do
