@@ -57,6 +57,7 @@ struct mask_pat {
 };
 
 struct ag_masker {
+	uint64_t id; /* ag_masker_id() */
 	bool active;
 	enum ag_mask_style style;
 	unsigned int detectors;
@@ -1262,6 +1263,13 @@ err:
 	return NULL;
 }
 
+static uint64_t masker_ids;
+
+uint64_t ag_masker_id(const struct ag_masker *m)
+{
+	return m ? m->id : 0;
+}
+
 struct ag_masker *ag_masker_new(const struct ag_kv *mask, size_t nmask, const uint8_t *key,
 				size_t keylen)
 {
@@ -1270,6 +1278,7 @@ struct ag_masker *ag_masker_new(const struct ag_kv *mask, size_t nmask, const ui
 
 	if (!m)
 		return NULL;
+	m->id = __atomic_add_fetch(&masker_ids, 1, __ATOMIC_RELAXED);
 	m->style = AG_MASK_REDACT;
 	if (mask && nmask) {
 		err = parse_mask(m, mask, nmask);
@@ -1349,6 +1358,28 @@ size_t ag_masker_patterns(const struct ag_masker *m, const char *const **schemas
 	*tables = (const char *const *)m->part[1];
 	*columns = (const char *const *)m->part[2];
 	return m->npats;
+}
+
+char *ag_masker_columns_key(const struct ag_masker *m)
+{
+	char *key = NULL;
+	size_t len = 0;
+	FILE *f;
+
+	if (!m || !m->npats)
+		return NULL;
+	f = open_memstream(&key, &len);
+	if (!f)
+		return NULL;
+	for (size_t i = 0; i < m->npats; i++)
+		for (int k = 0; k < 3; k++)
+			fprintf(f, "%c%s%c", m->pats[i].flags[k] & FNM_CASEFOLD ? 'i' : 'e',
+				m->pats[i].glob[k], k == 2 ? '\x1e' : '\x1f');
+	if (fclose(f)) {
+		free(key);
+		return NULL;
+	}
+	return key;
 }
 
 static int mask_whole(const struct ag_masker *m, const uint8_t *val, size_t len, struct ag_buf *out)

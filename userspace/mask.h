@@ -38,6 +38,11 @@ struct ag_masker;
 struct ag_masker *ag_masker_new(const struct ag_kv *mask, size_t nmask, const uint8_t *key,
 				size_t keylen);
 void ag_masker_free(struct ag_masker *m);
+/*
+ * This masker's number, unique for the daemon's life (never reused, as its address may be once
+ * it is freed): for caches of what was worked out against a masker. 0 for NULL.
+ */
+uint64_t ag_masker_id(const struct ag_masker *m);
 bool ag_masker_active(const struct ag_masker *m);
 /* The rule's style (redact when absent) and detectors (AG_DET_* bits; 0 when inactive). */
 enum ag_mask_style ag_masker_style(const struct ag_masker *m);
@@ -61,6 +66,12 @@ bool ag_masker_column(const struct ag_masker *m, const char *schema, const char 
  */
 size_t ag_masker_patterns(const struct ag_masker *m, const char *const **schemas,
 			  const char *const **tables, const char *const **columns);
+/*
+ * The column rules exactly (each glob with how it matches: what ag_masker_column() answers
+ * depends on nothing else), as a string: equal for two maskers that cover the same columns.
+ * NULL without column rules or memory. Caller frees.
+ */
+char *ag_masker_columns_key(const struct ag_masker *m);
 
 enum ag_mask_kind {
 	AG_MASK_TEXT = 0, /* a text value: any replacement text is valid */

@@ -475,6 +475,18 @@ static void cat_expire(uint64_t now)
 	}
 }
 
+char *pg_catalog_key(const struct ag_masker *m, const char *sql)
+{
+	char *rules, *key;
+
+	if (!sql || !(rules = ag_masker_columns_key(m)))
+		return NULL;
+	if (asprintf(&key, "%s\n%s", sql, rules) < 0)
+		key = NULL;
+	free(rules);
+	return key;
+}
+
 struct pg_catalog *pg_catalog_cache_get(const char *target, const char *database, const char *sql)
 {
 	struct pg_catalog *c = NULL;
@@ -529,7 +541,7 @@ struct pg_sql *pg_sql_new(const char *text, size_t len)
 	q->refs = 1;
 	q->analysed = false;
 	q->cat = NULL;
-	q->m = NULL;
+	q->m_id = 0;
 	q->orig = NULL;
 	memcpy(q->text, text, len);
 	q->text[len] = '\0';
@@ -558,7 +570,7 @@ static int pg_sql_origin(struct pg_sql *q, const struct pg_masking *mk, struct s
 	struct sql_origin *o;
 	int err;
 
-	if (!q->analysed || q->cat != mk->cat || q->m != mk->m) {
+	if (!q->analysed || q->cat != mk->cat || q->m_id != ag_masker_id(mk->m)) {
 		err = sql_origin_analyze(q->text, mk->m, mk->cat, &o);
 		if (err)
 			return err;
@@ -566,7 +578,7 @@ static int pg_sql_origin(struct pg_sql *q, const struct pg_masking *mk, struct s
 		pg_catalog_unref(q->cat);
 		q->orig = o;
 		q->cat = pg_catalog_ref((struct pg_catalog *)mk->cat);
-		q->m = mk->m;
+		q->m_id = ag_masker_id(mk->m);
 		q->analysed = true;
 	}
 	*out = sql_origin_ref(q->orig);

@@ -43,11 +43,14 @@ bool pg_catalog_has_column(const struct pg_catalog *c, const char *schema, const
 			   const char *column);
 
 /*
- * A process-wide cache of resolved catalogs, by target, database and query (which depends only
- * on the column patterns), for ttl_ms. get returns a reference or NULL; put stores one.
+ * A process-wide cache of resolved catalogs, by target, database and key, for ttl_ms. get
+ * returns a reference or NULL; put stores one. The key is pg_catalog_key(): the query and the
+ * exact column rules, as the query is a superset (a character class is '%' to LIKE) and the
+ * rows kept are those the masker's own matching covers.
  */
-struct pg_catalog *pg_catalog_cache_get(const char *target, const char *database, const char *sql);
-void pg_catalog_cache_put(const char *target, const char *database, const char *sql,
+char *pg_catalog_key(const struct ag_masker *m, const char *sql);
+struct pg_catalog *pg_catalog_cache_get(const char *target, const char *database, const char *key);
+void pg_catalog_cache_put(const char *target, const char *database, const char *key,
 			  struct pg_catalog *c, uint64_t ttl_ms);
 
 /* --- result shapes: a RowDescription and what to do with each column ---------------------- */
@@ -82,7 +85,7 @@ struct pg_sql {
 	int refs;
 	bool analysed;		   /* orig holds for cat and m */
 	struct pg_catalog *cat;	   /* a reference, so that its address is no other's */
-	const struct ag_masker *m; /* (compared only) */
+	uint64_t m_id;		   /* ag_masker_id() of the masker orig holds for */
 	struct sql_origin *orig;
 	char text[];
 };

@@ -207,6 +207,7 @@ struct pg {
 	struct pg_masking mk; /* mk.m NULL: no masking */
 	struct pg_catalog *cat;
 	char *cat_sql;
+	char *cat_key; /* the catalog cache's key: cat_sql and the exact column rules */
 	bool cat_dirty;	  /* DDL ran: resolve again before the next statement */
 	bool cat_pending; /* a catalog query is on its way */
 	struct pg_catalog *cat_new;
@@ -2229,7 +2230,7 @@ static void catalog_done(struct ag_session *s)
 		return;
 	}
 	pg_catalog_finish(pg->cat_new);
-	pg_catalog_cache_put(s->target_name, pg->database, pg->cat_sql, pg->cat_new,
+	pg_catalog_cache_put(s->target_name, pg->database, pg->cat_key, pg->cat_new,
 			     PG_CATALOG_TTL_MS);
 	pg_catalog_unref(pg->cat);
 	pg->cat = pg->cat_new;
@@ -2579,7 +2580,7 @@ static int upstream_auth(struct ag_session *s, struct fwd *f, const uint8_t *m, 
 		pg->txn = body[0];
 		if (!pg->cat_sql)
 			break;
-		pg->cat = pg_catalog_cache_get(s->target_name, pg->database, pg->cat_sql);
+		pg->cat = pg_catalog_cache_get(s->target_name, pg->database, pg->cat_key);
 		if (pg->cat) {
 			pg->mk.cat = pg->cat;
 			break;
@@ -2780,6 +2781,12 @@ static int pg_init(struct ag_session *s)
 			pg->mk.m = pg->masker;
 			pg->mk.detectors = ag_masker_detectors(pg->masker) != 0;
 			pg->cat_sql = pg_catalog_sql(pg->masker);
+			pg->cat_key = pg_catalog_key(pg->masker, pg->cat_sql);
+			if (pg->cat_sql && !pg->cat_key) {
+				snprintf(s->reason, sizeof(s->reason), "postgres: the rule's mask: %s",
+					 strerror(ENOMEM));
+				return -ENOMEM;
+			}
 		}
 	}
 	s->proto_state = pg;
@@ -2846,6 +2853,7 @@ static void pg_fini(struct ag_session *s)
 	pg_catalog_unref(pg->cat);
 	pg_catalog_unref(pg->cat_new);
 	free(pg->cat_sql);
+	free(pg->cat_key);
 	ag_masker_free(pg->masker);
 	ag_buf_free(&pg->scratch);
 	if (pg->login) {

@@ -555,6 +555,7 @@ struct origin_slot {
 	size_t klen;
 	bool shaped; /* key is a shape key, not text: the two never match each other */
 	struct pg_catalog *cat; /* a reference: the key's address stays this catalog's */
+	uint64_t m_id;		/* ag_masker_id(): the answer depends on its column rules too */
 	struct sql_origin *o;
 };
 
@@ -588,10 +589,11 @@ int sql_origin_analyze(const char *sql, const struct ag_masker *m, const struct 
 		peek = sql;
 		klen = len;
 	}
-	s = &origin_cache[(ag_sql_hash_text(peek, klen) ^ (uintptr_t)cat) % ORIGIN_CACHE];
+	s = &origin_cache[(ag_sql_hash_text(peek, klen) ^ (uintptr_t)cat ^
+			   ag_masker_id(m) * 0x9e3779b97f4a7c15ull) % ORIGIN_CACHE];
 	pthread_mutex_lock(&origin_lock);
-	if (s->key && s->cat == cat && s->shaped == shaped && s->klen == klen &&
-	    !memcmp(s->key, peek, klen)) {
+	if (s->key && s->cat == cat && s->m_id == ag_masker_id(m) && s->shaped == shaped &&
+	    s->klen == klen && !memcmp(s->key, peek, klen)) {
 		*out = sql_origin_ref(s->o);
 		pthread_mutex_unlock(&origin_lock);
 		return 0;
@@ -614,6 +616,7 @@ int sql_origin_analyze(const char *sql, const struct ag_masker *m, const struct 
 	s->klen = klen;
 	s->shaped = shaped;
 	s->cat = pg_catalog_ref((struct pg_catalog *)cat);
+	s->m_id = ag_masker_id(m);
 	s->o = sql_origin_ref(*out);
 	pthread_mutex_unlock(&origin_lock);
 	return 0;

@@ -599,6 +599,30 @@ static void subtest_search_path(struct th_pg_gate *g)
 	ASSERT_OK(th_pg_gate_rules(g, "enforce", MASK_RULES("redact")), "restore");
 }
 
+/* Reloads with a mask of only these column rules; then email and note of user 3 are want. */
+static bool columns_then(struct th_pg_gate *g, const char *columns, const char *want)
+{
+	char rules[1024];
+
+	snprintf(rules, sizeof(rules), MASK_SQL "    mask:\n      columns: %s\n", columns);
+	if (!ASSERT_OK(th_pg_gate_rules(g, "enforce", rules), "reload"))
+		return false;
+	ASSERT_OK(psql(g, g->tagged, "SELECT email, note FROM users WHERE id = 3"), "psql");
+	return ASSERT_STREQ(out, want, columns);
+}
+
+/*
+ * Two masks whose column globs differ only inside a character class ask the server the same
+ * catalog query (LIKE has no classes: '%' from the '[' on): the catalog cached for the first
+ * must not answer for the second, whose columns it never covered.
+ */
+static void subtest_catalog_cache_exact_globs(struct th_pg_gate *g)
+{
+	if (columns_then(g, "[\"users.[e]mail\"]", "[REDACTED]|nothing to see\n"))
+		columns_then(g, "[\"users.[n]ote\"]", "carol@example.net|[REDACTED]\n");
+	ASSERT_OK(th_pg_gate_rules(g, "enforce", MASK_RULES("redact")), "restore");
+}
+
 static void subtest_ddl_mix(struct th_pg_gate *g)
 {
 	char conn[256];
@@ -668,6 +692,8 @@ void test_pg_mask(void)
 		subtest_new_table(&g);
 	if (test__start_subtest("search_path_cannot_hide_columns"))
 		subtest_search_path(&g);
+	if (test__start_subtest("catalog_cache_keyed_by_exact_globs"))
+		subtest_catalog_cache_exact_globs(&g);
 	if (test__start_subtest("ddl_and_query_in_one_string_refused"))
 		subtest_ddl_mix(&g);
 	if (test__start_subtest("large_row_masked"))
