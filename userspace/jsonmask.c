@@ -374,25 +374,51 @@ static int pop(struct ag_jmask *j)
 	return value_done(j, 1);
 }
 
+/*
+ * A member's key as yajl_gen writes it, after a ',' when not the first: "key": in one
+ * reservation when nothing needs escaping (*plain then: no control byte, so no NUL in it).
+ */
+static int put_key(struct ag_jmask *j, const unsigned char *s, size_t len, bool comma,
+		   bool *plain)
+{
+	struct ag_buf *b = j->out;
+	size_t need = len + 3 + comma;
+	uint8_t *w;
+
+	*plain = plain_prefix(s, len) == len;
+	if (!*plain)
+		return (!comma || put1(j, ',')) && put_string(j, s, len) && put1(j, ':');
+	w = b->cap - b->end >= need ? b->data + b->end : ag_buf_reserve(b, need);
+	if (!w)
+		return fail(j, -ENOMEM);
+	if (comma)
+		*w++ = ',';
+	*w++ = '"';
+	memcpy(w, s, len);
+	w += len;
+	*w++ = '"';
+	*w = ':';
+	ag_buf_commit(b, need);
+	return 1;
+}
+
 static int cb_map_key(void *ctx, const unsigned char *s, size_t len)
 {
 	struct ag_jmask *j = ctx;
 	struct jm_frame *f = top(j);
-
-	size_t klen = len;
+	size_t klen = len < JM_KEY_MAX ? len : JM_KEY_MAX - 1;
+	bool comma = f->any, plain;
 	const unsigned char *nul;
 
-	if (len >= JM_KEY_MAX)
-		len = JM_KEY_MAX - 1;
-	memcpy(f->key, s, len);
-	f->key[len] = '\0';
-	nul = memchr(s, 0, len);
-	f->keylen = nul ? (size_t)(nul - s) : len; /* as strcmp() read it: up to a \u0000 */
-	f->whole = key_whole(j);
-	if (f->any && !put1(j, ','))
-		return 0;
 	f->any = true;
-	return put_string(j, s, klen) && put1(j, ':');
+	if (!put_key(j, s, len, comma, &plain))
+		return 0;
+	memcpy(f->key, s, klen);
+	f->key[klen] = '\0';
+	nul = plain ? NULL : memchr(s, 0, klen);
+	f->keylen = nul ? (size_t)(nul - s) : klen; /* as strcmp() read it: up to a \u0000 */
+	f->whole = key_whole(j);
+	return 1;
 }
 
 static int cb_end_map(void *ctx)
