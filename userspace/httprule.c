@@ -237,6 +237,34 @@ static const char *unnamed(const struct ag_http_req *r, const struct ag_kv *w, s
 	return NULL;
 }
 
+/*
+ * d->why = "rule NAME (line N) matches", as snprintf() would write it (cut to fit), without
+ * printf: once per request.
+ */
+static void why_matches(struct ag_http_decision *d, const char *name, int line)
+{
+	char num[16], *w = d->why, *end = d->why + sizeof(d->why) - 1;
+	const char *parts[4] = { "rule ", name, " (line ", NULL };
+	size_t i = sizeof(num);
+	unsigned int v = line < 0 ? -(unsigned int)line : (unsigned int)line;
+
+	num[--i] = '\0';
+	do {
+		num[--i] = '0' + v % 10;
+		v /= 10;
+	} while (v);
+	if (line < 0)
+		num[--i] = '-';
+	parts[3] = num + i;
+	for (int k = 0; k < 5; k++) {
+		const char *p = k < 4 ? parts[k] : ") matches";
+
+		while (*p && w < end)
+			*w++ = *p++;
+	}
+	*w = '\0';
+}
+
 void ag_http_decide(const struct ag_policy_rule *rule, const struct ag_http_req *r,
 		    struct ag_http_decision *d)
 {
@@ -262,7 +290,7 @@ void ag_http_decide(const struct ag_policy_rule *rule, const struct ag_http_req 
 		}
 		d->action = h->then;
 		d->rule = h->name;
-		snprintf(d->why, sizeof(d->why), "rule %s (line %d) matches", h->name, h->line);
+		why_matches(d, h->name, h->line);
 		return;
 	}
 	if (skipped)

@@ -7,6 +7,7 @@
  * spans chunks until it is whole).
  */
 #include <errno.h>
+#include <stddef.h>
 #include <fnmatch.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +27,7 @@ struct jm_frame {
 	bool secret;	      /* a Secret object: its data and stringData are masked */
 	bool mask_all;	      /* every scalar below is masked whole */
 	bool any;	      /* a member or element was written: the next one after a ',' */
+	bool whole;	      /* maps: the member being read is masked whole (key_whole()) */
 	uint8_t keylen;	      /* strlen(key) */
 	char key[JM_KEY_MAX]; /* the member being read (maps) */
 };
@@ -34,14 +36,20 @@ struct ag_jmask {
 	struct ag_jmask_opts o;
 	yajl_handle p;
 	struct ag_buf *out; /* where the masked document goes (during a feed) */
-	struct jm_frame st[JM_MAX_DEPTH];
 	int depth;
 	struct jm_pat *pats;
 	size_t npats;
+	/*
+	 * Bit n set: a pattern's last part may match a key of n bytes (a literal part of that
+	 * length; a glob sets them all). Most keys are told apart by their length alone.
+	 */
+	uint64_t lastlen;
 	int masked;
 	int err;
 	char error[160];
 	struct ag_buf tmp;
+	/* last, and never zeroed whole: push() sets each frame as it is entered (17 KiB) */
+	struct jm_frame st[JM_MAX_DEPTH];
 };
 
 static struct jm_frame *top(struct ag_jmask *j)
@@ -80,28 +88,38 @@ static bool path_matches(const struct ag_jmask *j, const struct jm_pat *pat)
 	return true;
 }
 
-/* Is the value now being read (at the top frame's key) masked whole? */
-static bool value_whole(struct ag_jmask *j)
+/*
+ * Is the member whose key was just read into the top frame (a map) masked whole? Computed once
+ * per key: what it depends on (the keys from the root, the Secret marks of the frames above)
+ * cannot change before the member's value is read.
+ */
+static bool key_whole(const struct ag_jmask *j)
 {
-	struct jm_frame *f = top(j);
+	const struct jm_frame *f = &j->st[j->depth - 1];
 
-	if (!f)
+	if (j->o.secrets) {
+		if (f->secret && (!strcmp(f->key, "data") || !strcmp(f->key, "stringData")))
+			return true;
+		/* kubectl apply keeps the whole object, data included, in this annotation */
+		if (f->key[0] == 'k' &&
+		    !strcmp(f->key, "kubectl.kubernetes.io/last-applied-configuration") &&
+		    j->depth >= 3 && j->st[j->depth - 3].secret)
+			return true;
+	}
+	if (f->keylen < 64 && !(j->lastlen >> f->keylen & 1))
 		return false;
-	if (f->mask_all)
-		return true;
-	if (!f->map)
-		return false;
-	if (f->secret && (!strcmp(f->key, "data") || !strcmp(f->key, "stringData")))
-		return true;
 	for (size_t i = 0; i < j->npats; i++)
 		if (path_matches(j, &j->pats[i]))
 			return true;
-	/* kubectl apply keeps the whole object, data included, in this annotation */
-	if (f->key[0] == 'k' &&
-	    !strcmp(f->key, "kubectl.kubernetes.io/last-applied-configuration") && j->depth >= 3 &&
-	    j->st[j->depth - 3].secret)
-		return true;
 	return false;
+}
+
+/* Is the value now being read (at the top frame's key) masked whole? */
+static inline bool value_whole(const struct ag_jmask *j)
+{
+	const struct jm_frame *f = j->depth ? &j->st[j->depth - 1] : NULL;
+
+	return f && (f->mask_all || (f->map && f->whole));
 }
 
 static int fail(struct ag_jmask *j, int err)
@@ -125,10 +143,45 @@ static int put(struct ag_jmask *j, const void *p, size_t n)
 	return ag_buf_append(b, p, n) ? fail(j, -ENOMEM) : 1;
 }
 
+/* One byte (a ',' ':' or bracket): most often in place, with no call. */
+static inline int put1(struct ag_jmask *j, char c)
+{
+	struct ag_buf *b = j->out;
+
+	if (b->cap > b->end) {
+		b->data[b->end++] = c;
+		return 1;
+	}
+	return put(j, &c, 1);
+}
+
 /* Bytes a JSON string cannot hold as they are: '"', '\\' and the controls below 0x20. */
 static const uint8_t needs_esc[256] = {
 	[0 ... 0x1f] = 1, ['"'] = 1, ['\\'] = 1,
 };
+
+/*
+ * How many bytes from s need no escape: 8 at a time while the word has no control, '"' or '\\'
+ * (the classic exact tests for a byte below n and a zero byte), then by the table.
+ */
+static size_t plain_prefix(const unsigned char *s, size_t len)
+{
+	const uint64_t ones = 0x0101010101010101ULL, high = 0x8080808080808080ULL;
+	size_t i = 0;
+
+	for (; len - i >= 8; i += 8) {
+		uint64_t x, q, b;
+
+		memcpy(&x, s + i, 8);
+		q = x ^ (ones * '"');
+		b = x ^ (ones * '\\');
+		if ((((x - ones * 0x20) & ~x) | ((q - ones) & ~q) | ((b - ones) & ~b)) & high)
+			break;
+	}
+	while (i < len && !needs_esc[s[i]])
+		i++;
+	return i;
+}
 
 static int put_string(struct ag_jmask *j, const unsigned char *s, size_t len)
 {
@@ -138,8 +191,7 @@ static int put_string(struct ag_jmask *j, const unsigned char *s, size_t len)
 
 	if (!w)
 		return fail(j, -ENOMEM);
-	while (i < len && !needs_esc[s[i]])
-		i++;
+	i = plain_prefix(s, len);
 	if (i == len) {
 		/* the common case: nothing to escape, one copy */
 		w[0] = '"';
@@ -148,7 +200,7 @@ static int put_string(struct ag_jmask *j, const unsigned char *s, size_t len)
 		ag_buf_commit(j->out, len + 2);
 		return 1;
 	}
-	if (!put(j, "\"", 1))
+	if (!put1(j, '"'))
 		return 0;
 	for (; i < len; i++) {
 		static const char hex[] = "0123456789ABCDEF";
@@ -176,7 +228,7 @@ static int put_string(struct ag_jmask *j, const unsigned char *s, size_t len)
 			return 0;
 		run = i + 1;
 	}
-	return put(j, s + run, len - run) && put(j, "\"", 1);
+	return put(j, s + run, len - run) && put1(j, '"');
 }
 
 /* Before a value: a ',' after an array's earlier element (a map's key wrote its ':'). */
@@ -186,7 +238,7 @@ static int value_sep(struct ag_jmask *j)
 
 	if (!f || f->map)
 		return 1;
-	if (f->any && !put(j, ",", 1))
+	if (f->any && !put1(j, ','))
 		return 0;
 	f->any = true;
 	return 1;
@@ -231,7 +283,7 @@ as_is:
 static int value_done(struct ag_jmask *j, int rc)
 {
 	if (rc && !j->depth)
-		return put(j, "\n", 1);
+		return put1(j, '\n');
 	return rc;
 }
 
@@ -281,9 +333,11 @@ static int push(struct ag_jmask *j, bool map)
 	}
 	all = j->o.m && value_whole(j);
 	n = &j->st[j->depth++];
-	memset(n, 0, sizeof(*n));
 	n->map = map;
+	n->secret = n->any = n->whole = false;
 	n->mask_all = all;
+	n->keylen = 0;
+	n->key[0] = '\0';
 	/* The objects of a secrets response: the document, items[*], a watch event's object */
 	if (map && j->o.secrets && j->o.secret_objects) {
 		if (!f)
@@ -302,7 +356,7 @@ static int cb_start_map(void *ctx)
 
 	if (!value_sep(j) || !push(j, true))
 		return 0;
-	return put(j, "{", 1);
+	return put1(j, '{');
 }
 
 static int cb_start_array(void *ctx)
@@ -311,7 +365,7 @@ static int cb_start_array(void *ctx)
 
 	if (!value_sep(j) || !push(j, false))
 		return 0;
-	return put(j, "[", 1);
+	return put1(j, '[');
 }
 
 static int pop(struct ag_jmask *j)
@@ -320,29 +374,58 @@ static int pop(struct ag_jmask *j)
 	return value_done(j, 1);
 }
 
+/*
+ * A member's key as yajl_gen writes it, after a ',' when not the first: "key": in one
+ * reservation when nothing needs escaping (*plain then: no control byte, so no NUL in it).
+ */
+static int put_key(struct ag_jmask *j, const unsigned char *s, size_t len, bool comma,
+		   bool *plain)
+{
+	struct ag_buf *b = j->out;
+	size_t need = len + 3 + comma;
+	uint8_t *w;
+
+	*plain = plain_prefix(s, len) == len;
+	if (!*plain)
+		return (!comma || put1(j, ',')) && put_string(j, s, len) && put1(j, ':');
+	w = b->cap - b->end >= need ? b->data + b->end : ag_buf_reserve(b, need);
+	if (!w)
+		return fail(j, -ENOMEM);
+	if (comma)
+		*w++ = ',';
+	*w++ = '"';
+	memcpy(w, s, len);
+	w += len;
+	*w++ = '"';
+	*w = ':';
+	ag_buf_commit(b, need);
+	return 1;
+}
+
 static int cb_map_key(void *ctx, const unsigned char *s, size_t len)
 {
 	struct ag_jmask *j = ctx;
 	struct jm_frame *f = top(j);
+	size_t klen = len < JM_KEY_MAX ? len : JM_KEY_MAX - 1;
+	bool comma = f->any, plain;
+	const unsigned char *nul;
 
-	size_t klen = len;
-
-	if (len >= JM_KEY_MAX)
-		len = JM_KEY_MAX - 1;
-	memcpy(f->key, s, len);
-	f->key[len] = '\0';
-	f->keylen = strnlen(f->key, len); /* as strcmp() read it: up to a \u0000 */
-	if (f->any && !put(j, ",", 1))
-		return 0;
 	f->any = true;
-	return put_string(j, s, klen) && put(j, ":", 1);
+	if (!put_key(j, s, len, comma, &plain))
+		return 0;
+	memcpy(f->key, s, klen);
+	f->key[klen] = '\0';
+	nul = plain ? NULL : memchr(s, 0, klen);
+	f->keylen = nul ? (size_t)(nul - s) : klen; /* as strcmp() read it: up to a \u0000 */
+	f->whole = key_whole(j);
+	return 1;
 }
 
 static int cb_end_map(void *ctx)
 {
 	struct ag_jmask *j = ctx;
 
-	if (!put(j, "}", 1))
+	if (!put1(j, '}'))
 		return 0;
 	return pop(j);
 }
@@ -351,7 +434,7 @@ static int cb_end_array(void *ctx)
 {
 	struct ag_jmask *j = ctx;
 
-	if (!put(j, "]", 1))
+	if (!put1(j, ']'))
 		return 0;
 	return pop(j);
 }
@@ -370,10 +453,11 @@ static const yajl_callbacks callbacks = {
 
 struct ag_jmask *ag_jmask_new(const struct ag_jmask_opts *o)
 {
-	struct ag_jmask *j = calloc(1, sizeof(*j));
+	struct ag_jmask *j = malloc(sizeof(*j));
 
 	if (!j)
 		return NULL;
+	memset(j, 0, offsetof(struct ag_jmask, st));
 	j->o = *o;
 	j->p = yajl_alloc(&callbacks, NULL, j);
 	if (!j->p) {
@@ -398,6 +482,11 @@ struct ag_jmask *ag_jmask_new(const struct ag_jmask_opts *o)
 			pt->len[pt->n] = strlen(t);
 			pt->part[pt->n++] = t;
 		}
+		/* no parts (".") matches every path */
+		if (!pt->n || pt->glob[pt->n - 1] || pt->len[pt->n - 1] >= 64)
+			j->lastlen = ~0ULL;
+		else
+			j->lastlen |= 1ULL << pt->len[pt->n - 1];
 	}
 	return j;
 nomem:

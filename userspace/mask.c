@@ -872,6 +872,15 @@ static unsigned int triggered(const uint8_t *s, size_t len, unsigned int dets)
 	unsigned int run = 0, f;
 	size_t nd;
 
+	/*
+	 * Under 8 bytes no detector but e-mail (6 bytes at least, with '@' and '.') can find
+	 * anything: the short values that most documents are full of skip the scan.
+	 */
+	if (len < 8) {
+		if (len < 6 || !(dets & AG_DET_EMAIL))
+			return 0;
+		return memchr(s, '@', len) && memchr(s, '.', len) ? AG_DET_EMAIL : 0;
+	}
 	f = scan_triggers(s, len, &nd);
 	if ((f & T_AT) && (f & T_DOT) && len >= 6)
 		run |= AG_DET_EMAIL;
@@ -1007,28 +1016,33 @@ static int put_hash(const struct ag_masker *m, struct ag_buf *o, const uint8_t *
 	return put(o, txt, sizeof(txt));
 }
 
+/* "[REDACTED:<name>]" for each detector, written with one append (AG_DET_* bit order). */
+static const struct {
+	const char *s;
+	size_t n;
+} redacted_marks[] = {
+#define MARK(x) { "[REDACTED:" x "]", sizeof("[REDACTED:" x "]") - 1 }
+	MARK("email"), MARK("credit-card"), MARK("ssn"),	   MARK("phone"),
+	MARK("jwt"),   MARK("aws-key"),	    MARK("private-key"),
+#undef MARK
+};
+_Static_assert(AG_DET_EMAIL == 1 && AG_DET_JWT == 1 << 4 && AG_DET_PRIVATE_KEY == 1 << 6,
+	       "redacted_marks[] is in AG_DET_* bit order");
+
 static int put_redacted(struct ag_buf *o, const uint8_t *v, size_t n, unsigned int det)
 {
-	const char *name = det ? ag_detector_name(det) : NULL;
-	int err;
+	unsigned int k = det ? __builtin_ctz(det) : 0;
 
-	if (!name)
-		return put_str(o, REDACTED);
+	if (!det || det & (det - 1) || k >= sizeof(redacted_marks) / sizeof(redacted_marks[0]))
+		return put(o, REDACTED, sizeof(REDACTED) - 1);
 	if (det == AG_DET_JWT) {
 		const uint8_t *dot = memchr(v, '.', n);
+		int err = put(o, v, dot - v + 1); /* the header and its dot */
 
-		err = put(o, v, dot - v);
-		if (!err)
-			err = put_str(o, ".");
 		if (err)
 			return err;
 	}
-	err = put_str(o, "[REDACTED:");
-	if (!err)
-		err = put_str(o, name);
-	if (!err)
-		err = put_str(o, "]");
-	return err;
+	return put(o, redacted_marks[k].s, redacted_marks[k].n);
 }
 
 static int put_partial(struct ag_buf *o, const uint8_t *v, size_t n, unsigned int det)
