@@ -68,6 +68,7 @@
 #include "proto_pg.h"
 #include "session.h"
 #include "sql.h"
+#include "sqlorigin.h"
 #include "tls.h"
 
 #define PG_MAX_MESSAGE_DEFAULT (64u << 20)
@@ -1250,6 +1251,35 @@ static int catalog_refresh(struct ag_session *s, struct fwd *f, bool boundary)
  * Rows that could read columns made by DDL in the same string or pipeline would come back
  * before the catalog is resolved again: such a mix is refused while columns are masked.
  */
+/*
+ * Column rules: a statement that stores a value computed from a masked column (INSERT ...
+ * SELECT email, UPDATE ... SET note = email, CREATE TABLE AS, set_config(..., email)) would
+ * let the agent read it back from a column no rule covers. Refused, when the statement writes
+ * or sets anything (a plain SELECT's outputs are masked on their way out).
+ */
+static void refuse_stored_masked(struct pg *pg, const char *sql, struct verdict *v)
+{
+	const char *kind = NULL;
+	char m[192];
+	int rc;
+
+	if (v->refuse || !pg->mk.m || !pg->mk.cat ||
+	    !(v->classes & (AG_SQL_WRITE | AG_SQL_SET | AG_SQL_NOTIFY | AG_SQL_PREPARE |
+			    AG_SQL_EXPLAIN | AG_SQL_INSERT | AG_SQL_UPDATE | AG_SQL_MERGE |
+			    AG_SQL_DDL)))
+		return;
+	rc = sql_origin_stores_masked(sql, pg->mk.m, pg->mk.cat, &kind);
+	if (!rc)
+		return;
+	snprintf(m, sizeof(m), "agentgate: blocked: %s would store values of masked columns",
+		 rc < 0 ? "a statement (out of memory while checking)" : kind);
+	v->refuse = true;
+	v->refusal = refusal_new(PG_SQLSTATE_INSUFFICIENT_PRIVILEGE, m,
+				 "Masked columns may be read, never copied into other columns or "
+				 "settings.",
+				 0);
+}
+
 static struct pg_refusal *ddl_mix_refusal(void)
 {
 	return refusal_new(
@@ -1316,6 +1346,7 @@ static int on_query(struct ag_session *s, struct fwd *f, const uint8_t *msg, siz
 		v.refuse = true;
 		v.refusal = ddl_mix_refusal();
 	}
+	refuse_stored_masked(pg, sql, &v);
 	if (!v.refuse && pg->mk.m && (v.classes & AG_SQL_COPY)) {
 		struct pg_copy_spec **list;
 		size_t n;
@@ -1402,6 +1433,7 @@ static int on_parse(struct ag_session *s, struct fwd *f, const uint8_t *msg, siz
 		v.refuse = true;
 		v.refusal = ddl_mix_refusal();
 	}
+	refuse_stored_masked(pg, sql, &v);
 	if (!v.refuse && *name && !stmt_find(pg, name) && pg->stmts.n >= PG_MAX_NAMED) {
 		char m[128];
 

@@ -251,6 +251,18 @@ static bool columnref_tainted(const struct an *a, yajl_val cr)
  * string (the query_to_xml family): what they return cannot be traced to its columns, so their
  * result is derived (this analysis only runs when the mask has column rules).
  */
+/* Is a FuncCall's (last) name one of names? */
+static bool func_named(yajl_val fc, const char *const *names, size_t n)
+{
+	yajl_val f = jget(fc, "funcname");
+	const char *nm = f && jlen(f) ? jstr(jget(jat(f, jlen(f) - 1), "String"), "sval") : NULL;
+
+	for (size_t i = 0; nm && i < n; i++)
+		if (!strcasecmp(nm, names[i]))
+			return true;
+	return false;
+}
+
 static bool func_runs_sql(yajl_val fc)
 {
 	static const char *const names[] = {
@@ -260,15 +272,8 @@ static bool func_runs_sql(yajl_val fc)
 		"schema_to_xmlschema", "schema_to_xml_and_xmlschema", "database_to_xml",
 		"database_to_xmlschema", "database_to_xml_and_xmlschema", "dblink",
 	};
-	yajl_val f = jget(fc, "funcname");
-	const char *nm = f && jlen(f) ? jstr(jget(jat(f, jlen(f) - 1), "String"), "sval") : NULL;
 
-	if (!nm)
-		return false;
-	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
-		if (!strcasecmp(nm, names[i]))
-			return true;
-	return false;
+	return func_named(fc, names, sizeof(names) / sizeof(names[0]));
 }
 
 static bool tainted(const struct an *a, yajl_val v)
@@ -519,6 +524,175 @@ done:
 	yajl_tree_free(root);
 	pg_query_free_parse_result(pr);
 	return err;
+}
+
+/* Functions that keep a value where a later statement reads it back unmasked. */
+static bool func_stores(yajl_val fc)
+{
+	static const char *const names[] = {
+		"set_config", "pg_notify", "setval", "lo_from_bytea", "lo_put", "lowrite",
+		"pg_logical_emit_message",
+	};
+
+	return func_named(fc, names, sizeof(names) / sizeof(names[0]));
+}
+
+/* Is column col of relation rv (a RangeVar) covered by a rule, so masked when read back? */
+static bool dest_covered(const struct an *a, yajl_val rv, const char *col)
+{
+	const char *rel = jstr(rv, "relname");
+
+	return rel && col && ag_masker_column(a->m, jstr(rv, "schemaname"), rel, col);
+}
+
+/*
+ * Values stored into columns of rv: names (a ResTarget list: an INSERT's columns), or by_name
+ * the outputs' own names (CREATE TABLE AS), else unknown, for the outputs of sel, a SELECT or
+ * VALUES. Tainted unless each value computed from a masked column goes to a covered column.
+ */
+static bool rows_tainted(const struct an *a, yajl_val rv, yajl_val names, bool by_name,
+			 yajl_val sel)
+{
+	yajl_val tl, vl;
+
+	sel = sel_node(sel);
+	if (!sel || jget(sel, "larg"))
+		return tainted(a, sel); /* a UNION: not followed position by position */
+	if ((vl = jget(sel, "valuesLists"))) {
+		for (size_t r = 0; r < jlen(vl); r++) {
+			yajl_val row = jget(jat(vl, r), "List") ? jget(jget(jat(vl, r), "List"),
+								  "items")
+								: jat(vl, r);
+
+			for (size_t i = 0; i < jlen(row); i++)
+				if (tainted(a, jat(row, i)) &&
+				    !dest_covered(a, rv, jstr(jget(jat(names, i), "ResTarget"),
+							       "name")))
+					return true;
+		}
+		return false;
+	}
+	tl = jget(sel, "targetList");
+	for (size_t i = 0; i < jlen(tl); i++) {
+		yajl_val rt = jget(jat(tl, i), "ResTarget");
+		const char *col = names	  ? jstr(jget(jat(names, i), "ResTarget"), "name")
+				  : by_name ? target_name(rt)
+					    : NULL; /* an INSERT without columns: by position */
+		yajl_val f = jget(jget(jget(rt, "val"), "ColumnRef"), "fields");
+
+		if (jlen(f) && jget(jat(f, jlen(f) - 1), "A_Star"))
+			col = NULL; /* expands to columns not known here */
+		if (tainted(a, jget(rt, "val")) && !dest_covered(a, rv, col))
+			return true;
+	}
+	/* What else the query reads (WHERE, FROM's subqueries) is not stored. */
+	return false;
+}
+
+/* An UPDATE's SET list: each value from a masked column must go to a covered column. */
+static bool sets_tainted(const struct an *a, yajl_val rv, yajl_val tl)
+{
+	for (size_t i = 0; i < jlen(tl); i++) {
+		yajl_val rt = jget(jat(tl, i), "ResTarget");
+
+		if (tainted(a, jget(rt, "val")) && !dest_covered(a, rv, jstr(rt, "name")))
+			return true;
+	}
+	return false;
+}
+
+/*
+ * Anywhere in v (a CTE's INSERT, a PREPARE's or EXPLAIN's statement included): a place that
+ * stores values computed from a masked column: an INSERT's rows (its query or VALUES), an
+ * UPDATE's or MERGE's assignments, CREATE TABLE AS / MATERIALIZED VIEW, SELECT INTO, or the
+ * arguments of a function that keeps them (set_config, pg_notify, ...). Its kind, or NULL.
+ */
+static const char *stores_masked(const struct an *a, yajl_val v)
+{
+	const char *k;
+
+	if (!v)
+		return NULL;
+	if (YAJL_IS_ARRAY(v)) {
+		for (size_t i = 0; i < jlen(v); i++)
+			if ((k = stores_masked(a, jat(v, i))))
+				return k;
+		return NULL;
+	}
+	if (!YAJL_IS_OBJECT(v))
+		return NULL;
+	for (size_t i = 0; i < YAJL_GET_OBJECT(v)->len; i++) {
+		const char *key = YAJL_GET_OBJECT(v)->keys[i];
+		yajl_val c = YAJL_GET_OBJECT(v)->values[i];
+
+		if (!strcmp(key, "InsertStmt") &&
+		    rows_tainted(a, jget(c, "relation"), jget(c, "cols"), false,
+				 jget(c, "selectStmt")))
+			return "INSERT";
+		if (!strcmp(key, "UpdateStmt") &&
+		    sets_tainted(a, jget(c, "relation"), jget(c, "targetList")))
+			return "UPDATE";
+		if (!strcmp(key, "MergeStmt") && tainted(a, jget(c, "mergeWhenClauses")))
+			return "MERGE";
+		if (!strcmp(key, "CreateTableAsStmt") &&
+		    (jget(jget(c, "into"), "colNames") ?
+			     tainted(a, jget(c, "query")) :
+			     rows_tainted(a, jget(jget(c, "into"), "rel"), NULL, true,
+					  jget(c, "query"))))
+			return "CREATE TABLE AS";
+		if (!strcmp(key, "SelectStmt") && jget(c, "intoClause") &&
+		    rows_tainted(a, jget(jget(c, "intoClause"), "rel"), NULL, true, (yajl_val)v))
+			return "SELECT INTO";
+		if (!strcmp(key, "FuncCall") && func_stores(c) && tainted(a, jget(c, "args")))
+			return "a function that keeps its arguments";
+		if ((k = stores_masked(a, c)))
+			return k;
+	}
+	return NULL;
+}
+
+int sql_origin_stores_masked(const char *sql, const struct ag_masker *m,
+			     const struct pg_catalog *cat, const char **kind)
+{
+	PgQueryParseResult pr;
+	yajl_val root = NULL, stmts;
+	int ret = 0;
+
+	*kind = NULL;
+	if (!cat || !m)
+		return 0;
+	pr = pg_query_parse(sql);
+	if (pr.error || !pr.parse_tree)
+		goto done;
+	root = yajl_tree_parse(pr.parse_tree, NULL, 0);
+	if (!root) {
+		ret = -ENOMEM;
+		goto done;
+	}
+	stmts = jget(root, "stmts");
+	for (size_t i = 0; !ret && i < jlen(stmts); i++) {
+		yajl_val stmt = jget(jat(stmts, i), "stmt");
+		struct an a = { .m = m, .cat = cat };
+
+		collect(&a, stmt);
+		for (size_t prev = (size_t)-1; !a.oom && prev != a.nnames;) {
+			prev = a.nnames;
+			walk_marks(&a, stmt);
+		}
+		if (a.oom)
+			ret = -ENOMEM;
+		else if ((*kind = stores_masked(&a, stmt)))
+			ret = 1;
+		free(a.rels);
+		free(a.names);
+		free(a.subs);
+	}
+	if (ret <= 0)
+		*kind = NULL;
+done:
+	yajl_tree_free(root);
+	pg_query_free_parse_result(pr);
+	return ret;
 }
 
 struct sql_origin *sql_origin_ref(struct sql_origin *o)

@@ -26,6 +26,15 @@ struct sql_origin;
  */
 int sql_origin_analyze(const char *sql, const struct ag_masker *m, const struct pg_catalog *cat,
 		       struct sql_origin **out);
+/*
+ * Does a statement of sql store a value computed from a masked column (an INSERT's rows, an
+ * UPDATE's or MERGE's assignments, CREATE TABLE AS, SELECT INTO), where the agent could read it
+ * back from a column no rule covers? 1 (*kind: "INSERT", ...), 0, or -ENOMEM. Conservative as
+ * the rest: a covered column's name anywhere in those values counts, a WHERE inside an
+ * INSERT's query too.
+ */
+int sql_origin_stores_masked(const char *sql, const struct ag_masker *m,
+			     const struct pg_catalog *cat, const char **kind);
 struct sql_origin *sql_origin_ref(struct sql_origin *o);
 void sql_origin_unref(struct sql_origin *o);
 /* Is output column pos (its RowDescription origin table OID: table) derived? o may be NULL. */

@@ -623,6 +623,52 @@ static void subtest_catalog_cache_exact_globs(struct th_pg_gate *g)
 	ASSERT_OK(th_pg_gate_rules(g, "enforce", MASK_RULES("redact")), "restore");
 }
 
+/*
+ * A masked value copied into somewhere no rule covers would come back unmasked: each way of
+ * storing one is refused (42501), while writes of other values go through and the session
+ * stays usable.
+ */
+static void subtest_launder_refused(struct th_pg_gate *g)
+{
+	static const char py[] =
+		"import psycopg2\n"
+		"c = psycopg2.connect('')\n"
+		"c.autocommit = True\n"
+		"cur = c.cursor()\n"
+		"cur.execute('CREATE TEMP TABLE ly (id int, v text)')\n"
+		"for q in ['CREATE TEMP TABLE lx AS SELECT id, amount * 1 AS a FROM orders',\n"
+		"          'SELECT amount INTO TEMP lz FROM orders',\n"
+		"          'INSERT INTO ly SELECT id, amount::text FROM orders',\n"
+		"          'INSERT INTO ly SELECT id, ssn FROM users',\n"
+		"          'INSERT INTO ly SELECT * FROM (SELECT id, amount::text FROM orders) s',\n"
+		"          'WITH w AS (INSERT INTO ly SELECT id, amount::text FROM orders RETURNING 1)'\n"
+		"          ' SELECT count(*) FROM w',\n"
+		"          'UPDATE ly SET v = (SELECT amount::text FROM orders WHERE id = 1)',\n"
+		"          'UPDATE users SET note = email WHERE id = 1',\n"
+		"          \"SELECT set_config('x.y', (SELECT amount::text FROM orders LIMIT 1), false)\",\n"
+		"          'PREPARE p AS INSERT INTO ly SELECT id, amount::text FROM orders',\n"
+		"          'CREATE TEMP TABLE lw AS SELECT * FROM orders']:\n"
+		"    try:\n"
+		"        cur.execute(q)\n"
+		"        print('ran:', q)\n"
+		"    except psycopg2.Error as e:\n"
+		"        print(e.pgcode, str(e).splitlines()[0])\n"
+		"cur.execute(\"INSERT INTO ly VALUES (9, 'plain')\")\n"
+		"cur.execute('SELECT v FROM ly')\n"
+		"print('ly', cur.fetchall())\n";
+	int rc = th_pg_python(&g->pg, g->tagged, py, out, sizeof(out), err, sizeof(err), 60000);
+
+	if (!ASSERT_EQ(rc, 0, "python"))
+		printf("stderr: %s\n", err);
+	ASSERT_FALSE(strstr(out, "ran:"), "every copy refused");
+	if (strstr(out, "ran:"))
+		printf("%s", out);
+	ASSERT_HAS_SUBSTR(out, "42501 agentgate: blocked: CREATE TABLE AS would store values of masked columns",
+			  "says what");
+	ASSERT_HAS_SUBSTR(out, "ly [('plain',)]", "other writes pass, nothing copied");
+	ASSERT_FALSE(strstr(out, "10.50") || strstr(out, "99.99"), "no amount out");
+}
+
 static void subtest_ddl_mix(struct th_pg_gate *g)
 {
 	char conn[256];
@@ -694,6 +740,8 @@ void test_pg_mask(void)
 		subtest_search_path(&g);
 	if (test__start_subtest("catalog_cache_keyed_by_exact_globs"))
 		subtest_catalog_cache_exact_globs(&g);
+	if (test__start_subtest("copy_into_unmasked_place_refused"))
+		subtest_launder_refused(&g);
 	if (test__start_subtest("ddl_and_query_in_one_string_refused"))
 		subtest_ddl_mix(&g);
 	if (test__start_subtest("large_row_masked"))
