@@ -1271,12 +1271,13 @@ static void refuse_stored_masked(struct pg *pg, const char *sql, struct verdict 
 	rc = sql_origin_stores_masked(sql, pg->mk.m, pg->mk.cat, &kind);
 	if (!rc)
 		return;
-	snprintf(m, sizeof(m), "agentgate: blocked: %s would store values of masked columns",
-		 rc < 0 ? "a statement (out of memory while checking)" : kind);
+	snprintf(m, sizeof(m),
+		 "agentgate: blocked: %s: masked values would be readable unmasked afterwards",
+		 rc < 0 ? "out of memory checking the statement" : kind);
 	v->refuse = true;
 	v->refusal = refusal_new(PG_SQLSTATE_INSUFFICIENT_PRIVILEGE, m,
-				 "Masked columns may be read, never copied into other columns or "
-				 "settings.",
+				 "Masked columns may be read, not copied where no rule covers them, "
+				 "nor renamed.",
 				 0);
 }
 

@@ -589,6 +589,34 @@ static bool rows_tainted(const struct an *a, yajl_val rv, yajl_val names, bool b
 	return false;
 }
 
+/* Does relation rv (a RangeVar) have a covered column? */
+static bool rel_masked(const struct an *a, yajl_val rv)
+{
+	const char *rel = jstr(rv, "relname");
+
+	return rel && (pg_catalog_has_table(a->cat, NULL, rel) ||
+		       ag_masker_column(a->m, jstr(rv, "schemaname"), rel, "*"));
+}
+
+/*
+ * A rename that takes a covered column, or a table with one, out from under its rule's name
+ * (ALTER TABLE users RENAME email TO contact; ALTER TABLE users RENAME TO people).
+ */
+static bool renames_covered(const struct an *a, yajl_val rs)
+{
+	const char *type = jstr(rs, "renameType");
+	yajl_val rv = jget(rs, "relation");
+
+	if (!type || !rv)
+		return false;
+	if (!strcmp(type, "OBJECT_COLUMN"))
+		return dest_covered(a, rv, jstr(rs, "subname"));
+	return !strcmp(type, "OBJECT_TABLE") || !strcmp(type, "OBJECT_VIEW") ||
+			       !strcmp(type, "OBJECT_MATVIEW") || !strcmp(type, "OBJECT_FOREIGN_TABLE") ?
+		       rel_masked(a, rv) :
+		       false;
+}
+
 /* An UPDATE's SET list: each value from a masked column must go to a covered column. */
 static bool sets_tainted(const struct an *a, yajl_val rv, yajl_val tl)
 {
@@ -626,9 +654,15 @@ static const char *stores_masked(const struct an *a, yajl_val v)
 		yajl_val c = YAJL_GET_OBJECT(v)->values[i];
 
 		if (!strcmp(key, "InsertStmt") &&
-		    rows_tainted(a, jget(c, "relation"), jget(c, "cols"), false,
-				 jget(c, "selectStmt")))
+		    (rows_tainted(a, jget(c, "relation"), jget(c, "cols"), false,
+				  jget(c, "selectStmt")) ||
+		     sets_tainted(a, jget(c, "relation"),
+				  jget(jget(c, "onConflictClause"), "targetList"))))
 			return "INSERT";
+		if (!strcmp(key, "RenameStmt") && renames_covered(a, c))
+			return "a rename";
+		if (!strcmp(key, "AlterObjectSchemaStmt") && rel_masked(a, jget(c, "relation")))
+			return "a move to another schema";
 		if (!strcmp(key, "UpdateStmt") &&
 		    sets_tainted(a, jget(c, "relation"), jget(c, "targetList")))
 			return "UPDATE";

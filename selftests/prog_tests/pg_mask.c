@@ -624,9 +624,9 @@ static void subtest_catalog_cache_exact_globs(struct th_pg_gate *g)
 }
 
 /*
- * A masked value copied into somewhere no rule covers would come back unmasked: each way of
- * storing one is refused (42501), while writes of other values go through and the session
- * stays usable.
+ * A masked value copied into somewhere no rule covers, or a covered column renamed away from
+ * its rule, would come back unmasked: each way is refused (42501), while writes of other
+ * values go through and the session stays usable.
  */
 static void subtest_launder_refused(struct th_pg_gate *g)
 {
@@ -635,7 +635,7 @@ static void subtest_launder_refused(struct th_pg_gate *g)
 		"c = psycopg2.connect('')\n"
 		"c.autocommit = True\n"
 		"cur = c.cursor()\n"
-		"cur.execute('CREATE TEMP TABLE ly (id int, v text)')\n"
+		"cur.execute('CREATE TEMP TABLE ly (id int PRIMARY KEY, v text)')\n"
 		"for q in ['CREATE TEMP TABLE lx AS SELECT id, amount * 1 AS a FROM orders',\n"
 		"          'SELECT amount INTO TEMP lz FROM orders',\n"
 		"          'INSERT INTO ly SELECT id, amount::text FROM orders',\n"
@@ -647,7 +647,12 @@ static void subtest_launder_refused(struct th_pg_gate *g)
 		"          'UPDATE users SET note = email WHERE id = 1',\n"
 		"          \"SELECT set_config('x.y', (SELECT amount::text FROM orders LIMIT 1), false)\",\n"
 		"          'PREPARE p AS INSERT INTO ly SELECT id, amount::text FROM orders',\n"
-		"          'CREATE TEMP TABLE lw AS SELECT * FROM orders']:\n"
+		"          'CREATE TEMP TABLE lw AS SELECT * FROM orders',\n"
+		"          \"INSERT INTO ly VALUES (1, 'x') ON CONFLICT (id) DO UPDATE\"\n"
+		"          ' SET v = (SELECT amount::text FROM orders WHERE id = 1)',\n"
+		"          'ALTER TABLE users RENAME COLUMN email TO contact',\n"
+		"          'ALTER TABLE orders RENAME TO orders2',\n"
+		"          'ALTER TABLE orders SET SCHEMA public']:\n"
 		"    try:\n"
 		"        cur.execute(q)\n"
 		"        print('ran:', q)\n"
@@ -663,8 +668,11 @@ static void subtest_launder_refused(struct th_pg_gate *g)
 	ASSERT_FALSE(strstr(out, "ran:"), "every copy refused");
 	if (strstr(out, "ran:"))
 		printf("%s", out);
-	ASSERT_HAS_SUBSTR(out, "42501 agentgate: blocked: CREATE TABLE AS would store values of masked columns",
+	ASSERT_HAS_SUBSTR(out,
+			  "42501 agentgate: blocked: CREATE TABLE AS: masked values would be "
+			  "readable unmasked afterwards",
 			  "says what");
+	ASSERT_HAS_SUBSTR(out, "42501 agentgate: blocked: a rename: masked", "a rename too");
 	ASSERT_HAS_SUBSTR(out, "ly [('plain',)]", "other writes pass, nothing copied");
 	ASSERT_FALSE(strstr(out, "10.50") || strstr(out, "99.99"), "no amount out");
 }
