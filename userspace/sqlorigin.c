@@ -73,6 +73,12 @@ static yajl_val jat(yajl_val a, size_t i)
 	return YAJL_GET_ARRAY(a)->values[i];
 }
 
+/* Element i of a, or NULL: a may be NULL or shorter (an INSERT's columns against its values). */
+static yajl_val jat_or_null(yajl_val a, size_t i)
+{
+	return i < jlen(a) ? YAJL_GET_ARRAY(a)->values[i] : NULL;
+}
+
 static bool push(struct an *a, void *arrp, size_t *n, size_t *cap, size_t sz)
 {
 	void **arr = arrp;
@@ -566,8 +572,9 @@ static bool rows_tainted(const struct an *a, yajl_val rv, yajl_val names, bool b
 
 			for (size_t i = 0; i < jlen(row); i++)
 				if (tainted(a, jat(row, i)) &&
-				    !dest_covered(a, rv, jstr(jget(jat(names, i), "ResTarget"),
-							       "name")))
+				    !dest_covered(a, rv,
+						  jstr(jget(jat_or_null(names, i), "ResTarget"),
+						       "name")))
 					return true;
 		}
 		return false;
@@ -575,7 +582,7 @@ static bool rows_tainted(const struct an *a, yajl_val rv, yajl_val names, bool b
 	tl = jget(sel, "targetList");
 	for (size_t i = 0; i < jlen(tl); i++) {
 		yajl_val rt = jget(jat(tl, i), "ResTarget");
-		const char *col = names	  ? jstr(jget(jat(names, i), "ResTarget"), "name")
+		const char *col = names	  ? jstr(jget(jat_or_null(names, i), "ResTarget"), "name")
 				  : by_name ? target_name(rt)
 					    : NULL; /* an INSERT without columns: by position */
 		yajl_val f = jget(jget(jget(rt, "val"), "ColumnRef"), "fields");
