@@ -252,11 +252,6 @@ static bool columnref_tainted(const struct an *a, yajl_val cr)
 	return n == 1 && row_tainted(a, last);
 }
 
-/*
- * Built-in functions that run SQL given as text or read a table, schema or database named by a
- * string (the query_to_xml family): what they return cannot be traced to its columns, so their
- * result is derived (this analysis only runs when the mask has column rules).
- */
 /* Is a FuncCall's (last) name one of names? */
 static bool func_named(yajl_val fc, const char *const *names, size_t n)
 {
@@ -269,6 +264,11 @@ static bool func_named(yajl_val fc, const char *const *names, size_t n)
 	return false;
 }
 
+/*
+ * Built-in functions that run SQL given as text or read a table, schema or database named by a
+ * string (the query_to_xml family): what they return cannot be traced to its columns, so their
+ * result is derived (this analysis only runs when the mask has column rules).
+ */
 static bool func_runs_sql(yajl_val fc)
 {
 	static const char *const names[] = {
