@@ -435,7 +435,7 @@ bool pg_catalog_has_table(const struct pg_catalog *c, const char *schema, const 
 /* The cache. Few entries (targets × databases × mask rules), so a list under a mutex. */
 struct cat_entry {
 	struct cat_entry *next;
-	char *target, *database, *sql;
+	char *target, *database, *key;
 	struct pg_catalog *cat;
 	uint64_t expires_ms;
 };
@@ -451,7 +451,7 @@ static void cat_entry_free(struct cat_entry *e)
 	pg_catalog_unref(e->cat);
 	free(e->target);
 	free(e->database);
-	free(e->sql);
+	free(e->key);
 	free(e);
 }
 
@@ -475,19 +475,7 @@ static void cat_expire(uint64_t now)
 	}
 }
 
-char *pg_catalog_key(const struct ag_masker *m, const char *sql)
-{
-	char *rules, *key;
-
-	if (!sql || !(rules = ag_masker_columns_key(m)))
-		return NULL;
-	if (asprintf(&key, "%s\n%s", sql, rules) < 0)
-		key = NULL;
-	free(rules);
-	return key;
-}
-
-struct pg_catalog *pg_catalog_cache_get(const char *target, const char *database, const char *sql)
+struct pg_catalog *pg_catalog_cache_get(const char *target, const char *database, const char *key)
 {
 	struct pg_catalog *c = NULL;
 	uint64_t now = ag_mono_ms();
@@ -496,7 +484,7 @@ struct pg_catalog *pg_catalog_cache_get(const char *target, const char *database
 	cat_expire(now);
 	for (struct cat_entry *e = cat_head; e; e = e->next)
 		if (!strcmp(e->target, target) && !strcmp(e->database, database) &&
-		    !strcmp(e->sql, sql)) {
+		    !strcmp(e->key, key)) {
 			c = pg_catalog_ref(e->cat);
 			break;
 		}
@@ -504,7 +492,7 @@ struct pg_catalog *pg_catalog_cache_get(const char *target, const char *database
 	return c;
 }
 
-void pg_catalog_cache_put(const char *target, const char *database, const char *sql,
+void pg_catalog_cache_put(const char *target, const char *database, const char *key,
 			  struct pg_catalog *c, uint64_t ttl_ms)
 {
 	struct cat_entry *e = calloc(1, sizeof(*e));
@@ -514,10 +502,10 @@ void pg_catalog_cache_put(const char *target, const char *database, const char *
 		return;
 	e->target = strdup(target);
 	e->database = strdup(database);
-	e->sql = strdup(sql);
+	e->key = strdup(key);
 	e->cat = pg_catalog_ref(c);
 	e->expires_ms = now + ttl_ms;
-	if (!e->target || !e->database || !e->sql) {
+	if (!e->target || !e->database || !e->key) {
 		cat_entry_free(e);
 		return;
 	}

@@ -44,11 +44,10 @@ bool pg_catalog_has_column(const struct pg_catalog *c, const char *schema, const
 
 /*
  * A process-wide cache of resolved catalogs, by target, database and key, for ttl_ms. get
- * returns a reference or NULL; put stores one. The key is pg_catalog_key(): the query and the
- * exact column rules, as the query is a superset (a character class is '%' to LIKE) and the
- * rows kept are those the masker's own matching covers.
+ * returns a reference or NULL; put stores one. The key is ag_masker_columns_key(): the exact
+ * column rules, which the query is made from, but not the query itself: it is a superset (a
+ * character class is '%' to LIKE) and the rows kept are those the masker's own matching covers.
  */
-char *pg_catalog_key(const struct ag_masker *m, const char *sql);
 struct pg_catalog *pg_catalog_cache_get(const char *target, const char *database, const char *key);
 void pg_catalog_cache_put(const char *target, const char *database, const char *key,
 			  struct pg_catalog *c, uint64_t ttl_ms);

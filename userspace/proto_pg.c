@@ -208,7 +208,7 @@ struct pg {
 	struct pg_masking mk; /* mk.m NULL: no masking */
 	struct pg_catalog *cat;
 	char *cat_sql;
-	char *cat_key; /* the catalog cache's key: cat_sql and the exact column rules */
+	char *cat_key; /* the catalog cache's key: the exact column rules (cat_sql is made from them) */
 	bool cat_dirty;	  /* DDL ran: resolve again before the next statement */
 	bool cat_pending; /* a catalog query is on its way */
 	struct pg_catalog *cat_new;
@@ -1248,10 +1248,6 @@ static int catalog_refresh(struct ag_session *s, struct fwd *f, bool boundary)
 }
 
 /*
- * Rows that could read columns made by DDL in the same string or pipeline would come back
- * before the catalog is resolved again: such a mix is refused while columns are masked.
- */
-/*
  * Column rules: a statement that stores a value computed from a masked column (INSERT ...
  * SELECT email, UPDATE ... SET note = email, CREATE TABLE AS, set_config(..., email)) would
  * let the agent read it back from a column no rule covers. Refused, when the statement writes
@@ -1281,6 +1277,10 @@ static void refuse_stored_masked(struct pg *pg, const char *sql, struct verdict 
 				 0);
 }
 
+/*
+ * Rows that could read columns made by DDL in the same string or pipeline would come back
+ * before the catalog is resolved again: such a mix is refused while columns are masked.
+ */
 static struct pg_refusal *ddl_mix_refusal(void)
 {
 	return refusal_new(
@@ -1297,7 +1297,6 @@ static bool is_ddl(uint64_t classes)
 
 /* --- agent messages ------------------------------------------------------------------------ */
 
-/* A decided Query or Parse, for the audit log. */
 /* ag_sql_class_names() into the thread's buffer, the last set's names kept (one per statement). */
 static const char *class_names(uint64_t classes)
 {
@@ -1313,6 +1312,7 @@ static const char *class_names(uint64_t classes)
 	return names;
 }
 
+/* A decided Query or Parse, for the audit log. */
 static void audit_statement(struct ag_session *s, const char *what, const char *name,
 			    const char *sql, size_t len, const struct verdict *v)
 {
@@ -2814,7 +2814,7 @@ static int pg_init(struct ag_session *s)
 			pg->mk.m = pg->masker;
 			pg->mk.detectors = ag_masker_detectors(pg->masker) != 0;
 			pg->cat_sql = pg_catalog_sql(pg->masker);
-			pg->cat_key = pg_catalog_key(pg->masker, pg->cat_sql);
+			pg->cat_key = ag_masker_columns_key(pg->masker);
 			if (pg->cat_sql && !pg->cat_key) {
 				snprintf(s->reason, sizeof(s->reason), "postgres: the rule's mask: %s",
 					 strerror(ENOMEM));
